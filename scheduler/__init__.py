@@ -1,0 +1,13 @@
+"""The beastserve engine: paged KV cache, iteration-level scheduler, our own model forward.
+
+Usable offline: `from scheduler import LLM, SamplingParams`.
+"""
+
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.llm import LLM
+from scheduler.outputs import CompletionOutput, RequestOutput, RequestStream, TokenLogprob
+from scheduler.request import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams",
+           "TokenLogprob"]

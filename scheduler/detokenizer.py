@@ -1,0 +1,130 @@
+"""Incremental detokenization and stop-string detection for one request."""
+
+from __future__ import annotations
+
+from scheduler.request import SamplingParams
+
+# Tokenizers that drop a token's leading space when it starts the decoded text (SentencePiece,
+# some BPEs) need a few tokens of context before the first output token.
+PROMPT_CONTEXT_TOKENS = 0
+
+# A UTF-8 character needs at most 4 bytes, so pending tokens that still end mid-character after
+# this many are invalid bytes, not a split character; emit them rather than grow the window forever.
+MAX_PENDING_TOKENS = 16
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a request's output tokens into text step by step and watches for stop strings.
+
+    Each step decodes only a short window of recent tokens (prefix_offset/read_offset technique),
+    so the cost per token does not grow with the output length.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = params.skip_special_tokens
+        self._stop = list(params.stop)
+        self._include_stop_str_in_output = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
+        # Any suffix this long could still grow into a stop string, so it is not streamed yet.
+        self._holdback_chars = max((len(s) for s in self._stop), default=1) - 1
+
+        # The window is token_ids[0:]; token_ids[:read_offset] are already turned into text and
+        # serve as context, the rest are pending. Older tokens are dropped as the window slides.
+        self._token_ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self._read_offset = len(self._token_ids)
+
+        self._text = ""
+        self._num_sent_chars = 0
+        self._num_output_tokens = 0
+        self._stop_string: str | None = None
+
+    @property
+    def output_text(self) -> str:
+        """All output text so far, truncated at the stop string if one matched."""
+        return self._text
+
+    def add_tokens(self, new_token_ids: list[int], num_output_tokens: int) -> str | None:
+        """Decode newly generated tokens; num_output_tokens is the output length after adding them.
+
+        Returns the stop string that completed, else None. The text is then truncated before it
+        (after it with include_stop_str_in_output) and any later tokens of this call are ignored.
+        Tokens are processed one at a time, so the result never depends on how they are batched
+        into calls: a stop string counts only once the output reaches min_tokens at the token that
+        completes it, and of several stop strings completing on one token, the one that ends first
+        in the text wins (ties: the longer one).
+        """
+        assert self._stop_string is None, "add_tokens called after a stop string matched"
+        num_before = num_output_tokens - len(new_token_ids)
+        for i, token_id in enumerate(new_token_ids):
+            self._num_output_tokens = num_before + i + 1
+            self._token_ids.append(token_id)
+            stop = self._append_text(self._decode_pending(force=False))
+            if stop is not None:
+                return stop
+        return None
+
+    def take_delta(self, finished: bool) -> str:
+        """Return the output text not handed out yet.
+
+        While not finished, a trailing incomplete UTF-8 character and the last len(longest stop)-1
+        characters are held back. When finished, everything left is handed out, including tokens
+        that never formed a complete character (decoded with U+FFFD, as tokenizer.decode would).
+        """
+        if finished and self._stop_string is None and self._read_offset < len(self._token_ids):
+            self._append_text(self._decode_pending(force=True))
+        end = len(self._text)
+        if not finished:
+            end = max(self._num_sent_chars, end - self._holdback_chars)
+        delta = self._text[self._num_sent_chars:end]
+        self._num_sent_chars = end
+        return delta
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _decode_pending(self, force: bool) -> str:
+        # "" while the pending tokens end inside a multi-byte character, unless forced.
+        num_pending = len(self._token_ids) - self._read_offset
+        if num_pending == 0:
+            return ""
+        # Decoding with context and subtracting the context's text keeps spaces and merged bytes
+        # that a token decoded on its own would lose.
+        context_text = self._decode(self._token_ids[:self._read_offset])
+        window_text = self._decode(self._token_ids)
+        if window_text.endswith(REPLACEMENT_CHAR) and not force and num_pending < MAX_PENDING_TOKENS:
+            return ""
+        del self._token_ids[:self._read_offset]
+        self._read_offset = len(self._token_ids)
+        return window_text[len(context_text):]
+
+    def _append_text(self, new_text: str) -> str | None:
+        if not new_text:
+            return None
+        old_len = len(self._text)
+        self._text += new_text
+        if not self._stop or self._num_output_tokens < self._min_tokens:
+            return None
+        match = self._find_new_stop(old_len)
+        if match is None:
+            return None
+        start, stop = match
+        self._stop_string = stop
+        self._text = self._text[:start + len(stop) if self._include_stop_str_in_output else start]
+        assert self._num_sent_chars <= len(self._text), "streamed text was cut by a stop string"
+        return stop
+
+    def _find_new_stop(self, old_len: int) -> tuple[int, str] | None:
+        # (start, stop) of the earliest-ending match that ends past old_len; ties go to the longer stop.
+        best: tuple[int, int, str] | None = None
+        for stop in self._stop:
+            # A match ending inside the old text was either found already or ignored (min_tokens).
+            start = self._text.find(stop, max(0, old_len - len(stop) + 1))
+            if start == -1:
+                continue
+            candidate = (start + len(stop), start, stop)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+        return None if best is None else (best[1], best[2])

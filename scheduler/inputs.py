@@ -1,0 +1,62 @@
+"""Turns what users send (text, token ids, chats) into validated prompt token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler.request import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self._need_tokenizer("text prompts").encode(prompt, add_special_tokens=add_special_tokens)
+        if not isinstance(prompt, Sequence) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                        for t in prompt):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's chat template, ending with the assistant's turn opened."""
+        tokenizer = self._need_tokenizer("chat prompts")
+        if not messages:
+            raise ValueError("chat must hold at least one message")
+        for i, message in enumerate(messages):
+            if not isinstance(message.get("role"), str) or not message["role"]:
+                raise ValueError(f"chat message {i}: role must be a non-empty string")
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"chat message {i}: content must be a string")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one generated token")
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {len(token_ids)} tokens exceeds "
+                             f"max_model_len {self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} need a tokenizer; this model has none (send token ids)")
+        return self.tokenizer

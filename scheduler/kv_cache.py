@@ -1,0 +1,138 @@
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks, ref counts, and automatic prefix caching.
+
+No tensors here: the runner owns the cache memory, this owns which block holds what.
+A full block is identified by a hash chained through every block before it, so equal
+hashes mean equal prefixes. Blocks whose ref count drops to zero stay in the prefix
+cache and in the free list; the least recently freed is evicted first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from scheduler.request import Request
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None  # set once the block is full and its content is computed
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        assert num_blocks > 0 and block_size > 0
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order: uncached ones first, then cached ones least recently freed.
+        self.free_blocks: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached_blocks: dict[int, Block] = {}
+        self.req_blocks: dict[str, list[Block]] = {}
+        self.req_hashes: dict[str, list[int]] = {}  # hashes of the request's full computed blocks
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by live requests."""
+        return self.num_blocks - len(self.free_blocks)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def find_cached_prefix(self, request: Request) -> list[Block]:
+        """Longest run of leading full blocks already in the cache. At least one token is
+        always left to compute, since the step must produce logits for the next one."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens = request.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size
+        hits, parent = [], None
+        for i in range(max_blocks):
+            parent = _block_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            block = self.cached_blocks.get(parent)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queried_tokens += len(tokens)
+        self.prefix_hit_tokens += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, request: Request, num_tokens: int, cached_prefix: list[Block] = ()) -> bool:
+        """Make the request hold enough blocks for num_tokens tokens. On a first allocation,
+        cached_prefix (from find_cached_prefix) is shared instead of recomputed. All or nothing."""
+        held = self.req_blocks.get(request.request_id)
+        num_held = len(held) if held is not None else len(cached_prefix)
+        num_new = max(0, -(-num_tokens // self.block_size) - num_held)
+        reclaimed = sum(1 for b in cached_prefix if b.ref_cnt == 0) if held is None else 0
+        if num_new + reclaimed > len(self.free_blocks):
+            return False
+        if held is None:
+            held = self.req_blocks[request.request_id] = []
+            self.req_hashes[request.request_id] = [b.block_hash for b in cached_prefix]
+            for block in cached_prefix:
+                self._take(block)
+                held.append(block)
+        for _ in range(num_new):
+            block = self._pop_free()
+            self._take(block)
+            held.append(block)
+        return True
+
+    def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Register the blocks that computing up to num_computed_tokens has filled."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.req_hashes[request.request_id]
+        blocks = self.req_blocks[request.request_id]
+        tokens = request.all_token_ids
+        for i in range(len(hashes), num_computed_tokens // self.block_size):
+            parent = hashes[-1] if hashes else None
+            block_hash = _block_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            hashes.append(block_hash)
+            block = blocks[i]
+            if block.block_hash is None and block_hash not in self.cached_blocks:
+                block.block_hash = block_hash
+                self.cached_blocks[block_hash] = block
+
+    def free(self, request: Request) -> None:
+        """Return a request's blocks. Tail blocks go first into the eviction order, so a
+        shared prefix outlives the suffixes that hang off it."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_hashes.pop(request.request_id, None)
+        for block in reversed(blocks):
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
+            if block.ref_cnt == 0:
+                self.free_blocks[block.block_id] = block
+                if block.block_hash is None:
+                    self.free_blocks.move_to_end(block.block_id, last=False)
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.cached_blocks.values():
+            block.block_hash = None
+        self.cached_blocks.clear()
+
+    def _take(self, block: Block) -> None:
+        if block.ref_cnt == 0:
+            del self.free_blocks[block.block_id]
+        block.ref_cnt += 1
+
+    def _pop_free(self) -> Block:
+        block = next(iter(self.free_blocks.values()))
+        if block.block_hash is not None:
+            del self.cached_blocks[block.block_hash]
+            block.block_hash = None
+        return block
+
+
+def _block_hash(parent: int | None, tokens: list[int]) -> int:
+    return hash((parent, tuple(tokens)))

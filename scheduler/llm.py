@@ -1,0 +1,59 @@
+"""Offline API: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.inputs import Prompt
+from scheduler.outputs import CompletionOutput
+from scheduler.request import SamplingParams
+
+
+class LLM:
+    """Runs the engine in the calling thread until every prompt is answered.
+
+    LLM(model="default", device="auto", dtype="auto", **engine options) — see EngineConfig.
+    """
+
+    def __init__(self, model="default", **kwargs):
+        self.engine = Engine(EngineConfig(model=model, **kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """prompts: strings or token-id lists; params: one for all, or one per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        token_ids = [self.engine.inputs.tokenize(p) for p in prompts]
+        return self._run(token_ids, params)
+
+    def chat(self, conversations: list[dict] | Sequence[list[dict]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """conversations: lists of {"role", "content"} messages, rendered with the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self._run([self.engine.inputs.render_chat(list(c)) for c in conversations], params)
+
+    def _run(self, token_ids: list[list[int]], params) -> list[CompletionOutput]:
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(token_ids)
+        if len(params) != len(token_ids):
+            raise ValueError(f"params: got {len(params)} for {len(token_ids)} prompts")
+        for ids, p in zip(token_ids, params):
+            self.engine.inputs.validate(ids, p)  # all or nothing: refuse before queueing any
+        results, streams = [], []
+        for ids, p in zip(token_ids, params):
+            stream = self.engine.add_request(None, p, prompt_token_ids=ids)
+            results.append(CompletionOutput(stream.request_id, ids))
+            streams.append(stream)
+        while not all(s.finished for s in streams):
+            self.engine.step()
+        for result, stream in zip(results, streams):
+            while (delta := stream.get_nowait()) is not None:
+                result.add(delta)
+        return results

@@ -1,0 +1,44 @@
+"""How many KV blocks fit: a byte budget on CPU, a share of free memory on CUDA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from scheduler.runner import kv_bytes_per_block
+
+
+@dataclass
+class KVCachePlan:
+    num_blocks: int
+    num_bytes: int
+
+
+def plan_kv_cache(config: EngineConfig, model_config, dtype: torch.dtype, device: torch.device) -> KVCachePlan:
+    """Call after the weights are on the device, so free memory already excludes them."""
+    per_block = kv_bytes_per_block(model_config, config.block_size, dtype)
+    budget = config.kv_cache_bytes
+    if budget is None:
+        budget = _cuda_budget(config, model_config, device) if device.type == "cuda" else DEFAULT_CPU_KV_CACHE_BYTES
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_bytes {budget} holds no block; one block of {config.block_size} tokens "
+                         f"needs {per_block} bytes")
+    return KVCachePlan(num_blocks, num_blocks * per_block)
+
+
+def _cuda_budget(config: EngineConfig, model_config, device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free
+    # Activations of the largest step: hidden states and MLP intermediates of every batched token,
+    # plus fp32 logits for every sequence that samples.
+    tokens = config.max_num_batched_tokens
+    activations = tokens * (6 * model_config.hidden_size + 3 * model_config.intermediate_size) * 4
+    activations += config.max_num_seqs * model_config.vocab_size * 4 * 3
+    budget = int(total * config.gpu_memory_utilization) - used_by_others - activations
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                         f"{config.gpu_memory_utilization}: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    return budget

@@ -1,0 +1,14 @@
+"""Model definitions and loading."""
+
+from scheduler.models.loader import (
+    SUPPORTED_ARCHITECTURES,
+    ModelSource,
+    build_model,
+    default_model_file,
+    load_config,
+    load_tokenizer,
+    resolve_model,
+)
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelSource", "build_model", "default_model_file", "load_config",
+           "load_tokenizer", "resolve_model"]

@@ -1,0 +1,90 @@
+"""What the engine hands back: per-step deltas on a per-request stream, and whole completions."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float  # of the chosen token, from the model's raw distribution
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestMetrics:
+    queue_s: float = 0.0  # arrival to first scheduled
+    ttft_s: float = 0.0  # arrival to first token
+    e2e_s: float = 0.0  # arrival to finish
+    preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """One step's news for one request: the new tokens and text. The last one has finished=True."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string matched; None for EOS
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None  # on the last output
+    error: str | None = None  # set when the engine failed the request
+
+
+@dataclass
+class CompletionOutput:
+    """A whole answer, as `LLM.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+    def add(self, delta: RequestOutput) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finished:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            self.num_cached_tokens, self.metrics = delta.num_cached_tokens, delta.metrics
+
+
+class RequestStream:
+    """A request's outputs in order. Thread-safe; `on_output` (if set) runs in the engine's thread
+    after each put, so an asyncio server can hop the output onto its loop."""
+
+    def __init__(self, request_id: str, on_output: Callable[[RequestOutput], None] | None = None):
+        self.request_id = request_id
+        self.on_output = on_output
+        self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self.finished = False
+
+    def put(self, output: RequestOutput) -> None:
+        self.finished = output.finished
+        self._queue.put(output)
+        if self.on_output is not None:
+            self.on_output(output)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        return self._queue.get(timeout=timeout)
+
+    def get_nowait(self) -> RequestOutput | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None

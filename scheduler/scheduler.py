@@ -1,0 +1,125 @@
+"""Iteration-level scheduling: every step, one token budget shared by every active sequence.
+
+There is no prefill phase or decode phase. A step's output says how many tokens of each
+request to compute; a decode is one token, a prompt (or a prompt resumed after preemption)
+is as many as the budget allows, spread over steps when it does not fit (chunked prefill).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from scheduler.kv_cache import BlockPool
+from scheduler.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the known tokens, so the next one is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int,
+                 priority_aging_s: float = 10.0):
+        """priority_aging_s: every this many seconds of waiting lowers a request's priority
+        value by one, so low-priority work is never starved."""
+        assert max_num_batched_tokens > 0 and max_num_seqs > 0
+        self.pool = pool
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.priority_aging_s = priority_aging_s
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: Request) -> None:
+        """Remove a request however it ended, returning its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.pool.free(request)
+        request.status = RequestStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        now = time.monotonic()
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, now)
+        if not out.preempted:
+            self._schedule_waiting(out, budget, now)
+        return out
+
+    def _rank(self, request: Request, now: float):
+        age = (now - request.arrival_time) / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
+        return (request.priority - age, request.arrival_time)
+
+    def _schedule_running(self, out: SchedulerOutput, now: float) -> int:
+        budget = self.max_num_batched_tokens
+        self.running.sort(key=lambda r: self._rank(r, now))
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.pool.allocate(request, request.num_computed_tokens + num_new):
+                # Lowest priority, latest arrival; never one already scheduled, as those rank higher.
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        self.waiting.sort(key=lambda r: self._rank(r, now))
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.pool.find_cached_prefix(request)
+            num_cached = len(cached) * self.pool.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.pool.allocate(request, num_cached + num_new, cached):
+                break
+            self.waiting.pop(0)
+            request.num_computed_tokens = num_cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        """Free the blocks now and recompute later (prompt plus what was generated)."""
+        self.pool.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)

