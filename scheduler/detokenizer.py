@@ -6,7 +6,7 @@ from scheduler.request import SamplingParams
 
 # Tokenizers that drop a token's leading space when it starts the decoded text (SentencePiece,
 # some BPEs) need a few tokens of context before the first output token.
-PROMPT_CONTEXT_TOKENS = 0
+PROMPT_CONTEXT_TOKENS = 5
 
 # A UTF-8 character needs at most 4 bytes, so pending tokens that still end mid-character after
 # this many are invalid bytes, not a split character; emit them rather than grow the window forever.

@@ -34,9 +34,10 @@ def char_ids(tok, text: str) -> list[int]:
     return [i[0] for i in ids]
 
 
-def stream(tok, output_ids: list[int], params: SamplingParams, chunk: int = 1):
+def stream(tok, output_ids: list[int], params: SamplingParams, chunk: int = 1, prompt_ids: list[int] | None = None):
     """Feed output_ids `chunk` at a time like the engine does; returns (detokenizer, deltas, stop)."""
-    detok = IncrementalDetokenizer(tok, encode(tok, PROMPT), params)
+    prompt_ids = encode(tok, PROMPT) if prompt_ids is None else prompt_ids
+    detok = IncrementalDetokenizer(tok, prompt_ids, params)
     deltas, stop = [], None
     for start in range(0, len(output_ids), chunk):
         num_output_tokens = min(start + chunk, len(output_ids))
@@ -79,7 +80,7 @@ class DropsLeadingSpace:
 def test_leading_space_of_first_output_token_is_kept(tok, wrap):
     tokenizer = DropsLeadingSpace(tok) if wrap else tok
     ids = encode(tok, " world and more")
-    _, deltas, _ = stream(tokenizer, ids, SamplingParams())
+    _, deltas, _ = stream(tokenizer, ids, SamplingParams(), prompt_ids=encode(tok, "Hello"))
     assert "".join(deltas) == " world and more"
 
 

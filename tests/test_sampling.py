@@ -151,7 +151,7 @@ def test_each_row_uses_its_own_params(rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_greedy_picks_argmax_of_penalised_logits(device):
+def test_greedy_picks_argmax(device):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 50, generator=gen).to(device)
     params = [SamplingParams(temperature=0)] * 6
@@ -163,11 +163,11 @@ def test_greedy_picks_argmax_of_penalised_logits(device):
     assert probs.argmax(dim=-1).tolist() == logits.argmax(dim=-1).tolist()
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_applies_penalties_before_argmax(device):
     logits = torch.tensor([[3.0, 2.5, 0.0], [3.0, 2.5, 0.0]], device=device)
-    params = [SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0, repetition_penalty=1.1)]
+    params = [SamplingParams(temperature=0, presence_penalty=1.0),
+              SamplingParams(temperature=0, repetition_penalty=1.1)]
     batch = make_batch(params, logits.tolist(), outputs=[[0], [0]], device=device)
     # presence: 3 - 1 = 2 < 2.5; repetition: 3 / 1.1 = 2.73 > 2.5
     assert Sampler()(logits, batch).token_ids.tolist() == [1, 0]
@@ -233,11 +233,11 @@ def test_sampling_frequencies_match_compute_probs(device):
     batch = make_batch(params, [logits_row] * num_draws, outputs=[[4]] * num_draws, device=device)
     sampler = Sampler()
     expected = sampler.compute_probs(logits[:1], make_batch(params[:1], [logits_row], outputs=[[4]], device=device))
-    counts = torch.bincount(sampler(logits, batch).token_ids, minlength=len(logits_row))
-    frequencies = (counts / num_draws).cpu()
+    counts = torch.bincount(sampler(logits, batch).token_ids, minlength=len(logits_row)).cpu()
+    frequencies = counts / num_draws
     expected = expected[0].cpu()
     assert expected[3] == 0 and expected[5] == 0  # top-k=4 drops the two smallest
-    assert counts[expected.cpu() == 0].sum() == 0
+    assert counts[expected == 0].sum() == 0
     # 4.5 standard deviations of a frequency near 0.3 over 20k draws
     assert (frequencies - expected).abs().max() < 0.015
 

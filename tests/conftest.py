@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-weight models saved as Hugging Face directories, and the real
+default model (loaded once per session, since reading its GGUF file takes half a minute)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
+    from transformers import AutoConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=None)
+    if arch == "qwen3":
+        fields["head_dim"] = 16
+    fields.update(overrides)
+    return AutoConfig.for_model(arch, **fields)
+
+
+def save_tiny_model(path, config, seed: int = 0, tokenizer=None):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Random init leaves some logits nearly tied; widen the spread so fp32 rounding never flips an argmax.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from scheduler.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama with a 512-token vocabulary and no tokenizer: token-id prompts only."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = save_tiny_model(path, tiny_config())
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_dir(tmp_path_factory, default_tokenizer):
+    """A 2-layer Llama with the default model's tokenizer and vocabulary, for text-level tests."""
+    path = tmp_path_factory.mktemp("tiny-llama-text")
+    config = tiny_config(vocab_size=len(default_tokenizer), eos_token_id=default_tokenizer.eos_token_id)
+    model = save_tiny_model(path, config, tokenizer=default_tokenizer)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from scheduler import LLM
+
+    return LLM("default", kv_cache_bytes=256 << 20)
+
+
+@pytest.fixture(scope="session")
+def default_hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from scheduler.models import default_model_file
+
+    path = default_model_file()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
+    """What transformers' generate() produces greedily, without the prompt and without padding."""
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                         pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    tokens = out[0, len(prompt_ids):].tolist()
+    if eos_token_id is not None and eos_token_id in tokens:
+        tokens = tokens[:tokens.index(eos_token_id) + 1]
+    return tokens
