@@ -57,11 +57,16 @@ def tiny_text_model_dir(tmp_path_factory, default_tokenizer):
     return path, model
 
 
+DEFAULT_MODEL_BLOCK_BYTES = 30 * 2 * 3 * 64 * 4 * 16  # layers x (k, v) x kv heads x head dim x fp32 x tokens
+
+
 @pytest.fixture(scope="session")
 def default_llm():
+    """The real default model with a deliberately small KV pool (16 blocks) and token budget,
+    so ordinary traffic exercises chunked prefill and preemption."""
     from scheduler import LLM
 
-    return LLM("default", kv_cache_bytes=256 << 20)
+    return LLM("default", kv_cache_bytes=16 * DEFAULT_MODEL_BLOCK_BYTES, max_num_batched_tokens=48)
 
 
 @pytest.fixture(scope="session")

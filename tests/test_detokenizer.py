@@ -152,6 +152,14 @@ def test_stop_that_ends_first_wins_regardless_of_batching(tok, chunk):
     assert detok.output_text == "xa"
 
 
+def test_stop_that_ends_first_wins_when_one_token_completes_several(tok):
+    ids = encode(tok, "hello") + encode(tok, " world")
+    assert len(ids) == 2
+    detok, _, matched = stream(tok, ids, SamplingParams(stop=["llo world", "o w"]))
+    assert matched == "o w"
+    assert detok.output_text == "hell"
+
+
 def test_no_stop_match_keeps_full_text(tok):
     ids = encode(tok, TEXTS[0])
     detok, deltas, matched = stream(tok, ids, SamplingParams(stop=["never appears"]))
@@ -163,9 +171,11 @@ def test_no_stop_match_keeps_full_text(tok):
 @pytest.mark.parametrize("min_tokens, expected", [
     (0, "one"), (4, "one"), (5, "one. two"), (10, "one. two. three"), (17, "one. two. three. four"),
 ])
-def test_stop_before_min_tokens_is_ignored(tok, min_tokens, expected):
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_stop_before_min_tokens_is_ignored(tok, min_tokens, expected, chunk):
     ids = char_ids(tok, "one. two. three. four.")
-    detok, deltas, matched = stream(tok, ids, SamplingParams(stop=["."], min_tokens=min_tokens, max_tokens=None))
+    params = SamplingParams(stop=["."], min_tokens=min_tokens, max_tokens=None)
+    detok, deltas, matched = stream(tok, ids, params, chunk=chunk)
     assert matched == "."
     assert detok.output_text == expected
     assert "".join(deltas) == expected
@@ -180,3 +190,12 @@ def test_special_tokens_follow_skip_special_tokens(tok, skip_special_tokens):
     expected = "Hi there more" if skip_special_tokens else "Hi there<|im_end|> more"
     assert "".join(deltas) == detok.output_text == expected
     assert expected == tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_endless_invalid_bytes_are_streamed_instead_of_waiting_forever(tok):
+    lone_lead_byte = tok.convert_tokens_to_ids("ð")  # byte 0xF0 on its own: never a complete character
+    ids = [lone_lead_byte] * 40
+    assert tok.decode(ids) == "\ufffd" * 40
+    _, deltas, _ = stream(tok, ids, SamplingParams())
+    assert "".join(deltas) == tok.decode(ids)
+    assert any(deltas[:-1])
