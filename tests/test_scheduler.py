@@ -33,6 +33,7 @@ class Sim:
         self.requests: list[Request] = []
         self.num_steps = 0
         self.first_scheduled: list[str] = []
+        self.samples: dict[str, bool] = {}  # last step: request id -> whether it sampled
 
     def add(self, request_id: str, prompt: list[int], max_tokens: int, priority: int = 0,
             age_s: float = 0.0) -> Request:
@@ -47,7 +48,8 @@ class Sim:
         out = self.sched.schedule()
         self.num_steps += 1
         self._check(out, had_work)
-        samples = [s.samples for s in out.scheduled]
+        samples = [s.samples for s in out.scheduled]  # read before computing: it depends on num_computed_tokens
+        self.samples = {s.request.request_id: sample for s, sample in zip(out.scheduled, samples)}
         for s in out.scheduled:
             if s.request.request_id not in self.first_scheduled:
                 self.first_scheduled.append(s.request.request_id)
@@ -141,16 +143,16 @@ def test_running_requests_are_scheduled_before_waiting_ones():
 
 def test_a_long_prompt_is_prefilled_in_chunks_and_samples_only_after_the_last():
     sim = Sim(num_blocks=32, max_num_batched_tokens=8)
-    request = sim.add("a", list(range(20)), max_tokens=2)
+    request = sim.add("a", list(range(20)), max_tokens=3)
     chunks, samples, blocks = [], [], []
     while not request.is_finished:
         (s,) = sim.step().scheduled
         chunks.append(s.num_new_tokens)
-        samples.append(s.samples)
-        blocks.append(len(sim.pool.block_table("a")))
-    assert chunks == [8, 8, 4, 1]
-    assert samples == [False, False, True, True]
-    assert blocks == [2, 4, 5, 6]  # blocks are taken chunk by chunk, not for the whole prompt at once
+        samples.append(sim.samples["a"])
+        blocks.append(len(sim.pool.block_table("a")))  # 0 once finished
+    assert chunks == [8, 8, 4, 1, 1]
+    assert samples == [False, False, True, True, True]
+    assert blocks[:4] == [2, 4, 5, 6]  # blocks are taken chunk by chunk, not for the whole prompt at once
     assert_all_done(sim)
 
 
@@ -202,18 +204,21 @@ def test_a_request_that_cannot_grow_and_ranks_lowest_preempts_itself():
 
 
 def test_a_resumed_request_recomputes_prompt_and_outputs_before_sampling_again():
-    sim = Sim(num_blocks=4, block_size=4, max_num_batched_tokens=4, enable_prefix_caching=False)
-    sim.add("a", [1] * 7, max_tokens=6, age_s=2)
-    b = sim.add("b", [2] * 7, max_tokens=6, age_s=1)
+    sim = Sim(num_blocks=4, block_size=4, max_num_batched_tokens=6, enable_prefix_caching=False)
+    sim.add("a", [1] * 7, max_tokens=8, age_s=2)
+    b = sim.add("b", [2] * 7, max_tokens=8, age_s=1)
     while not b.num_preemptions:
         sim.step()
-    num_known = b.num_tokens
-    samples = []
-    while b.num_output_tokens == 2:
-        out = sim.step()
-        samples += [(b.num_computed_tokens, s.samples) for s in out.scheduled if s.request is b]
-    assert samples[-1] == (num_known, True)
-    assert all(not sample for _, sample in samples[:-1])
+    num_known, num_outputs = b.num_tokens, b.num_output_tokens
+    assert num_outputs >= 1
+    computed_and_samples = []
+    while b.num_output_tokens == num_outputs:
+        sim.step()
+        if "b" in sim.samples:
+            computed_and_samples.append((b.num_computed_tokens, sim.samples["b"]))
+    assert len(computed_and_samples) >= 2  # a 6-token budget: the recompute takes more than one chunk
+    assert computed_and_samples[-1] == (num_known, True)
+    assert not any(sample for _, sample in computed_and_samples[:-1])
     sim.run(max_steps=100)
     assert_all_done(sim)
 

@@ -1,0 +1,1 @@
+"""The beastserve daemon and its command line."""

@@ -1,0 +1,75 @@
+"""`beastserve` command line. Until the gRPC daemon lands, `demo` runs the offline engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from scheduler import LLM, SamplingParams
+
+DEMO_CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for writing clear code.",
+    "Explain what a KV cache is in one sentence.",
+]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--model", default=env("BEASTSERVE_MODEL", "default"),
+                        help="'default', a GGUF file or a Hugging Face directory [BEASTSERVE_MODEL]")
+    parser.add_argument("--device", default=env("BEASTSERVE_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default=env("BEASTSERVE_DTYPE", "auto"),
+                        help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-bytes", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(device=args.device, dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
+                kv_cache_bytes=args.kv_cache_bytes, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    llm = LLM(args.model, **engine_kwargs(args))
+    chats = [[{"role": "user", "content": q}] for q in (args.prompt or DEMO_CHATS)]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    start = time.perf_counter()
+    outputs = llm.chat(chats, params)
+    elapsed = time.perf_counter() - start
+    for chat, out in zip(chats, outputs):
+        print(f"\n>>> {chat[0]['content']}\n{out.text.strip()}  [{out.finish_reason}]")
+    num_tokens = sum(len(o.token_ids) for o in outputs)
+    print(f"\n{len(outputs)} answers, {num_tokens} tokens in {elapsed:.2f} s ({num_tokens / elapsed:.1f} tok/s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="beastserve", description="LLM serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="answer a few chat prompts with the offline engine")
+    add_engine_args(demo)
+    demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--temperature", type=float, default=0.0)
+    demo.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_demo(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"beastserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
