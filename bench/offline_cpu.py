@@ -157,7 +157,7 @@ def machine_facts() -> dict:
     return dict(cpu=cpu_model(), logical_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                load_average_at_start=os.getloadavg())
+                load_average_at_start=[round(x, 2) for x in os.getloadavg()])
 
 
 def cpu_model() -> str:

@@ -66,7 +66,7 @@ def default_llm():
     so ordinary traffic exercises chunked prefill and preemption."""
     from scheduler import LLM
 
-    return LLM("default", kv_cache_bytes=16 * DEFAULT_MODEL_BLOCK_BYTES, max_num_batched_tokens=48)
+    return LLM("default", dtype="float32", kv_cache_bytes=16 * DEFAULT_MODEL_BLOCK_BYTES, max_num_batched_tokens=48)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +88,12 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id=No
     if eos_token_id is not None and eos_token_id in tokens:
         tokens = tokens[:tokens.index(eos_token_id) + 1]
     return tokens
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -45,7 +45,7 @@ SCENARIOS = {
 def test_tiny_model_matches_hf(tiny, scenario):
     path, prompts, expected = tiny
     setup = SCENARIOS[scenario]
-    engine = Engine(model=str(path), **setup["engine"])
+    engine = Engine(model=str(path), dtype="float32", **setup["engine"])
     outputs = run_engine(engine, prompts, GREEDY, arrive_every=setup["arrive_every"])
     assert [o.token_ids for o in outputs] == expected
     assert all(o.finish_reason == "length" for o in outputs)
@@ -60,7 +60,7 @@ def test_prefix_cache_hits_keep_outputs_exact(tiny_model_dir):
     shared = [rng.randrange(model.config.vocab_size) for _ in range(70)]
     prompts = [shared + [rng.randrange(model.config.vocab_size) for _ in range(n)] for n in (1, 9, 30, 47)]
     expected = hf_references(model, prompts)
-    engine = Engine(model=str(path))
+    engine = Engine(model=str(path), dtype="float32")
     first = run_engine(engine, prompts[:1], GREEDY)
     rest = run_engine(engine, prompts[1:], GREEDY, arrive_every=2)
     assert [o.token_ids for o in first + rest] == expected
@@ -74,7 +74,7 @@ def test_other_architectures_match_hf(tmp_path, arch):
     config = tiny_config(arch)
     model = save_tiny_model(tmp_path, config, seed=3)
     prompts = random_prompts(config.vocab_size, lengths=(3, 20, 45), seed=len(arch))
-    engine = Engine(model=str(tmp_path), max_num_batched_tokens=32)
+    engine = Engine(model=str(tmp_path), dtype="float32", max_num_batched_tokens=32)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=12), arrive_every=1)
     assert [o.token_ids for o in outputs] == hf_references(model, prompts, 12)
 

@@ -1,0 +1,34 @@
+"""The same engine on CUDA: the reference attention path must stay exact there too."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler import Engine, SamplingParams
+from tests.helpers import assert_pool_idle, run_engine
+from tests.test_parity import hf_references, random_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+def test_cuda_float32_greedy_matches_hf(tiny_model_dir):
+    path, model = tiny_model_dir
+    prompts = random_prompts(model.config.vocab_size)
+    engine = Engine(model=str(path), device="cuda", dtype="float32", max_num_batched_tokens=32,
+                    kv_cache_bytes=16 * 8192)
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
+    assert [o.token_ids for o in outputs] == hf_references(model, prompts)
+    assert_pool_idle(engine)
+
+
+def test_cuda_bfloat16_default_shape_runs(tmp_path):
+    from tests.conftest import tiny_config
+
+    config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
+    engine = Engine(model=config, load_format="dummy", device="cuda")
+    assert engine.dtype.is_floating_point and str(engine.dtype) == "torch.bfloat16"
+    outputs = run_engine(engine, [[1] * n for n in (5, 100, 700)],
+                         SamplingParams(temperature=0.7, seed=1, max_tokens=16, ignore_eos=True))
+    assert [len(o.token_ids) for o in outputs] == [16, 16, 16]
+    assert_pool_idle(engine)
