@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 MODEL ?= default
 
-.PHONY: install install-dev serve test test-slow lint bench clean
+.PHONY: install install-dev serve test test-slow lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ lint: install-dev
 
 bench: install
 	$(PY) -m bench.offline_cpu
+
+proto: install-dev
+	$(PY) -m server.proto.gen
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
