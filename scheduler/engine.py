@@ -19,7 +19,7 @@ from scheduler.inputs import InputProcessor, Prompt
 from scheduler.kv_cache import BlockPool
 from scheduler.memory import plan_kv_cache
 from scheduler.models import build_model, load_config, load_tokenizer, resolve_model
-from scheduler.outputs import RequestMetrics, RequestOutput, RequestStream, TokenLogprob
+from scheduler.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.runner import ModelRunner
 from scheduler.sampling import Sampler, SamplingBatch
@@ -76,6 +76,7 @@ class Engine:
         self._pending_abort: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -125,10 +126,23 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns the outputs it also put on the request streams."""
+        start = time.perf_counter()
+        queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
         sched = self.scheduler.schedule()
-        if sched.scheduled:
-            outputs += self._run(self.runner.order(sched.scheduled))
+        batch = self.runner.order(sched.scheduled)
+        num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
+                                < s.request.num_prompt_tokens)
+        num_sampled = sum(s.samples for s in batch)
+        if batch:
+            outputs += self._run(batch)
+        self.last_step_stats = StepStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
+            kv_blocks_total=self.pool.num_blocks, num_batched_tokens=sched.num_batched_tokens,
+            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=num_sampled,
+            num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
+            prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start)
         for output in outputs:
             self._live[output.request_id].stream.put(output)
             if output.finished:

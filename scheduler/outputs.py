@@ -23,6 +23,24 @@ class RequestMetrics:
 
 
 @dataclass
+class StepStats:
+    """What one engine step did, for metrics. Counters are this step's increments."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # share of blocks held by live requests
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+    num_batched_tokens: int = 0
+    num_prompt_tokens: int = 0  # prefill tokens computed (recomputation after preemption included)
+    num_generation_tokens: int = 0  # tokens sampled
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+    step_s: float = 0.0
+
+
+@dataclass
 class RequestOutput:
     """One step's news for one request: the new tokens and text. The last one has finished=True."""
 
