@@ -149,6 +149,16 @@ class Engine:
                 del self._live[output.request_id]
         return outputs
 
+    def fail_all(self, error: str) -> None:
+        """After a fault: end every request with `error` set. The engine is not stepped again."""
+        with self._lock:
+            lives = list(self._live.values()) + self._pending_add
+            self._pending_add = []
+        self._live.clear()
+        for live in lives:
+            live.stream.put(RequestOutput(live.request.request_id, [], "", finished=True, finish_reason="abort",
+                                          error=error))
+
     def _take_pending(self) -> list[RequestOutput]:
         with self._lock:
             added, self._pending_add = self._pending_add, []

@@ -62,8 +62,6 @@ class BlockPool:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queried_tokens += len(tokens)
-        self.prefix_hit_tokens += len(hits) * self.block_size
         return hits
 
     def allocate(self, request: Request, num_tokens: int, cached_prefix: list[Block] = ()) -> bool:
@@ -76,6 +74,10 @@ class BlockPool:
         if num_new + reclaimed > len(self.free_blocks):
             return False
         if held is None:
+            # Counted per admission (re-admissions after preemption included), not per failed attempt.
+            if self.enable_prefix_caching:
+                self.prefix_queried_tokens += request.num_tokens
+                self.prefix_hit_tokens += len(cached_prefix) * self.block_size
             held = self.req_blocks[request.request_id] = []
             self.req_hashes[request.request_id] = [b.block_hash for b in cached_prefix]
             for block in cached_prefix:

@@ -1,0 +1,145 @@
+"""The daemon: gRPC server, health, reflection, metrics, engine loading, watchdog and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from scheduler import Engine, SamplingParams
+from server.async_engine import AsyncEngine
+from server.config import ServerConfig
+from server.metrics import ServerMetrics
+from server.proto.beastserve.v1 import generate_pb2 as pb
+from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
+from server.security import ApiKeyInterceptor, load_api_keys, server_credentials
+from server.service import SERVICE_NAME, GenerationService, ServerState
+
+log = logging.getLogger("beastserve")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Daemon:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.state = ServerState(config, metrics=ServerMetrics(_model_name(config)))
+        self.health = HealthServicer()
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+        self.server: grpc.aio.Server | None = None
+
+    async def run(self) -> int:
+        await self._start_server()
+        try:
+            await self._load_engine()
+        except Exception:
+            log.exception("failed to load the model")
+            await self.server.stop(0)
+            return 1
+        self._install_signal_handlers()
+        watchdog = asyncio.create_task(self._watch_engine())
+        await self.stopping.wait()
+        watchdog.cancel()
+        await self._drain()
+        return self.exit_code
+
+    async def _start_server(self) -> None:
+        config = self.config
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        interceptors = [ApiKeyInterceptor(load_api_keys(config.api_key_file))] if config.api_key_file else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+                                             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME), self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert_file:
+            creds = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self.health.set("", SERVING)  # liveness: the process answers
+        await self.health.set(SERVICE_NAME, NOT_SERVING)  # readiness: not until the model is warm
+        await self.server.start()
+        if config.metrics_port:
+            self.state.metrics.start_http_server(config.metrics_port, config.host)
+        log.info("gRPC listening on %s:%d (%s)%s", config.host, self.port, "TLS" if config.tls_cert_file else
+                 "plaintext", f"; metrics on http://{config.host}:{config.metrics_port}/metrics"
+                 if config.metrics_port else "")
+
+    async def _load_engine(self) -> None:
+        config = self.config
+        if config.speculative != "off":
+            raise ValueError(f"--speculative {config.speculative}: speculative decoding is not in this build yet")
+        engine = await asyncio.to_thread(Engine, model=config.model, **config.engine_kwargs())
+        log.info("model %s on %s (%s); KV cache holds %d tokens; max_model_len %d", config.model, engine.device,
+                 str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
+        async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
+        async_engine.start()
+        async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
+            pass
+        self.state.engine = async_engine
+        await self.health.set(SERVICE_NAME, SERVING)
+        log.info("ready")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+    async def _watch_engine(self) -> None:
+        """Readiness follows the engine: a dead or stuck engine must not look healthy."""
+        engine = self.state.engine
+        ready = True
+        while True:
+            await asyncio.sleep(0.5)
+            if not engine.alive:
+                log.error("engine died (%r); exiting so the orchestrator restarts the process", engine.error)
+                await self.health.set(SERVICE_NAME, NOT_SERVING)
+                self.exit_code = 1
+                self.stopping.set()
+                return
+            healthy = engine.stalled_for() < self.config.stall_timeout
+            if healthy != ready:
+                ready = healthy
+                log.warning("engine %s", "progressing again" if healthy else
+                            f"made no progress for {self.config.stall_timeout:.0f} s with work pending")
+                await self.health.set(SERVICE_NAME, SERVING if healthy else NOT_SERVING)
+
+    async def _drain(self) -> None:
+        """Stop taking work, let in-flight requests finish for drain_timeout, end the rest UNAVAILABLE."""
+        state = self.state
+        state.draining = True
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        log.info("draining %d in-flight requests (up to %.0f s)", len(state.in_flight), self.config.drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while state.in_flight and loop.time() < deadline and state.engine.alive:
+            await asyncio.sleep(0.05)
+        if state.in_flight:
+            log.warning("%d requests still running at the drain timeout; ending them", len(state.in_flight))
+            state.engine.abort(list(state.in_flight))
+        while state.in_flight and state.engine.alive and loop.time() < deadline + 5:
+            await asyncio.sleep(0.05)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=2)
+        state.engine.stop()
+        log.info("stopped")
+
+
+def _model_name(config: ServerConfig) -> str:
+    return "SmolLM2-135M-Instruct" if config.model == "default" else config.model
+
+
+def serve(config: ServerConfig) -> int:
+    import uvloop
+
+    return uvloop.run(Daemon(config).run())

@@ -1,0 +1,145 @@
+"""Runs the engine's step loop in its own thread and hands each request's outputs to asyncio.
+
+Cancellation and deadlines reach the engine: when a consumer stops early (client gone,
+deadline hit, task cancelled), the request is aborted and its KV blocks are freed at the
+next step. If a step raises, every live request is failed and the engine is marked dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from scheduler import Engine, SamplingParams
+from scheduler.outputs import RequestOutput
+from server.convert import finish_label
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    pass
+
+
+class EngineDeadError(Exception):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queue_size = max_queue_size
+        self.error: BaseException | None = None
+        self.last_progress = time.monotonic()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._live: dict[str, asyncio.Queue] = {}
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def stalled_for(self) -> float:
+        """Seconds since the last step while work is pending; 0 when idle."""
+        if not self.engine.has_unfinished():
+            return 0.0
+        return time.monotonic() - self.last_progress
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until the finished one. Raises ValueError for bad input,
+        QueueFullError when too many wait, EngineDeadError when the engine has failed."""
+        if not self.alive:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        if self.engine.num_waiting >= self.max_queue_size:
+            raise QueueFullError(f"{self.engine.num_waiting} requests waiting; max_queue_size is "
+                                 f"{self.max_queue_size}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        timer = _TokenTimer(self.metrics)
+
+        def on_output(output: RequestOutput) -> None:  # engine thread
+            timer.observe(output)
+            loop.call_soon_threadsafe(queue.put_nowait, output)
+
+        self.engine.add_request(None, params, request_id=request_id, priority=priority,
+                                prompt_token_ids=prompt_token_ids, on_output=on_output)
+        self._live[request_id] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                if output.error is not None:
+                    raise EngineDeadError(output.error)
+                finished = output.finished
+                yield output
+        finally:
+            self._live.pop(request_id, None)
+            if not finished:
+                self.engine.abort(request_id)
+                self._wake.set()
+
+    def abort(self, request_ids: list[str]) -> list[str]:
+        live = [rid for rid in request_ids if rid in self._live]
+        for rid in live:
+            self.engine.abort(rid)
+        self._wake.set()
+        return live
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.engine.has_unfinished():
+                    self.last_progress = time.monotonic()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self.engine.step()
+                self.last_progress = time.monotonic()
+                if self.metrics is not None:
+                    self.metrics.record_step(self.engine.last_step_stats)
+        except BaseException as exc:  # noqa: BLE001 - any fault must fail the requests, not hang them
+            log.exception("engine step failed; failing %d live requests", len(self._live))
+            self.error = exc
+            self.engine.fail_all(f"engine fault: {exc!r}")
+
+
+class _TokenTimer:
+    """Per-request latency metrics, observed in the engine thread as outputs are produced."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.last = time.monotonic()
+        self.seen_first = False
+
+    def observe(self, output: RequestOutput) -> None:
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        if output.token_ids:
+            if self.seen_first:
+                self.metrics.record_inter_token(now - self.last, len(output.token_ids))
+            self.seen_first = True
+            self.last = now
+        if output.finished and output.metrics is not None and output.error is None:
+            m = output.metrics
+            self.metrics.record_finished(finish_label(output), m.queue_s, m.ttft_s if self.seen_first else None,
+                                         m.e2e_s)

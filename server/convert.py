@@ -1,0 +1,131 @@
+"""Between the wire and the engine: validate a GenerateRequest into engine inputs, and turn
+engine outputs into GenerateResponses. Errors name the request field, in proto terms."""
+
+from __future__ import annotations
+
+import math
+
+from scheduler import SamplingParams
+from scheduler.inputs import InputProcessor
+from scheduler.outputs import RequestOutput
+from server.proto.beastserve.v1 import generate_pb2 as pb
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 512
+
+# Engine messages start with the engine's field name; say where it lives in the request.
+_FIELD_PATHS = {
+    "temperature": "sampling.temperature", "top_p": "sampling.top_p", "top_k": "sampling.top_k",
+    "min_p": "sampling.min_p", "repetition_penalty": "sampling.repetition_penalty",
+    "frequency_penalty": "sampling.frequency_penalty", "presence_penalty": "sampling.presence_penalty",
+    "seed": "sampling.seed", "max_tokens": "stopping.max_tokens", "min_tokens": "stopping.min_tokens",
+    "stop": "stopping.stop", "stop_token_ids": "stopping.stop_token_ids", "logprobs": "output.logprobs",
+    "prompt": "input",
+}
+
+
+class InvalidArgument(ValueError):
+    pass
+
+
+def field_error(exc: ValueError) -> InvalidArgument:
+    """Prefix an engine ValueError with the request field it is about."""
+    message = str(exc)
+    first = message.split(" ", 1)[0].rstrip(":")
+    path = _FIELD_PATHS.get(first)
+    return InvalidArgument(f"{path}: {message}" if path else message)
+
+
+def to_engine_inputs(request: pb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams]:
+    """Validate a request once, at the edge. Raises InvalidArgument naming the field."""
+    try:
+        params = sampling_params(request)
+        token_ids = prompt_token_ids(request, inputs)
+        inputs.validate(token_ids, params)
+    except InvalidArgument:
+        raise
+    except ValueError as exc:
+        raise field_error(exc) from None
+    return token_ids, params
+
+
+def prompt_token_ids(request: pb.GenerateRequest, inputs: InputProcessor) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("input: one of text, token_ids or chat is required")
+    if kind == "text":
+        return inputs.tokenize(request.text)
+    if kind == "token_ids":
+        return list(request.token_ids.ids)
+    return inputs.render_chat(chat_messages(request.chat, "chat"))
+
+
+def chat_messages(chat: pb.Chat, field: str) -> list[dict[str, str]]:
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    for i, m in enumerate(messages):
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise InvalidArgument(f"{field}.messages[{i}].role: must be system, user, assistant or tool, "
+                                  f"got {m['role']!r}")
+    if not messages:
+        raise InvalidArgument(f"{field}.messages: at least one message is required")
+    return messages
+
+
+def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
+    s, stop, out = request.sampling, request.stopping, request.output
+    kwargs = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+                 "presence_penalty", "seed"):
+        if s.HasField(name):
+            value = getattr(s, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"sampling.{name}: must be a finite number, got {value}")
+            kwargs[name] = value
+    kwargs["max_tokens"] = stop.max_tokens if stop.HasField("max_tokens") else None
+    if len(stop.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stopping.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")
+    if any(len(s_) > MAX_STOP_STRING_CHARS for s_ in stop.stop):
+        raise InvalidArgument(f"stopping.stop: each stop string must be at most {MAX_STOP_STRING_CHARS} characters")
+    return SamplingParams(
+        **kwargs, min_tokens=stop.min_tokens, stop=list(stop.stop), stop_token_ids=list(stop.stop_token_ids),
+        ignore_eos=stop.ignore_eos, include_stop_str_in_output=stop.include_stop_str_in_output,
+        logprobs=out.logprobs, skip_special_tokens=out.skip_special_tokens if out.HasField("skip_special_tokens")
+        else True)
+
+
+def finish_label(output: RequestOutput) -> str:
+    """eos | stop | length | cancelled — the metrics label and the FinishReason name."""
+    if output.finish_reason == "stop":
+        return "eos" if output.stop_reason is None else "stop"
+    return "cancelled" if output.finish_reason == "abort" else output.finish_reason
+
+
+_FINISH = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+           "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateResponse:
+    """One response for one or more consecutive deltas (one when streaming, all of them for unary)."""
+    response = pb.GenerateResponse(request_id=request_id)
+    for output in outputs:
+        response.token_ids.extend(output.token_ids)
+        response.text += output.text
+        for lp in output.logprobs or ():
+            response.logprobs.append(pb.TokenLogprob(
+                token_id=lp.token_id, logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    last = outputs[-1]
+    if last.finished:
+        response.finish_reason = _FINISH[finish_label(last)]
+        if isinstance(last.stop_reason, str):
+            response.stop_string = last.stop_reason
+        elif last.stop_reason is not None:
+            response.stop_token_id = last.stop_reason
+        response.usage.CopyFrom(pb.Usage(prompt_tokens=last.num_prompt_tokens,
+                                         completion_tokens=last.num_output_tokens,
+                                         cached_tokens=last.num_cached_tokens))
+        if last.metrics is not None:
+            m = last.metrics
+            response.timing.CopyFrom(pb.Timing(queue_s=m.queue_s, ttft_s=m.ttft_s, e2e_s=m.e2e_s,
+                                               preemptions=m.preemptions))
+    return response
