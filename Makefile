@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 serve: install
-	$(VENV)/bin/beastserve demo --model $(MODEL)
+	$(VENV)/bin/beastserve serve --model $(MODEL)
 
 test: install-dev
 	$(PY) -m pytest -q

@@ -26,8 +26,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(config.num_hidden_layers)]
+        def zeros():
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.kv_caches = [(zeros(), zeros()) for _ in range(config.num_hidden_layers)]
 
     @staticmethod
     def order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:

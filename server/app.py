@@ -7,6 +7,7 @@ import logging
 import signal
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -28,6 +29,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
+        prometheus_client.disable_created_metrics()  # *_created series only clutter dashboards
         self.state = ServerState(config, metrics=ServerMetrics(_model_name(config)))
         self.health = HealthServicer()
         self.stopping = asyncio.Event()

@@ -1,4 +1,5 @@
-"""`beastserve` command line. Until the gRPC daemon lands, `demo` runs the offline engine."""
+"""`beastserve` command line: `serve` runs the daemon; `generate`, `chat` and `health` talk to one;
+`demo` runs the offline engine without a server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 
 from scheduler import LLM, SamplingParams
+from server.cli_client import add_client_commands
+from server.config import add_server_args, config_from_args
 
 DEMO_CHATS = [
     "What is the capital of France?",
@@ -54,21 +57,37 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beastserve", description="LLM serving engine")
+    parser = argparse.ArgumentParser(prog="beastserve", description="LLM serving daemon")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC daemon",
+                           description="Every flag also reads BEASTSERVE_<FLAG> from the environment.")
+    add_server_args(serve)
+    serve.set_defaults(func=run_serve)
     demo = sub.add_parser("demo", help="answer a few chat prompts with the offline engine")
     add_engine_args(demo)
     demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
+    demo.set_defaults(func=run_demo)
+    add_client_commands(sub)
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as exc:  # a bad BEASTSERVE_* value
+        print(f"beastserve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run_demo(args)
+        return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"beastserve: {exc}", file=sys.stderr)
         return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    return serve(config_from_args(args))
 
 
 if __name__ == "__main__":

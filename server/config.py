@@ -40,10 +40,9 @@ class ServerConfig:
     log_requests: bool = False
 
     def engine_kwargs(self) -> dict:
-        return dict(device=self.device, dtype=self.dtype, load_format=self.load_format,
-                    max_model_len=self.max_model_len, block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
-                    gpu_memory_utilization=self.gpu_memory_utilization, max_num_batched_tokens=self.max_num_batched_tokens,
-                    max_num_seqs=self.max_num_seqs)
+        names = ("device", "dtype", "load_format", "max_model_len", "block_size", "kv_cache_bytes",
+                 "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs")
+        return {name: getattr(self, name) for name in names}
 
 
 _HELP = {

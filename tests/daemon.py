@@ -1,0 +1,80 @@
+"""Start a real daemon in a subprocess on free loopback ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+READINESS = "beastserve.v1.Generation"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """`beastserve serve` with the given flags; stopped with SIGTERM on close()."""
+
+    def __init__(self, model: str, *flags: str, log_path: Path, channel_credentials=None, env=None):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags]
+        self.log_file = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        self.channel_credentials = channel_credentials
+
+    def channel(self, **options) -> grpc.Channel:
+        if self.channel_credentials is not None:
+            return grpc.secure_channel(self.address, self.channel_credentials, **options)
+        return grpc.insecure_channel(self.address, **options)
+
+    def health(self, service: str = READINESS) -> str:
+        with self.channel() as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+    def wait_ready(self, timeout: float = 120) -> Daemon:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.health() == "SERVING":
+                    return self
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"daemon not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self, timeout: float = 60) -> int:
+        self.terminate()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        finally:
+            self.log_file.close()
