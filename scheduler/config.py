@@ -27,6 +27,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     priority_aging_s: float = 10.0  # each this many seconds waiting lowers the priority value by one
     seed: int = 0  # for unseeded sampling
+    speculative: str = "off"  # off | draft | ngram
+    draft_model: Any = None  # what `model` accepts; for speculative="draft"
+    num_speculative_tokens: int = 4  # most tokens drafted per sequence per step
+    adaptive_speculation: bool = True  # choose k per step from measured acceptance and cost (else always k)
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -39,6 +45,14 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.speculative not in ("off", "draft", "ngram"):
+            raise ValueError(f"speculative must be off, draft or ngram, got {self.speculative!r}")
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("speculative='draft' needs draft_model")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):

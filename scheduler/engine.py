@@ -17,25 +17,26 @@ from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.inputs import InputProcessor, Prompt
 from scheduler.kv_cache import BlockPool
+from scheduler.executor import StepExecutor, StepResult
 from scheduler.memory import plan_kv_cache
-from scheduler.models import build_model, load_config, load_tokenizer, resolve_model
+from scheduler.models import load_model
 from scheduler.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
 from scheduler.request import FinishReason, Request, SamplingParams
 from scheduler.runner import ModelRunner
-from scheduler.sampling import Sampler, SamplingBatch
-from scheduler.scheduler import ScheduledRequest, Scheduler
+from scheduler.sampling import Sampler
+from scheduler.scheduler import Scheduler
+from scheduler.speculative.setup import build_speculator, load_draft
 
 log = logging.getLogger(__name__)
 
 
 class _Live:
-    """Engine-side companions of a request: its stream, detokenizer and RNG."""
+    """Engine-side companions of a request: its stream and detokenizer."""
 
-    def __init__(self, request: Request, stream: RequestStream, detokenizer, generator):
+    def __init__(self, request: Request, stream: RequestStream, detokenizer):
         self.request = request
         self.stream = stream
         self.detokenizer = detokenizer
-        self.generator = generator
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
 
@@ -46,20 +47,16 @@ class Engine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
-        if isinstance(config.model, str):
-            source = resolve_model(config.model)
-            hf_config = load_config(source)
-            self.tokenizer = load_tokenizer(config.tokenizer or source)
-        else:
-            source, hf_config = None, config.model
-            self.tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
-        self.model_config = hf_config
-        max_positions = _model_context_length(hf_config, config.max_model_len)
-        self.model = build_model(hf_config, source, config.load_format, self.dtype, self.device, max_positions)
-        plan = plan_kv_cache(config, hf_config, self.dtype, self.device)
+        target = load_model(config.model, config.tokenizer, config.load_format, self.dtype, self.device,
+                            config.max_model_len)
+        self.model_config, self.tokenizer, self.model = target.config, target.tokenizer, target.model
+        draft = load_draft(config, target, self.dtype, self.device) if config.speculative == "draft" else None
+        max_positions = min(target.max_positions, draft.max_positions) if draft else target.max_positions
+        configs = [target.config] + ([draft.config] if draft else [])
+        plan = plan_kv_cache(config, configs, self.dtype, self.device)
         self.max_model_len = min(max_positions, plan.num_blocks * config.block_size)
-        if self.max_model_len < max_positions:
-            log.warning("max_model_len lowered to %d tokens, what the KV cache holds", self.max_model_len)
+        if self.max_model_len < target.max_positions:
+            log.warning("max_model_len lowered to %d tokens, what the KV cache (and draft) hold", self.max_model_len)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)", plan.num_blocks, config.block_size,
                  plan.num_blocks * config.block_size, plan.num_bytes / 2**20)
         self.pool = BlockPool(plan.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -67,9 +64,12 @@ class Engine:
         self.scheduler = Scheduler(self.pool, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.priority_aging_s)
         self.sampler = Sampler()
+        self.speculator = build_speculator(config, draft, plan.num_blocks, self.sampler, self.dtype, self.device)
+        self._generators: dict[str, torch.Generator] = {}
+        self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
         torch.manual_seed(config.seed)
-        self.vocab_size = hf_config.vocab_size
-        self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
+        self.vocab_size = target.config.vocab_size
+        self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._pending_add: list[_Live] = []
@@ -83,9 +83,10 @@ class Engine:
         return self.pool.num_blocks * self.pool.block_size
 
     def add_request(self, prompt: Prompt | None, params: SamplingParams | None = None, *, request_id: str | None = None,
-                    priority: int = 0, prompt_token_ids: list[int] | None = None,
-                    on_output=None) -> RequestStream:
-        """Validate and queue a request. Raises ValueError naming the bad field."""
+                    priority: int = 0, prompt_token_ids: list[int] | None = None, speculative: bool | None = None,
+                    max_draft_tokens: int | None = None, on_output=None) -> RequestStream:
+        """Validate and queue a request. Raises ValueError naming the bad field. speculative and
+        max_draft_tokens turn speculation off for this request or cap its depth."""
         params = params or SamplingParams()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.inputs.tokenize(prompt)
         self.inputs.validate(token_ids, params)
@@ -93,18 +94,23 @@ class Engine:
             raise ValueError(f"priority must be an integer, got {priority!r}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         max_total = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
+        if max_draft_tokens is not None and (not isinstance(max_draft_tokens, int) or max_draft_tokens < 0):
+            raise ValueError(f"max_draft_tokens must be an integer >= 0, got {max_draft_tokens!r}")
         request = Request(request_id, list(token_ids), params, self.eos_token_ids, priority,
-                          max_total_tokens=max_total)
+                          max_total_tokens=max_total, speculative=speculative is not False,
+                          max_draft_tokens=max_draft_tokens)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params) \
             if self.tokenizer is not None else None
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        live = _Live(request, RequestStream(request_id, on_output), detokenizer, generator)
+        live = _Live(request, RequestStream(request_id, on_output), detokenizer)
         with self._lock:
             if request_id in self._live or any(p.request.request_id == request_id for p in self._pending_add):
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._pending_add.append(live)
+            if generator is not None:
+                self._generators[request_id] = generator
         return live.stream
 
     def abort(self, request_id: str) -> None:
@@ -129,25 +135,40 @@ class Engine:
         start = time.perf_counter()
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
-        sched = self.scheduler.schedule()
-        batch = self.runner.order(sched.scheduled)
+        spec_depth = None
+        if self.speculator is not None:
+            self.speculator.plan(*self._load_ahead())
+            spec_depth = self.speculator.depth_for
+        sched = self.scheduler.schedule(spec_depth)
+        batch = sched.scheduled
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
                                 < s.request.num_prompt_tokens)
-        num_sampled = sum(s.samples for s in batch)
-        if batch:
-            outputs += self._run(batch)
+        results = self.executor.execute(batch) if batch else []
+        now = time.monotonic()
+        outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
         self.last_step_stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
             kv_blocks_total=self.pool.num_blocks, num_batched_tokens=sched.num_batched_tokens,
-            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=num_sampled,
+            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(len(r.new_token_ids) for r in results),
             num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
-            prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start)
+            prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
+            num_drafts=sum(1 for r in results if r.num_drafts), num_draft_tokens=sum(r.num_drafts for r in results),
+            accepted_per_position=_accepted_per_position(results))
         for output in outputs:
             self._live[output.request_id].stream.put(output)
             if output.finished:
                 del self._live[output.request_id]
+                self._generators.pop(output.request_id, None)
         return outputs
+
+    def _load_ahead(self) -> tuple[int, int]:
+        """Decoding sequences and prompt tokens the next step is likely to carry."""
+        running = self.scheduler.running
+        num_decodes = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in running) - num_decodes
+        pending += sum(r.num_tokens for r in self.scheduler.waiting)
+        return num_decodes, min(pending, max(0, self.config.max_num_batched_tokens - num_decodes))
 
     def fail_all(self, error: str) -> None:
         """After a fault: end every request with `error` set. The engine is not stepped again."""
@@ -173,45 +194,28 @@ class Engine:
                 outputs.append(self._finish(live, FinishReason.ABORT))
         return outputs
 
-    def _run(self, batch: list[ScheduledRequest]) -> list[RequestOutput]:
-        logits = self.runner.execute(batch, self.pool)
-        sampling = [s.request for s in batch if s.samples]
-        for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.pool.cache_full_blocks(s.request, s.request.num_computed_tokens)
-        if not sampling:
-            return []
-        lives = [self._live[r.request_id] for r in sampling]
-        sampled = self.sampler(logits, SamplingBatch.build(
-            [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
-            [r.output_token_ids for r in sampling], [lv.generator for lv in lives],
-            [_blocked_ids(r) for r in sampling], self.vocab_size, self.device))
-        token_ids = sampled.token_ids.tolist()
-        logprobs = _logprob_lists(sampled) if sampled.logprobs is not None else None
-        now = time.monotonic()
-        outputs = []
-        for row, live in enumerate(lives):
-            token_logprob = logprobs[row] if logprobs and live.request.params.logprobs else None
-            outputs.append(self._append(live, token_ids[row], token_logprob, now))
-        return outputs
-
-    def _append(self, live: _Live, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+    def _append(self, live: _Live, result: StepResult, now: float) -> RequestOutput:
+        """Check the step's new tokens (already on the request) one by one for a stop."""
         request = live.request
-        request.append_token(token_id)
         if request.first_token_time is None:
             request.first_token_time = now
-        if logprob is not None:
-            logprob.top = logprob.top[:request.params.logprobs]
-            live.logprobs.append(logprob)
-        reason, stop_reason = _check_stop(request, token_id)
-        if live.detokenizer is not None:
-            stop_str = live.detokenizer.add_tokens([token_id], request.num_output_tokens)
-            if stop_str is not None and reason != FinishReason.STOP:
-                reason, stop_reason = FinishReason.STOP, stop_str
-        if reason is not None:
-            request.stop_reason = stop_reason
-            return self._finish(live, reason)
-        return self._delta(live)
+        first = request.num_output_tokens - len(result.new_token_ids)
+        reason = None
+        for count, token_id in enumerate(result.new_token_ids, start=first + 1):
+            reason, stop_reason = _check_stop(request, token_id, count)
+            if live.detokenizer is not None:
+                stop_str = live.detokenizer.add_tokens([token_id], count)
+                if stop_str is not None and reason != FinishReason.STOP:
+                    reason, stop_reason = FinishReason.STOP, stop_str
+            if reason is not None:
+                request.truncate_output(count)  # speculation may have run past the stop
+                request.stop_reason = stop_reason
+                break
+        if result.logprobs is not None:
+            for lp in result.logprobs[:request.num_output_tokens - first]:
+                lp.top = lp.top[:request.params.logprobs]
+                live.logprobs.append(lp)
+        return self._finish(live, reason) if reason is not None else self._delta(live)
 
     def _finish(self, live: _Live, reason: FinishReason) -> RequestOutput:
         request = live.request
@@ -223,7 +227,8 @@ class Engine:
         start = request.arrival_time
         output.metrics = RequestMetrics(
             queue_s=(request.first_scheduled_time or now) - start, ttft_s=(request.first_token_time or now) - start,
-            e2e_s=now - start, preemptions=request.num_preemptions)
+            e2e_s=now - start, preemptions=request.num_preemptions, draft_tokens=request.num_draft_tokens,
+            accepted_tokens=request.num_accepted_tokens)
         return output
 
     def _delta(self, live: _Live) -> RequestOutput:
@@ -237,42 +242,25 @@ class Engine:
                              num_cached_tokens=request.num_cached_tokens)
 
 
-def _check_stop(request: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
+def _check_stop(request: Request, token_id: int, num_output_tokens: int) -> tuple[FinishReason | None, int | None]:
+    """Does the num_output_tokens-th output token (token_id) end the request?"""
     params = request.params
-    if request.num_output_tokens >= params.min_tokens:
+    if num_output_tokens >= params.min_tokens:
         if not params.ignore_eos and token_id in request.eos_token_ids:
             return FinishReason.STOP, None
         if token_id in params.stop_token_ids:
             return FinishReason.STOP, token_id
-    if request.num_tokens >= request.max_total_tokens:
+    if request.num_prompt_tokens + num_output_tokens >= request.max_total_tokens:
         return FinishReason.LENGTH, None
     return None, None
 
 
-def _blocked_ids(request: Request) -> list[int]:
-    """Tokens that would end the request before min_tokens."""
-    params = request.params
-    if request.num_output_tokens >= params.min_tokens:
-        return []
-    return list(params.stop_token_ids) + ([] if params.ignore_eos else list(request.eos_token_ids))
-
-
-def _logprob_lists(sampled) -> list[TokenLogprob]:
-    chosen = sampled.logprobs.tolist()
-    ids = sampled.token_ids.tolist()
-    top_ids = sampled.top_token_ids.tolist() if sampled.top_token_ids is not None else [[] for _ in ids]
-    top_vals = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else [[] for _ in ids]
-    return [TokenLogprob(t, lp, list(zip(ti, tv))) for t, lp, ti, tv in zip(ids, chosen, top_ids, top_vals)]
-
-
-def _model_context_length(config, max_model_len: int | None) -> int:
-    limit = config.max_position_embeddings
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        limit = min(limit, window)  # within the window, full attention is exact
-    if max_model_len is not None and max_model_len > limit:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {limit}")
-    return max_model_len or limit
+def _accepted_per_position(results: list[StepResult]) -> list[int]:
+    counts = [0] * max((r.num_drafts for r in results), default=0)
+    for r in results:
+        for i in range(r.num_accepted):
+            counts[i] += 1
+    return counts
 
 
 def _eos_token_ids(config, tokenizer) -> tuple[int, ...]:

@@ -20,6 +20,8 @@ class RequestMetrics:
     ttft_s: float = 0.0  # arrival to first token
     e2e_s: float = 0.0  # arrival to finish
     preemptions: int = 0
+    draft_tokens: int = 0  # drafted tokens verified for this request
+    accepted_tokens: int = 0  # of those, accepted
 
 
 @dataclass
@@ -38,6 +40,9 @@ class StepStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
     step_s: float = 0.0
+    num_drafts: int = 0  # sequences that verified drafts this step
+    num_draft_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # accepted drafts at each position
 
 
 @dataclass

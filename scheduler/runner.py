@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from scheduler.attention import AttentionMetadata
-from scheduler.kv_cache import BlockPool
 from scheduler.models.llama import CausalLM
-from scheduler.scheduler import ScheduledRequest
+
+
+@dataclass
+class ForwardItem:
+    """One sequence's part of a forward pass."""
+
+    token_ids: list[int]  # the new tokens to compute
+    start: int  # position of the first of them: the tokens already in the cache
+    block_table: list[int]
+    num_logits: int  # logits wanted for this many trailing tokens (0 = none)
 
 
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -31,38 +41,41 @@ class ModelRunner:
 
         self.kv_caches = [(zeros(), zeros()) for _ in range(config.num_hidden_layers)]
 
-    @staticmethod
-    def order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
-        """Decodes (one new token) first: the attention backends treat them as one group."""
-        return sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
-
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledRequest], pool: BlockPool) -> torch.Tensor:
-        """Run one step over `batch` (already in `order`). Returns logits [num sampling rows, vocab],
-        rows in batch order of the requests whose step ends at their last known token."""
-        input_ids, positions, meta, logits_indices = self._prepare(batch, pool)
+    def forward(self, items: list[ForwardItem]) -> torch.Tensor:
+        """Compute the items' new tokens into the KV cache in one pass. Returns fp32 logits for
+        each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab]."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
+        input_ids, positions, meta, logits_indices = self._prepare([items[i] for i in order])
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[logits_indices]).float()
+        logits = self.model.compute_logits(hidden[logits_indices]).float()
+        if order == sorted(order):
+            return logits
+        # Rows come out in the sorted order; hand them back in the caller's.
+        row_starts = np.cumsum([0] + [items[i].num_logits for i in order])
+        sorted_pos = {item: pos for pos, item in enumerate(order)}
+        back = np.concatenate([np.arange(row_starts[sorted_pos[i]], row_starts[sorted_pos[i]] + items[i].num_logits)
+                               for i in range(len(items))]).astype(np.int64)
+        return logits[self._to_device(back)]
 
-    def _prepare(self, batch: list[ScheduledRequest], pool: BlockPool):
+    def _prepare(self, items: list[ForwardItem]):
         bs = self.block_size
-        query_lens = np.array([s.num_new_tokens for s in batch], dtype=np.int64)
-        starts = np.array([s.request.num_computed_tokens for s in batch], dtype=np.int64)
+        query_lens = np.array([len(it.token_ids) for it in items], dtype=np.int64)
+        starts = np.array([it.start for it in items], dtype=np.int64)
         seq_lens = starts + query_lens
         query_start_loc = np.concatenate(([0], np.cumsum(query_lens)))
-        tables = [pool.block_table(s.request.request_id) for s in batch]
-        block_tables = np.zeros((len(batch), max(len(t) for t in tables)), dtype=np.int64)
-        for row, table in enumerate(tables):
-            block_tables[row, :len(table)] = table
-        seq_of_token = np.repeat(np.arange(len(batch)), query_lens)
+        block_tables = np.zeros((len(items), max(len(it.block_table) for it in items)), dtype=np.int64)
+        for row, it in enumerate(items):
+            block_tables[row, :len(it.block_table)] = it.block_table
+        seq_of_token = np.repeat(np.arange(len(items)), query_lens)
         positions = np.arange(query_start_loc[-1]) - query_start_loc[seq_of_token] + starts[seq_of_token]
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
-        input_ids = np.fromiter((t for s in batch for t in s.request.all_token_ids[
-            s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]), dtype=np.int64,
-            count=int(query_start_loc[-1]))
-        samples = np.array([s.samples for s in batch])
-        logits_indices = query_start_loc[1:][samples] - 1
-        num_decodes = int((query_lens == 1).sum())  # all at the front, see order()
+        input_ids = np.fromiter((t for it in items for t in it.token_ids), dtype=np.int64,
+                                count=int(query_start_loc[-1]))
+        num_logits = np.array([it.num_logits for it in items], dtype=np.int64)
+        logits_indices = np.repeat(query_start_loc[1:] - num_logits, num_logits) + (
+            np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits))
+        num_decodes = int((query_lens == 1).sum())  # all at the front
         non_decode_lens = query_lens[num_decodes:]
         to_dev = self._to_device
         meta = AttentionMetadata(

@@ -139,7 +139,11 @@ class Sampler:
             token_ids = self._exponential_race(self.compute_probs(logits, batch), batch)
         if batch.max_num_logprobs == 0:
             return SamplerOutput(token_ids, None, None, None)
-        return SamplerOutput(token_ids, *_logprobs(logits, token_ids, batch.max_num_logprobs))
+        return SamplerOutput(token_ids, *logprobs_of(logits, token_ids, batch.max_num_logprobs))
+
+    def sample_probs(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """One token per row of `probs` (overwritten), seeded rows from their own generators."""
+        return self._exponential_race(probs, batch)
 
     def _exponential_race(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, without a cumsum
@@ -231,7 +235,7 @@ def _one_hot(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return one_hot.scatter_(1, token_ids.unsqueeze(1), 1.0)
 
 
-def _logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
+def logprobs_of(raw_logits: torch.Tensor, token_ids: torch.Tensor,
               num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
     chosen_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)

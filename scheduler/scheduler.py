@@ -8,6 +8,7 @@ is as many as the budget allows, spread over steps when it does not fit (chunked
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scheduler.kv_cache import BlockPool
@@ -17,7 +18,9 @@ from scheduler.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # known tokens to compute (drafts not counted)
+    num_spec_slots: int = 0  # KV slots reserved for draft tokens to verify this step
+    draft_token_ids: list[int] = field(default_factory=list)  # filled by the proposer, at most num_spec_slots
     # Whether this step reaches the end of the known tokens, so the next one is sampled.
     # Fixed when scheduled: the engine advances num_computed_tokens afterwards.
     samples: bool = field(init=False)
@@ -33,7 +36,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens + len(s.draft_token_ids) for s in self.scheduled)
 
 
 class Scheduler:
@@ -66,10 +69,11 @@ class Scheduler:
         self.pool.free(request)
         request.status = RequestStatus.FINISHED
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, spec_depth: Callable[[Request], int] | None = None) -> SchedulerOutput:
+        """spec_depth(request): how many draft tokens a decoding request may verify this step."""
         now = time.monotonic()
         out = SchedulerOutput()
-        budget = self._schedule_running(out, now)
+        budget = self._schedule_running(out, now, spec_depth)
         if not out.preempted:
             self._schedule_waiting(out, budget, now)
         return out
@@ -78,13 +82,17 @@ class Scheduler:
         age = (now - request.arrival_time) / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
         return (request.priority - age, request.arrival_time)
 
-    def _schedule_running(self, out: SchedulerOutput, now: float) -> int:
+    def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth) -> int:
         budget = self.max_num_batched_tokens
         self.running.sort(key=lambda r: self._rank(r, now))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            decoding = request.num_tokens - request.num_computed_tokens == 1
+            num_spec = min(spec_depth(request), budget - num_new) if decoding and spec_depth is not None else 0
+            if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
+                num_spec = 0  # speculation never costs another request its blocks
             while not self.pool.allocate(request, request.num_computed_tokens + num_new):
                 # Lowest priority, latest arrival; never one already scheduled, as those rank higher.
                 victim = self.running.pop()
@@ -93,8 +101,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
-                budget -= num_new
+                out.scheduled.append(ScheduledRequest(request, num_new, num_spec))
+                budget -= num_new + num_spec
                 i += 1
         return budget
 
@@ -121,6 +129,7 @@ class Scheduler:
         """Free the blocks now and recompute later (prompt plus what was generated)."""
         self.pool.free(request)
         request.num_computed_tokens = 0
+        request.num_draft_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.append(request)

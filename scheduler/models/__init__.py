@@ -4,11 +4,13 @@ from scheduler.models.loader import (
     SUPPORTED_ARCHITECTURES,
     ModelSource,
     build_model,
+    LoadedModel,
     default_model_file,
+    load_model,
     load_config,
     load_tokenizer,
     resolve_model,
 )
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelSource", "build_model", "default_model_file", "load_config",
-           "load_tokenizer", "resolve_model"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "LoadedModel", "ModelSource", "build_model", "default_model_file",
+           "load_config", "load_model", "load_tokenizer", "resolve_model"]

@@ -131,3 +131,37 @@ def _init_dummy(model: CausalLM, config) -> None:
             param.zero_()
         else:
             param.normal_(0.0, std, generator=gen)
+
+
+@dataclass
+class LoadedModel:
+    config: object  # the transformers config
+    tokenizer: object | None
+    model: CausalLM
+    max_positions: int
+
+
+def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtype, device: torch.device,
+               max_model_len: int | None) -> LoadedModel:
+    """`model` is what EngineConfig.model accepts: "default", a path, or a config (dummy weights)."""
+    if isinstance(model, str):
+        source = resolve_model(model)
+        config = load_config(source)
+        tok = load_tokenizer(tokenizer or source)
+    else:
+        source, config = None, model
+        check_architecture(config)
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+    max_positions = context_length(config, max_model_len)
+    return LoadedModel(config, tok, build_model(config, source, load_format, dtype, device, max_positions),
+                       max_positions)
+
+
+def context_length(config, max_model_len: int | None) -> int:
+    limit = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        limit = min(limit, window)  # within the window, full attention is exact
+    if max_model_len is not None and max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {limit}")
+    return max_model_len or limit

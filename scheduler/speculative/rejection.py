@@ -1,0 +1,59 @@
+"""Lossless verification of drafted tokens (Leviathan et al., 2023).
+
+For each speculating sequence with drafts d1..dk, the target's distributions p1..p(k+1) (after the
+request's own temperature, top-k, top-p, min-p and penalties) and the draft's q1..qk: accept d_i
+with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection sample from
+norm(max(0, p_i - q_i)); when all k are accepted, sample a bonus token from p(k+1). Greedy
+requests accept while the target's argmax agrees. The output has the target's distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def verify(target_probs: torch.Tensor, num_drafts: list[int], draft_token_ids: list[list[int]],
+           draft_probs: torch.Tensor | None, is_greedy: torch.Tensor, generators: list, sample_fn) -> tuple:
+    """target_probs: [sum(k_r + 1), V], each sequence's k_r + 1 rows in order. draft_probs:
+    [R, K, V] with zeros past each k_r, or None for one-hot drafts (n-gram). sample_fn(probs,
+    rows_generators) draws one token per row. Returns (num_accepted [R], next_token [R]) tensors."""
+    device = target_probs.device
+    num_seqs, max_k = len(num_drafts), max(num_drafts)
+    ks = torch.tensor(num_drafts, device=device)
+    starts = torch.cumsum(ks + 1, 0) - (ks + 1)
+    positions = torch.arange(max_k + 1, device=device)
+    p = target_probs[starts.unsqueeze(1) + torch.minimum(positions.unsqueeze(0), ks.unsqueeze(1))]  # [R, K+1, V]
+    drafts = torch.tensor([d + [0] * (max_k - len(d)) for d in draft_token_ids], dtype=torch.long, device=device)
+    drafts = drafts.view(num_seqs, max_k)
+    p_draft = p[:, :max_k].gather(2, drafts.unsqueeze(2)).squeeze(2)
+    q_draft = torch.ones_like(p_draft) if draft_probs is None else \
+        draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)
+    uniform = _uniform(num_seqs, max_k, generators, device)
+    accepted = torch.where(is_greedy.unsqueeze(1), p_draft > 0.5, uniform * q_draft < p_draft)
+    accepted &= positions[:max_k].unsqueeze(0) < ks.unsqueeze(1)
+    num_accepted = accepted.int().cumprod(dim=1).sum(dim=1)
+
+    rows = torch.arange(num_seqs, device=device)
+    final_p = p[rows, num_accepted]
+    rejected = num_accepted < ks
+    if draft_probs is None:
+        rejected_draft = drafts.gather(1, num_accepted.clamp(max=max(max_k - 1, 0)).unsqueeze(1)).squeeze(1) \
+            if max_k else torch.zeros(num_seqs, dtype=torch.long, device=device)
+        final_q = torch.zeros_like(final_p).scatter_(1, rejected_draft.unsqueeze(1), 1.0)
+    else:
+        padded_q = torch.cat([draft_probs, draft_probs.new_zeros(num_seqs, 1, draft_probs.shape[2])], dim=1)
+        final_q = padded_q[rows, num_accepted]
+    final_q = final_q * rejected.unsqueeze(1)  # all accepted: the bonus comes from p itself
+    residual = (final_p - final_q).clamp_(min=0)
+    total = residual.sum(dim=1, keepdim=True)
+    # p == q makes rejection impossible, but rounding can still land here; p is then the answer.
+    residual = torch.where((total > 0) & ~is_greedy.unsqueeze(1), residual / total.clamp(min=1e-30), final_p)
+    return num_accepted, sample_fn(residual)
+
+
+def _uniform(num_seqs: int, max_k: int, generators: list, device) -> torch.Tensor:
+    uniform = torch.rand(num_seqs, max_k, device=device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(max_k, device=device, generator=generator)
+    return uniform

@@ -1,0 +1,39 @@
+"""Building the speculator an EngineConfig asks for, and checking its draft model fits the target."""
+
+from __future__ import annotations
+
+import torch
+
+from scheduler.config import EngineConfig
+from scheduler.models import LoadedModel, load_model
+from scheduler.runner import ModelRunner
+from scheduler.sampling import Sampler
+from scheduler.speculative.draft_model import DraftModelProposer
+from scheduler.speculative.speculator import Speculator
+
+
+def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """The draft model, refused with a message naming the problem when it can't serve this target."""
+    try:
+        draft = load_model(config.draft_model, None, config.load_format, dtype, device, None)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"draft_model: {exc}") from None
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft_model: its vocabulary has {draft.config.vocab_size} tokens, the target's "
+                         f"{target.config.vocab_size}; a draft must share the target's tokenizer")
+    if draft.tokenizer is not None and target.tokenizer is not None and config.draft_model != config.model:
+        if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+            raise ValueError("draft_model: its tokenizer maps tokens to different ids than the target's")
+    return draft
+
+
+def build_speculator(config: EngineConfig, draft: LoadedModel | None, num_blocks: int, sampler: Sampler,
+                     dtype: torch.dtype, device: torch.device) -> Speculator | None:
+    if config.speculative == "off":
+        return None
+    proposer = None
+    if config.speculative == "draft":
+        runner = ModelRunner(draft.model, num_blocks, config.block_size, dtype, device)
+        proposer = DraftModelProposer(runner, sampler)
+    return Speculator(config.speculative, config.num_speculative_tokens, sampler, proposer, config.ngram_min,
+                      config.ngram_max, adaptive=config.adaptive_speculation)

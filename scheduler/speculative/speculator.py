@@ -1,0 +1,75 @@
+"""Drafting before the target's forward pass, and verification after it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from scheduler.kv_cache import BlockPool
+from scheduler.sampling import Sampler, SamplingBatch
+from scheduler.scheduler import ScheduledRequest
+from scheduler.speculative.depth import AdaptiveDepth
+from scheduler.speculative.draft_model import DraftModelProposer
+from scheduler.speculative.ngram import propose_ngram
+from scheduler.speculative.rejection import verify
+
+
+class Speculator:
+    def __init__(self, mode: str, k_max: int, sampler: Sampler, draft: DraftModelProposer | None = None,
+                 ngram_min: int = 2, ngram_max: int = 4, adaptive: bool = True):
+        assert mode in ("draft", "ngram") and (draft is not None) == (mode == "draft")
+        self.mode = mode
+        self.k_max = k_max
+        self.sampler = sampler
+        self.draft = draft
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.depth = AdaptiveDepth(k_max, fixed=not adaptive)
+        self.step_k = 0
+
+    def plan(self, num_decodes: int, num_prefill_tokens: int) -> None:
+        """Pick this step's depth from the load the scheduler is about to see."""
+        self.step_k = self.depth.choose(num_decodes, num_prefill_tokens)
+
+    def depth_for(self, request) -> int:
+        if not request.speculative or self.step_k == 0:
+            return 0
+        cap = self.step_k if request.max_draft_tokens is None else min(self.step_k, request.max_draft_tokens)
+        # The drafts' KV slots must stay within the request's token limit.
+        return max(0, min(cap, request.max_total_tokens - request.num_tokens))
+
+    def propose(self, spec: list[ScheduledRequest], pool: BlockPool, sampling_for) -> torch.Tensor | None:
+        """Fill draft_token_ids of the scheduled requests; return the draft's q, or None (one-hot)."""
+        if self.mode == "draft":
+            return self.draft.propose(spec, pool, sampling_for, self.depth.observe_draft)
+        for s in spec:
+            s.draft_token_ids = propose_ngram(s.request.all_token_ids, s.num_spec_slots, self.ngram_min,
+                                              self.ngram_max)
+        return None
+
+    def verify(self, target_probs: torch.Tensor, sampled: list[ScheduledRequest], draft_probs, batch: SamplingBatch):
+        """One row group per sampling request (k_r + 1 rows). Returns lists (num_accepted, next_token)."""
+        num_drafts = [len(s.draft_token_ids) for s in sampled]
+        if draft_probs is not None:
+            draft_probs = self._per_sampled_row(draft_probs, sampled)
+        num_accepted, next_tokens = verify(
+            target_probs, num_drafts, [s.draft_token_ids for s in sampled], draft_probs, batch.is_greedy,
+            batch.generators, lambda probs: self.sampler.sample_probs(probs, batch))
+        num_accepted, next_tokens = torch.stack([num_accepted, next_tokens]).tolist()
+        for k, n in zip(num_drafts, num_accepted):
+            if k:
+                self.depth.observe_acceptance(k, n)
+        return num_accepted, next_tokens
+
+    def observe_step(self, num_tokens: int, started: float) -> None:
+        self.depth.observe_step(num_tokens, time.perf_counter() - started)
+
+    @staticmethod
+    def _per_sampled_row(draft_probs: torch.Tensor, sampled: list[ScheduledRequest]) -> torch.Tensor:
+        """q was built for the speculating requests only; give the others all-zero rows."""
+        rows, spec_row = [], 0
+        for s in sampled:
+            rows.append(spec_row if s.num_spec_slots else -1)
+            spec_row += bool(s.num_spec_slots)
+        padded = torch.cat([draft_probs, draft_probs.new_zeros(1, *draft_probs.shape[1:])])
+        return padded[torch.tensor(rows, device=draft_probs.device)]

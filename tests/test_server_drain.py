@@ -1,0 +1,141 @@
+"""SIGTERM drains the daemon: readiness drops while liveness holds, new calls get UNAVAILABLE, in-flight
+requests finish within --drain-timeout, those still running then end UNAVAILABLE, and the process exits 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from server.proto.beastserve.v1 import generate_pb2 as pb
+from server.proto.beastserve.v1 import generate_pb2_grpc
+from tests.conftest import save_tiny_model, tiny_config
+from tests.daemon import Daemon
+
+MAX_MODEL_LEN = 4096
+PROMPT_IDS = list(range(1, 13))
+NUM_STREAMS = 8
+TIMEOUT = 60  # client-side guard on every call: a hang fails as DEADLINE_EXCEEDED
+KV_CACHE = ("--kv-cache-bytes", str(32 << 20))  # room for every request at full length, allocated in no time
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory):
+    """The tiny Llama with a 4096-token context: a request can outlast a short drain by far
+    (on a 2-core CPU, 8 streams of 800 tokens take ~3 s, of 4000 tokens ~18 s)."""
+    path = tmp_path_factory.mktemp("tiny-llama-4k")
+    save_tiny_model(path, tiny_config(max_position_embeddings=MAX_MODEL_LEN))
+    return path
+
+
+@pytest.fixture
+def start_daemon(long_model_dir, tmp_path):
+    started = []
+
+    def start(*flags: str) -> Daemon:
+        daemon = Daemon(long_model_dir, *flags, *KV_CACHE, log_path=tmp_path / "daemon.log")
+        started.append(daemon)
+        return daemon.wait_ready()
+
+    yield start
+    for daemon in started:
+        daemon.close(timeout=30)  # a no-op after a passing test; stops the daemon when one failed midway
+
+
+def long_request(max_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT_IDS), sampling=pb.SamplingParams(temperature=0),
+                              stopping=pb.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True))
+
+
+class Stream(threading.Thread):
+    """One streaming call read to its end in a thread: what came back, and the status it ended with."""
+
+    def __init__(self, stub, max_tokens: int):
+        super().__init__(daemon=True)
+        self.stub, self.max_tokens = stub, max_tokens
+        self.chunks: list[pb.GenerateResponse] = []
+        self.code = grpc.StatusCode.OK
+        self.first_message = threading.Event()
+        self.ended_at: float | None = None
+
+    def run(self):
+        try:
+            for chunk in self.stub.GenerateStream(long_request(self.max_tokens), timeout=TIMEOUT):
+                self.chunks.append(chunk)
+                self.first_message.set()
+        except grpc.RpcError as err:
+            self.code = err.code()
+        finally:
+            self.ended_at = time.monotonic()
+            self.first_message.set()  # never leave the test waiting
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+def start_streams(stub, max_tokens: int) -> list[Stream]:
+    """NUM_STREAMS long streams, returned once each has received its first message."""
+    streams = [Stream(stub, max_tokens) for _ in range(NUM_STREAMS)]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.first_message.wait(timeout=TIMEOUT) and stream.chunks, f"no first message ({stream.code})"
+    assert not any(s.ended_at for s in streams), "a stream ended before SIGTERM; make the requests longer"
+    return streams
+
+
+def wait_until_not_ready(daemon: Daemon, timeout: float = 10) -> None:
+    """Poll readiness after SIGTERM; the health call raises if the process is already gone."""
+    deadline = time.monotonic() + timeout
+    while daemon.health() == "SERVING":
+        assert time.monotonic() < deadline, "readiness still SERVING after SIGTERM"
+        time.sleep(0.02)
+
+
+def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(start_daemon):
+    daemon = start_daemon("--drain-timeout", "20")
+    max_tokens = 800
+    with daemon.channel() as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        streams = start_streams(stub, max_tokens)
+        daemon.terminate()
+        wait_until_not_ready(daemon)
+        # Not ready for traffic, yet alive: an orchestrator must not kill a draining process.
+        assert daemon.health("") == "SERVING"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(long_request(4), timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not all(s.ended_at for s in streams), "the drain ended before it was observed; make streams longer"
+        for stream in streams:
+            stream.join(timeout=TIMEOUT + 5)
+    for stream in streams:
+        assert not stream.is_alive()
+        assert stream.code == grpc.StatusCode.OK
+        assert stream.num_tokens == max_tokens
+        assert stream.chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert stream.chunks[-1].usage.completion_tokens == max_tokens
+    assert daemon.proc.wait(timeout=30) == 0
+
+
+def test_drain_timeout_ends_unfinished_streams_unavailable(start_daemon):
+    drain_timeout = 1
+    daemon = start_daemon("--drain-timeout", str(drain_timeout))
+    max_tokens = MAX_MODEL_LEN - len(PROMPT_IDS)
+    with daemon.channel() as channel:
+        streams = start_streams(generate_pb2_grpc.GenerationStub(channel), max_tokens)
+        daemon.terminate()
+        sigterm_at = time.monotonic()
+        wait_until_not_ready(daemon)
+        assert daemon.health("") == "SERVING"
+        for stream in streams:
+            stream.join(timeout=TIMEOUT + 5)
+    for stream in streams:
+        assert not stream.is_alive()
+        assert stream.code == grpc.StatusCode.UNAVAILABLE
+        assert 0 < stream.num_tokens < max_tokens
+        # Ended by the drain timeout, not by running to the end (which takes many times longer).
+        assert stream.ended_at - sigterm_at < drain_timeout + 5
+    assert daemon.proc.wait(timeout=30) == 0
