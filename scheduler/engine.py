@@ -15,9 +15,9 @@ import torch
 
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
+from scheduler.executor import StepExecutor, StepResult
 from scheduler.inputs import InputProcessor, Prompt
 from scheduler.kv_cache import BlockPool
-from scheduler.executor import StepExecutor, StepResult
 from scheduler.memory import plan_kv_cache
 from scheduler.models import load_model
 from scheduler.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob

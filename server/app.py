@@ -79,8 +79,6 @@ class Daemon:
 
     async def _load_engine(self) -> None:
         config = self.config
-        if config.speculative != "off":
-            raise ValueError(f"--speculative {config.speculative}: speculative decoding is not in this build yet")
         engine = await asyncio.to_thread(Engine, model=config.model, **config.engine_kwargs())
         log.info("model %s on %s (%s); KV cache holds %d tokens; max_model_len %d", config.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)

@@ -63,7 +63,7 @@ class AsyncEngine:
         return time.monotonic() - self.last_progress
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, **options) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until the finished one. Raises ValueError for bad input,
         QueueFullError when too many wait, EngineDeadError when the engine has failed."""
         if not self.alive:
@@ -80,7 +80,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, output)
 
         self.engine.add_request(None, params, request_id=request_id, priority=priority,
-                                prompt_token_ids=prompt_token_ids, on_output=on_output)
+                                prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
         self._live[request_id] = queue
         self._wake.set()
         finished = False
@@ -115,7 +115,11 @@ class AsyncEngine:
                 self.engine.step()
                 self.last_progress = time.monotonic()
                 if self.metrics is not None:
-                    self.metrics.record_step(self.engine.last_step_stats)
+                    stats = self.engine.last_step_stats
+                    self.metrics.record_step(stats)
+                    if stats.num_drafts:
+                        self.metrics.record_spec_decode(stats.num_drafts, stats.num_draft_tokens,
+                                                        stats.accepted_per_position)
         except BaseException as exc:  # noqa: BLE001 - any fault must fail the requests, not hang them
             log.exception("engine step failed; failing %d live requests", len(self._live))
             self.error = exc

@@ -41,7 +41,8 @@ class ServerConfig:
 
     def engine_kwargs(self) -> dict:
         names = ("device", "dtype", "load_format", "max_model_len", "block_size", "kv_cache_bytes",
-                 "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs")
+                 "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "speculative", "draft_model",
+                 "num_speculative_tokens")
         return {name: getattr(self, name) for name in names}
 
 

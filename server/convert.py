@@ -93,6 +93,12 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         else True)
 
 
+def speculative_options(request: pb.GenerateRequest) -> dict:
+    spec = request.speculative
+    return {"speculative": spec.enabled if spec.HasField("enabled") else None,
+            "max_draft_tokens": spec.max_draft_tokens if spec.HasField("max_draft_tokens") else None}
+
+
 def finish_label(output: RequestOutput) -> str:
     """eos | stop | length | cancelled — the metrics label and the FinishReason name."""
     if output.finish_reason == "stop":
@@ -127,5 +133,6 @@ def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateRes
         if last.metrics is not None:
             m = last.metrics
             response.timing.CopyFrom(pb.Timing(queue_s=m.queue_s, ttft_s=m.ttft_s, e2e_s=m.e2e_s,
-                                               preemptions=m.preemptions))
+                                               preemptions=m.preemptions, draft_tokens=m.draft_tokens,
+                                               accepted_tokens=m.accepted_tokens))
     return response

@@ -14,7 +14,14 @@ import grpc
 from scheduler.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.config import ServerConfig
-from server.convert import InvalidArgument, chat_messages, field_error, to_engine_inputs, to_response
+from server.convert import (
+    InvalidArgument,
+    chat_messages,
+    field_error,
+    speculative_options,
+    to_engine_inputs,
+    to_response,
+)
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 
@@ -90,7 +97,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             log.info("request %s: %d prompt tokens, %s", request_id, len(token_ids), params)
         self.state.in_flight.add(request_id)
         try:
-            async for output in engine.generate(token_ids, params, request_id, request.priority):
+            async for output in engine.generate(token_ids, params, request_id, request.priority,
+                                                **speculative_options(request)):
                 if output.finished and output.finish_reason == "abort" and self.state.draining:
                     await self._fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere")
                 yield output

@@ -2,12 +2,12 @@
 
 from scheduler.models.loader import (
     SUPPORTED_ARCHITECTURES,
+    LoadedModel,
     ModelSource,
     build_model,
-    LoadedModel,
     default_model_file,
-    load_model,
     load_config,
+    load_model,
     load_tokenizer,
     resolve_model,
 )

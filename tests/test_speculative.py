@@ -1,0 +1,187 @@
+"""Speculative decoding: greedy outputs unchanged, sampling lossless, pools clean, bad drafts refused."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from scheduler import Engine, SamplingParams
+from scheduler.speculative.depth import AdaptiveDepth
+from scheduler.speculative.ngram import propose_ngram
+from tests.conftest import hf_greedy, save_tiny_model, tiny_config
+from tests.helpers import assert_pool_idle, run_engine
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    """Target, an unrelated random draft with the same vocabulary, prompts (one repetitive), HF outputs."""
+    path, model = tiny_model_dir
+    other = tmp_path_factory.mktemp("other-draft")
+    save_tiny_model(other, tiny_config(num_hidden_layers=1), seed=11)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 9, 30, 70, 100)]
+    prompts += [[7, 8, 9, 10, 11] * 12, prompts[2] * 3]  # n-gram lookups find these
+    expected = [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
+    return path, other, prompts, expected
+
+
+MODES = {
+    "draft_is_target": lambda path, other: dict(speculative="draft", draft_model=str(path)),
+    "random_draft": lambda path, other: dict(speculative="draft", draft_model=str(other)),
+    "ngram": lambda path, other: dict(speculative="ngram"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_is_unchanged_with_chunking_and_preemption(setup, mode):
+    path, other, prompts, expected = setup
+    # 14 blocks and 32-token steps: prompts are chunked and sequences preempted while speculating.
+    engine = Engine(model=str(path), dtype="float32", kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
+                    num_speculative_tokens=3, adaptive_speculation=False, **MODES[mode](path, other))
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
+    assert [o.token_ids for o in outputs] == expected
+    drafted = sum(o.metrics.draft_tokens for o in outputs)
+    accepted = sum(o.metrics.accepted_tokens for o in outputs)
+    assert drafted > 0 and sum(o.metrics.preemptions for o in outputs) > 0
+    if mode == "draft_is_target":
+        assert accepted == drafted  # a model always agrees with itself
+    if mode == "random_draft":
+        assert accepted < drafted / 2
+    if mode == "ngram":
+        assert accepted > 0
+    assert_pool_idle(engine)
+
+
+def test_requests_with_and_without_speculation_share_a_batch(setup):
+    path, _, prompts, expected = setup
+    engine = Engine(model=str(path), dtype="float32", speculative="draft", draft_model=str(path),
+                    num_speculative_tokens=4, adaptive_speculation=False)
+    streams = [engine.add_request(None, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), prompt_token_ids=p,
+                                  speculative=i % 3 != 0, max_draft_tokens=2 if i % 3 == 1 else None)
+               for i, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        stats = engine.step().__len__() and engine.last_step_stats
+        if stats and stats.accepted_per_position:
+            assert len(stats.accepted_per_position) <= 4
+    finals = [[d for d in iter(s.get_nowait, None)] for s in streams]
+    for i, (deltas, want) in enumerate(zip(finals, expected)):
+        assert [t for d in deltas for t in d.token_ids] == want
+        metrics = deltas[-1].metrics
+        if i % 3 == 0:
+            assert metrics.draft_tokens == 0
+        else:
+            assert metrics.draft_tokens > 0 and metrics.accepted_tokens == metrics.draft_tokens
+    assert_pool_idle(engine)
+
+
+def _reference_joint(model, prompt, vocab, temperature, top_p, length):
+    """Exact probability of every continuation of `length` tokens under the target's sampling rule."""
+    def dist(prefixes):
+        with torch.no_grad():
+            logits = model(torch.tensor(prefixes)).logits[:, -1].float() / temperature
+        probs = logits.softmax(-1)
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set reaching top_p
+        kept = torch.zeros_like(probs).scatter_(1, idx, sorted_p * keep)
+        return kept / kept.sum(-1, keepdim=True)
+
+    joint = {(): 1.0}
+    for _ in range(length):
+        prefixes = list(joint)
+        probs = dist([prompt + list(p) for p in prefixes])
+        joint = {p + (t,): joint[p] * probs[i, t].item() for i, p in enumerate(prefixes) for t in range(vocab)}
+    return joint
+
+
+def _chi_square_critical(dof: int, z: float = 3.72) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at p = 1e-4 (z = 3.72)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_with_speculation_keeps_the_target_distribution(tmp_path, top_p):
+    vocab = 5
+    target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
+    target = save_tiny_model(target_dir, tiny_config(vocab_size=vocab), seed=1)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.05)  # a spread-out distribution, so many continuations matter
+    target.save_pretrained(target_dir)
+    save_tiny_model(draft_dir, tiny_config(vocab_size=vocab, num_hidden_layers=1), seed=2)
+    prompt, length, samples = [1, 2, 3], 3, 6000
+    engine = Engine(model=str(target_dir), dtype="float32", speculative="draft", draft_model=str(draft_dir),
+                    num_speculative_tokens=2, adaptive_speculation=False, max_num_seqs=1024,
+                    max_num_batched_tokens=8192)
+    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i, max_tokens=length, ignore_eos=True)
+              for i in range(samples)]
+    outputs = run_engine(engine, [prompt] * samples, params)
+    drafted = sum(o.metrics.draft_tokens for o in outputs)
+    accepted = sum(o.metrics.accepted_tokens for o in outputs)
+    assert 0 < accepted < drafted  # both acceptance and the residual path were exercised
+    counts: dict[tuple, int] = {}
+    for o in outputs:
+        key = tuple(o.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    expected = _reference_joint(target, prompt, vocab, 1.0, top_p, length)
+    assert set(counts) <= {k for k, p in expected.items() if p > 0}
+    big = [k for k, p in expected.items() if p * samples >= 5]
+    rest_p = 1 - sum(expected[k] for k in big)
+    chi2 = sum((counts.get(k, 0) - samples * expected[k]) ** 2 / (samples * expected[k]) for k in big)
+    rest = samples - sum(counts.get(k, 0) for k in big)
+    if rest_p * samples >= 5:
+        chi2 += (rest - samples * rest_p) ** 2 / (samples * rest_p)
+    assert chi2 < _chi_square_critical(len(big)), f"chi2 {chi2:.1f} over {len(big)} cells"
+    assert_pool_idle(engine)
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(setup):
+    path, other, prompts, _ = setup
+    params = SamplingParams(temperature=0.9, seed=42, max_tokens=MAX_TOKENS, ignore_eos=True)
+    runs = []
+    for batch in ([prompts[3]], prompts):
+        engine = Engine(model=str(path), speculative="draft", draft_model=str(other), adaptive_speculation=False)
+        runs.append(run_engine(engine, batch, params)[batch.index(prompts[3])].token_ids)
+    assert runs[0] == runs[1]
+
+
+def test_bad_drafts_are_refused_with_the_reason(tiny_model_dir, tmp_path):
+    path, _ = tiny_model_dir
+    save_tiny_model(tmp_path / "vocab", tiny_config(vocab_size=300))
+    with pytest.raises(ValueError, match="draft_model: its vocabulary has 300 tokens, the target's 512"):
+        Engine(model=str(path), speculative="draft", draft_model=str(tmp_path / "vocab"))
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=512).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="draft_model: unsupported architecture 'gpt2'"):
+        Engine(model=str(path), speculative="draft", draft_model=str(tmp_path / "gpt2"))
+    with pytest.raises(ValueError, match="draft_model: model must be"):
+        Engine(model=str(path), speculative="draft", draft_model=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="needs draft_model"):
+        Engine(model=str(path), speculative="draft")
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 2, 3]
+    assert propose_ngram(tokens, 3, 2, 4) == [5, 6, 7]  # "2 3" last seen before 5 6 7
+    assert propose_ngram(tokens + [5], 2, 2, 4) == [6, 7]  # longer tail "2 3 5" wins
+    assert propose_ngram([1, 2, 3, 4], 3, 2, 4) == []
+    assert propose_ngram([4, 4, 4], 5, 1, 2) == [4]
+
+
+def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
+    depth = AdaptiveDepth(k_max=4)
+    for n in (1, 8, 64, 256, 512):
+        depth.observe_step(n, 0.020 + 0.00001 * n)  # fixed cost dominates: extra tokens ride free
+    for _ in range(50):
+        depth.observe_acceptance(4, 3)
+    assert depth.choose(num_decodes=2, num_prefill_tokens=0) >= 3
+    loaded = AdaptiveDepth(k_max=4)
+    for n in (1, 8, 64, 256, 512):
+        loaded.observe_step(n, 0.001 + 0.001 * n)  # cost grows with every token
+    for i in range(50):
+        loaded.observe_acceptance(4, i % 2)  # half the first drafts accepted: 1.5 tokens for twice the work
+    assert loaded.choose(num_decodes=128, num_prefill_tokens=0) == 0
