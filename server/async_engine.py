@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,10 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._live: dict[str, asyncio.Queue] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # For tests only: BEASTSERVE_TEST_FAULT_AFTER_STEPS=N makes step N+1 raise, to exercise the fault path.
+        fault_after = os.environ.get("BEASTSERVE_TEST_FAULT_AFTER_STEPS")
+        self._fault_after_steps = int(fault_after) if fault_after else None
+        self._num_steps = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -112,7 +117,10 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
+                if self._num_steps == self._fault_after_steps:
+                    raise RuntimeError("injected fault")
                 self.engine.step()
+                self._num_steps += 1
                 self.last_progress = time.monotonic()
                 if self.metrics is not None:
                     stats = self.engine.last_step_stats

@@ -37,7 +37,8 @@ class ServerState:
     metrics: object | None = None
     engine: AsyncEngine | None = None
     draining: bool = False
-    in_flight: set = field(default_factory=set)
+    # One entry per call (request ids come from clients and may repeat): call token -> request id.
+    in_flight: dict = field(default_factory=dict)
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -95,7 +96,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self.state.config.log_requests:
             log.info("request %s: %d prompt tokens, %s", request_id, len(token_ids), params)
-        self.state.in_flight.add(request_id)
+        call = object()
+        self.state.in_flight[call] = request_id
         try:
             async for output in engine.generate(token_ids, params, request_id, request.priority,
                                                 **speculative_options(request)):
@@ -114,7 +116,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self._count_failure("DEADLINE_EXCEEDED" if expired else "CANCELLED")
             raise
         finally:
-            self.state.in_flight.discard(request_id)
+            del self.state.in_flight[call]
 
     async def _engine(self, context) -> AsyncEngine:
         engine = self.state.engine

@@ -44,17 +44,18 @@ def start_daemon(long_model_dir, tmp_path):
         daemon.close(timeout=30)  # a no-op after a passing test; stops the daemon when one failed midway
 
 
-def long_request(max_tokens: int) -> pb.GenerateRequest:
-    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT_IDS), sampling=pb.SamplingParams(temperature=0),
+def long_request(max_tokens: int, request_id: str = "") -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=PROMPT_IDS),
+                              sampling=pb.SamplingParams(temperature=0),
                               stopping=pb.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True))
 
 
 class Stream(threading.Thread):
     """One streaming call read to its end in a thread: what came back, and the status it ended with."""
 
-    def __init__(self, stub, max_tokens: int):
+    def __init__(self, stub, max_tokens: int, request_id: str = ""):
         super().__init__(daemon=True)
-        self.stub, self.max_tokens = stub, max_tokens
+        self.stub, self.max_tokens, self.request_id = stub, max_tokens, request_id
         self.chunks: list[pb.GenerateResponse] = []
         self.code = grpc.StatusCode.OK
         self.first_message = threading.Event()
@@ -62,7 +63,7 @@ class Stream(threading.Thread):
 
     def run(self):
         try:
-            for chunk in self.stub.GenerateStream(long_request(self.max_tokens), timeout=TIMEOUT):
+            for chunk in self.stub.GenerateStream(long_request(self.max_tokens, self.request_id), timeout=TIMEOUT):
                 self.chunks.append(chunk)
                 self.first_message.set()
         except grpc.RpcError as err:
@@ -76,15 +77,21 @@ class Stream(threading.Thread):
         return sum(len(c.token_ids) for c in self.chunks)
 
 
-def start_streams(stub, max_tokens: int) -> list[Stream]:
-    """NUM_STREAMS long streams, returned once each has received its first message."""
+def start_calls(stub, max_tokens: int) -> tuple[grpc.Future, list[Stream]]:
+    """One unary call and NUM_STREAMS streams, returned once every stream has received its first
+    message and the engine runs all of them."""
+    unary = stub.Generate.future(long_request(max_tokens), timeout=TIMEOUT)
     streams = [Stream(stub, max_tokens) for _ in range(NUM_STREAMS)]
     for stream in streams:
         stream.start()
     for stream in streams:
         assert stream.first_message.wait(timeout=TIMEOUT) and stream.chunks, f"no first message ({stream.code})"
-    assert not any(s.ended_at for s in streams), "a stream ended before SIGTERM; make the requests longer"
-    return streams
+    deadline = time.monotonic() + 10
+    while stub.GetLoad(pb.GetLoadRequest(), timeout=TIMEOUT).num_running < NUM_STREAMS + 1:
+        assert time.monotonic() < deadline, "the unary call never started running"
+        time.sleep(0.01)
+    assert not unary.done() and not any(s.ended_at for s in streams), "a call ended before SIGTERM; make it longer"
+    return unary, streams
 
 
 def wait_until_not_ready(daemon: Daemon, timeout: float = 10) -> None:
@@ -95,12 +102,12 @@ def wait_until_not_ready(daemon: Daemon, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
-def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(start_daemon):
+def test_sigterm_drops_readiness_refuses_new_calls_and_lets_in_flight_calls_finish(start_daemon):
     daemon = start_daemon("--drain-timeout", "20")
     max_tokens = 800
     with daemon.channel() as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
-        streams = start_streams(stub, max_tokens)
+        unary, streams = start_calls(stub, max_tokens)
         daemon.terminate()
         wait_until_not_ready(daemon)
         # Not ready for traffic, yet alive: an orchestrator must not kill a draining process.
@@ -111,6 +118,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(start_daemo
         assert not all(s.ended_at for s in streams), "the drain ended before it was observed; make streams longer"
         for stream in streams:
             stream.join(timeout=TIMEOUT + 5)
+        response = unary.result(timeout=TIMEOUT)
+    assert len(response.token_ids) == max_tokens and response.finish_reason == pb.FINISH_REASON_LENGTH
     for stream in streams:
         assert not stream.is_alive()
         assert stream.code == grpc.StatusCode.OK
@@ -120,22 +129,42 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(start_daemo
     assert daemon.proc.wait(timeout=30) == 0
 
 
-def test_drain_timeout_ends_unfinished_streams_unavailable(start_daemon):
+def test_drain_timeout_ends_unfinished_calls_unavailable(start_daemon):
     drain_timeout = 1
     daemon = start_daemon("--drain-timeout", str(drain_timeout))
     max_tokens = MAX_MODEL_LEN - len(PROMPT_IDS)
     with daemon.channel() as channel:
-        streams = start_streams(generate_pb2_grpc.GenerationStub(channel), max_tokens)
+        unary, streams = start_calls(generate_pb2_grpc.GenerationStub(channel), max_tokens)
         daemon.terminate()
         sigterm_at = time.monotonic()
         wait_until_not_ready(daemon)
         assert daemon.health("") == "SERVING"
         for stream in streams:
             stream.join(timeout=TIMEOUT + 5)
+        assert unary.exception(timeout=TIMEOUT).code() == grpc.StatusCode.UNAVAILABLE
     for stream in streams:
         assert not stream.is_alive()
         assert stream.code == grpc.StatusCode.UNAVAILABLE
         assert 0 < stream.num_tokens < max_tokens
         # Ended by the drain timeout, not by running to the end (which takes many times longer).
         assert stream.ended_at - sigterm_at < drain_timeout + 5
+    assert daemon.proc.wait(timeout=30) == 0
+
+
+def test_a_refused_duplicate_request_id_does_not_hide_the_live_call_from_the_drain(start_daemon):
+    daemon = start_daemon("--drain-timeout", "20")
+    max_tokens = MAX_MODEL_LEN - len(PROMPT_IDS)  # runs several seconds alone, longer than the server's 2 s grace
+    with daemon.channel() as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        stream = Stream(stub, max_tokens, request_id="same-id")
+        stream.start()
+        assert stream.first_message.wait(timeout=TIMEOUT) and stream.chunks
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(long_request(4, request_id="same-id"), timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        daemon.terminate()
+        stream.join(timeout=TIMEOUT + 5)
+    assert not stream.is_alive()
+    assert stream.code == grpc.StatusCode.OK
+    assert stream.num_tokens == max_tokens
     assert daemon.proc.wait(timeout=30) == 0
