@@ -32,3 +32,20 @@ def test_cuda_bfloat16_default_shape_runs(tmp_path):
                          SamplingParams(temperature=0.7, seed=1, max_tokens=16, ignore_eos=True))
     assert [len(o.token_ids) for o in outputs] == [16, 16, 16]
     assert_pool_idle(engine)
+
+
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+def test_cuda_speculative_greedy_matches_hf(tiny_model_dir, mode):
+    path, model = tiny_model_dir
+    prompts = random_prompts(model.config.vocab_size) + [[3, 4, 5, 6] * 10]
+    extra = dict(draft_model=str(path)) if mode == "draft" else {}
+    engine = Engine(model=str(path), device="cuda", dtype="float32", speculative=mode, adaptive_speculation=False,
+                    max_num_batched_tokens=32, kv_cache_bytes=16 * 2 * 8192, **extra)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    outputs = run_engine(engine, prompts, params, arrive_every=1)
+    assert [o.token_ids for o in outputs] == hf_references(model, prompts)
+    assert sum(o.metrics.accepted_tokens for o in outputs) > 0
+    sampled = run_engine(engine, prompts, SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=16,
+                                                         ignore_eos=True))
+    assert all(len(o.token_ids) == 16 for o in sampled)
+    assert_pool_idle(engine)

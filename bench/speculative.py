@@ -1,0 +1,152 @@
+"""Speculative decoding in the engine: time per output token and throughput at several
+concurrencies, with speculation off, n-gram, and a draft model, adaptive and fixed depth.
+
+    python -m bench.speculative --model default --concurrency 1,4,16,64 --out bench/results/speculative_gpu
+
+Greedy, so every mode must produce the same tokens; the script checks that too. With
+--draft-model equal to --model (the default), the draft agrees with the target on every
+token: an upper bound on what a real draft achieves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from scheduler import Engine, SamplingParams
+
+CODE = '''def total_price(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        subtotal += item.price * item.quantity
+    discount = 0
+    if subtotal > 100:
+        discount = subtotal * 0.05
+    taxed = (subtotal - discount) * (1 + tax_rate)
+    return round(taxed, 2)
+'''
+COPY_TASKS = [f"Rewrite this code with the variable `{old}` renamed to `{new}`. Output only the code.\n\n{CODE}"
+              for old, new in [("subtotal", "running_sum"), ("discount", "rebate"), ("taxed", "final_amount"),
+                               ("items", "cart")]]
+CHAT_TASKS = ["Explain how a refrigerator keeps food cold.", "Write a short story about a lighthouse keeper.",
+              "What are three tips for learning a new language?", "Describe the water cycle for a child."]
+
+MODES = {  # name -> engine options
+    "off": dict(speculative="off"),
+    "ngram": dict(speculative="ngram"),
+    "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
+    "draft": dict(speculative="draft"),
+    "draft-fixed-k": dict(speculative="draft", adaptive_speculation=False),
+}
+
+
+def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
+    """Keep `concurrency` requests in flight until every prompt is answered."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    pending, live, done = list(range(len(prompts))), {}, {}
+    start = time.perf_counter()
+    while pending or live:
+        while pending and len(live) < concurrency:
+            i = pending.pop(0)
+            live[i] = engine.add_request(None, params, prompt_token_ids=prompts[i])
+        engine.step()
+        for i, stream in list(live.items()):
+            while (delta := stream.get_nowait()) is not None:
+                done.setdefault(i, []).append(delta)
+            if stream.finished:
+                del live[i]
+    wall = time.perf_counter() - start
+    outputs = [[t for d in done[i] for t in d.token_ids] for i in range(len(prompts))]
+    finals = [done[i][-1].metrics for i in range(len(prompts))]
+    tpot = [(m.e2e_s - m.ttft_s) / (len(o) - 1) for m, o in zip(finals, outputs) if len(o) > 1]
+    drafted = sum(m.draft_tokens for m in finals)
+    return {"concurrency": concurrency, "wall_s": wall, "output_tokens": sum(map(len, outputs)),
+            "throughput_tok_s": sum(map(len, outputs)) / wall, "tpot_ms": 1000 * sum(tpot) / len(tpot),
+            "draft_tokens": drafted, "acceptance": sum(m.accepted_tokens for m in finals) / drafted if drafted else None,
+            "outputs": outputs}
+
+
+def bench_mode(args, mode: str, workloads: dict[str, list[str]]) -> dict:
+    options = dict(MODES[mode], num_speculative_tokens=args.k)
+    if options["speculative"] == "draft":
+        options["draft_model"] = args.draft_model or args.model
+    engine = Engine(model=args.model, load_format=args.load_format, max_num_seqs=max(args.concurrency), **options)
+    results = {}
+    for name, tasks in workloads.items():
+        prompts = [engine.inputs.render_chat([{"role": "user", "content": t}]) for t in tasks]
+        run_load(engine, prompts[:1], 1, 8)  # warm-up
+        results[name] = []
+        for c in args.concurrency:
+            batch = (prompts * (2 * c // len(prompts) + 1))[:max(2 * c, len(prompts))]
+            r = run_load(engine, batch, c, args.output_len)
+            results[name].append(r)
+            print(f"{mode:14s} {name:5s} c={c:3d}  {r['tpot_ms']:7.2f} ms/token  {r['throughput_tok_s']:8.1f} tok/s"
+                  f"  acceptance {r['acceptance'] if r['acceptance'] is None else round(r['acceptance'], 2)}",
+                  flush=True)
+    return results
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write(results: dict, args, out: Path) -> None:
+    off = results["off"]
+    lines = [f"# Speculative decoding, {machine()}", "",
+             f"{time.strftime('%Y-%m-%d')} · target {args.model} · draft {args.draft_model or args.model} · "
+             f"k_max {args.k} · {args.output_len} output tokens, greedy · torch {torch.__version__}", "",
+             "Time per output token (ms) and output throughput (tok/s); speed-up per token against off in brackets.",
+             ""]
+    for workload in off:
+        lines += [f"## {workload} workload", "", "| mode | " + " | ".join(f"c={r['concurrency']}" for r in
+                                                                            off[workload]) + " |",
+                  "|---|" + "---|" * len(off[workload])]
+        for mode, per_workload in results.items():
+            cells = []
+            for r, base in zip(per_workload[workload], off[workload]):
+                same = "" if r["outputs"] == base["outputs"] else " DIFFERENT OUTPUT"
+                acc = f", acc {r['acceptance']:.2f}" if r["acceptance"] is not None else ""
+                cells.append(f"{r['tpot_ms']:.2f} ms ({base['tpot_ms'] / r['tpot_ms']:.2f}x), "
+                             f"{r['throughput_tok_s']:.0f} tok/s{acc}{same}")
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    for per_workload in results.values():
+        for runs in per_workload.values():
+            for r in runs:
+                r.pop("outputs")
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results},
+                                                   indent=1, default=str))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--draft-model", default=None, help="default: the target itself (all drafts accepted)")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--workloads", default="copy,chat")
+    parser.add_argument("--out", default="bench/results/speculative")
+    args = parser.parse_args(argv)
+    workloads = {name: {"copy": COPY_TASKS, "chat": CHAT_TASKS}[name] for name in args.workloads.split(",")}
+    modes = args.modes.split(",")
+    assert modes[0] == "off", "the first mode is the baseline: off"
+    results = {mode: bench_mode(args, mode, workloads) for mode in modes}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write(results, args, out)
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
