@@ -11,6 +11,7 @@ token: an upper bound on what a real draft achieves.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -88,6 +89,10 @@ def bench_mode(args, mode: str, workloads: dict[str, list[str]]) -> dict:
             print(f"{mode:14s} {name:5s} c={c:3d}  {r['tpot_ms']:7.2f} ms/token  {r['throughput_tok_s']:8.1f} tok/s"
                   f"  acceptance {r['acceptance'] if r['acceptance'] is None else round(r['acceptance'], 2)}",
                   flush=True)
+    del engine  # free its KV cache before the next mode's engine sizes its own
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return results
 
 
