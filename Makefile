@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 MODEL ?= default
 
-.PHONY: install install-dev serve test test-slow lint bench proto clean
+.PHONY: install install-dev deploy-tools serve test test-slow lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,22 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# tests/test_deploy.py needs promtool and kubectl (or kustomize). promtool is taken out of Debian's prometheus
+# package into the venv, so no Prometheus server gets installed or started; kubectl comes with the machine.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+deploy-tools: $(VENV)/.installed
+	@command -v promtool >/dev/null 2>&1 || test -x $(VENV)/bin/promtool || { \
+		tmp=$$(mktemp -d) && cd $$tmp && \
+		{ apt-get download prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && apt-get download prometheus; }; } && \
+		dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > promtool && chmod +x promtool && \
+		mv promtool $(CURDIR)/$(VENV)/bin/promtool && cd / && rm -rf $$tmp; }
+	@command -v kustomize >/dev/null 2>&1 || command -v kubectl >/dev/null 2>&1 || \
+		{ echo "tests/test_deploy.py needs kubectl or kustomize on PATH" >&2; exit 1; }
+
 serve: install
 	$(VENV)/bin/beastserve serve --model $(MODEL)
 
-test: install-dev
+test: install-dev deploy-tools
 	$(PY) -m pytest -q
 
 test-slow: install-dev
