@@ -3,7 +3,6 @@ then sampling or verification. Advances each request's tokens and KV bookkeeping
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,6 @@ class StepExecutor:
         self.device = runner.device
 
     def execute(self, batch: list[ScheduledRequest]) -> list[StepResult]:
-        started = time.perf_counter()
         spec = [s for s in batch if s.num_spec_slots]
         draft_probs = None
         if spec:
@@ -53,8 +51,6 @@ class StepExecutor:
             results = self._sample(logits, sampled)
         for s in batch:
             self.pool.cache_full_blocks(s.request, s.request.num_computed_tokens)
-        if self.speculator is not None:
-            self.speculator.observe_step(sum(s.num_new_tokens + len(s.draft_token_ids) for s in batch), started)
         return results
 
     def _item(self, s: ScheduledRequest) -> ForwardItem:

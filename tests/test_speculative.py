@@ -172,16 +172,29 @@ def test_ngram_proposes_what_followed_the_latest_match():
     assert propose_ngram([4, 4, 4], 5, 1, 2) == [4]
 
 
-def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
+def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 64)) -> AdaptiveDepth:
+    """An AdaptiveDepth that has watched 400 steps of a simulated engine."""
     depth = AdaptiveDepth(k_max=4)
-    for n in (1, 8, 64, 256, 512):
-        depth.observe_step(n, 0.020 + 0.00001 * n)  # fixed cost dominates: extra tokens ride free
-    for _ in range(50):
-        depth.observe_acceptance(4, 3)
-    assert depth.choose(num_decodes=2, num_prefill_tokens=0) >= 3
-    loaded = AdaptiveDepth(k_max=4)
-    for n in (1, 8, 64, 256, 512):
-        loaded.observe_step(n, 0.001 + 0.001 * n)  # cost grows with every token
-    for i in range(50):
-        loaded.observe_acceptance(4, i % 2)  # half the first drafts accepted: 1.5 tokens for twice the work
-    assert loaded.choose(num_decodes=128, num_prefill_tokens=0) == 0
+    rng = random.Random(0)
+    for step in range(400):
+        b = num_decodes_seen[step % len(num_decodes_seen)]
+        k = depth.choose(b, 0)
+        depth.observe_step(b, 0, k, step_seconds(b, k))
+        for _ in range(b):
+            accepted = 0
+            while accepted < k and rng.random() < acceptance:
+                accepted += 1
+            depth.observe_acceptance(k, accepted)
+    return depth
+
+
+def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
+    # A launch-bound step: 20 ms whatever it carries, plus 0.1 ms per token.
+    cheap = _trained_depth(lambda b, k: 0.020 + 0.0001 * b * (1 + k), acceptance=0.7)
+    assert cheap.choose(num_decodes=1, num_prefill_tokens=0) >= 3
+    # Compute-bound: every token costs 1 ms; half the first drafts accepted doesn't pay for them.
+    loaded = _trained_depth(lambda b, k: 0.001 + 0.001 * b * (1 + k), acceptance=0.5)
+    assert loaded.choose(num_decodes=64, num_prefill_tokens=0) == 0
+    # Speculation overhead per sequence (proposing, verifying) counts even when tokens are cheap.
+    overhead = _trained_depth(lambda b, k: 0.020 + 0.002 * b * (k > 0), acceptance=0.3)
+    assert overhead.choose(num_decodes=64, num_prefill_tokens=0) == 0

@@ -10,7 +10,6 @@ verification by lowering that count, not by moving data.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -28,7 +27,7 @@ class DraftModelProposer:
         self.vocab_size = runner.model.config.vocab_size
 
     def propose(self, spec: list[ScheduledRequest], pool: BlockPool,
-                sampling_for: Callable[[list[int]], SamplingBatch], observe_cost) -> torch.Tensor:
+                sampling_for: Callable[[list[int]], SamplingBatch]) -> torch.Tensor:
         """Fill each s.draft_token_ids with s.num_spec_slots tokens; return q as [R, K, V]."""
         ks = [s.num_spec_slots for s in spec]
         tables = [pool.block_table(s.request.request_id) for s in spec]
@@ -40,7 +39,6 @@ class DraftModelProposer:
             items.append(ForwardItem(request.all_token_ids[start:], start, table, 1))
         active = list(range(len(spec)))
         for j in range(max(ks)):
-            begin = time.perf_counter()
             logits = self.runner.forward(items)
             batch = sampling_for(active)
             probs = self.sampler.compute_probs(logits, batch)
@@ -48,7 +46,6 @@ class DraftModelProposer:
             tokens = self.sampler.sample_probs(probs, batch)
             for row, token in zip(active, tokens.tolist()):
                 spec[row].draft_token_ids.append(token)
-            observe_cost(len(active), time.perf_counter() - begin)
             active = [row for row in active if ks[row] > j + 1]
             items = [ForwardItem([spec[row].draft_token_ids[-1]], spec[row].request.num_tokens + j, tables[row], 1)
                      for row in active]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from scheduler.kv_cache import BlockPool
@@ -41,7 +39,7 @@ class Speculator:
     def propose(self, spec: list[ScheduledRequest], pool: BlockPool, sampling_for) -> torch.Tensor | None:
         """Fill draft_token_ids of the scheduled requests; return the draft's q, or None (one-hot)."""
         if self.mode == "draft":
-            return self.draft.propose(spec, pool, sampling_for, self.depth.observe_draft)
+            return self.draft.propose(spec, pool, sampling_for)
         for s in spec:
             s.draft_token_ids = propose_ngram(s.request.all_token_ids, s.num_spec_slots, self.ngram_min,
                                               self.ngram_max)
@@ -61,8 +59,9 @@ class Speculator:
                 self.depth.observe_acceptance(k, n)
         return num_accepted, next_tokens
 
-    def observe_step(self, num_tokens: int, started: float) -> None:
-        self.depth.observe_step(num_tokens, time.perf_counter() - started)
+    def observe_step(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
+        """The whole step's wall time, with this step's depth."""
+        self.depth.observe_step(num_decodes, num_prefill_tokens, self.step_k, seconds)
 
     @staticmethod
     def _per_sampled_row(draft_probs: torch.Tensor, sampled: list[ScheduledRequest]) -> torch.Tensor:
