@@ -52,8 +52,23 @@ class StepCostModel:
 
     def __call__(self, num_decodes: int, num_prefill: int, k: int) -> float:
         if self.coef is None:
-            self.coef = np.linalg.solve(self.xtx + RIDGE * np.eye(6), self.xty)
+            self.coef = self._fit()
         return max(1e-6, float(self.features(num_decodes, num_prefill, k) @ self.coef))
+
+    def _fit(self) -> np.ndarray:
+        """Least squares with every coefficient >= 0 (each feature can only add time): refit
+        without the features that come out negative until none does."""
+        active = np.ones(6, dtype=bool)
+        coef = np.zeros(6)
+        while active.any():
+            idx = np.flatnonzero(active)
+            sub = self.xtx[np.ix_(idx, idx)] + RIDGE * self.weight * np.eye(len(idx))
+            solution = np.linalg.solve(sub, self.xty[idx])
+            if (solution >= 0).all():
+                coef[idx] = solution
+                return coef
+            active[idx[solution < 0]] = False
+        return coef
 
 
 class AdaptiveDepth:
@@ -78,8 +93,10 @@ class AdaptiveDepth:
         return expected
 
     def choose(self, num_decodes: int, num_prefill_tokens: int) -> int:
-        if self.fixed or num_decodes == 0:
+        if self.fixed:
             return self.k_max
+        if num_decodes == 0:
+            return 0  # nothing to draft for; recording k = 0 keeps the fit honest
         self.num_steps += 1
         if self.num_steps <= 4 * (self.k_max + 1):  # warm-up: every depth a few times
             return self.num_steps % (self.k_max + 1)
