@@ -157,7 +157,7 @@ class Engine:
             accepted_per_position=_accepted_per_position(results))
         if self.speculator is not None and batch:
             num_decodes = sum(1 for s in batch if s.samples and s.num_new_tokens == 1)
-            self.speculator.observe_step(num_decodes, num_prompt_tokens, time.perf_counter() - start)
+            self.speculator.observe_step(num_decodes, time.perf_counter() - start)
         for output in outputs:
             self._live[output.request_id].stream.put(output)
             if output.finished:

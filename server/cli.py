@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from bench.load import add_bench_command
 from scheduler import LLM, SamplingParams
 from server.cli_client import add_client_commands
 from server.config import add_server_args, config_from_args
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=None)
     demo.set_defaults(func=run_demo)
     add_client_commands(sub)
+    add_bench_command(sub)
     try:
         args = parser.parse_args(argv)
     except ValueError as exc:  # a bad BEASTSERVE_* value

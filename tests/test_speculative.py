@@ -179,7 +179,7 @@ def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 
     for step in range(400):
         b = num_decodes_seen[step % len(num_decodes_seen)]
         k = depth.choose(b, 0)
-        depth.observe_step(b, 0, k, step_seconds(b, k))
+        depth.observe_step(b, k, step_seconds(b, k))
         for _ in range(b):
             accepted = 0
             while accepted < k and rng.random() < acceptance:

@@ -59,9 +59,9 @@ class Speculator:
                 self.depth.observe_acceptance(k, n)
         return num_accepted, next_tokens
 
-    def observe_step(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
+    def observe_step(self, num_decodes: int, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""
-        self.depth.observe_step(num_decodes, num_prefill_tokens, self.step_k, seconds)
+        self.depth.observe_step(num_decodes, self.step_k, seconds)
 
     @staticmethod
     def _per_sampled_row(draft_probs: torch.Tensor, sampled: list[ScheduledRequest]) -> torch.Tensor:

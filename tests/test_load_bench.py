@@ -1,0 +1,106 @@
+"""bench/load.py: arrivals have the asked-for rate and burstiness, goodput counts only requests meeting every SLO,
+and a run against a real (tiny) daemon reports numbers that agree with each other."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench.load import Record, arrival_intervals, main, summarize
+from server import cli
+from tests.daemon import Daemon
+
+
+@pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])
+def test_arrival_gaps_have_mean_one_over_rate_and_gamma_spread(burstiness):
+    gaps = arrival_intervals(40_000, 4.0, burstiness, np.random.default_rng(0))
+    assert gaps.mean() == pytest.approx(1 / 4.0, rel=0.03)
+    # A gamma of shape k has coefficient of variation 1/sqrt(k): 1 for Poisson, more when bursty.
+    assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.05)
+
+
+def test_infinite_rate_sends_everything_at_once():
+    assert not arrival_intervals(5, math.inf, 1.0, np.random.default_rng(0)).any()
+
+
+def test_goodput_counts_only_requests_meeting_every_slo():
+    records = [Record(prompt_tokens=4, output_tokens=11, ttft=0.1, e2e=1.1),  # TPOT 100 ms
+               Record(prompt_tokens=4, output_tokens=11, ttft=0.3, e2e=1.3),  # TTFT over 200 ms
+               Record(prompt_tokens=4, output_tokens=11, ttft=0.1, e2e=2.1),  # TPOT 200 ms
+               Record(prompt_tokens=4, output_tokens=1, ttft=0.1, e2e=0.1),  # no TPOT: meets any TPOT SLO
+               Record(prompt_tokens=4, error="UNAVAILABLE")]  # fast, but failed
+    assert summarize(records, 2.0, {"ttft": 200, "tpot": 150})["goodput"] == 2 / 2.0
+    assert summarize(records, 2.0, {"ttft": 200})["goodput"] == 3 / 2.0
+    assert summarize(records, 2.0, {"e2e": 1200})["goodput"] == 2 / 2.0
+    assert summarize(records, 2.0, None)["goodput"] is None
+
+
+def test_summary_counts_failures_by_code_and_skips_one_token_answers_in_tpot():
+    records = [Record(prompt_tokens=4, output_tokens=1, ttft=0.1, e2e=0.1),
+               Record(prompt_tokens=4, output_tokens=3, ttft=0.1, e2e=0.5, itl=[0.2, 0.2]),
+               Record(prompt_tokens=4, error="RESOURCE_EXHAUSTED"), Record(prompt_tokens=4, error="RESOURCE_EXHAUSTED")]
+    summary = summarize(records, 1.0, None)
+    assert (summary["completed"], summary["failed"]) == (2, 2)
+    assert summary["failures"] == {"RESOURCE_EXHAUSTED": 2}
+    assert summary["tpot_ms"]["mean"] == pytest.approx(200.0)
+    assert summary["total_token_throughput"] == 8 + 4
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_text_model_dir, tmp_path_factory):
+    path, _ = tiny_text_model_dir
+    d = Daemon(path, log_path=tmp_path_factory.mktemp("log") / "daemon.log")
+    yield d.wait_ready()
+    assert d.close() == 0
+
+
+def test_short_run_reports_consistent_numbers(daemon, tmp_path, capsys):
+    out_json, out_md = tmp_path / "load.json", tmp_path / "load.md"
+    assert main(["--address", daemon.address, "--num-requests", "8", "--request-rate", "inf", "--input-len", "16",
+                 "--output-len", "8", "--ignore-eos", "--no-progress", "--out-json", str(out_json),
+                 "--out-md", str(out_md)]) == 0
+    result = json.loads(out_json.read_text())
+    (row,) = result["passes"]
+    assert (row["request_rate"], row["completed"], row["failed"], row["failures"]) == ("inf", 8, 0, {})
+    assert row["total_output_tokens"] == 8 * 8  # EOS ignored: exactly max_tokens each
+    assert row["total_input_tokens"] >= 8 * 16
+    assert row["request_throughput"] == pytest.approx(8 / row["duration_s"])
+    assert row["output_throughput"] == pytest.approx(row["total_output_tokens"] / row["duration_s"])
+    assert row["total_token_throughput"] == pytest.approx(
+        (row["total_input_tokens"] + row["total_output_tokens"]) / row["duration_s"])
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        d = row[f"{name}_ms"]
+        assert 0 < d["median"] <= d["p90"] <= d["p99"], name
+    assert row["ttft_ms"]["p99"] <= row["e2e_ms"]["p99"]
+    # Every request's ITL entries cover its tokens after the first, so their mean is the mean TPOT.
+    assert row["itl_ms"]["mean"] == pytest.approx(row["tpot_ms"]["mean"], rel=0.05)
+    assert out_md.read_text() in capsys.readouterr().out
+
+
+def test_sweep_of_jsonl_chat_requests_plots_one_pass_per_rate(daemon, tmp_path):
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": "Hello there", "output_len": 3}\n\n{"prompt": "Write a poem"}\n')
+    out_json, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["--address", daemon.address, "--dataset", "jsonl", "--dataset-path", str(dataset), "--chat",
+                 "--ignore-eos", "--output-len", "5", "--num-requests", "4", "--warmup-requests", "0",
+                 "--sweep", "50,inf", "--burstiness", "0.5", "--max-concurrency", "2", "--goodput", "e2e:60000",
+                 "--no-progress", "--out-json", str(out_json), "--plot", str(png)]) == 0
+    passes = json.loads(out_json.read_text())["passes"]
+    assert [p["request_rate"] for p in passes] == ["50", "inf"]
+    for p in passes:
+        assert (p["completed"], p["total_output_tokens"]) == (4, 3 + 5 + 3 + 5)
+        assert p["goodput"] == pytest.approx(p["request_throughput"])  # a minute meets every request
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_reports_refused_requests_by_status_code(daemon, tmp_path):
+    out_json = tmp_path / "refused.json"
+    # The tiny model's context is 512 tokens: 1000 output tokens can never fit, so the daemon refuses each.
+    assert cli.main(["bench", "--address", daemon.address, "--num-requests", "2", "--output-len", "1000",
+                     "--warmup-requests", "0", "--no-progress", "--out-json", str(out_json)]) == 0
+    (row,) = json.loads(out_json.read_text())["passes"]
+    assert (row["completed"], row["failed"], row["failures"]) == (0, 2, {"INVALID_ARGUMENT": 2})
+    assert row["ttft_ms"] is None and row["output_throughput"] == 0
