@@ -73,7 +73,8 @@ class Engine:
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._pending_add: list[_Live] = []
-        self._pending_abort: set[str] = set()
+        self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
+        self._failed: str | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
@@ -106,6 +107,8 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         live = _Live(request, RequestStream(request_id, on_output), detokenizer)
         with self._lock:
+            if self._failed is not None:
+                raise RuntimeError(f"the engine has failed: {self._failed}")
             if request_id in self._live or any(p.request.request_id == request_id for p in self._pending_add):
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._pending_add.append(live)
@@ -113,10 +116,15 @@ class Engine:
                 self._generators[request_id] = generator
         return live.stream
 
-    def abort(self, request_id: str) -> None:
-        """End a request early (finish_reason "abort"); its KV blocks are freed at the next step."""
+    def abort(self, request_id: str) -> bool:
+        """End a request early (finish_reason "abort"); its KV blocks are freed at the next step.
+        Returns whether a live request had that id; a later request reusing the id is unaffected."""
         with self._lock:
-            self._pending_abort.add(request_id)
+            live = self._live.get(request_id) or next(
+                (p for p in self._pending_add if p.request.request_id == request_id), None)
+            if live is not None:
+                self._pending_abort.append(live.request)
+            return live is not None
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -176,6 +184,7 @@ class Engine:
     def fail_all(self, error: str) -> None:
         """After a fault: end every request with `error` set. The engine is not stepped again."""
         with self._lock:
+            self._failed = error
             lives = list(self._live.values()) + self._pending_add
             self._pending_add = []
         self._live.clear()
@@ -184,18 +193,14 @@ class Engine:
                                           error=error))
 
     def _take_pending(self) -> list[RequestOutput]:
-        with self._lock:
+        with self._lock:  # abort() must find each request in _pending_add or _live, never in between
             added, self._pending_add = self._pending_add, []
-            aborted, self._pending_abort = self._pending_abort, set()
+            for live in added:
+                self._live[live.request.request_id] = live
+            aborted, self._pending_abort = self._pending_abort, []
         for live in added:
-            self._live[live.request.request_id] = live
             self.scheduler.add(live.request)
-        outputs = []
-        for request_id in aborted:
-            live = self._live.get(request_id)
-            if live is not None and not live.request.is_finished:
-                outputs.append(self._finish(live, FinishReason.ABORT))
-        return outputs
+        return [self._finish(self._live[r.request_id], FinishReason.ABORT) for r in aborted if not r.is_finished]
 
     def _append(self, live: _Live, result: StepResult, now: float) -> RequestOutput:
         """Check the step's new tokens (already on the request) one by one for a stop."""

@@ -84,8 +84,11 @@ class AsyncEngine:
             timer.observe(output)
             loop.call_soon_threadsafe(queue.put_nowait, output)
 
-        self.engine.add_request(None, params, request_id=request_id, priority=priority,
-                                prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
+        try:
+            self.engine.add_request(None, params, request_id=request_id, priority=priority,
+                                    prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
+        except RuntimeError as exc:  # the engine failed between the alive check and now
+            raise EngineDeadError(str(exc)) from None
         self._live[request_id] = queue
         self._wake.set()
         finished = False
@@ -103,11 +106,9 @@ class AsyncEngine:
                 self._wake.set()
 
     def abort(self, request_ids: list[str]) -> list[str]:
-        live = [rid for rid in request_ids if rid in self._live]
-        for rid in live:
-            self.engine.abort(rid)
+        aborted = [rid for rid in request_ids if self.engine.abort(rid)]
         self._wake.set()
-        return live
+        return aborted
 
     def _loop(self) -> None:
         try:
