@@ -66,10 +66,10 @@ def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tok
     finals = [done[i][-1].metrics for i in range(len(prompts))]
     tpot = [(m.e2e_s - m.ttft_s) / (len(o) - 1) for m, o in zip(finals, outputs) if len(o) > 1]
     drafted = sum(m.draft_tokens for m in finals)
+    accepted = sum(m.accepted_tokens for m in finals)
     return {"concurrency": concurrency, "wall_s": wall, "output_tokens": sum(map(len, outputs)),
             "throughput_tok_s": sum(map(len, outputs)) / wall, "tpot_ms": 1000 * sum(tpot) / len(tpot),
-            "draft_tokens": drafted, "acceptance": sum(m.accepted_tokens for m in finals) / drafted if drafted else None,
-            "outputs": outputs}
+            "draft_tokens": drafted, "acceptance": accepted / drafted if drafted else None, "outputs": outputs}
 
 
 def bench_mode(args, mode: str, workloads: dict[str, list[str]]) -> dict:
