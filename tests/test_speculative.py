@@ -198,3 +198,9 @@ def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
     # Speculation overhead per sequence (proposing, verifying) counts even when tokens are cheap.
     overhead = _trained_depth(lambda b, k: 0.020 + 0.002 * b * (k > 0), acceptance=0.3)
     assert overhead.choose(num_decodes=64, num_prefill_tokens=0) == 0
+    # A proposer that finds drafts for few sequences gains little even when they are accepted.
+    sparse = _trained_depth(lambda b, k: 0.020 + 0.0005 * b * (1 + k), acceptance=0.9)
+    assert sparse.choose(num_decodes=64, num_prefill_tokens=0) >= 1
+    for _ in range(100):
+        sparse.observe_coverage(5, 64)
+    assert sparse.choose(num_decodes=64, num_prefill_tokens=0) == 0

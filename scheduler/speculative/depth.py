@@ -2,9 +2,10 @@
 
 The rule: pick the k that maximises expected tokens per second of the whole step,
 
-    rate(k) = B * E(k) / S_b(k),     E(k) = 1 + sum_{j=1..k} prod_{i<=j} a_i
+    rate(k) = B * E(k) / S_b(k),     E(k) = 1 + c * sum_{j=1..k} prod_{i<=j} a_i
 
-where B is the number of decoding sequences, a_i the measured probability that draft position
+where B is the number of decoding sequences, c the measured share of them the proposer finds
+drafts for (n-gram lookups often find none), a_i the measured probability that draft position
 i is accepted given that the ones before it were (shared by all loads), and S_b(k) the
 measured wall time of an engine step that drafted k tokens per sequence while the batch held
 a similar number of decoding sequences (b = the power-of-two bucket of B). Measuring whole
@@ -32,6 +33,7 @@ class AdaptiveDepth:
         self.step_seconds: dict[int, list[float | None]] = {}  # bucket -> S_b(k) for k = 0..k_max
         self.attempts = [1.0] * k_max  # a weak prior: half of the drafts accepted
         self.accepts = [0.5] * k_max
+        self.coverage = 1.0
         self.num_steps = 0
         self.explore_k = 0
 
@@ -39,11 +41,11 @@ class AdaptiveDepth:
         return [a / n for a, n in zip(self.accepts, self.attempts)]
 
     def expected_tokens(self, k: int) -> float:
-        expected, survive = 1.0, 1.0
+        extra, survive = 0.0, 1.0
         for alpha in self.acceptance()[:k]:
             survive *= alpha
-            expected += survive
-        return expected
+            extra += survive
+        return 1.0 + self.coverage * extra
 
     def choose(self, num_decodes: int, num_prefill_tokens: int = 0) -> int:
         if self.fixed:
@@ -66,6 +68,10 @@ class AdaptiveDepth:
             return
         costs = self._costs(num_decodes)
         costs[k] = seconds if costs[k] is None else (1 - COST_SMOOTHING) * costs[k] + COST_SMOOTHING * seconds
+
+    def observe_coverage(self, num_with_drafts: int, num_speculating: int) -> None:
+        if num_speculating:
+            self.coverage = 0.9 * self.coverage + 0.1 * num_with_drafts / num_speculating
 
     def observe_acceptance(self, num_drafts: int, num_accepted: int) -> None:
         """Position i was tried when every earlier one was accepted."""

@@ -43,6 +43,7 @@ class Speculator:
         for s in spec:
             s.draft_token_ids = propose_ngram(s.request.all_token_ids, s.num_spec_slots, self.ngram_min,
                                               self.ngram_max)
+        self.depth.observe_coverage(sum(1 for s in spec if s.draft_token_ids), len(spec))
         return None
 
     def verify(self, target_probs: torch.Tensor, sampled: list[ScheduledRequest], draft_probs, batch: SamplingBatch):
