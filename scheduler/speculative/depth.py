@@ -14,13 +14,14 @@ cost. When steps are bound by fixed costs (few sequences, launch overhead) S_b(k
 with k and k goes up; under load each draft token costs about what a real one does and k falls
 to 0 unless acceptance is very high.
 
-A load bucket first tries every depth once; after that one step in EXPLORE_EVERY tries the
+A load bucket first times every depth MIN_SAMPLES times; after that one step in EXPLORE_EVERY tries the
 next depth in turn, so the costs follow the load. Costs are exponential moving averages.
 """
 
 from __future__ import annotations
 
 EXPLORE_EVERY = 32
+MIN_SAMPLES = 3  # steps timed at each depth, per load bucket, before trusting the averages
 COST_SMOOTHING = 0.2  # weight of the newest step in S_b(k)
 ACCEPT_DECAY = 0.999  # per observed draft position
 
@@ -31,6 +32,7 @@ class AdaptiveDepth:
         self.k_max = k_max
         self.fixed = fixed
         self.step_seconds: dict[int, list[float | None]] = {}  # bucket -> S_b(k) for k = 0..k_max
+        self.samples: dict[int, list[int]] = {}  # bucket -> steps timed at each k
         self.attempts = [1.0] * k_max  # a weak prior: half of the drafts accepted
         self.accepts = [0.5] * k_max
         self.coverage = 1.0
@@ -53,9 +55,10 @@ class AdaptiveDepth:
         if num_decodes == 0:
             return 0  # nothing to draft for
         costs = self._costs(num_decodes)
-        untried = [k for k, seconds in enumerate(costs) if seconds is None]
-        if untried:
-            return untried[0]
+        samples = self.samples[num_decodes.bit_length()]
+        fewest = min(range(self.k_max + 1), key=samples.__getitem__)
+        if samples[fewest] < MIN_SAMPLES:
+            return fewest
         self.num_steps += 1
         if self.num_steps % EXPLORE_EVERY == 0:
             self.explore_k = (self.explore_k + 1) % (self.k_max + 1)
@@ -67,7 +70,11 @@ class AdaptiveDepth:
         if num_decodes == 0 or self.fixed:
             return
         costs = self._costs(num_decodes)
-        costs[k] = seconds if costs[k] is None else (1 - COST_SMOOTHING) * costs[k] + COST_SMOOTHING * seconds
+        samples = self.samples[num_decodes.bit_length()]
+        samples[k] += 1
+        # A plain mean over the first samples, then an exponential moving average.
+        weight = max(COST_SMOOTHING, 1 / samples[k])
+        costs[k] = seconds if costs[k] is None else (1 - weight) * costs[k] + weight * seconds
 
     def observe_coverage(self, num_with_drafts: int, num_speculating: int) -> None:
         if num_speculating:
@@ -80,4 +87,6 @@ class AdaptiveDepth:
             self.accepts[i] = ACCEPT_DECAY * self.accepts[i] + (1 if i < num_accepted else 0)
 
     def _costs(self, num_decodes: int) -> list[float | None]:
-        return self.step_seconds.setdefault(num_decodes.bit_length(), [None] * (self.k_max + 1))
+        bucket = num_decodes.bit_length()
+        self.samples.setdefault(bucket, [0] * (self.k_max + 1))
+        return self.step_seconds.setdefault(bucket, [None] * (self.k_max + 1))
