@@ -7,10 +7,8 @@ batching) and our engine, on the same greedy requests, in one process.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import platform
 import random
 import time
@@ -21,6 +19,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
+from bench import machine
 from scheduler import LLM, SamplingParams
 from scheduler.models import default_model_file
 
@@ -154,23 +153,9 @@ def speedups(rows: list[dict]) -> dict[str, float]:
 
 
 def machine_facts() -> dict:
-    return dict(cpu=cpu_model(), logical_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                load_average_at_start=[round(x, 2) for x in os.getloadavg()])
+    return machine.machine_facts(torch_threads=torch.get_num_threads(), python=platform.python_version(),
+                                 torch=torch.__version__, transformers=transformers.__version__)
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-# --- reporting -----------------------------------------------------------------------------------------------------
 
 def to_markdown(result: dict) -> str:
     m, w = result["machine"], result["workload"]
