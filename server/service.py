@@ -3,7 +3,6 @@ and ends every call with an explicit status."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "beastserve.v1.Generation"
+DEADLINE_SLACK_S = 0.1
 
 
 @dataclass
@@ -98,25 +98,34 @@ class GenerationService(pb_grpc.GenerationServicer):
             log.info("request %s: %d prompt tokens, %s", request_id, len(token_ids), params)
         call = object()
         self.state.in_flight[call] = request_id
+        settled = False  # the call ended with its answer or with an explicit status
         try:
             async for output in engine.generate(token_ids, params, request_id, request.priority,
                                                 **speculative_options(request)):
                 if output.finished and output.finish_reason == "abort" and self.state.draining:
+                    settled = True
                     await self._fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere")
                 yield output
-        except QueueFullError as exc:
-            await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineDeadError as exc:
-            log.error("request %s failed: %s", request_id, exc)
-            await self._fail(context, grpc.StatusCode.INTERNAL, f"engine failure (request {request_id})")
-        except ValueError as exc:
-            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(field_error(exc)))
-        except asyncio.CancelledError:
-            expired = context.time_remaining() is not None and context.time_remaining() <= 0
-            self._count_failure("DEADLINE_EXCEEDED" if expired else "CANCELLED")
-            raise
+            settled = True
+        except (QueueFullError, EngineDeadError, ValueError) as exc:
+            settled = True
+            await self._fail(context, *self._status_for(exc, request_id))
         finally:
             del self.state.in_flight[call]
+            if not settled:  # cancelled by the client or its deadline, while waiting or while sending
+                remaining = context.time_remaining()
+                # The client's own timer usually fires a hair before ours: its cancel is the deadline.
+                expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+                self._count_failure("DEADLINE_EXCEEDED" if expired else "CANCELLED")
+
+    @staticmethod
+    def _status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, QueueFullError):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        if isinstance(exc, EngineDeadError):
+            log.error("request %s failed: %s", request_id, exc)
+            return grpc.StatusCode.INTERNAL, f"engine failure (request {request_id})"
+        return grpc.StatusCode.INVALID_ARGUMENT, str(field_error(exc))
 
     async def _engine(self, context) -> AsyncEngine:
         engine = self.state.engine

@@ -336,10 +336,6 @@ def test_a_client_killed_mid_stream_frees_everything(main):
         sample(before, success, 'finished_reason="cancelled"') == 12
 
 
-@pytest.mark.xfail(strict=True, reason="service._run counts a stream's deadline as CANCELLED when the client's "
-                   "RST_STREAM beats the server's own timer (time_remaining() still > 0), and not at all when the "
-                   "cancellation lands while GenerateStream is suspended at its yield (sending), since _run is then "
-                   "closed with GeneratorExit, not CancelledError")
 def test_every_expired_stream_is_counted_as_deadline_exceeded(main):
     daemon, stub = main
     n = 16
