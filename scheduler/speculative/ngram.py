@@ -6,13 +6,22 @@ import numpy as np
 
 
 def propose_ngram(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to k tokens. Tries the longest tail first (n_max tokens), down to n_min."""
+    """Up to k tokens after the latest earlier place where the longest tail (n_max tokens down
+    to n_min) occurred. One pass over the history finds where the last token occurs; only those
+    places are extended backwards, so a step costs little even for long histories."""
     tokens = np.asarray(token_ids, dtype=np.int64)
-    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
-        # Every window of n tokens that ends before the last token, so the tail can't match itself.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
-    return []
+    last = len(tokens) - 1
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where a match could end; never the tail itself
+    if ends.size == 0:
+        return []
+    match_len = np.ones(ends.size, dtype=np.int64)
+    for j in range(1, min(n_max, last)):
+        earlier = ends - j
+        extends = (match_len == j) & (earlier >= 0)
+        extends[extends] = tokens[earlier[extends]] == tokens[last - j]
+        match_len += extends
+    best = match_len.max()
+    if best < n_min:
+        return []
+    end = int(ends[np.flatnonzero(match_len == best)[-1]])
+    return tokens[end + 1:end + 1 + k].tolist()
