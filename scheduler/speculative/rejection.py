@@ -21,28 +21,30 @@ def verify(target_probs: torch.Tensor, num_drafts: list[int], draft_token_ids: l
     num_seqs, max_k = len(num_drafts), max(num_drafts)
     ks = torch.tensor(num_drafts, device=device)
     starts = torch.cumsum(ks + 1, 0) - (ks + 1)
-    positions = torch.arange(max_k + 1, device=device)
-    p = target_probs[starts.unsqueeze(1) + torch.minimum(positions.unsqueeze(0), ks.unsqueeze(1))]  # [R, K+1, V]
+    positions = torch.arange(max(max_k, 1), device=device)
     drafts = torch.tensor([d + [0] * (max_k - len(d)) for d in draft_token_ids], dtype=torch.long, device=device)
     drafts = drafts.view(num_seqs, max_k)
-    p_draft = p[:, :max_k].gather(2, drafts.unsqueeze(2)).squeeze(2)
+    # Only the probabilities of the drafted tokens, and one row per sequence below, are read:
+    # never a [sequences, k + 1, vocab] copy.
+    rows = (starts.unsqueeze(1) + torch.minimum(positions[:max_k].unsqueeze(0), ks.unsqueeze(1))).clamp(
+        max=target_probs.shape[0] - 1)
+    p_draft = target_probs[rows, drafts]
+    seq = torch.arange(num_seqs, device=device)
     q_draft = torch.ones_like(p_draft) if draft_probs is None else \
-        draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)
+        draft_probs[seq.unsqueeze(1), positions[:max_k].unsqueeze(0), drafts]
     uniform = _uniform(num_seqs, max_k, generators, device)
     accepted = torch.where(is_greedy.unsqueeze(1), p_draft > 0.5, uniform * q_draft < p_draft)
     accepted &= positions[:max_k].unsqueeze(0) < ks.unsqueeze(1)
     num_accepted = accepted.int().cumprod(dim=1).sum(dim=1)
 
-    rows = torch.arange(num_seqs, device=device)
-    final_p = p[rows, num_accepted]
+    final_p = target_probs[starts + num_accepted]
     rejected = num_accepted < ks
+    at = num_accepted.clamp(max=max(max_k - 1, 0))
     if draft_probs is None:
-        rejected_draft = drafts.gather(1, num_accepted.clamp(max=max(max_k - 1, 0)).unsqueeze(1)).squeeze(1) \
-            if max_k else torch.zeros(num_seqs, dtype=torch.long, device=device)
+        rejected_draft = drafts[seq, at] if max_k else torch.zeros(num_seqs, dtype=torch.long, device=device)
         final_q = torch.zeros_like(final_p).scatter_(1, rejected_draft.unsqueeze(1), 1.0)
     else:
-        padded_q = torch.cat([draft_probs, draft_probs.new_zeros(num_seqs, 1, draft_probs.shape[2])], dim=1)
-        final_q = padded_q[rows, num_accepted]
+        final_q = draft_probs[seq, at]
     final_q = final_q * rejected.unsqueeze(1)  # all accepted: the bonus comes from p itself
     residual = (final_p - final_q).clamp_(min=0)
     total = residual.sum(dim=1, keepdim=True)
