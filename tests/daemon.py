@@ -78,3 +78,18 @@ class Daemon:
             raise
         finally:
             self.log_file.close()
+
+
+def serve_for_module(model, tmp_path_factory, *flags: str):
+    """For module fixtures: yield a ready daemon; at teardown it must drain and exit 0."""
+    daemon = Daemon(model, *flags, log_path=tmp_path_factory.mktemp("log") / "daemon.log")
+    yield daemon.wait_ready()
+    assert daemon.close() == 0
+
+
+def generation_stub(daemon: Daemon):
+    """For module fixtures: a Generation stub on its own channel."""
+    from server.proto.beastserve.v1 import generate_pb2_grpc
+
+    with daemon.channel() as channel:
+        yield generate_pb2_grpc.GenerationStub(channel)

@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from server.proto.beastserve.v1 import generate_pb2 as pb
-from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
-from tests.daemon import Daemon
+from tests.daemon import generation_stub, serve_for_module
 from tests.test_server import wait_pool_idle
 
 MAX_MESSAGE_BYTES = 65536
@@ -30,16 +29,13 @@ FIELDS = ("request_id", "input", "text", "token_ids", "chat", "sampling", "stopp
 @pytest.fixture(scope="module")
 def daemon(tiny_text_model_dir, tmp_path_factory):
     path, _ = tiny_text_model_dir
-    d = Daemon(path, "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--kv-cache-bytes", str(64 << 20),
-               log_path=tmp_path_factory.mktemp("log") / "daemon.log")
-    yield d.wait_ready()
-    assert d.close() == 0
+    yield from serve_for_module(path, tmp_path_factory, "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+                                "--kv-cache-bytes", str(64 << 20))
 
 
 @pytest.fixture(scope="module")
 def stub(daemon):
-    with daemon.channel() as channel:
-        yield pb_grpc.GenerationStub(channel)
+    yield from generation_stub(daemon)
 
 
 GREEDY = pb.GenerateRequest(text="After the storm", sampling=pb.SamplingParams(temperature=0),

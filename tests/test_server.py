@@ -13,8 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from scheduler import LLM, SamplingParams
 from server.proto.beastserve.v1 import generate_pb2 as pb
-from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
-from tests.daemon import Daemon
+from tests.daemon import generation_stub, serve_for_module
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Numbers: 1 2 3", "Hello", "A list of fruits:"]
 
@@ -22,15 +21,12 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "Numbers: 1 2 3", "Hello",
 @pytest.fixture(scope="module")
 def daemon(tiny_text_model_dir, tmp_path_factory):
     path, _ = tiny_text_model_dir
-    d = Daemon(path, "--max-num-batched-tokens", "256", log_path=tmp_path_factory.mktemp("log") / "daemon.log")
-    yield d.wait_ready()
-    assert d.close() == 0
+    yield from serve_for_module(path, tmp_path_factory, "--max-num-batched-tokens", "256")
 
 
 @pytest.fixture(scope="module")
 def stub(daemon):
-    with daemon.channel() as channel:
-        yield pb_grpc.GenerationStub(channel)
+    yield from generation_stub(daemon)
 
 
 @pytest.fixture(scope="module")
