@@ -14,14 +14,19 @@ cost. When steps are bound by fixed costs (few sequences, launch overhead) S_b(k
 with k and k goes up; under load each draft token costs about what a real one does and k falls
 to 0 unless acceptance is very high.
 
-A load bucket first times every depth MIN_SAMPLES times; after that one step in EXPLORE_EVERY tries the
-next depth in turn, so the costs follow the load. Costs are exponential moving averages.
+Depths are searched by climbing: a new load bucket starts at k = 0 (never worse than no
+speculation) and probes the neighbouring depths, one step in PROBE_EVERY until each has
+MIN_SAMPLES timed steps; it moves to a neighbour that measures better. After that one step in
+EXPLORE_EVERY re-times a neighbour of the best depth, so the costs follow the load. Probing only
+neighbours keeps exploration cheap: a step one depth away costs little more than the best one.
+Costs are means over the first samples, then exponential moving averages.
 """
 
 from __future__ import annotations
 
 EXPLORE_EVERY = 32
-MIN_SAMPLES = 3  # steps timed at each depth, per load bucket, before trusting the averages
+PROBE_EVERY = 4
+MIN_SAMPLES = 3  # steps timed at a depth, per load bucket, before trusting its average
 COST_SMOOTHING = 0.2  # weight of the newest step in S_b(k)
 ACCEPT_DECAY = 0.999  # per observed draft position
 
@@ -36,7 +41,7 @@ class AdaptiveDepth:
         self.attempts = [1.0] * k_max  # a weak prior: half of the drafts accepted
         self.accepts = [0.5] * k_max
         self.coverage = 1.0
-        self.num_steps = 0
+        self.bucket_steps: dict[int, int] = {}
         self.explore_k = 0
 
     def acceptance(self) -> list[float]:
@@ -55,16 +60,21 @@ class AdaptiveDepth:
         if num_decodes == 0:
             return 0  # nothing to draft for
         costs = self._costs(num_decodes)
-        samples = self.samples[num_decodes.bit_length()]
-        fewest = min(range(self.k_max + 1), key=samples.__getitem__)
-        if samples[fewest] < MIN_SAMPLES:
-            return fewest
-        self.num_steps += 1
-        if self.num_steps % EXPLORE_EVERY == 0:
-            self.explore_k = (self.explore_k + 1) % (self.k_max + 1)
-            return self.explore_k
-        rates = [self.expected_tokens(k) / seconds for k, seconds in enumerate(costs)]
-        return max(range(self.k_max + 1), key=rates.__getitem__)
+        bucket = num_decodes.bit_length()
+        samples = self.samples[bucket]
+        step = self.bucket_steps[bucket] = self.bucket_steps.get(bucket, 0) + 1
+        tried = [k for k in range(self.k_max + 1) if samples[k]]
+        if not tried:
+            return 0
+        best = max(tried, key=lambda k: self.expected_tokens(k) / costs[k])
+        neighbours = [k for k in (best + 1, best - 1) if 0 <= k <= self.k_max]
+        unsure = [k for k in neighbours if samples[k] < MIN_SAMPLES]
+        if unsure and step % PROBE_EVERY == 0:
+            return unsure[0]
+        if step % EXPLORE_EVERY == 0:
+            self.explore_k += 1
+            return neighbours[self.explore_k % len(neighbours)]
+        return best
 
     def observe_step(self, num_decodes: int, k: int, seconds: float) -> None:
         if num_decodes == 0 or self.fixed:
