@@ -145,7 +145,7 @@ class Engine:
         outputs = self._take_pending()
         spec_depth = None
         if self.speculator is not None:
-            self.speculator.plan(*self._load_ahead())
+            self.speculator.plan(self._decodes_ahead())
             spec_depth = self.speculator.depth_for
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
@@ -173,13 +173,9 @@ class Engine:
                 self._generators.pop(output.request_id, None)
         return outputs
 
-    def _load_ahead(self) -> tuple[int, int]:
-        """Decoding sequences and prompt tokens the next step is likely to carry."""
-        running = self.scheduler.running
-        num_decodes = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
-        pending = sum(r.num_tokens - r.num_computed_tokens for r in running) - num_decodes
-        pending += sum(r.num_tokens for r in self.scheduler.waiting)
-        return num_decodes, min(pending, max(0, self.config.max_num_batched_tokens - num_decodes))
+    def _decodes_ahead(self) -> int:
+        """Decoding sequences the next step is likely to carry."""
+        return sum(1 for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1)
 
     def fail_all(self, error: str) -> None:
         """After a fault: end every request with `error` set. The engine is not stepped again."""

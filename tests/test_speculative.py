@@ -178,7 +178,7 @@ def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 
     rng = random.Random(0)
     for step in range(400):
         b = num_decodes_seen[step % len(num_decodes_seen)]
-        k = depth.choose(b, 0)
+        k = depth.choose(b)
         depth.observe_step(b, k, step_seconds(b, k))
         for _ in range(b):
             accepted = 0
@@ -191,16 +191,16 @@ def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 
 def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
     # A launch-bound step: 20 ms whatever it carries, plus 0.1 ms per token.
     cheap = _trained_depth(lambda b, k: 0.020 + 0.0001 * b * (1 + k), acceptance=0.7)
-    assert cheap.choose(num_decodes=1, num_prefill_tokens=0) >= 3
+    assert cheap.choose(num_decodes=1) >= 3
     # Compute-bound: every token costs 1 ms; half the first drafts accepted doesn't pay for them.
     loaded = _trained_depth(lambda b, k: 0.001 + 0.001 * b * (1 + k), acceptance=0.5)
-    assert loaded.choose(num_decodes=64, num_prefill_tokens=0) == 0
+    assert loaded.choose(num_decodes=64) == 0
     # Speculation overhead per sequence (proposing, verifying) counts even when tokens are cheap.
     overhead = _trained_depth(lambda b, k: 0.020 + 0.002 * b * (k > 0), acceptance=0.3)
-    assert overhead.choose(num_decodes=64, num_prefill_tokens=0) == 0
+    assert overhead.choose(num_decodes=64) == 0
     # A proposer that finds drafts for few sequences gains little even when they are accepted.
     sparse = _trained_depth(lambda b, k: 0.020 + 0.0005 * b * (1 + k), acceptance=0.9)
-    assert sparse.choose(num_decodes=64, num_prefill_tokens=0) >= 1
+    assert sparse.choose(num_decodes=64) >= 1
     for _ in range(100):
         sparse.observe_coverage(5, 64)
-    assert sparse.choose(num_decodes=64, num_prefill_tokens=0) == 0
+    assert sparse.choose(num_decodes=64) == 0

@@ -54,7 +54,7 @@ class AdaptiveDepth:
             extra += survive
         return 1.0 + self.coverage * extra
 
-    def choose(self, num_decodes: int, num_prefill_tokens: int = 0) -> int:
+    def choose(self, num_decodes: int) -> int:
         if self.fixed:
             return self.k_max
         if num_decodes == 0:

@@ -25,9 +25,9 @@ class Speculator:
         self.depth = AdaptiveDepth(k_max, fixed=not adaptive)
         self.step_k = 0
 
-    def plan(self, num_decodes: int, num_prefill_tokens: int) -> None:
+    def plan(self, num_decodes: int) -> None:
         """Pick this step's depth from the load the scheduler is about to see."""
-        self.step_k = self.depth.choose(num_decodes, num_prefill_tokens)
+        self.step_k = self.depth.choose(num_decodes)
 
     def depth_for(self, request) -> int:
         if not request.speculative or self.step_k == 0:
