@@ -118,11 +118,6 @@ class BlockPool:
                 if block.block_hash is None:
                     self.free_blocks.move_to_end(block.block_id, last=False)
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.cached_blocks.values():
-            block.block_hash = None
-        self.cached_blocks.clear()
-
     def _take(self, block: Block) -> None:
         if block.ref_cnt == 0:
             del self.free_blocks[block.block_id]

@@ -57,10 +57,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
-    @property
-    def num_live(self) -> int:
-        return len(self._live)
-
     def stalled_for(self) -> float:
         """Seconds since the last step while work is pending; 0 when idle."""
         if not self.engine.has_unfinished():
