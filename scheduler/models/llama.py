@@ -7,6 +7,9 @@ columns, o_proj and down_proj by rows, one all-reduce after each of the latter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +86,25 @@ class Attention(nn.Module):
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
+    def fuse_projections(self) -> None:
+        """One q/k/v matmul instead of three, for the fused path."""
+        self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward_fused(self, x, positions, rotary, kv_cache, meta: AttentionMetadata, ops):
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        k_cache, v_cache = kv_cache
+        ops.rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.view(num_tokens, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, config):
@@ -94,6 +116,25 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
+    def forward_fused(self, x, ops):
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+
+
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    first = linears[0]
+    weight = torch.cat([lin.weight for lin in linears])
+    fused = nn.Linear(first.in_features, weight.shape[0], bias=first.bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -123,6 +164,26 @@ class Backbone(nn.Module):
             x = layer(x, positions, self.rotary, kv_cache, meta)
         return self.norm(x)
 
+    def forward_fused(self, input_ids, positions, kv_caches, meta, ops):
+        """The same computation through the Triton kernels: the residual stream is carried beside the
+        hidden states so each add meets the next norm in one kernel."""
+        x, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h, residual = ops.add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            x = layer.self_attn.forward_fused(h, positions, self.rotary, kv_cache, meta, ops)
+            norm = layer.post_attention_layernorm
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+            x = layer.mlp.forward_fused(h, ops)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+
+
+@dataclass(frozen=True)
+class _FusedOps:
+    add_rms_norm: Callable
+    rope_and_cache: Callable
+    silu_mul: Callable
+    paged_attention: Callable
+
 
 class CausalLM(nn.Module):
     """Token ids + paged-KV metadata in, hidden states out; logits only for the rows asked."""
@@ -134,8 +195,22 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fused_ops = None  # set by use_fused_kernels()
+
+    def use_fused_kernels(self) -> None:
+        """Run through the Triton kernels (CUDA only) from now on; merges q/k/v and gate/up weights."""
+        from scheduler.attention.fused import paged_attention as fused_paged_attention
+        from scheduler.models import fused_ops
+
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        self.fused_ops = _FusedOps(fused_ops.add_rms_norm, fused_ops.rope_and_cache, fused_ops.silu_mul,
+                                   fused_paged_attention)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        if self.fused_ops is not None:
+            return self.model.forward_fused(input_ids, positions, kv_caches, meta, self.fused_ops)
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
