@@ -22,6 +22,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU; on CUDA, what gpu_memory_utilization leaves
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (the fused kernels still run); for debugging
     max_num_batched_tokens: int = 2048  # token budget of one step
     max_num_seqs: int = 256  # sequences running at once
     enable_prefix_caching: bool = True

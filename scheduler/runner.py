@@ -1,7 +1,16 @@
-"""Turns a scheduled step into tensors, runs the model over the paged KV cache, returns logits."""
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, returns logits.
+
+On CUDA the model runs through fused Triton kernels, and steps where every sequence wants
+logits for all its new tokens (decodes, verification of drafts, draft-model passes) replay
+a CUDA graph captured at start-up for a bucket of batch sizes: tokens are packed at the
+front of fixed-size buffers, sequences past the real ones have no tokens, tokens past the
+real ones have no KV slot and belong to no sequence, so they cost compute but touch nothing.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +18,11 @@ import torch
 
 from scheduler.attention import AttentionMetadata
 from scheduler.models.llama import CausalLM
+
+log = logging.getLogger(__name__)
+
+GRAPH_MAX_CONTEXT = 8192  # longer sequences run eagerly: every replay uploads block tables this wide
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 @dataclass
@@ -27,6 +41,17 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
 
 
+def fused_kernels_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("triton is not installed: CUDA runs the reference attention, without CUDA graphs")
+        return False
+    return True
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
@@ -40,11 +65,23 @@ class ModelRunner:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.kv_caches = [(zeros(), zeros()) for _ in range(config.num_hidden_layers)]
+        self.fused = fused_kernels_available(device)
+        if self.fused and model.fused_ops is None:
+            model.use_fused_kernels()
+        self.graphs: _Graphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int) -> None:
+        """CUDA graphs for steps of up to max_num_seqs sequences of up to max_query_len new tokens each
+        (1 for decodes; 1 + k when verifying k drafts), in batch-size buckets."""
+        assert self.fused, "CUDA graphs need the fused kernels"
+        self.graphs = _Graphs(self, max_num_seqs, max_query_len, max_model_len)
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Compute the items' new tokens into the KV cache in one pass. Returns fp32 logits for
         each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab]."""
+        if self.graphs is not None and self.graphs.fits(items):
+            return self.model.compute_logits(self.graphs.replay(items)).float()
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
         input_ids, positions, meta, logits_indices = self._prepare([items[i] for i in order])
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -86,3 +123,124 @@ class ModelRunner:
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+
+class _Graphs:
+    """Captured graphs, one per (batch-size bucket, query length) and the fixed buffers they read.
+
+    Every input lives in one int32 device buffer, filled from a pinned host mirror with one copy
+    per step; block tables come last so a small batch copies only its own rows.
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_query_len: int, max_model_len: int):
+        self.runner = runner
+        self.max_query_len = max_query_len
+        self.sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        max_seqs, self.width = self.sizes[-1], -(-min(max_model_len, GRAPH_MAX_CONTEXT) // runner.block_size)
+        max_tokens = max_seqs * max_query_len
+        sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
+                 "query_start_loc": max_seqs + 1, "seq_lens": max_seqs, "block_tables": max_seqs * self.width}
+        self.offsets, total = {}, 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total += size
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.device_buf = torch.zeros(total, dtype=torch.int32, device=runner.device)
+        self.copied = torch.cuda.Event()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0
+        self._capture()
+
+    def _view(self, buf, name: str, size: int):
+        start = self.offsets[name]
+        return buf[start:start + size]
+
+    def _static_forward(self, num_seqs: int, query_len: int) -> torch.Tensor:
+        num_tokens, buf = num_seqs * query_len, self.device_buf
+        meta = AttentionMetadata(
+            slot_mapping=self._view(buf, "slots", num_tokens),
+            query_start_loc=self._view(buf, "query_start_loc", num_seqs + 1),
+            seq_lens=self._view(buf, "seq_lens", num_seqs),
+            block_tables=self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width),
+            num_decodes=num_seqs if query_len == 1 else 0, max_query_len=query_len, max_seq_len=0)
+        return self.runner.model(self._view(buf, "input_ids", num_tokens), self._view(buf, "positions", num_tokens),
+                                 self.runner.kv_caches, meta)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        started, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
+        pool = torch.cuda.graph_pool_handle()
+        query_lens = sorted({1, self.max_query_len}, reverse=True)
+        self._fill([], self.sizes[-1] * self.max_query_len)  # every sequence empty, every token without a slot
+        self._upload(self.sizes[-1])
+        torch.cuda.synchronize()
+        keys = [(b, q) for q in query_lens for b in reversed(self.sizes)]
+        for i, (num_seqs, query_len) in enumerate(keys):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._static_forward(num_seqs, query_len)  # compiles kernels, warms cuBLAS
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._static_forward(num_seqs, query_len)
+            self.graphs[(num_seqs, query_len)] = (graph, out)
+            if (i + 1) % 8 == 0 or i + 1 == len(keys):
+                log.info("captured CUDA graphs: %d/%d", i + 1, len(keys))
+        torch.cuda.synchronize()
+        self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
+        log.info("CUDA graphs for up to %d sequences x %s tokens: %.1f s, %.0f MiB", self.sizes[-1], query_lens,
+                 time.perf_counter() - started, self.memory_bytes / 2**20)
+
+    def fits(self, items: list[ForwardItem]) -> bool:
+        if len(items) > self.sizes[-1]:
+            return False
+        return all(it.num_logits == len(it.token_ids) <= self.max_query_len and len(it.block_table) <= self.width
+                   for it in items)
+
+    def replay(self, items: list[ForwardItem]) -> torch.Tensor:
+        """Hidden states of every item's new tokens, in order."""
+        num_seqs = next(b for b in self.sizes if b >= len(items))
+        longest = max(len(it.token_ids) for it in items)
+        query_len = 1 if longest == 1 else self.max_query_len
+        num_tokens = self._fill(items, num_seqs * query_len)
+        self._upload(num_seqs)
+        graph, out = self.graphs[(num_seqs, query_len)]
+        graph.replay()
+        self.num_replays += 1
+        return out[:num_tokens]
+
+    def _fill(self, items: list[ForwardItem], padded_tokens: int) -> int:
+        host, bs = self.host_np, self.runner.block_size
+        self.copied.synchronize()  # the last step's copy has left the host buffer
+        query_lens = np.fromiter((len(it.token_ids) for it in items), dtype=np.int64, count=len(items))
+        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
+        num_tokens = int(query_lens.sum())
+        qsl = self._view(host, "query_start_loc", self.sizes[-1] + 1)
+        qsl[0] = 0
+        np.cumsum(query_lens, out=qsl[1:len(items) + 1])
+        qsl[len(items) + 1:] = num_tokens  # sequences past the real ones have no tokens
+        seq_lens = self._view(host, "seq_lens", self.sizes[-1])
+        seq_lens[:len(items)] = starts + query_lens
+        seq_lens[len(items):] = 0
+        tables = self._view(host, "block_tables", self.sizes[-1] * self.width).reshape(-1, self.width)
+        for row, it in enumerate(items):
+            tables[row, :len(it.block_table)] = it.block_table
+        seq_of_token = np.repeat(np.arange(len(items)), query_lens)
+        positions = np.arange(num_tokens) - qsl[seq_of_token] + starts[seq_of_token]
+        block_of_token = tables[seq_of_token, positions // bs]
+        self._view(host, "positions", num_tokens)[:] = positions
+        slots = self._view(host, "slots", max(padded_tokens, num_tokens))
+        slots[:num_tokens] = block_of_token * bs + positions % bs
+        slots[num_tokens:] = -1
+        ids = self._view(host, "input_ids", max(padded_tokens, num_tokens))
+        ids[:num_tokens] = [t for it in items for t in it.token_ids]
+        ids[num_tokens:] = 0
+        self._view(host, "positions", max(padded_tokens, num_tokens))[num_tokens:] = 0
+        return num_tokens
+
+    def _upload(self, num_seqs: int) -> None:
+        end = self.offsets["block_tables"] + num_seqs * self.width
+        self.device_buf[:end].copy_(self.host[:end], non_blocking=True)
+        self.copied.record()

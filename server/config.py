@@ -29,6 +29,7 @@ class ServerConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
     max_queue_size: int = 1024
     drain_timeout: float = 30.0
     stall_timeout: float = 60.0
@@ -42,7 +43,7 @@ class ServerConfig:
     def engine_kwargs(self) -> dict:
         names = ("device", "dtype", "load_format", "max_model_len", "block_size", "kv_cache_bytes",
                  "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "speculative", "draft_model",
-                 "num_speculative_tokens")
+                 "num_speculative_tokens", "enforce_eager")
         return {name: getattr(self, name) for name in names}
 
 
@@ -54,6 +55,7 @@ _HELP = {
     "port": "gRPC port",
     "metrics_port": "Prometheus /metrics HTTP port (0 = off)",
     "kv_cache_bytes": "KV cache size in bytes (default: 1 GiB on CPU, --gpu-memory-utilization on CUDA)",
+    "enforce_eager": "CUDA: run without CUDA graphs (for debugging; the fused kernels still run)",
     "max_queue_size": "requests waiting beyond this get RESOURCE_EXHAUSTED",
     "drain_timeout": "seconds in-flight requests get to finish after SIGTERM",
     "stall_timeout": "readiness fails when the engine makes no progress this long with work pending",

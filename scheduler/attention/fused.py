@@ -30,7 +30,7 @@ def _paged_attention_kernel(
     seq = tl.program_id(0)
     first = tl.program_id(1) * BLOCK_Q
     kv_head = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if first < q_len:
         context = tl.load(seq_lens_ptr + seq) - q_len  # tokens cached before this step's first query
@@ -52,6 +52,7 @@ def _paged_attention_kernel(
             key_pos = start_n + offs_n
             key_ok = key_pos < num_keys
             block = tl.load(block_tables_ptr + seq * stride_bt + key_pos // BLOCK_SIZE, mask=key_ok, other=0)
+            block = block.to(tl.int64)
             slot = key_pos % BLOCK_SIZE
             k = tl.load(k_cache_ptr + block[None, :] * stride_kb + slot[None, :] * stride_ks + kv_head * stride_kh
                         + dims[:, None], mask=key_ok[None, :] & dim_ok[:, None], other=0.0)

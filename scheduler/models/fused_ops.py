@@ -66,7 +66,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, slo
                        stride_cache_head, stride_cos, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                        HEADS_P: tl.constexpr, KV_HEADS_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr):
     t = tl.program_id(0)
-    pos = tl.load(positions_ptr + t)
+    pos = tl.load(positions_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_P)
     half = j < HALF
     dtype = q_ptr.dtype.element_ty
@@ -75,7 +75,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, slo
     sin = tl.load(sin_ptr + pos * stride_cos + j, mask=half, other=0.0).to(dtype).to(tl.float32)[None, :]
     _rotate(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_HEADS, HEADS_P, HALF, HALF_P)
     _rotate(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_KV_HEADS, KV_HEADS_P, HALF, HALF_P)
-    slot = tl.load(slots_ptr + t)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:  # padding tokens of a CUDA-graph batch have no slot
         h = tl.arange(0, KV_HEADS_P)
         d = tl.arange(0, 2 * HALF_P)

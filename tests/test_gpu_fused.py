@@ -1,0 +1,141 @@
+"""The CUDA fast path: Triton kernels against the pure-torch reference, CUDA graphs against eager."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from scheduler import Engine, SamplingParams
+from scheduler.attention import AttentionMetadata
+from scheduler.attention import reference as ref_attention
+from tests.conftest import tiny_config
+from tests.helpers import assert_pool_idle, run_engine
+from tests.test_parity import hf_references, random_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+def random_mixed_batch(seed: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype, block_size: int = 16):
+    """Decodes first, then verification-sized queries and prefill chunks, over scattered blocks."""
+    rng = random.Random(seed)
+    query_lens = sorted([1] * rng.randint(0, 6) + [rng.randint(2, 6) for _ in range(rng.randint(0, 3))]
+                        + [rng.randint(7, 300) for _ in range(rng.randint(0, 3))]) or [1]
+    contexts = [rng.choice([0, rng.randint(1, 40), rng.randint(41, 900)]) for _ in query_lens]
+    seq_lens = [c + q for c, q in zip(contexts, query_lens)]
+    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 8
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-s // block_size))] for s in seq_lens]
+    width = max(map(len, tables))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=gen, device="cuda").to(dtype)
+    v_cache = torch.randn(cache_shape, generator=gen, device="cuda").to(dtype)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    num_decodes = sum(1 for n in query_lens if n == 1)
+    longer = query_lens[num_decodes:]
+    cuda = dict(device="cuda")
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.long, **cuda),
+        query_start_loc=torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), **cuda),
+        seq_lens=torch.tensor(seq_lens, **cuda),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], **cuda),
+        num_decodes=num_decodes, max_query_len=max(longer) if longer else 1, max_seq_len=max(seq_lens))
+    return q, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 64), (4, 4, 128), (4, 2, 16)])
+def test_fused_attention_equals_reference_on_mixed_batches(dtype, heads):
+    from scheduler.attention.fused import paged_attention
+
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    for seed in range(8):
+        q, k_cache, v_cache, meta = random_mixed_batch(seed, *heads, dtype)
+        scale = heads[2] ** -0.5
+        expected = ref_attention.paged_attention(q, k_cache, v_cache, meta, scale).float()
+        got = paged_attention(q, k_cache, v_cache, meta, scale).float()
+        assert torch.allclose(got, expected, atol=tolerance, rtol=tolerance), (seed, (got - expected).abs().max())
+
+
+def test_fused_layer_ops_round_like_torch():
+    from scheduler.models import fused_ops
+    from scheduler.models.llama import RMSNorm, RotaryEmbedding
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    x, residual = torch.randn(7, 576, device="cuda", dtype=dtype), torch.randn(7, 576, device="cuda", dtype=dtype)
+    norm = RMSNorm(576, 1e-5).to("cuda", dtype)
+    norm.weight.data.normal_()
+    normed, summed = fused_ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(summed, x + residual)
+    assert torch.allclose(normed.float(), norm(x + residual).float(), atol=1e-2, rtol=1e-2)
+    gate_up = torch.randn(5, 2 * 1536, device="cuda", dtype=dtype)
+    expected = torch.nn.functional.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    assert torch.equal(fused_ops.silu_mul(gate_up), expected)
+
+    config = tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    rotary = RotaryEmbedding(config, 512).to("cuda")
+    qkv = torch.randn(6, (9 + 6) * 64, device="cuda", dtype=dtype)
+    q, k, v = (t.view(6, -1, 64) for t in qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1))
+    positions = torch.tensor([0, 3, 17, 200, 511, 1], device="cuda")
+    q_ref, k_ref = rotary(positions, q.clone(), k.clone())
+    k_cache = torch.zeros(4, 16, 3, 64, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([0, 5, 16, -1, 63, 40], device="cuda")
+    v_expected = v.clone()
+    fused_ops.rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    stored = slots >= 0
+    assert torch.equal(k_cache.view(-1, 3, 64)[slots[stored]], k_ref[stored])
+    assert torch.equal(v_cache.view(-1, 3, 64)[slots[stored]], v_expected[stored])
+    untouched = torch.ones(64, dtype=torch.bool, device="cuda")
+    untouched[slots[stored]] = False
+    assert not k_cache.view(-1, 3, 64)[untouched].any()
+
+
+def test_cuda_graphs_greedy_matches_hf(tiny_model_dir):
+    path, model = tiny_model_dir
+    prompts = random_prompts(model.config.vocab_size)
+    engine = Engine(model=str(path), device="cuda", dtype="float32", max_num_batched_tokens=32,
+                    kv_cache_bytes=16 * 8192)  # small enough to preempt
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
+    assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
+    assert [o.token_ids for o in outputs] == hf_references(model, prompts)
+    assert_pool_idle(engine)
+
+
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+def test_outputs_with_graphs_equal_outputs_without(speculative):
+    config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(49152) for _ in range(n)] for n in (3, 40, 130, 600)] + [[7, 8, 9, 10] * 30]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 4 + [
+        SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True)]
+    outputs = []
+    for eager in (True, False):
+        engine = Engine(model=config, load_format="dummy", device="cuda", enforce_eager=eager, max_num_seqs=8,
+                        speculative=speculative, adaptive_speculation=False, kv_cache_bytes=1 << 28)
+        assert (engine.runner.graphs is None) == eager
+        outputs.append([o.token_ids for o in run_engine(engine, prompts, params, arrive_every=2)])
+        if not eager:
+            assert engine.runner.graphs.num_replays > 0
+        assert_pool_idle(engine)
+        del engine
+        torch.cuda.empty_cache()
+    assert outputs[0] == outputs[1]
+
+
+def test_draft_model_runs_through_graphs(tiny_model_dir):
+    path, model = tiny_model_dir
+    prompts = random_prompts(model.config.vocab_size)
+    engine = Engine(model=str(path), device="cuda", dtype="float32", speculative="draft", draft_model=str(path),
+                    adaptive_speculation=False, max_num_batched_tokens=64)
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
+    assert engine.speculator.draft.runner.graphs.num_replays > 0
+    assert [o.token_ids for o in outputs] == hf_references(model, prompts)
+    assert sum(o.metrics.accepted_tokens for o in outputs) > 0
+    assert_pool_idle(engine)
