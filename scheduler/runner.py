@@ -126,7 +126,7 @@ class ModelRunner:
 
 
 class _Graphs:
-    """Captured graphs, one per (batch-size bucket, query length) and the fixed buffers they read.
+    """Captured graphs, one per (batch-size bucket, longest query) and the fixed buffers they read.
 
     Every input lives in one int32 device buffer, filled from a pinned host mirror with one copy
     per step; block tables come last so a small batch copies only its own rows.
@@ -171,7 +171,7 @@ class _Graphs:
     def _capture(self) -> None:
         started, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
-        query_lens = sorted({1, self.max_query_len}, reverse=True)
+        query_lens = range(self.max_query_len, 0, -1)
         self._fill([], self.sizes[-1] * self.max_query_len)  # every sequence empty, every token without a slot
         self._upload(self.sizes[-1])
         torch.cuda.synchronize()
@@ -190,7 +190,8 @@ class _Graphs:
                 log.info("captured CUDA graphs: %d/%d", i + 1, len(keys))
         torch.cuda.synchronize()
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
-        log.info("CUDA graphs for up to %d sequences x %s tokens: %.1f s, %.0f MiB", self.sizes[-1], query_lens,
+        log.info("CUDA graphs for up to %d sequences x 1-%d tokens: %.1f s, %.0f MiB", self.sizes[-1],
+                 self.max_query_len,
                  time.perf_counter() - started, self.memory_bytes / 2**20)
 
     def fits(self, items: list[ForwardItem]) -> bool:
@@ -202,8 +203,7 @@ class _Graphs:
     def replay(self, items: list[ForwardItem]) -> torch.Tensor:
         """Hidden states of every item's new tokens, in order."""
         num_seqs = next(b for b in self.sizes if b >= len(items))
-        longest = max(len(it.token_ids) for it in items)
-        query_len = 1 if longest == 1 else self.max_query_len
+        query_len = max(len(it.token_ids) for it in items)
         num_tokens = self._fill(items, num_seqs * query_len)
         self._upload(num_seqs)
         graph, out = self.graphs[(num_seqs, query_len)]

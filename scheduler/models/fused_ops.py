@@ -1,8 +1,8 @@
 """Triton kernels for the CUDA path: residual add + RMSNorm, rotary + KV-cache write, SiLU * up.
 
 Each replaces a handful of elementwise launches with one. They round where transformers
-rounds (every bf16 op's result is stored in bf16 before the next); on an H100 residual sums
-and SiLU * up come out bit-identical to torch's, rotary within one bf16 rounding step.
+rounds (every bf16 op's result is stored in bf16 before the next), so they agree with the
+eager torch ops within one bf16 rounding step (exp and rsqrt are the GPU's fast versions).
 """
 
 from __future__ import annotations
