@@ -55,18 +55,18 @@ class SamplingBatch:
         any_frequency_presence_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
         any_penalty = any_repetition_penalty or any_frequency_presence_penalty
         # One host-to-device copy for all float parameters.
-        floats = torch.tensor(
+        floats = to_device(
             [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
              [p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
              [p.presence_penalty for p in params]],
-            dtype=torch.float32, device=device)
+            torch.float32, device)
         temperature, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty = floats.unbind(0)
         is_greedy = temperature == 0
         greedy_rows = [p.greedy for p in params]
         return cls(
             temperature=temperature.masked_fill(is_greedy, 1.0),
             is_greedy=is_greedy,
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            top_k=to_device(top_k, torch.int64, device),
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
@@ -92,7 +92,15 @@ class SamplingBatch:
 
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
     width = max(1, max(map(len, rows)))  # at least one column so scatters never see an empty index
-    return torch.tensor([list(row) + [pad_id] * (width - len(row)) for row in rows], dtype=torch.int64, device=device)
+    return to_device([list(row) + [pad_id] * (width - len(row)) for row in rows], torch.int64, device)
+
+
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`; to CUDA through pinned memory, so the copy does not wait
+    for the GPU work queued before it (the step's forward pass)."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from scheduler.sampling import to_device
+
 
 def verify(target_probs: torch.Tensor, num_drafts: list[int], draft_token_ids: list[list[int]],
            draft_probs: torch.Tensor | None, is_greedy: torch.Tensor, generators: list, sample_fn) -> tuple:
@@ -19,10 +21,10 @@ def verify(target_probs: torch.Tensor, num_drafts: list[int], draft_token_ids: l
     rows_generators) draws one token per row. Returns (num_accepted [R], next_token [R]) tensors."""
     device = target_probs.device
     num_seqs, max_k = len(num_drafts), max(num_drafts)
-    ks = torch.tensor(num_drafts, device=device)
+    ks = to_device(num_drafts, torch.long, device)
     starts = torch.cumsum(ks + 1, 0) - (ks + 1)
     positions = torch.arange(max(max_k, 1), device=device)
-    drafts = torch.tensor([d + [0] * (max_k - len(d)) for d in draft_token_ids], dtype=torch.long, device=device)
+    drafts = to_device([d + [0] * (max_k - len(d)) for d in draft_token_ids], torch.long, device)
     drafts = drafts.view(num_seqs, max_k)
     # Only the probabilities of the drafted tokens, and one row per sequence below, are read:
     # never a [sequences, k + 1, vocab] copy.
