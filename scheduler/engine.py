@@ -169,7 +169,9 @@ class Engine:
             prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
             num_drafts=sum(1 for r in results if r.num_drafts), num_draft_tokens=sum(r.num_drafts for r in results),
             accepted_per_position=_accepted_per_position(results))
-        if self.speculator is not None and batch:
+        if self.speculator is not None and batch and not num_prompt_tokens:
+            # Only steps without prompt work are timed: a prefill chunk's cost has nothing to do with
+            # the depth, and on CUDA it also leaves the graphs for the eager path.
             num_decodes = sum(1 for s in batch if s.samples and s.num_new_tokens == 1)
             self.speculator.observe_step(num_decodes, time.perf_counter() - start)
         for output in outputs:
