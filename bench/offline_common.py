@@ -4,6 +4,7 @@ generate_batch() continuous batching, our LLM) as functions from prompts to outp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -31,6 +32,9 @@ NO_EOS = -1  # an id no token has: neither HF path stops early, and no logit is 
 WARMUP_REQUESTS = 2
 WARMUP_OUTPUT_LEN = 4
 CB_PAGE_SIZE = 256  # generate_batch's default page size, in tokens
+# Named block_size up to transformers 5.17, page_size after.
+CB_PAGE_FIELD = next(f.name for f in dataclasses.fields(ContinuousBatchingConfig) if f.name in ("page_size",
+                                                                                                "block_size"))
 HF_STATIC, HF_CONTINUOUS, ENGINE = "HF generate() static batches", "HF generate_batch() continuous", "beastserve LLM"
 
 
@@ -94,12 +98,11 @@ def hf_continuous(model, max_batched_tokens: int | None) -> Generate:
     """On CPU the cache is sized to what the requests need (it would otherwise be sized from free RAM); on a GPU
     generate_batch sizes it from free memory, and a step budget of None lets it choose that too."""
     def generate(prompts: Prompts, output_len: int) -> Run:
-        num_blocks = None
+        cache = {}
         if model.device.type == "cpu":
             needed = sum(len(p) + output_len for p in prompts)
-            num_blocks = math.ceil(needed / CB_PAGE_SIZE) + len(prompts)
-        cb_config = ContinuousBatchingConfig(page_size=CB_PAGE_SIZE, max_batch_tokens=max_batched_tokens,
-                                             num_blocks=num_blocks)
+            cache = {CB_PAGE_FIELD: CB_PAGE_SIZE, "num_blocks": math.ceil(needed / CB_PAGE_SIZE) + len(prompts)}
+        cb_config = ContinuousBatchingConfig(max_batch_tokens=max_batched_tokens, **cache)
         results = model.generate_batch(prompts, generation_config=greedy_config(output_len),
                                        continuous_batching_config=cb_config, progress_bar=False)
         outputs = list(results.values())  # ordered like the inputs
