@@ -219,7 +219,7 @@ def shape_markdown(name: str, r: dict) -> list[str]:
         parts = []
         for key, check in r["targets"].items():
             label, op, unit = TARGET_TEXT[key]
-            value = "not measured" if check["value"] is None else f"{check['value']:.2f}{unit}"
+            value = "—" if check["value"] is None else f"{check['value']:.2f}{unit}"
             verdict = {True: "met", False: "missed", None: "not measured"}[check["met"]]
             parts.append(f"{label} {op} {check['target']:g}{unit}: {value}, **{verdict}**")
         lines += ["", "Targets (issue #5): " + "; ".join(parts) + "."]
@@ -228,11 +228,11 @@ def shape_markdown(name: str, r: dict) -> list[str]:
 
 def to_markdown(result: dict) -> str:
     m, w = result["machine"], result["workload"]
-    hf_requests = w["hf_num_requests"] or w["num_requests"]
+    hf = "HF systems skipped" if w["skip_hf"] else f"HF systems: the first {w['hf_num_requests'] or w['num_requests']}"
     lines = ["# Offline throughput and latency on a GPU", "",
              f"{m['date']} · **{m['gpu']}** · {m['cpu']} ({m['logical_cores']} cores) · torch {m['torch']} · "
              f"transformers {m['transformers']} · {w['dtype']}", "",
-             f"{w['num_requests']} requests (HF systems: the first {hf_requests}), prompts {w['min_prompt']}–"
+             f"{w['num_requests']} requests ({hf}), prompts {w['min_prompt']}–"
              f"{w['max_prompt']} random token ids (seed {w['seed']}), {w['output_len']} output tokens each, greedy, "
              f"EOS ignored; HF static batch size {w['hf_batch_size']}, HF sdpa attention; generate_batch() step "
              f"budget {w['hf_max_batch_tokens'] or 'its own'}; engine options {json.dumps(w['engine_kwargs'])}. "
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     facts = machine_facts(device)
     workload = {name: getattr(args, name) for name in ("num_requests", "hf_num_requests", "min_prompt", "max_prompt",
                                                        "output_len", "hf_batch_size", "hf_max_batch_tokens", "dtype",
-                                                       "engine_kwargs", "seed")}
+                                                       "engine_kwargs", "seed", "skip_hf")}
     result = dict(machine=facts, workload=workload, shapes={shape: run_shape(args, shape, device)
                                                             for shape in args.shapes})
     print("\n" + to_markdown(result))
