@@ -9,7 +9,7 @@
 # an H100. Packages missing on the machine (gguf, grpcio-health-checking, grpcio-reflection) are installed from the
 # wheels in $WHEELS (default .whl) into /tmp/site when they do not import already.
 #
-# Settings from the environment: RATES (4,16,64,inf), NUM_REQUESTS (128 per rate), OUTPUT_LEN (256, most tokens per
+# Settings from the environment: RATES (4,16,64,inf), NUM_REQUESTS (100 per rate), OUTPUT_LEN (256, most tokens per
 # answer; answers stop at EOS), DATASET (bench/data/chat_prompts.jsonl), MODES (off,ngram), SERVE_ARGS (extra
 # daemon flags), PYTHON (python3).
 set -euo pipefail
@@ -18,7 +18,7 @@ MODEL=${1:-default}
 OUTDIR=${2:-${OUT:-bench/results}}
 PYTHON=${PYTHON:-python3}
 RATES=${RATES:-4,16,64,inf}
-NUM_REQUESTS=${NUM_REQUESTS:-128}
+NUM_REQUESTS=${NUM_REQUESTS:-100}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 DATASET=${DATASET:-bench/data/chat_prompts.jsonl}
 MODES=${MODES:-off,ngram}
