@@ -140,7 +140,7 @@ def measure(name: str, generate: Generate, prompts: Prompts, output_len: int) ->
 
 def speedups(rows: list[dict]) -> dict[str, float]:
     ours = next(r for r in rows if r["system"] == ENGINE)
-    return {r["system"]: ours["output_tok_s"] / r["output_tok_s"] for r in rows if r is not ours}
+    return {r["system"]: ours["output_tok_s"] / r["output_tok_s"] for r in rows if r is not ours and "error" not in r}
 
 
 def write_results(result: dict, out: Path, to_markdown: Callable[[dict], str]) -> None:

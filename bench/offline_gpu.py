@@ -13,6 +13,7 @@ import json
 import platform
 import statistics
 import time
+import traceback
 
 import torch
 import transformers
@@ -133,11 +134,22 @@ def run_hf(args: argparse.Namespace, shape: str, prompts: list[list[int]], devic
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
-    static, _ = measure(HF_STATIC, hf_static(model, args.hf_batch_size), prompts, args.output_len)
+    static = measure_peer(HF_STATIC, hf_static(model, args.hf_batch_size), prompts, args.output_len)
     b1 = batch1(hf_static(model, 1), model.config.vocab_size, args.output_len, HF_BATCH1_RUNS, args.seed + 1)
     # Last: generate_batch() switches the model to paged attention while it runs.
-    continuous, _ = measure(HF_CONTINUOUS, hf_continuous(model, args.hf_max_batch_tokens), prompts, args.output_len)
-    return [dict(static, requests=len(prompts)), dict(continuous, requests=len(prompts))], b1
+    continuous = measure_peer(HF_CONTINUOUS, hf_continuous(model, args.hf_max_batch_tokens), prompts, args.output_len)
+    return [static, continuous], b1
+
+
+def measure_peer(name: str, generate: Generate, prompts: list[list[int]], output_len: int) -> dict:
+    """A peer that fails (out of memory, an API change) is reported as failed; the run goes on."""
+    try:
+        row, _ = measure(name, generate, prompts, output_len)
+    except Exception as exc:  # whatever it was goes into the results
+        traceback.print_exc()
+        free_memory()
+        return dict(system=name, requests=len(prompts), error=f"{type(exc).__name__}: {exc}")
+    return dict(row, requests=len(prompts))
 
 
 def run_engine(args: argparse.Namespace, shape: str, prompts: list[list[int]]) -> tuple[dict, dict, dict]:
@@ -163,8 +175,8 @@ def run_shape(args: argparse.Namespace, shape: str, device: torch.device) -> dic
     rows.append(row)
     result = dict(config=SHAPES[shape], systems=rows, speedup=speedups(rows), batch1=batch1_rows, ttft=ttft_row,
                   seconds=time.perf_counter() - started)
-    if not args.skip_hf:
-        continuous = next(r for r in rows if r["system"] == HF_CONTINUOUS)
+    continuous = next((r for r in rows if r["system"] == HF_CONTINUOUS and "error" not in r), None)
+    if continuous is not None:
         serving_tok_s = continuous["output_tokens"] / (continuous["seconds"] - continuous["setup_s"])
         result["speedup_vs_generate_batch_without_setup"] = row["output_tok_s"] / serving_tok_s
     result["targets"] = check_targets(result, TARGETS.get(shape))
@@ -200,6 +212,9 @@ def shape_markdown(name: str, r: dict) -> list[str]:
              f"random weights · {r['seconds']:.0f} s for this shape", "",
              "| system | requests | wall s | output tok/s | beastserve speed-up |", "|---|---:|---:|---:|---:|"]
     for row in r["systems"]:
+        if "error" in row:
+            lines.append(f"| {row['system']} | {row['requests']} | failed: {row['error'][:200]} | — | — |")
+            continue
         speedup = r["speedup"].get(row["system"])
         setup = f" (of which setup {row['setup_s']:.1f})" if row["setup_s"] else ""
         lines.append(f"| {row['system']} | {row['requests']} | {row['seconds']:.1f}{setup} | "
@@ -259,10 +274,11 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {name: getattr(args, name) for name in ("num_requests", "hf_num_requests", "min_prompt", "max_prompt",
                                                        "output_len", "hf_batch_size", "hf_max_batch_tokens", "dtype",
                                                        "engine_kwargs", "seed", "skip_hf")}
-    result = dict(machine=facts, workload=workload, shapes={shape: run_shape(args, shape, device)
-                                                            for shape in args.shapes})
+    result = dict(machine=facts, workload=workload, shapes={})
+    for shape in args.shapes:
+        result["shapes"][shape] = run_shape(args, shape, device)
+        write_results(result, args.out, to_markdown)  # after each shape, so a later failure keeps the earlier ones
     print("\n" + to_markdown(result))
-    write_results(result, args.out, to_markdown)
     return result
 
 

@@ -56,3 +56,22 @@ def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    import bench.offline_gpu as offline_gpu
+
+    def broken(model, max_batch_tokens):
+        def generate(prompts, output_len):
+            raise RuntimeError("CUDA out of memory")
+        return generate
+
+    monkeypatch.setattr(offline_gpu, "hf_continuous", broken)
+    out = tmp_path / "o.json"
+    main(["--shapes", "tiny", "--num-requests", "2", "--min-prompt", "4", "--max-prompt", "8", "--output-len", "2",
+          "--out", str(out)])
+    tiny = json.loads(out.read_text())["shapes"]["tiny"]
+    failed = next(r for r in tiny["systems"] if r["system"] == HF_CONTINUOUS)
+    assert failed["error"] == "RuntimeError: CUDA out of memory"
+    assert set(tiny["speedup"]) == {HF_STATIC} and "speedup_vs_generate_batch_without_setup" not in tiny
+    assert "failed: RuntimeError: CUDA out of memory" in out.with_suffix(".md").read_text()
