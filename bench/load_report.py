@@ -75,3 +75,54 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+COMPARED = (("ttft", "median"), ("ttft", "p99"), ("tpot", "median"), ("tpot", "p99"), ("itl", "p99"),
+            ("e2e", "median"), ("e2e", "p99"))
+
+
+def compare_markdown(runs: dict[str, dict], title: str) -> str:
+    """One row per request rate and run: throughput (with its ratio to the first run's) and latency quantiles."""
+    names, first = list(runs), next(iter(runs.values()))
+    m, s = first["machine"], first["server"]
+    lines = [f"# {title}", "", f"{m['date']} · {m['cpu']} · {m['logical_cores']} cores · model {s['model']}", ""]
+    lines += [f"- {name}: {run.get('note') or '(no note)'}" for name, run in runs.items()]
+    by_rate = {name: {row["request_rate"]: row for row in run["passes"]} for name, run in runs.items()}
+    quantiles = " | ".join(f"{n.upper()} {'p50' if q == 'median' else q} ms" for n, q in COMPARED)
+    lines += ["", f"| request rate | run | completed | failed | output tok/s | {quantiles} |",
+              "|---|---|---:|---:|---:|" + "---:|" * len(COMPARED)]
+    for rate in (row["request_rate"] for row in first["passes"]):
+        base = by_rate[names[0]].get(rate)
+        for name in names:
+            row = by_rate[name].get(rate)
+            if row is None:
+                continue
+            ratio = f" ({row['output_throughput'] / base['output_throughput']:.2f}x)" \
+                if name != names[0] and base and base["output_throughput"] else ""
+            cells = ["—" if row[f"{n}_ms"] is None else f"{row[f'{n}_ms'][q]:,.1f}" for n, q in COMPARED]
+            lines.append(f"| {rate} | {name} | {row['completed']} | {row['failed']} | "
+                         f"{row['output_throughput']:,.1f}{ratio} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Compare bench/load.py results side by side, the first as the base.")
+    p.add_argument("runs", nargs="+", metavar="NAME=RESULT.json")
+    p.add_argument("--title", default="Serving load")
+    p.add_argument("--out", type=Path, required=True, help="markdown file to write")
+    args = p.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        name, sep, path = item.partition("=")
+        if not sep:
+            p.error(f"expected NAME=RESULT.json, got {item!r}")
+        runs[name] = json.loads(Path(path).read_text())
+    args.out.write_text(compare_markdown(runs, args.title))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()

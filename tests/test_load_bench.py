@@ -104,3 +104,20 @@ def test_cli_bench_reports_refused_requests_by_status_code(daemon, tmp_path):
     (row,) = json.loads(out_json.read_text())["passes"]
     assert (row["completed"], row["failed"], row["failures"]) == (0, 2, {"INVALID_ARGUMENT": 2})
     assert row["ttft_ms"] is None and row["output_throughput"] == 0
+
+
+def test_comparison_puts_runs_side_by_side_with_throughput_ratio_to_the_first():
+    from bench.load_report import compare_markdown
+
+    def run(output_tokens: int, note: str) -> dict:
+        records = [Record(prompt_tokens=4, output_tokens=output_tokens, ttft=0.1, e2e=1.0)]
+        passes = [dict(request_rate=rate, **summarize(records, 1.0, None)) for rate in ("4", "inf")]
+        return dict(machine=dict(date="today", cpu="cpu", logical_cores=2), server=dict(model="m"), note=note,
+                    passes=passes)
+
+    markdown = compare_markdown({"off": run(10, "plain"), "ngram": run(20, "drafts")}, "Serving load on X")
+    rows = [line for line in markdown.splitlines() if line.startswith(("| 4 ", "| inf "))]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 4", "off"], ["| 4", "ngram"], ["| inf", "off"],
+                                                      ["| inf", "ngram"]]
+    assert "| 20.0 (2.00x) |" in rows[1] and "| 10.0 |" in rows[0]
+    assert "- ngram: drafts" in markdown and markdown.startswith("# Serving load on X")

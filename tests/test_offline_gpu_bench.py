@@ -1,0 +1,77 @@
+"""bench/offline_gpu.py on the CPU with a tiny shape: every system runs, produces exactly the asked-for tokens,
+and the results files hold what the GPU run will be read for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.offline_common import ENGINE, HF_CONTINUOUS, HF_STATIC
+from bench.offline_gpu import check_targets, main, parse_args
+
+
+def test_tiny_run_writes_consistent_json_and_markdown(tmp_path):
+    out = tmp_path / "offline_gpu.json"
+    main(["--shapes", "tiny", "--num-requests", "4", "--hf-num-requests", "3", "--min-prompt", "8",
+          "--max-prompt", "24", "--output-len", "6", "--hf-batch-size", "2", "--engine-kwargs",
+          '{"max_num_seqs": 8}', "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["machine"]["gpu"] and result["machine"]["torch"] and result["machine"]["transformers"]
+    assert result["workload"]["engine_kwargs"] == {"max_num_seqs": 8}
+    tiny = result["shapes"]["tiny"]
+    rows = {r["system"]: r for r in tiny["systems"]}
+    assert list(rows) == [HF_STATIC, HF_CONTINUOUS, ENGINE]
+    assert [r["requests"] for r in rows.values()] == [3, 3, 4]
+    for row in rows.values():
+        assert row["output_tokens"] == row["requests"] * 6  # EOS ignored on every side
+        assert row["output_tok_s"] == pytest.approx(row["output_tokens"] / row["seconds"])
+        assert 0 <= row["setup_s"] < row["seconds"]
+    assert tiny["speedup"][HF_CONTINUOUS] == pytest.approx(rows[ENGINE]["output_tok_s"]
+                                                           / rows[HF_CONTINUOUS]["output_tok_s"])
+    assert tiny["speedup_vs_generate_batch_without_setup"] <= tiny["speedup"][HF_CONTINUOUS]
+    for b in tiny["batch1"].values():
+        # Only the inputs are checked: a difference of two timings may come out negative on a busy CPU.
+        assert (b["prompt_len"], b["output_len"]) == (128, 6) and b["first_token_ms"] > 0 and b["ms_per_token"] > 0
+        assert isinstance(b["decode_ms_per_token"], float)
+    assert tiny["ttft"]["min_ms"] <= tiny["ttft"]["median_ms"] <= tiny["ttft"]["max_ms"]
+    assert tiny["targets"] is None  # only the issue's shapes have targets
+    markdown = out.with_suffix(".md").read_text()
+    for text in (result["machine"]["gpu"], HF_STATIC, HF_CONTINUOUS, ENGINE, "TTFT of a 512-token prompt"):
+        assert text in markdown
+
+
+def test_targets_judge_the_stricter_ratio_and_upper_bounds():
+    result = {"speedup_vs_generate_batch_without_setup": 9.5, "batch1": {ENGINE: {"decode_ms_per_token": 1.4}},
+              "ttft": {"median_ms": 16.0}}
+    checks = check_targets(result, dict(speedup=10.0, decode_ms=1.5, ttft_ms=15.0))
+    assert {k: c["met"] for k, c in checks.items()} == {"speedup": False, "decode_ms": True, "ttft_ms": False}
+    del result["speedup_vs_generate_batch_without_setup"]  # --skip-hf
+    assert check_targets(result, dict(speedup=10.0))["speedup"]["met"] is None
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "gpt-9"], ["--output-len", "1"], ["--engine-kwargs", "[1]"],
+                                  ["--num-requests", "4", "--hf-num-requests", "5"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    import bench.offline_gpu as offline_gpu
+
+    def broken(model, max_batch_tokens):
+        def generate(prompts, output_len):
+            raise RuntimeError("CUDA out of memory")
+        return generate
+
+    monkeypatch.setattr(offline_gpu, "hf_continuous", broken)
+    out = tmp_path / "o.json"
+    main(["--shapes", "tiny", "--num-requests", "2", "--min-prompt", "4", "--max-prompt", "8", "--output-len", "2",
+          "--out", str(out)])
+    tiny = json.loads(out.read_text())["shapes"]["tiny"]
+    failed = next(r for r in tiny["systems"] if r["system"] == HF_CONTINUOUS)
+    assert failed["error"] == "RuntimeError: CUDA out of memory"
+    assert set(tiny["speedup"]) == {HF_STATIC} and "speedup_vs_generate_batch_without_setup" not in tiny
+    assert "failed: RuntimeError: CUDA out of memory" in out.with_suffix(".md").read_text()
