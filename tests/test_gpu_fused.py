@@ -60,8 +60,9 @@ def test_fused_attention_equals_reference_on_mixed_batches(dtype, heads):
         assert torch.allclose(got, expected, atol=tolerance, rtol=tolerance), (seed, (got - expected).abs().max())
 
 
-def within_one_bf16_step(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    return torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
+def within_one_bf16_step(got: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> bool:
+    """scale: magnitude of the inputs, where the result is a difference of rounded terms that may cancel."""
+    return torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=max(1e-6, scale * 2**-7))
 
 
 def test_fused_layer_ops_agree_with_torch():
@@ -93,8 +94,9 @@ def test_fused_layer_ops_agree_with_torch():
     slots = torch.tensor([0, 5, 16, -1, 63, 40], device="cuda")
     v_expected = v.clone()
     fused_ops.rope_and_cache(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
-    assert within_one_bf16_step(q, q_ref), (q.float() - q_ref.float()).abs().max()
-    assert within_one_bf16_step(k, k_ref), (k.float() - k_ref.float()).abs().max()
+    scale = qkv.abs().max().item()
+    assert within_one_bf16_step(q, q_ref, scale), (q.float() - q_ref.float()).abs().max()
+    assert within_one_bf16_step(k, k_ref, scale), (k.float() - k_ref.float()).abs().max()
     stored = slots >= 0
     assert torch.equal(k_cache.view(-1, 3, 64)[slots[stored]], k[stored])
     assert torch.equal(v_cache.view(-1, 3, 64)[slots[stored]], v_expected[stored])
