@@ -83,7 +83,8 @@ def bench_mode(args, mode: str, workloads: dict[str, list[str]]) -> dict:
         run_load(engine, prompts[:1], 1, 8)  # warm-up
         results[name] = []
         for c in args.concurrency:
-            batch = (prompts * (2 * c // len(prompts) + 1))[:max(2 * c, len(prompts))]
+            n = args.requests_per_concurrency * c
+            batch = (prompts * (n // len(prompts) + 1))[:max(n, len(prompts))]
             r = run_load(engine, batch, c, args.output_len)
             results[name].append(r)
             print(f"{mode:14s} {name:5s} c={c:3d}  {r['tpot_ms']:7.2f} ms/token  {r['throughput_tok_s']:8.1f} tok/s"
@@ -140,6 +141,8 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--requests-per-concurrency", type=int, default=2,
+                        help="requests per setting: this many times the concurrency (at least one per prompt)")
     parser.add_argument("--workloads", default="copy,chat")
     parser.add_argument("--out", default="bench/results/speculative")
     args = parser.parse_args(argv)
