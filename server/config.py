@@ -85,8 +85,6 @@ def add_server_args(parser: argparse.ArgumentParser, env=os.environ) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {name: getattr(args, name) for name in vars(ServerConfig())}
     config = ServerConfig(**values)
-    if config.speculative == "draft" and not config.draft_model:
-        raise ValueError("--speculative draft needs --draft-model (or DRAFT_MODEL_PATH)")
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:

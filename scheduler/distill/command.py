@@ -1,0 +1,171 @@
+"""`beastserve distill-draft` (also `python -m scheduler.distill`): make a draft model for a target
+from the target's own answers, save it, and evaluate it on held-out prompts."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scheduler.distill.compact import save_compact, save_full, target_fingerprint
+from scheduler.distill.data import TEMPERATURES, generate_samples, prompt_stream, read_prompts, split_prompts
+from scheduler.distill.evaluate import evaluate, format_report
+from scheduler.distill.train import LOSSES, TrainConfig, draft_layer_ids, hf_model, init_draft, train
+from scheduler.llm import LLM
+from scheduler.models import resolve_model
+
+
+def add_distill_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--target", default=env("BEASTSERVE_MODEL", "default"),
+                        help="the model to make a draft for: 'default', a GGUF file or a Hugging Face directory "
+                             "[BEASTSERVE_MODEL]")
+    parser.add_argument("--out", required=True, help="directory to write the draft and eval.json into")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the draft")
+    parser.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} or {\"messages\": [...]} lines; "
+                                          "default: prompts the target writes itself")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="answer tokens to generate for training")
+    parser.add_argument("--max-minutes", type=float, default=10.0,
+                        help="wall-time cap on generation and training (generation takes at most half)")
+    parser.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                        help="store only the draft's own layers, borrowing the target's embeddings and LM head "
+                             "(--no-compact: a self-contained Hugging Face directory)")
+    parser.add_argument("--device", default=env("BEASTSERVE_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default=env("BEASTSERVE_DTYPE", "auto"), help="the target's dtype")
+    parser.add_argument("--temperatures", default=",".join(map(str, TEMPERATURES)),
+                        type=lambda s: tuple(float(t) for t in s.split(",")),
+                        help="answers are sampled at these temperatures in turn")
+    parser.add_argument("--max-answer-tokens", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine generates at once")
+    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per training step")
+    parser.add_argument("--top-k", type=int, default=64, help="target logits kept per position")
+    parser.add_argument("--loss", choices=LOSSES, default="kl")
+    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts to evaluate on")
+    parser.add_argument("--eval-tokens", type=int, default=128, help="most tokens per evaluation answer")
+    parser.add_argument("--eval-speed-prompts", type=int, default=8, help="of those, answered one at a time")
+    parser.add_argument("--k", type=int, default=4, help="tokens drafted per step in the evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_distill_command(subparsers) -> None:
+    parser = subparsers.add_parser("distill-draft", help="make a draft model for speculative decoding",
+                                   description=__doc__)
+    add_distill_args(parser)
+    parser.set_defaults(func=run_distill)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, minimum in (("layers", 1), ("tokens", 1), ("max_answer_tokens", 1), ("max_num_seqs", 1),
+                          ("batch_tokens", 1), ("top_k", 1), ("eval_prompts", 1), ("eval_tokens", 2),
+                          ("eval_speed_prompts", 1), ("k", 1)):
+        if getattr(args, flag) < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
+    for flag in ("max_minutes", "epochs", "lr"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if not args.temperatures or any(t < 0 for t in args.temperatures):
+        raise ValueError(f"--temperatures must be numbers >= 0, got {args.temperatures}")
+    if args.k > 16:
+        raise ValueError(f"--k must be <= 16, got {args.k}")
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    check_args(args)
+    user_prompts = read_prompts(args.prompts) if args.prompts else None
+    out = Path(args.out)
+    start = time.monotonic()
+    llm = LLM(args.target, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=max(2048, 4 * args.max_num_seqs), seed=args.seed)
+    num_target_layers = llm.engine.model_config.num_hidden_layers
+    if args.layers > num_target_layers:
+        raise ValueError(f"--layers must be at most the target's {num_target_layers} layers, got {args.layers}")
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        raise ValueError("--target: needs a tokenizer with a chat template (prompts are chats)")
+
+    train_prompts, eval_prompts = split_prompts(llm, user_prompts, args.eval_prompts)
+    stream = prompt_stream(llm, train_prompts, eval_prompts, args.temperatures, 4 * args.max_num_seqs)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.tokens, desc="generating", unit="tok", mininterval=1.0) as bar:
+        samples = generate_samples(llm, stream, args.tokens, start + 30 * args.max_minutes, args.max_answer_tokens,
+                                   4 * args.max_num_seqs, bar)
+    generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
+    generation_s = time.monotonic() - start
+    print(f"generated {generated} answer tokens for {len(samples)} prompts in {generation_s:.0f} s", flush=True)
+
+    engine = llm.engine
+    teacher = hf_model(engine.model, engine.device, engine.dtype)
+    fingerprint, tokenizer = target_fingerprint(engine.model), llm.tokenizer
+    del llm, engine
+    _free_memory()
+    draft = init_draft(teacher, args.layers)
+    config = TrainConfig(top_k=args.top_k, loss=args.loss, lr=args.lr, batch_tokens=args.batch_tokens,
+                         epochs=args.epochs, max_seconds=max(1.0, start + 60 * args.max_minutes - time.monotonic()),
+                         seed=args.seed)
+    stats = train(teacher, draft, samples, config)
+    print(f"trained {stats['steps']} steps ({stats['epochs']} epochs) in {stats['seconds']} s: agreement with the "
+          f"target {stats['first_batch_agreement']:.3f} -> {stats['agreement']:.3f}", flush=True)
+
+    manifest = {"target": _target_name(args.target), "target_fingerprint": fingerprint,
+                "layers_from_target": draft_layer_ids(num_target_layers, args.layers),
+                "command": args.command_line, "made_with": _versions(),
+                "data": {"samples": len(samples), "answer_tokens": generated, "seconds": round(generation_s, 1),
+                         "temperatures": list(args.temperatures),
+                         "prompts": args.prompts or "written by the target"},
+                "train": stats}
+    out.mkdir(parents=True, exist_ok=True)
+    if args.compact:
+        size = save_compact(draft, out, manifest)
+        print(f"compact draft: {size / 2**20:.1f} MiB of weights in {out}", flush=True)
+    else:
+        save_full(draft, tokenizer, out, manifest)
+    del teacher, draft
+    _free_memory()
+
+    result = evaluate(args.target, str(out), eval_prompts, k=args.k, max_tokens=args.eval_tokens,
+                      num_speed_prompts=args.eval_speed_prompts, device=args.device, dtype=args.dtype)
+    result["train"] = manifest["train"]
+    result["data"] = manifest["data"]
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(format_report(result))
+    return 0
+
+
+def _target_name(target: str) -> str:
+    source = resolve_model(target)
+    return source.gguf_file or Path(source.directory).name
+
+
+def _versions() -> dict:
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m scheduler.distill") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    add_distill_args(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join([*prog.split(), *argv])
+    try:
+        return run_distill(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog.split()[-1]}: {exc}", file=sys.stderr)
+        return 2
