@@ -43,6 +43,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                         type=lambda s: tuple(float(t) for t in s.split(",")),
                         help="answers are sampled at these temperatures in turn")
     parser.add_argument("--max-answer-tokens", type=int, default=256)
+    parser.add_argument("--max-prompt-tokens", type=int, default=64, help="most tokens of a prompt the target writes")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine generates at once")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -64,9 +65,9 @@ def add_distill_command(subparsers) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag, minimum in (("layers", 1), ("tokens", 1), ("max_answer_tokens", 1), ("max_num_seqs", 1),
-                          ("batch_tokens", 1), ("top_k", 1), ("eval_prompts", 1), ("eval_tokens", 2),
-                          ("eval_speed_prompts", 1), ("k", 1)):
+    for flag, minimum in (("layers", 1), ("tokens", 1), ("max_answer_tokens", 1), ("max_prompt_tokens", 1),
+                          ("max_num_seqs", 1), ("batch_tokens", 1), ("top_k", 1), ("eval_prompts", 1),
+                          ("eval_tokens", 2), ("eval_speed_prompts", 1), ("k", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
     for flag in ("max_minutes", "epochs", "lr"):
@@ -91,8 +92,9 @@ def run_distill(args: argparse.Namespace) -> int:
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise ValueError("--target: needs a tokenizer with a chat template (prompts are chats)")
 
-    train_prompts, eval_prompts = split_prompts(llm, user_prompts, args.eval_prompts)
-    stream = prompt_stream(llm, train_prompts, eval_prompts, args.temperatures, 4 * args.max_num_seqs)
+    train_prompts, eval_prompts = split_prompts(llm, user_prompts, args.eval_prompts, args.max_prompt_tokens)
+    stream = prompt_stream(llm, train_prompts, eval_prompts, args.temperatures, 4 * args.max_num_seqs,
+                           args.max_prompt_tokens)
     from tqdm.auto import tqdm
 
     with tqdm(total=args.tokens, desc="generating", unit="tok", mininterval=1.0) as bar:

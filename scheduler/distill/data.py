@@ -72,28 +72,29 @@ def read_prompts(path: str) -> list[list[dict]]:
     return conversations
 
 
-def write_prompts(llm: LLM, count: int, seed: int) -> list[list[dict]]:
+def write_prompts(llm: LLM, count: int, seed: int, max_tokens: int = 64) -> list[list[dict]]:
     """Ask the target to write `count` questions and tasks on varied topics, sampled with seeds seed.."""
     rng = random.Random(seed)
     asks = [rng.choice(TASKS).format(topic=rng.choice(TOPICS)) + " Reply with the question or request only."
             for _ in range(count)]
-    params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=64, seed=seed + i) for i in range(count)]
+    params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=seed + i) for i in range(count)]
     outputs = llm.chat([[{"role": "user", "content": ask}] for ask in asks], params)
     return [[{"role": "user", "content": out.text.strip() or ask}] for out, ask in zip(outputs, asks)]
 
 
-def split_prompts(llm: LLM, user_prompts: list[list[dict]] | None, num_eval: int):
+def split_prompts(llm: LLM, user_prompts: list[list[dict]] | None, num_eval: int, max_prompt_tokens: int):
     """(training prompt source, held-out evaluation prompts). A user file gives up its last tenth
     (at most num_eval) to evaluation; otherwise the target writes the evaluation prompts from seeds
     that training never uses."""
     if user_prompts:
         held = max(1, min(num_eval, len(user_prompts) // 10))
         return user_prompts[:-held], user_prompts[-held:]
-    return None, write_prompts(llm, num_eval, EVAL_SEED)
+    return None, write_prompts(llm, num_eval, EVAL_SEED, max_prompt_tokens)
 
 
 def prompt_stream(llm: LLM, user_prompts: list[list[dict]] | None, exclude: list[list[dict]],
-                  temperatures: tuple[float, ...], write_batch: int) -> Iterator[tuple[list[dict], float]]:
+                  temperatures: tuple[float, ...], write_batch: int,
+                  max_prompt_tokens: int) -> Iterator[tuple[list[dict], float]]:
     """(conversation, temperature) pairs. User prompts are cycled with rotating temperatures (greedy
     only once per prompt); without them the target writes new prompts, write_batch at a time."""
     if user_prompts:
@@ -107,7 +108,7 @@ def prompt_stream(llm: LLM, user_prompts: list[list[dict]] | None, exclude: list
     held_out = {json.dumps(c) for c in exclude}
     index = 0
     for seed in range(0, EVAL_SEED - write_batch, write_batch):
-        for conversation in write_prompts(llm, write_batch, seed):
+        for conversation in write_prompts(llm, write_batch, seed, max_prompt_tokens):
             if json.dumps(conversation) not in held_out:
                 yield conversation, temperatures[index % len(temperatures)]
                 index += 1
