@@ -32,8 +32,9 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} or {\"messages\": [...]} lines; "
                                           "default: prompts the target writes itself")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="answer tokens to generate for training")
-    parser.add_argument("--max-minutes", type=float, default=10.0,
-                        help="wall-time cap on generation and training (generation takes at most half)")
+    parser.add_argument("--max-minutes", type=float, default=10.0, help="wall-time cap on generation and training")
+    parser.add_argument("--generation-share", type=float, default=0.5,
+                        help="most of --max-minutes that generating data may take")
     parser.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                         help="store only the draft's own layers, borrowing the target's embeddings and LM head "
                              "(--no-compact: a self-contained Hugging Face directory)")
@@ -46,13 +47,14 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=64, help="most tokens of a prompt the target writes")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine generates at once")
     parser.add_argument("--epochs", type=float, default=4.0)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per training step")
     parser.add_argument("--top-k", type=int, default=64, help="target logits kept per position")
     parser.add_argument("--loss", choices=LOSSES, default="kl")
     parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts to evaluate on")
     parser.add_argument("--eval-tokens", type=int, default=128, help="most tokens per evaluation answer")
-    parser.add_argument("--eval-speed-prompts", type=int, default=8, help="of those, answered one at a time")
+    parser.add_argument("--eval-speed-prompts", type=int, default=4,
+                        help="of those, answered one at a time, at each depth 1..k and without speculation")
     parser.add_argument("--k", type=int, default=4, help="tokens drafted per step in the evaluation")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -73,6 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("max_minutes", "epochs", "lr"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if not 0 < args.generation_share < 1:
+        raise ValueError(f"--generation-share must be in (0, 1), got {args.generation_share}")
     if not args.temperatures or any(t < 0 for t in args.temperatures):
         raise ValueError(f"--temperatures must be numbers >= 0, got {args.temperatures}")
     if args.k > 16:
@@ -97,9 +101,10 @@ def run_distill(args: argparse.Namespace) -> int:
                            args.max_prompt_tokens)
     from tqdm.auto import tqdm
 
+    deadline = start + 60 * args.max_minutes * args.generation_share
     with tqdm(total=args.tokens, desc="generating", unit="tok", mininterval=1.0) as bar:
-        samples = generate_samples(llm, stream, args.tokens, start + 30 * args.max_minutes, args.max_answer_tokens,
-                                   4 * args.max_num_seqs, bar)
+        samples = generate_samples(llm, stream, args.tokens, deadline, args.max_answer_tokens, 4 * args.max_num_seqs,
+                                   bar)
     generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
     generation_s = time.monotonic() - start
     print(f"generated {generated} answer tokens for {len(samples)} prompts in {generation_s:.0f} s", flush=True)
@@ -107,7 +112,7 @@ def run_distill(args: argparse.Namespace) -> int:
     engine = llm.engine
     teacher = hf_model(engine.model, engine.device, engine.dtype)
     fingerprint, tokenizer = target_fingerprint(engine.model), llm.tokenizer
-    del llm, engine
+    del llm, engine, stream  # the prompt stream holds the engine, whose KV cache training needs
     _free_memory()
     draft = init_draft(teacher, args.layers)
     config = TrainConfig(top_k=args.top_k, loss=args.loss, lr=args.lr, batch_tokens=args.batch_tokens,

@@ -34,8 +34,10 @@ def _add(totals: list[int], counts: list[int]) -> list[int]:
     return [t + (counts[i] if i < len(counts) else 0) for i, t in enumerate(totals)]
 
 
-def _run_alone(engine: Engine, prompt: list[int], params: SamplingParams, speculative: bool):
-    stream = engine.add_request(None, params, prompt_token_ids=prompt, speculative=speculative)
+def _run_alone(engine: Engine, prompt: list[int], params: SamplingParams, depth: int):
+    """One request with nothing else in the engine, drafting `depth` tokens a step (0: no speculation)."""
+    stream = engine.add_request(None, params, prompt_token_ids=prompt, speculative=depth > 0,
+                                max_draft_tokens=depth or None)
     deltas = []
     while not stream.finished:
         engine.step()
@@ -43,31 +45,34 @@ def _run_alone(engine: Engine, prompt: list[int], params: SamplingParams, specul
     return [t for d in deltas for t in d.token_ids], deltas[-1].metrics
 
 
-def speedup(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Greedy answers one request at a time, each without and with speculation: time per output
-    token (after the first) both ways, and whether every output stayed the same."""
+def speedup(engine: Engine, prompts: list[list[int]], max_tokens: int, k: int) -> dict:
+    """Greedy answers one request at a time, without speculation and drafting 1..k tokens a step:
+    time per output token (after the first) each way, and whether every output stayed the same."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    for speculative in (False, True):  # warm-up
-        _run_alone(engine, prompts[0], SamplingParams(temperature=0, max_tokens=8), speculative)
-    seconds = {False: 0.0, True: 0.0}
+    depths = range(k + 1)
+    for depth in depths:  # warm-up
+        _run_alone(engine, prompts[0], SamplingParams(temperature=0, max_tokens=8), depth)
+    seconds = dict.fromkeys(depths, 0.0)
     tokens, same = 0, True
     for prompt in prompts:
         outputs = {}
-        for speculative in (False, True):
-            outputs[speculative], metrics = _run_alone(engine, prompt, params, speculative)
-            seconds[speculative] += metrics.e2e_s - metrics.ttft_s
-        tokens += len(outputs[False]) - 1
-        same &= outputs[False] == outputs[True]
-    off_ms, draft_ms = (1000 * seconds[s] / max(tokens, 1) for s in (False, True))
-    return {"concurrency": 1, "tpot_ms_off": round(off_ms, 3), "tpot_ms_draft": round(draft_ms, 3),
-            "speedup": round(off_ms / draft_ms, 3) if draft_ms else None, "outputs_identical": same,
-            "num_prompts": len(prompts), "output_tokens": tokens + len(prompts)}
+        for depth in depths:
+            outputs[depth], metrics = _run_alone(engine, prompt, params, depth)
+            seconds[depth] += metrics.e2e_s - metrics.ttft_s
+        tokens += len(outputs[0]) - 1
+        same &= all(out == outputs[0] for out in outputs.values())
+    ms = {depth: 1000 * seconds[depth] / max(tokens, 1) for depth in depths}
+    best = min(depths[1:], key=ms.get)
+    return {"concurrency": 1, "tpot_ms_off": round(ms[0], 3),
+            "tpot_ms_by_k": {d: round(ms[d], 3) for d in depths[1:]}, "best_k": best,
+            "tpot_ms_draft": round(ms[best], 3), "speedup": round(ms[0] / ms[best], 3) if ms[best] else None,
+            "outputs_identical": same, "num_prompts": len(prompts), "output_tokens": tokens + len(prompts)}
 
 
 def evaluate(target: str, draft_dir: str, conversations: list[list[dict]], *, k: int, max_tokens: int,
              num_speed_prompts: int, **engine_options) -> dict:
     """Acceptance per position at k drafted tokens (greedy and temperature 0.7) and the speed-up at
-    concurrency 1, with the draft in draft_dir serving `target` in our engine."""
+    concurrency 1 drafting 1..k tokens a step, with the draft in draft_dir serving `target` in our engine."""
     engine = Engine(model=target, speculative="draft", draft_model=draft_dir, num_speculative_tokens=k,
                     adaptive_speculation=False, **engine_options)
     prompts = [engine.inputs.render_chat(c) for c in conversations]
@@ -76,7 +81,7 @@ def evaluate(target: str, draft_dir: str, conversations: list[list[dict]], *, k:
         name = "greedy" if temperature == 0 else f"temperature_{temperature}"
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=None if temperature == 0 else 1)
         result["acceptance"][name] = acceptance(engine, prompts, params)
-    result["speed"] = speedup(engine, prompts[:num_speed_prompts], max_tokens)
+    result["speed"] = speedup(engine, prompts[:num_speed_prompts], max_tokens, k)
     result["device"] = str(engine.device)
     return result
 
@@ -91,7 +96,7 @@ def format_report(result: dict) -> str:
         total = acc["per_drafted_token"]
         lines.append(f"{name:16s}{cells}{total if total is None else f'{total:11.3f}'}")
     speed = result["speed"]
-    lines.append(f"concurrency 1: {speed['tpot_ms_off']:.2f} ms/token without speculation, "
-                 f"{speed['tpot_ms_draft']:.2f} ms/token with the draft: {speed['speedup']:.2f}x; "
-                 f"outputs {'identical' if speed['outputs_identical'] else 'DIFFERENT'}")
+    by_k = ", ".join(f"k={d}: {ms:.2f}" for d, ms in speed["tpot_ms_by_k"].items())
+    lines.append(f"concurrency 1, ms/token: off {speed['tpot_ms_off']:.2f}, {by_k}; best k={speed['best_k']}: "
+                 f"{speed['speedup']:.2f}x; outputs {'identical' if speed['outputs_identical'] else 'DIFFERENT'}")
     return "\n".join(lines)

@@ -4,8 +4,9 @@ to match the target's next-token distribution on the target's own answers.
 Training uses transformers models (our forward serves over a paged KV cache; training wants a
 plain one). Our parameter names are Hugging Face's, so weights move between the two as they are.
 The loss compares the draft's distribution with the target's top-k tokens, renormalised (k bounds
-the memory of the target's side): forward KL by default, or total-variation distance, which is
-exactly one minus the rate at which sampled drafts are accepted.
+the memory of the target's side, which is computed once and kept for later epochs): forward KL by
+default, or total-variation distance, which is exactly one minus the rate at which sampled drafts
+are accepted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ LOSSES = ("kl", "tv")
 class TrainConfig:
     top_k: int = 64
     loss: str = "kl"
-    lr: float = 5e-4
+    lr: float = 1e-3
     batch_tokens: int = 16384  # padded tokens per step
     epochs: float = 4.0
     max_seconds: float = math.inf
@@ -118,14 +119,19 @@ def _masked_logits(model, batch: tuple, autocast: bool) -> torch.Tensor:
         return model.lm_head(hidden[loss_mask]).float()
 
 
-def batch_loss(teacher, draft, batch: tuple, top_k: int, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def target_top_k(teacher, batch: tuple, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k logits (float16) and their token ids at every answer position of the batch."""
+    values, ids = _masked_logits(teacher, batch, batch[0].device.type == "cuda").topk(top_k, dim=-1)
+    return values.to(torch.float16), ids.to(torch.int32)
+
+
+def batch_loss(target_top: tuple, draft, batch: tuple, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, agreement): the draft against the target's top-k distribution at every answer position;
     agreement is the share of positions where their argmax tokens are the same."""
-    autocast = batch[0].device.type == "cuda"
-    with torch.no_grad():
-        top_values, top_ids = _masked_logits(teacher, batch, autocast).topk(top_k, dim=-1)
+    top_values, top_ids = target_top[0].float(), target_top[1].long()
     log_p = top_values.log_softmax(-1)
-    draft_logits = _masked_logits(draft, batch, autocast)
+    draft_logits = _masked_logits(draft, batch, batch[0].device.type == "cuda")
     log_q = draft_logits.log_softmax(-1).gather(1, top_ids)
     if loss == "kl":
         value = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
@@ -168,6 +174,7 @@ def train(teacher, draft, samples: list[Sample], config: TrainConfig, show_progr
     device = draft.model.embed_tokens.weight.device
     batches = make_batches(samples, config.batch_tokens, config.max_len, rng)
     total_steps = max(1, math.ceil(config.epochs * len(batches)))
+    target_tops: dict[int, tuple] = {}  # batch index -> the target's top-k at its answer positions
     trainable = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
     draft.train()
@@ -178,16 +185,19 @@ def train(teacher, draft, samples: list[Sample], config: TrainConfig, show_progr
         progress = max(step / total_steps, (time.monotonic() - start) / config.max_seconds)
         if progress >= 1:
             break
-        batch = tuple(t.to(device, non_blocking=True) for t in batches[step % len(batches)])
+        index = step % len(batches)
+        tokens += int(batches[index][2].sum())  # on the host: no sync
+        batch = tuple(t.to(device, non_blocking=True) for t in batches[index])
+        if index not in target_tops:  # the target's side is computed once, on the first pass
+            target_tops[index] = target_top_k(teacher, batch, config.top_k)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, progress)
-        loss, agree = batch_loss(teacher, draft, batch, config.top_k, config.loss)
+        loss, agree = batch_loss(target_tops[index], draft, batch, config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         step += 1
-        tokens += int(batch[2].sum())
         if step % 10 == 1 or step == total_steps:  # one host sync every few steps
             loss_now, agree_now = loss.item(), agree.item()
             first_agreement = agree_now if first_agreement is None else first_agreement
@@ -195,8 +205,10 @@ def train(teacher, draft, samples: list[Sample], config: TrainConfig, show_progr
             agree_avg = agree_now if agree_avg is None else 0.8 * agree_avg + 0.2 * agree_now
             bar.set_postfix(loss=f"{loss_avg:.3f}", agree=f"{agree_avg:.3f}", refresh=False)
         bar.update(1)
-        if step % len(batches) == 0:
-            rng.shuffle(batches)
+        if step % len(batches) == 0:  # a new epoch: the same batches, in another order
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            batches, target_tops = [batches[i] for i in order], {n: target_tops[i] for n, i in enumerate(order)}
     bar.close()
     draft.eval()
     return {"steps": step, "epochs": round(step / len(batches), 2), "trained_tokens": tokens,
