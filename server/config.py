@@ -48,7 +48,8 @@ class ServerConfig:
 
 _HELP = {
     "model": "'default', a GGUF file or a Hugging Face directory",
-    "draft_model": "draft model for --speculative draft (also DRAFT_MODEL_PATH)",
+    "draft_model": "draft model for --speculative draft (also DRAFT_MODEL_PATH); default: the draft shipped for "
+                   "the model, if one was made for it",
     "speculative": "speculative decoding mode (also ENABLE_SPECULATIVE)",
     "num_speculative_tokens": "most tokens drafted per step",
     "port": "gRPC port",

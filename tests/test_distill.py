@@ -14,6 +14,7 @@ from scheduler import LLM, Engine, SamplingParams
 from scheduler.distill import compact
 from scheduler.distill.compact import save_compact, save_full, target_fingerprint
 from scheduler.distill.data import Sample
+from scheduler.distill.evaluate import acceptance
 from scheduler.distill.train import TrainConfig, agreement, hf_model, init_draft, train
 from server.cli import main
 from tests.conftest import save_tiny_model, tiny_config
@@ -126,3 +127,27 @@ def test_distill_command_names_the_bad_flag(tiny_model_dir, tmp_path, capsys):
     assert "--prompts: line 2 needs a non-empty 'prompt' string or 'messages' list" in capsys.readouterr().err
     assert main(base + ["--layers", "3"]) == 2
     assert "--layers must be at most the target's 2 layers, got 3" in capsys.readouterr().err
+
+
+def test_acceptance_is_counted_per_position_among_drafts_that_got_there(distilled):
+    root, prompts, *_ = distilled
+    target = str(root / "target")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    itself = Engine(model=target, dtype="float32", speculative="draft", draft_model=target, num_speculative_tokens=3,
+                    adaptive_speculation=False)
+    assert acceptance(itself, prompts, params)["per_position"] == [1.0, 1.0, 1.0]
+    engine = Engine(model=target, dtype="float32", speculative="draft", draft_model=str(root / "compact"),
+                    num_speculative_tokens=3, adaptive_speculation=False)
+    for p in prompts:
+        engine.add_request(None, params, prompt_token_ids=p)
+    while engine.has_unfinished():
+        engine.step()
+        stats = engine.last_step_stats
+        accepted, verified = stats.accepted_per_position, stats.verified_per_position
+        assert (verified[0] if verified else 0) == stats.num_drafts  # every draft's first token is verified
+        for i in range(len(verified)):
+            assert accepted[i] <= verified[i]
+            assert i + 1 == len(verified) or verified[i + 1] <= accepted[i]  # position i + 1 needs i accepted
+    result = acceptance(engine, prompts, params)
+    assert 0 < result["per_position"][0] < 1
+    assert all(0 <= a <= 1 for a in result["per_position"] if a is not None)

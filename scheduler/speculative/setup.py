@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from scheduler.config import EngineConfig
@@ -11,6 +13,8 @@ from scheduler.runner import ModelRunner
 from scheduler.sampling import Sampler
 from scheduler.speculative.draft_model import DraftModelProposer
 from scheduler.speculative.speculator import Speculator
+
+log = logging.getLogger(__name__)
 
 
 def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -22,6 +26,7 @@ def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, de
         if path is None:
             raise ValueError("speculative='draft' needs draft_model (--draft-model): no draft shipped with "
                              f"beastserve (in {compact.SHIPPED_DRAFTS}) was made for this target")
+        log.info("draft model: %s, shipped for this target", path)
     try:
         if compact.is_compact(path):
             return compact.load_compact(path, target, dtype, device)
