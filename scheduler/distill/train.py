@@ -48,10 +48,11 @@ def hf_model(our_model, device: torch.device, dtype: torch.dtype):
 
 
 def draft_layer_ids(num_target_layers: int, num_layers: int) -> list[int]:
-    """Evenly spaced target layers, the first and the last among them."""
-    if num_layers == 1:
-        return [0]
-    return [round(i * (num_target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
+    """The target's first layers. Later layers expect the residual stream that all the layers before
+    them built; fed an early one (e.g. first and last layer of SmolLM2-135M), the draft starts from
+    a KL of ~60 nats against ~18 and learns more slowly."""
+    assert 1 <= num_layers <= num_target_layers
+    return list(range(num_layers))
 
 
 def init_draft(target, num_layers: int):
