@@ -41,7 +41,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=env("BEASTSERVE_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default=env("BEASTSERVE_DTYPE", "auto"), help="the target's dtype")
     parser.add_argument("--temperatures", default=",".join(map(str, TEMPERATURES)),
-                        type=lambda s: tuple(float(t) for t in s.split(",")),
+                        type=temperature_list,
                         help="answers are sampled at these temperatures in turn")
     parser.add_argument("--max-answer-tokens", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=64, help="most tokens of a prompt the target writes")
@@ -57,6 +57,10 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                         help="of those, answered one at a time, at each depth 1..k and without speculation")
     parser.add_argument("--k", type=int, default=4, help="tokens drafted per step in the evaluation")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def temperature_list(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(","))
 
 
 def add_distill_command(subparsers) -> None:

@@ -117,11 +117,16 @@ def prompt_stream(llm: LLM, user_prompts: list[list[dict]] | None, exclude: list
 def generate_samples(llm: LLM, prompts: Iterator[tuple[list[dict], float]], num_tokens: int, deadline: float,
                      max_answer_tokens: int, round_size: int, progress) -> list[Sample]:
     """Answer prompts in rounds of up to round_size (the engine batches each round) until num_tokens
-    answer tokens are made or the monotonic deadline passes."""
+    answer tokens are made or the monotonic deadline passes. Rounds are sized, from the answers'
+    mean length and the rate so far, to end near both limits rather than run past them."""
     samples, made, seed = [], 0, 0
-    mean_answer = max_answer_tokens / 2
+    mean_answer, rate = max_answer_tokens / 2, None  # answer tokens per second
+    start = time.monotonic()
     while made < num_tokens and time.monotonic() < deadline:
-        size = max(1, min(round_size, int((num_tokens - made) / mean_answer) + 1))
+        wanted = num_tokens - made
+        if rate is not None:
+            wanted = min(wanted, rate * (deadline - time.monotonic()))
+        size = max(1, min(round_size, int(wanted / mean_answer) + 1))
         batch = list(itertools.islice(prompts, size))
         if not batch:
             break
@@ -133,4 +138,5 @@ def generate_samples(llm: LLM, prompts: Iterator[tuple[list[dict], float]], num_
             made += len(out.token_ids)
             progress.update(len(out.token_ids))
         mean_answer = made / len(samples)
+        rate = made / (time.monotonic() - start)
     return samples
