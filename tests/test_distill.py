@@ -151,3 +151,19 @@ def test_acceptance_is_counted_per_position_among_drafts_that_got_there(distille
     result = acceptance(engine, prompts, params)
     assert 0 < result["per_position"][0] < 1
     assert all(0 <= a <= 1 for a in result["per_position"] if a is not None)
+
+
+SHIPPED_DEFAULT = compact.SHIPPED_DRAFTS / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not SHIPPED_DEFAULT.is_dir(), reason="no draft shipped for the default model yet")
+def test_the_draft_shipped_for_the_default_model_serves_it():
+    assert (SHIPPED_DEFAULT / compact.LAYERS_FILE).stat().st_size <= 16_000_000
+    assert compact.read_manifest(SHIPPED_DEFAULT)["command"]
+    chats = [[{"role": "user", "content": q}] for q in ("How do plants make food?", "Give me two tips for running.")]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    plain = LLM("default", dtype="float32").chat(chats, params)
+    drafted = LLM("default", dtype="float32", speculative="draft", adaptive_speculation=False).chat(chats, params)
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    accepted = sum(o.metrics.accepted_tokens for o in drafted)
+    assert accepted / sum(o.metrics.draft_tokens for o in drafted) > 0.5
