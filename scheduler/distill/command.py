@@ -10,12 +10,14 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from scheduler.distill.compact import save_compact, save_full, target_fingerprint
-from scheduler.distill.data import TEMPERATURES, generate_samples, prompt_stream, read_prompts, split_prompts
+from scheduler.distill.data import TEMPERATURES, Sample, generate_samples, prompt_stream, read_prompts, split_prompts
 from scheduler.distill.evaluate import evaluate, format_report
 from scheduler.distill.train import LOSSES, TrainConfig, draft_layer_ids, hf_model, init_draft, train
 from scheduler.llm import LLM
@@ -87,65 +89,78 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--k must be <= 16, got {args.k}")
 
 
-def run_distill(args: argparse.Namespace) -> int:
-    check_args(args)
+@dataclass
+class TargetData:
+    """What training needs from the target: its answers, and a transformers copy of it."""
+
+    samples: list[Sample]
+    eval_prompts: list[list[dict]]  # held out from training
+    teacher: object
+    fingerprint: str
+    tokenizer: object
+    num_layers: int
+    seconds: float
+
+
+def generate_data(args: argparse.Namespace, start: float) -> TargetData:
+    """Load the target in our engine and make the training data with it. The engine (and its KV
+    cache) is gone once this returns."""
     user_prompts = read_prompts(args.prompts) if args.prompts else None
-    out = Path(args.out)
-    start = time.monotonic()
     llm = LLM(args.target, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=max(2048, 4 * args.max_num_seqs), seed=args.seed)
-    num_target_layers = llm.engine.model_config.num_hidden_layers
-    if args.layers > num_target_layers:
-        raise ValueError(f"--layers must be at most the target's {num_target_layers} layers, got {args.layers}")
+    engine = llm.engine
+    num_layers = engine.model_config.num_hidden_layers
+    if args.layers > num_layers:
+        raise ValueError(f"--layers must be at most the target's {num_layers} layers, got {args.layers}")
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise ValueError("--target: needs a tokenizer with a chat template (prompts are chats)")
-
     train_prompts, eval_prompts = split_prompts(llm, user_prompts, args.eval_prompts, args.max_prompt_tokens)
     stream = prompt_stream(llm, train_prompts, eval_prompts, args.temperatures, 4 * args.max_num_seqs,
                            args.max_prompt_tokens)
-    from tqdm.auto import tqdm
-
     deadline = start + 60 * args.max_minutes * args.generation_share
     with tqdm(total=args.tokens, desc="generating", unit="tok", mininterval=1.0) as bar:
         samples = generate_samples(llm, stream, args.tokens, deadline, args.max_answer_tokens, 4 * args.max_num_seqs,
                                    bar)
-    generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
-    generation_s = time.monotonic() - start
-    print(f"generated {generated} answer tokens for {len(samples)} prompts in {generation_s:.0f} s", flush=True)
+    return TargetData(samples, eval_prompts, hf_model(engine.model, engine.device, engine.dtype),
+                      target_fingerprint(engine.model), llm.tokenizer, num_layers, time.monotonic() - start)
 
-    engine = llm.engine
-    teacher = hf_model(engine.model, engine.device, engine.dtype)
-    fingerprint, tokenizer = target_fingerprint(engine.model), llm.tokenizer
-    del llm, engine, stream  # the prompt stream holds the engine, whose KV cache training needs
+
+def run_distill(args: argparse.Namespace) -> int:
+    check_args(args)
+    start = time.monotonic()
+    data = generate_data(args, start)
+    generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in data.samples)
+    print(f"generated {generated} answer tokens for {len(data.samples)} prompts in {data.seconds:.0f} s", flush=True)
     _free_memory()
-    draft = init_draft(teacher, args.layers)
+
+    draft = init_draft(data.teacher, args.layers)
     config = TrainConfig(top_k=args.top_k, loss=args.loss, lr=args.lr, batch_tokens=args.batch_tokens,
                          epochs=args.epochs, max_seconds=max(1.0, start + 60 * args.max_minutes - time.monotonic()),
                          seed=args.seed)
-    stats = train(teacher, draft, samples, config)
+    stats = train(data.teacher, draft, data.samples, config)
     print(f"trained {stats['steps']} steps ({stats['epochs']} epochs) in {stats['seconds']} s: agreement with the "
           f"target {stats['first_batch_agreement']:.3f} -> {stats['agreement']:.3f}", flush=True)
+    data.teacher = None
 
-    manifest = {"target": _target_name(args.target), "target_fingerprint": fingerprint,
-                "layers_from_target": draft_layer_ids(num_target_layers, args.layers),
+    manifest = {"target": _target_name(args.target), "target_fingerprint": data.fingerprint,
+                "layers_from_target": draft_layer_ids(data.num_layers, args.layers),
                 "command": args.command_line, "made_with": _versions(),
-                "data": {"samples": len(samples), "answer_tokens": generated, "seconds": round(generation_s, 1),
-                         "temperatures": list(args.temperatures),
-                         "prompts": args.prompts or "written by the target"},
+                "data": {"samples": len(data.samples), "answer_tokens": generated, "seconds": round(data.seconds, 1),
+                         "temperatures": list(args.temperatures), "prompts": args.prompts or "written by the target"},
                 "train": stats}
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.compact:
         size = save_compact(draft, out, manifest)
         print(f"compact draft: {size / 2**20:.1f} MiB of weights in {out}", flush=True)
     else:
-        save_full(draft, tokenizer, out, manifest)
-    del teacher, draft
+        save_full(draft, data.tokenizer, out, manifest)
+    del draft
     _free_memory()
 
-    result = evaluate(args.target, str(out), eval_prompts, k=args.k, max_tokens=args.eval_tokens,
+    result = evaluate(args.target, str(out), data.eval_prompts, k=args.k, max_tokens=args.eval_tokens,
                       num_speed_prompts=args.eval_speed_prompts, device=args.device, dtype=args.dtype)
-    result["train"] = manifest["train"]
-    result["data"] = manifest["data"]
+    result.update(train=stats, data=manifest["data"])
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(format_report(result))
     return 0
