@@ -3,6 +3,7 @@ output unchanged, a draft made for another target is refused, the command runs e
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -13,7 +14,7 @@ import torch
 from scheduler import LLM, Engine, SamplingParams
 from scheduler.distill import compact
 from scheduler.distill.compact import save_compact, save_full, target_fingerprint
-from scheduler.distill.data import Sample
+from scheduler.distill.data import Sample, prompt_stream
 from scheduler.distill.evaluate import acceptance
 from scheduler.distill.train import TrainConfig, agreement, hf_model, init_draft, train
 from server.cli import main
@@ -167,3 +168,12 @@ def test_the_draft_shipped_for_the_default_model_serves_it():
     assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
     accepted = sum(o.metrics.accepted_tokens for o in drafted)
     assert accepted / sum(o.metrics.draft_tokens for o in drafted) > 0.5
+
+
+def test_user_prompts_are_answered_at_every_temperature_and_greedily_once():
+    prompts = [[{"role": "user", "content": str(i)}] for i in range(4)]
+    pairs = list(itertools.islice(prompt_stream(None, prompts, [], (0.0, 0.7, 1.0), 8, 8), 40))
+    seen = {(c[0]["content"], t) for c, t in pairs}
+    assert seen == {(str(i), t) for i in range(4) for t in (0.0, 0.7, 1.0)}
+    assert sorted(c[0]["content"] for c, t in pairs if t == 0) == ["0", "1", "2", "3"]
+    assert list(prompt_stream(None, prompts, [], (0.0,), 8, 8)) == [(c, 0.0) for c in prompts]
