@@ -29,7 +29,7 @@ class EngineConfig:
     priority_aging_s: float = 10.0  # each this many seconds waiting lowers the priority value by one
     seed: int = 0  # for unseeded sampling
     speculative: str = "off"  # off | draft | ngram
-    draft_model: Any = None  # what `model` accepts; for speculative="draft"
+    draft_model: Any = None  # what `model` accepts, or a compact draft; None: the one shipped for the target
     num_speculative_tokens: int = 4  # most tokens drafted per sequence per step
     adaptive_speculation: bool = True  # choose k per step from measured acceptance and cost (else always k)
     ngram_min: int = 2
@@ -48,8 +48,6 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative not in ("off", "draft", "ngram"):
             raise ValueError(f"speculative must be off, draft or ngram, got {self.speculative!r}")
-        if self.speculative == "draft" and self.draft_model is None:
-            raise ValueError("speculative='draft' needs draft_model")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:

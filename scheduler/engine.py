@@ -168,7 +168,8 @@ class Engine:
             num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
             prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
             num_drafts=sum(1 for r in results if r.num_drafts), num_draft_tokens=sum(r.num_drafts for r in results),
-            accepted_per_position=_accepted_per_position(results))
+            accepted_per_position=_per_position(results, accepted=True),
+            verified_per_position=_per_position(results, accepted=False))
         if self.speculator is not None and batch and not num_prompt_tokens:
             # Only steps without prompt work are timed: a prefill chunk's cost has nothing to do with
             # the depth, and on CUDA it also leaves the graphs for the eager path.
@@ -267,10 +268,11 @@ def _check_stop(request: Request, token_id: int, num_output_tokens: int) -> tupl
     return None, None
 
 
-def _accepted_per_position(results: list[StepResult]) -> list[int]:
+def _per_position(results: list[StepResult], accepted: bool) -> list[int]:
+    """Drafts accepted at each position, or (accepted=False) verified there: drafted, every earlier one accepted."""
     counts = [0] * max((r.num_drafts for r in results), default=0)
     for r in results:
-        for i in range(r.num_accepted):
+        for i in range(r.num_accepted if accepted else min(r.num_drafts, r.num_accepted + 1)):
             counts[i] += 1
     return counts
 

@@ -43,6 +43,7 @@ class StepStats:
     num_drafts: int = 0  # sequences that verified drafts this step
     num_draft_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # accepted drafts at each position
+    verified_per_position: list[int] = field(default_factory=list)  # drafts reaching each position (earlier accepted)
 
 
 @dataclass

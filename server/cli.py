@@ -1,16 +1,18 @@
 """`beastserve` command line: `serve` runs the daemon; `generate`, `chat` and `health` talk to one;
-`demo` runs the offline engine without a server."""
+`demo` runs the offline engine without a server; `distill-draft` makes a draft model for a target."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 
 from bench.load import add_bench_command
 from scheduler import LLM, SamplingParams
+from scheduler.distill.command import add_distill_command
 from server.cli_client import add_client_commands
 from server.config import add_server_args, config_from_args
 
@@ -71,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.add_argument("--seed", type=int, default=None)
     demo.set_defaults(func=run_demo)
+    add_distill_command(sub)
     add_client_commands(sub)
     add_bench_command(sub)
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parser.parse_args(argv)
+        args.command_line = shlex.join(["beastserve", *argv])
     except ValueError as exc:  # a bad BEASTSERVE_* value
         print(f"beastserve: {exc}", file=sys.stderr)
         return 2

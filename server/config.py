@@ -49,7 +49,8 @@ class ServerConfig:
 
 _HELP = {
     "model": "'default', a GGUF file or a Hugging Face directory",
-    "draft_model": "draft model for --speculative draft (also DRAFT_MODEL_PATH)",
+    "draft_model": "draft model for --speculative draft (also DRAFT_MODEL_PATH); default: the draft shipped for "
+                   "the model, if one was made for it",
     "speculative": "speculative decoding mode (also ENABLE_SPECULATIVE)",
     "num_speculative_tokens": "most tokens drafted per step",
     "port": "gRPC port",
@@ -87,8 +88,6 @@ def add_server_args(parser: argparse.ArgumentParser, env=os.environ) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {name: getattr(args, name) for name in vars(ServerConfig())}
     config = ServerConfig(**values)
-    if config.speculative == "draft" and not config.draft_model:
-        raise ValueError("--speculative draft needs --draft-model (or DRAFT_MODEL_PATH)")
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:

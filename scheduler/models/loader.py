@@ -97,9 +97,15 @@ def build_model(config, source: ModelSource | None, load_format: str, dtype: tor
         return model.eval()
     if source is None:
         raise ValueError("load_format='auto' needs a model path; pass load_format='dummy' for a bare config")
+    return model_from_state_dict(config, _checkpoint_state_dict(source, dtype), dtype, device, max_positions)
+
+
+def model_from_state_dict(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                          max_positions: int) -> CausalLM:
+    """Our forward around the given tensors (Hugging Face names), every weight accounted for."""
     with torch.device("meta"):
         model = CausalLM(config, max_positions)
-    model.load_state_dict(_checkpoint_state_dict(source, dtype), strict=False, assign=True)
+    model.load_state_dict(state_dict, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = type(model.model.rotary)(config, max_positions)  # buffers were on meta

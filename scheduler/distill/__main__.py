@@ -1,0 +1,5 @@
+import sys
+
+from scheduler.distill.command import main
+
+sys.exit(main())
