@@ -70,7 +70,7 @@ class Engine:
         self.sampler = Sampler()
         self.speculator = build_speculator(config, draft, plan.num_blocks, self.sampler, self.dtype, self.device)
         if use_graphs and self.speculator is not None and self.speculator.draft is not None:
-            self.speculator.draft.runner.capture_graphs(config.max_num_seqs, 1, self.max_model_len)
+            self.speculator.draft.runner.capture_graphs(config.max_num_seqs, 1 + depth, self.max_model_len)
         self._generators: dict[str, torch.Generator] = {}
         self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
         torch.manual_seed(config.seed)

@@ -21,8 +21,10 @@ from scheduler.scheduler import ScheduledRequest
 
 
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner, sampler: Sampler):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, max_catch_up: int = 1):
+        """max_catch_up: most tokens behind the target a sequence is after a step (1 + k_max)."""
         self.runner = runner
+        self.max_catch_up = max_catch_up
         self.sampler = sampler
         self.vocab_size = runner.model.config.vocab_size
 
@@ -36,10 +38,16 @@ class DraftModelProposer:
         for s, table in zip(spec, tables):
             request = s.request
             start = min(request.num_draft_computed_tokens, request.num_tokens - 1)
-            items.append(ForwardItem(request.all_token_ids[start:], start, table, 1))
+            tokens = request.all_token_ids[start:]
+            # A short catch-up (the tokens accepted last step) asks for logits at every position, so the
+            # pass has the shape of a verification step and can replay a CUDA graph; only the last is used.
+            items.append(ForwardItem(tokens, start, table, len(tokens) if len(tokens) <= self.max_catch_up else 1))
+        last_rows = torch.tensor([it.num_logits for it in items]).cumsum(0) - 1
         active = list(range(len(spec)))
         for j in range(max(ks)):
             logits = self.runner.forward(items)
+            if j == 0 and len(last_rows) != logits.shape[0]:
+                logits = logits[last_rows.to(logits.device)]
             batch = sampling_for(active)
             probs = self.sampler.compute_probs(logits, batch)
             q[active, j] = probs
