@@ -177,3 +177,17 @@ def test_user_prompts_are_answered_at_every_temperature_and_greedily_once():
     assert seen == {(str(i), t) for i in range(4) for t in (0.0, 0.7, 1.0)}
     assert sorted(c[0]["content"] for c, t in pairs if t == 0) == ["0", "1", "2", "3"]
     assert list(prompt_stream(None, prompts, [], (0.0,), 8, 8)) == [(c, 0.0) for c in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_projections_split_back_to_transformers_names(arch):
+    from scheduler.models.llama import CausalLM
+
+    model = CausalLM(tiny_config(arch), 64)
+    expected = model.state_dict()
+    for layer in model.model.layers:  # what the CUDA path does before running
+        layer.self_attn.fuse_projections()
+        layer.mlp.fuse_projections()
+    got = model.hf_state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)

@@ -115,12 +115,13 @@ def generate_data(args: argparse.Namespace, start: float) -> TargetData:
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise ValueError("--target: needs a tokenizer with a chat template (prompts are chats)")
     train_prompts, eval_prompts = split_prompts(llm, user_prompts, args.eval_prompts, args.max_prompt_tokens)
-    stream = prompt_stream(llm, train_prompts, eval_prompts, args.temperatures, 4 * args.max_num_seqs,
+    # Rounds of max_num_seqs requests: each is admitted at once, so on CUDA most steps are pure decode
+    # steps that replay CUDA graphs (a step that admits a prompt runs eagerly).
+    stream = prompt_stream(llm, train_prompts, eval_prompts, args.temperatures, args.max_num_seqs,
                            args.max_prompt_tokens)
     deadline = start + 60 * args.max_minutes * args.generation_share
     with tqdm(total=args.tokens, desc="generating", unit="tok", mininterval=1.0) as bar:
-        samples = generate_samples(llm, stream, args.tokens, deadline, args.max_answer_tokens, 4 * args.max_num_seqs,
-                                   bar)
+        samples = generate_samples(llm, stream, args.tokens, deadline, args.max_answer_tokens, args.max_num_seqs, bar)
     return TargetData(samples, eval_prompts, hf_model(engine.model, engine.device, engine.dtype),
                       target_fingerprint(engine.model), llm.tokenizer, num_layers, time.monotonic() - start)
 

@@ -43,7 +43,7 @@ def hf_model(our_model, device: torch.device, dtype: torch.dtype):
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(our_model.config, dtype=dtype)
-    model.load_state_dict(our_model.state_dict())
+    model.load_state_dict(our_model.hf_state_dict())
     return model.eval().requires_grad_(False)
 
 

@@ -177,6 +177,15 @@ class Backbone(nn.Module):
         return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
 
+def _split_into(state: dict, merged: str, parts: tuple[str, ...], sizes: list[int]) -> None:
+    parent = merged.rsplit(".", 1)[0]
+    for suffix in ("weight", "bias"):
+        tensor = state.pop(f"{merged}.{suffix}", None)
+        if tensor is not None:
+            for part, piece in zip(parts, tensor.split(sizes)):
+                state[f"{parent}.{part}.{suffix}"] = piece
+
+
 @dataclass(frozen=True)
 class _FusedOps:
     add_rms_norm: Callable
@@ -207,6 +216,20 @@ class CausalLM(nn.Module):
             layer.mlp.fuse_projections()
         self.fused_ops = _FusedOps(fused_ops.add_rms_norm, fused_ops.rope_and_cache, fused_ops.silu_mul,
                                    fused_paged_attention)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' names, with merged projections split back."""
+        state = dict(self.state_dict())
+        for i, layer in enumerate(self.model.layers):
+            attn, prefix = layer.self_attn, f"model.layers.{i}."
+            if hasattr(attn, "qkv_proj"):
+                kv = attn.num_kv_heads * attn.head_dim
+                _split_into(state, prefix + "self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"),
+                            [attn.num_heads * attn.head_dim, kv, kv])
+            if hasattr(layer.mlp, "gate_up_proj"):
+                half = layer.mlp.gate_up_proj.out_features // 2
+                _split_into(state, prefix + "mlp.gate_up_proj", ("gate_proj", "up_proj"), [half, half])
+        return state
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         if self.fused_ops is not None:
