@@ -29,6 +29,7 @@ import torch
 
 from scheduler import Engine, SamplingParams
 
+KV_CACHE_BYTES = 64 * 2**20  # 8192 blocks of the tiny model: every sequence fits, allocation stays quick
 MODES = {  # name -> engine options
     "off": dict(speculative="off"),
     "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
@@ -84,15 +85,19 @@ def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tok
             "tokens_per_step": output_tokens / steps, "acceptance": accepted / drafted if drafted else None}
 
 
-def bench(args, mode: str, model_dir: Path, concurrency: int) -> list[dict]:
+def bench(args, mode: str, model_dir: Path, concurrency: int, profiler: cProfile.Profile | None = None) -> list[dict]:
     options = dict(MODES[mode], num_speculative_tokens=args.k)
     if options["speculative"] == "draft":
         options["draft_model"] = str(model_dir)
     engine = Engine(model=str(model_dir), dtype="float32", max_num_seqs=max(concurrency, 1),
-                    max_num_batched_tokens=4096, **options)
+                    max_num_batched_tokens=4096, kv_cache_bytes=KV_CACHE_BYTES, **options)
     prompts = prompts_for(args.requests_per_concurrency * concurrency)
     run_load(engine, prompts[:concurrency], concurrency, 16)  # warm-up
+    if profiler is not None:
+        profiler.enable()
     runs = [run_load(engine, prompts, concurrency, args.output_len) for _ in range(args.repeats)]
+    if profiler is not None:
+        profiler.disable()
     del engine
     gc.collect()
     return runs
@@ -102,9 +107,7 @@ def profile(args, model_dir: Path) -> None:
     for mode in args.modes:
         for c in args.concurrency:
             profiler = cProfile.Profile()
-            profiler.enable()
-            bench(args, mode, model_dir, c)
-            profiler.disable()
+            bench(args, mode, model_dir, c, profiler)
             print(f"=== {mode} c={c}")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
 
