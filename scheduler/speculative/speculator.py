@@ -10,7 +10,7 @@ from scheduler.scheduler import ScheduledRequest
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.draft_model import DraftModelProposer
 from scheduler.speculative.ngram import propose_ngram
-from scheduler.speculative.rejection import verify
+from scheduler.speculative.rejection import verify, verify_greedy
 
 
 class Speculator:
@@ -55,10 +55,20 @@ class Speculator:
             target_probs, num_drafts, [s.draft_token_ids for s in sampled], draft_probs, batch.is_greedy,
             batch.generators, lambda probs: self.sampler.sample_probs(probs, batch))
         num_accepted, next_tokens = torch.stack([num_accepted, next_tokens]).tolist()
+        self._observe_acceptance(num_drafts, num_accepted)
+        return num_accepted, next_tokens
+
+    def verify_greedy(self, target_token_ids: list[int], sampled: list[ScheduledRequest]):
+        """For greedy requests whose logits nothing changes: target_token_ids is the argmax of every
+        verified position (k_r + 1 per request, in order). Returns lists (num_accepted, next_token)."""
+        num_accepted, next_tokens = verify_greedy(target_token_ids, [s.draft_token_ids for s in sampled])
+        self._observe_acceptance([len(s.draft_token_ids) for s in sampled], num_accepted)
+        return num_accepted, next_tokens
+
+    def _observe_acceptance(self, num_drafts: list[int], num_accepted: list[int]) -> None:
         for k, n in zip(num_drafts, num_accepted):
             if k:
                 self.depth.observe_acceptance(k, n)
-        return num_accepted, next_tokens
 
     def observe_step(self, num_decodes: int, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""
