@@ -204,3 +204,50 @@ def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
     for _ in range(100):
         sparse.observe_coverage(5, 64)
     assert sparse.choose(num_decodes=64) == 0
+
+
+def _simulate(step_seconds, acceptance: float, num_decodes: int, steps: int, seed: int = 0) -> list[int]:
+    """Depths an AdaptiveDepth picks, step by step, for a simulated engine whose step times carry 5% noise."""
+    depth = AdaptiveDepth(k_max=4)
+    rng = random.Random(seed)
+    chosen = []
+    for _ in range(steps):
+        k = depth.choose(num_decodes)
+        chosen.append(k)
+        depth.observe_step(num_decodes, k, step_seconds(k) * rng.gauss(1.0, 0.05))
+        for _ in range(num_decodes):
+            accepted = 0
+            while accepted < k and rng.random() < acceptance:
+                accepted += 1
+            depth.observe_acceptance(k, accepted)
+    return chosen
+
+
+def _off_best_share(chosen: list[int], best: int) -> float:
+    return sum(k != best for k in chosen) / len(chosen)
+
+
+def test_adaptive_depth_finds_k_max_behind_a_fixed_cost_that_k_1_does_not_repay():
+    # 1 ms step, 0.8 ms for speculating at all, 0.05 ms per draft token. With 70% acceptance
+    # k = 1 is slower than no speculation (1.7 tokens in 1.85 ms) but k = 4 is 39% faster.
+    def seconds(k):
+        return 0.001 + (0.0008 + 0.00005 * k) * (k > 0)
+
+    assert 1.7 / seconds(1) < 1 / seconds(0) < 2.77 / seconds(4)
+    chosen = _simulate(seconds, acceptance=0.7, num_decodes=8, steps=2000)
+    assert chosen[-1] == 4 and max(set(chosen[100:]), key=chosen[100:].count) == 4
+    assert _off_best_share(chosen[100:], best=4) < 0.03  # exploration once settled
+    assert _off_best_share(chosen, best=4) < 0.04  # finding it included
+
+
+def test_adaptive_depth_settles_at_0_when_no_depth_pays_and_finding_out_is_cheap():
+    # Under load: a draft token costs about what a real one does, plus a fixed cost to speculate.
+    def seconds(k):
+        return 0.004 + (0.001 + 0.003 * k) * (k > 0)
+
+    chosen = _simulate(seconds, acceptance=0.7, num_decodes=64, steps=2000)
+    assert chosen[-1] == 0 and max(set(chosen[100:]), key=chosen[100:].count) == 0
+    assert _off_best_share(chosen[100:], best=0) < 0.03
+    # What the search and exploration cost next to always k = 0.
+    extra = sum(seconds(k) for k in chosen) / (len(chosen) * seconds(0)) - 1
+    assert extra < 0.02, f"{extra:.1%} slower than no speculation"
