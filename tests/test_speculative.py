@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
+from scheduler.request import Request
 from scheduler.speculative.depth import AdaptiveDepth
-from scheduler.speculative.ngram import propose_ngram
+from scheduler.speculative.ngram import NgramProposer, propose_ngram
 from tests.conftest import hf_greedy, save_tiny_model, tiny_config
 from tests.helpers import assert_pool_idle, run_engine
 
@@ -170,6 +171,24 @@ def test_ngram_proposes_what_followed_the_latest_match():
     assert propose_ngram(tokens + [5], 2, 2, 4) == [6, 7]  # longer tail "2 3 5" wins
     assert propose_ngram([1, 2, 3, 4], 3, 2, 4) == []
     assert propose_ngram([4, 4, 4], 5, 1, 2) == [4]
+    # 256 then 0 holds the bytes of a 1 between them: a lookup matches whole tokens only.
+    assert propose_ngram([256, 0, 7, 1], 3, 1, 1) == []
+    assert propose_ngram([256, 0, 1, 7, 1], 3, 1, 1) == [7, 1]
+
+
+def test_ngram_proposer_follows_a_growing_history():
+    proposer = NgramProposer(n_min=2, n_max=4)
+    rng = random.Random(3)
+    request = Request("r", [rng.randrange(6) for _ in range(5)], SamplingParams())
+    found = 0
+    for _ in range(200):
+        drafts = proposer.propose(request, 4)
+        assert drafts == propose_ngram(request.all_token_ids, 4, 2, 4)
+        found += bool(drafts)
+        request.append_token(rng.randrange(6))
+    assert found > 100
+    request.truncate_output(50)
+    assert proposer.propose(request, 4) == propose_ngram(request.all_token_ids, 4, 2, 4)
 
 
 def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 64)) -> AdaptiveDepth:

@@ -9,7 +9,7 @@ from scheduler.sampling import Sampler, SamplingBatch
 from scheduler.scheduler import ScheduledRequest
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.draft_model import DraftModelProposer
-from scheduler.speculative.ngram import propose_ngram
+from scheduler.speculative.ngram import NgramProposer
 from scheduler.speculative.rejection import verify, verify_greedy
 
 
@@ -21,7 +21,7 @@ class Speculator:
         self.k_max = k_max
         self.sampler = sampler
         self.draft = draft
-        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.ngram = NgramProposer(ngram_min, ngram_max)
         self.depth = AdaptiveDepth(k_max, fixed=not adaptive)
         self.step_k = 0
 
@@ -41,8 +41,7 @@ class Speculator:
         if self.mode == "draft":
             return self.draft.propose(spec, pool, sampling_for)
         for s in spec:
-            s.draft_token_ids = propose_ngram(s.request.all_token_ids, s.num_spec_slots, self.ngram_min,
-                                              self.ngram_max)
+            s.draft_token_ids = self.ngram.propose(s.request, s.num_spec_slots)
         self.depth.observe_coverage(sum(1 for s in spec if s.draft_token_ids), len(spec))
         return None
 
