@@ -10,6 +10,9 @@ import torch
 
 from scheduler import Engine, SamplingParams
 from scheduler.request import Request
+from scheduler.sampling import Sampler
+from scheduler.scheduler import ScheduledRequest
+from scheduler.speculative import Speculator
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.ngram import NgramProposer, propose_ngram
 from tests.conftest import hf_greedy, save_tiny_model, tiny_config
@@ -270,3 +273,14 @@ def test_adaptive_depth_settles_at_0_when_no_depth_pays_and_finding_out_is_cheap
     # What the search and exploration cost next to always k = 0.
     extra = sum(seconds(k) for k in chosen) / (len(chosen) * seconds(0)) - 1
     assert extra < 0.02, f"{extra:.1%} slower than no speculation"
+
+
+def test_a_proposal_shorter_than_the_depth_counts_as_rejected_where_it_ends():
+    speculator = Speculator("ngram", k_max=4, sampler=Sampler())
+    request = Request("r", [1, 2, 3, 1, 2], SamplingParams(temperature=0))
+    scheduled = ScheduledRequest(request, num_new_tokens=1, num_spec_slots=4, draft_token_ids=[3, 1])
+    assert speculator.verify_greedy([3, 1, 9], [scheduled]) == ([2], [9])
+    attempts, accepts = speculator.depth.attempts, speculator.depth.accepts
+    assert accepts[0] > 0.5 and accepts[1] > 0.5  # both drafts accepted
+    assert attempts[2] > 1.0 and accepts[2] < 0.5  # the third position was asked for and not filled
+    assert attempts[3] == 1.0  # never reached

@@ -54,20 +54,22 @@ class Speculator:
             target_probs, num_drafts, [s.draft_token_ids for s in sampled], draft_probs, batch.is_greedy,
             batch.generators, lambda probs: self.sampler.sample_probs(probs, batch))
         num_accepted, next_tokens = torch.stack([num_accepted, next_tokens]).tolist()
-        self._observe_acceptance(num_drafts, num_accepted)
+        self._observe_acceptance(sampled, num_accepted)
         return num_accepted, next_tokens
 
     def verify_greedy(self, target_token_ids: list[int], sampled: list[ScheduledRequest]):
         """For greedy requests whose logits nothing changes: target_token_ids is the argmax of every
         verified position (k_r + 1 per request, in order). Returns lists (num_accepted, next_token)."""
         num_accepted, next_tokens = verify_greedy(target_token_ids, [s.draft_token_ids for s in sampled])
-        self._observe_acceptance([len(s.draft_token_ids) for s in sampled], num_accepted)
+        self._observe_acceptance(sampled, num_accepted)
         return num_accepted, next_tokens
 
-    def _observe_acceptance(self, num_drafts: list[int], num_accepted: list[int]) -> None:
-        for k, n in zip(num_drafts, num_accepted):
-            if k:
-                self.depth.observe_acceptance(k, n)
+    def _observe_acceptance(self, sampled: list[ScheduledRequest], num_accepted: list[int]) -> None:
+        for s, n in zip(sampled, num_accepted):
+            if s.draft_token_ids:  # none at all is coverage's business
+                # A proposal shorter than the depth asked for fails where it ends: the expected tokens
+                # of a depth must count what the proposer can actually fill.
+                self.depth.observe_acceptance(s.num_spec_slots, n)
 
     def observe_step(self, num_decodes: int, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""
