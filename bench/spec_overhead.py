@@ -7,8 +7,9 @@ all Python and framework overhead: the regime a GPU step is in once it replays C
     python -m bench.spec_overhead --modes ngram-fixed-k --concurrency 16 --profile
 
 Prompts repeat a short pattern; greedy decoding of a random model falls into loops too, so
-n-gram drafts are mostly accepted. The draft mode drafts with the target itself (every draft is
-accepted; its passes cost what a tiny draft's do).
+n-gram drafts are mostly accepted. The draft modes draft with the target itself (every draft is
+accepted; its passes cost what a tiny draft's do), draft-unrelated with a 1-layer random model
+(almost no draft accepted: the adaptive depth must find that no depth pays).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ MODES = {  # name -> engine options
     "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
     "ngram": dict(speculative="ngram"),
     "draft-fixed-k": dict(speculative="draft", adaptive_speculation=False),
+    "draft": dict(speculative="draft"),
+    "draft-unrelated": dict(speculative="draft"),  # a random draft: almost nothing accepted
 }
 
 
@@ -88,7 +91,7 @@ def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tok
 def bench(args, mode: str, model_dir: Path, concurrency: int, profiler: cProfile.Profile | None = None) -> list[dict]:
     options = dict(MODES[mode], num_speculative_tokens=args.k)
     if options["speculative"] == "draft":
-        options["draft_model"] = str(model_dir)
+        options["draft_model"] = str(model_dir.parent / "unrelated" if mode == "draft-unrelated" else model_dir)
     engine = Engine(model=str(model_dir), dtype="float32", max_num_seqs=max(concurrency, 1),
                     max_num_batched_tokens=4096, kv_cache_bytes=KV_CACHE_BYTES, **options)
     prompts = prompts_for(args.requests_per_concurrency * concurrency)
@@ -128,6 +131,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "target"
         save_random_model(model_dir, 2, seed=0)
+        save_random_model(Path(tmp) / "unrelated", 1, seed=1)
         if args.profile:
             return profile(args, model_dir)
         print(f"# {platform.processor() or platform.machine()}, {args.threads} torch thread(s), torch "
