@@ -255,11 +255,17 @@ def test_adaptive_depth_finds_k_max_behind_a_fixed_cost_that_k_1_does_not_repay(
     def seconds(k):
         return 0.001 + (0.0008 + 0.00005 * k) * (k > 0)
 
-    assert 1.7 / seconds(1) < 1 / seconds(0) < 2.77 / seconds(4)
+    def tokens(k):  # expected tokens per sequence and step at 70% acceptance
+        return sum(0.7 ** i for i in range(k + 1))
+
+    assert tokens(1) / seconds(1) < tokens(0) / seconds(0) < tokens(4) / seconds(4)
+    assert max(range(5), key=lambda k: tokens(k) / seconds(k)) == 4
     chosen = _simulate(seconds, acceptance=0.7, num_decodes=8, steps=2000)
     assert chosen[-1] == 4 and max(set(chosen[100:]), key=chosen[100:].count) == 4
-    assert _off_best_share(chosen[100:], best=4) < 0.03  # exploration once settled
-    assert _off_best_share(chosen, best=4) < 0.04  # finding it included
+    assert _off_best_share(chosen[200:], best=4) < 0.03  # exploration once settled
+    # Finding it included, the run loses little throughput against always drafting 4.
+    rate = sum(tokens(k) for k in chosen) / sum(seconds(k) for k in chosen)
+    assert rate > 0.97 * tokens(4) / seconds(4)
 
 
 def test_adaptive_depth_settles_at_0_when_no_depth_pays_and_finding_out_is_cheap():

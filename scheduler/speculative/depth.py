@@ -25,13 +25,14 @@ j and all fixed above it. So a new bucket times k = 0 (MIN_SAMPLES steps), then 
 smaller depth if the optimistic costs rate one above k_max; once two depths >= 1 are timed, the
 fit is exact for costs of that shape.
 
-The depth the model rates best is taken; while it has fewer than MIN_SAMPLES timed steps, that
-step is a probe. Once settled, about one step in EXPLORE_EVERY (fewer when the explored depth is
-slow: the gap grows with its cost) re-times another depth (k = 0, 1, k_max and the best's
-neighbours in turn), so the fit follows the load: under 2% of steps and under 2% of the time.
-When speculation does not pay (steps under load, low acceptance) the model rates k = 0 best and
-finding that out costs a few probe steps per bucket. Costs are means over the first samples,
-then exponential moving averages.
+The depth the model rates best is taken; while it has fewer than MIN_SAMPLES timed steps, it is
+probed, and a probe runs to MIN_SAMPLES steps before anything is decided from it. Once settled,
+about one step in EXPLORE_EVERY (fewer when the explored depth is slow: the gap grows with its
+cost) re-times another depth (k = 0, 1, k_max and the best's neighbours in turn), so the fit
+follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
+(steps under load, low acceptance) the model rates k = 0 best and finding that out costs a few
+probe steps per bucket. Costs are means over the first samples, then exponential moving
+averages over steps clipped at OUTLIER times the average.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 EXPLORE_EVERY = 64
 MIN_SAMPLES = 3  # steps timed at a depth, per load bucket, before trusting its average
 COST_SMOOTHING = 0.2  # weight of the newest step in S_b(k)
+OUTLIER = 1.5  # once a depth's average is trusted, a step counts as at most this many times it
 ACCEPT_DECAY = 0.999  # per observed draft position
 
 
@@ -74,10 +76,15 @@ class AdaptiveDepth:
         bucket = num_decodes.bit_length()
         costs = self.model_costs(num_decodes)
         step = self.bucket_steps[bucket] = self.bucket_steps.get(bucket, 0) + 1
-        if costs is None or self.samples[bucket][0] < MIN_SAMPLES:
+        samples = self.samples[bucket]
+        if costs is None or samples[0] < MIN_SAMPLES:
             return 0  # S_b(0) comes first: never worse than no speculation
+        # A probe runs to MIN_SAMPLES steps: one slow step (a pause, a neighbour's burst) must not rule a depth out.
+        probing = [k for k in range(1, self.k_max + 1) if 0 < samples[k] < MIN_SAMPLES]
+        if probing:
+            return probing[0]
         best = max(range(self.k_max + 1), key=lambda k: self.expected_tokens(k) / costs[k])
-        if self.samples[bucket][best] < MIN_SAMPLES or step < self.next_explore.get(bucket, EXPLORE_EVERY):
+        if samples[best] < MIN_SAMPLES or step < self.next_explore.get(bucket, EXPLORE_EVERY):
             return best
         others = [k for k in dict.fromkeys((0, 1, self.k_max, best - 1, best + 1)) if 0 <= k <= self.k_max
                   and k != best]
@@ -104,6 +111,8 @@ class AdaptiveDepth:
         costs = self._costs(num_decodes)
         samples = self.samples[num_decodes.bit_length()]
         samples[k] += 1
+        if samples[k] > MIN_SAMPLES:
+            seconds = min(seconds, OUTLIER * costs[k])  # a stall says nothing about the depth
         # A plain mean over the first samples, then an exponential moving average.
         weight = max(COST_SMOOTHING, 1 / samples[k])
         costs[k] = seconds if costs[k] is None else (1 - weight) * costs[k] + weight * seconds

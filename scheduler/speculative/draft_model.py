@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from scheduler.kv_cache import BlockPool
+from scheduler.request import Request
 from scheduler.runner import ForwardItem, ModelRunner
 from scheduler.sampling import Sampler, SamplingBatch
 from scheduler.scheduler import ScheduledRequest
@@ -64,7 +65,7 @@ class DraftModelProposer:
             s.request.num_draft_computed_tokens = s.request.num_tokens + len(s.draft_token_ids) - 1
         return q
 
-    def _catch_up(self, request, table: list[int]) -> ForwardItem:
+    def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
         start = min(request.num_draft_computed_tokens, request.num_tokens - 1)
         tokens = request.all_token_ids[start:]
         # A short catch-up (the tokens accepted last step) asks for logits at every position, so the

@@ -7,7 +7,7 @@ from weakref import WeakKeyDictionary
 
 from scheduler.request import Request
 
-ITEM = array("i").itemsize  # bytes per token id in a packed history
+TOKEN_BYTES = array("i").itemsize  # bytes per token id in a packed history
 
 
 def pack(token_ids: list[int]) -> bytes:
@@ -21,11 +21,11 @@ def propose_ngram(token_ids: list[int], k: int, n_min: int, n_max: int, packed: 
     history = pack(token_ids) if packed is None else packed
     last = len(token_ids) - 1
     for n in range(min(n_max, last), max(n_min, 1) - 1, -1):
-        tail = history[(last - n + 1) * ITEM:(last + 1) * ITEM]
-        end = last * ITEM  # an earlier occurrence ends before the last token
+        tail = history[(last - n + 1) * TOKEN_BYTES:(last + 1) * TOKEN_BYTES]
+        end = last * TOKEN_BYTES  # an earlier occurrence ends before the last token
         while (start := history.rfind(tail, 0, end)) >= 0:
-            if start % ITEM == 0:  # not a match straddling token boundaries
-                match_end = start // ITEM + n
+            if start % TOKEN_BYTES == 0:  # not a match straddling token boundaries
+                match_end = start // TOKEN_BYTES + n
                 return token_ids[match_end:match_end + k]
             end = start + len(tail) - 1
     return []
@@ -44,8 +44,8 @@ class NgramProposer:
     def _history(self, request: Request) -> bytearray:
         tokens = request.all_token_ids
         packed = self._packed.get(request)
-        if packed is None or len(packed) > len(tokens) * ITEM:  # new, or truncated at a stop
+        if packed is None or len(packed) > len(tokens) * TOKEN_BYTES:  # new, or truncated at a stop
             packed = self._packed[request] = bytearray(pack(tokens))
-        elif len(packed) < len(tokens) * ITEM:
-            packed += pack(tokens[len(packed) // ITEM:])
+        elif len(packed) < len(tokens) * TOKEN_BYTES:
+            packed += pack(tokens[len(packed) // TOKEN_BYTES:])
         return packed
