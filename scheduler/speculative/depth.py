@@ -28,8 +28,8 @@ fit is exact for costs of that shape.
 The depth the model rates best is taken; while it has fewer than MIN_SAMPLES timed steps, it is
 probed, and a probe runs to MIN_SAMPLES steps before anything is decided from it. Once settled,
 about one step in EXPLORE_EVERY (fewer when the explored depth is slow: the gap grows with its
-cost) re-times another depth (k = 0, 1, k_max and the best's neighbours in turn), so the fit
-follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
+cost) re-times another depth (k = 0 every other time, else 1, k_max and the best's neighbours in
+turn), so the fit follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
 (steps under load, low acceptance) the model rates k = 0 best and finding that out costs a few
 probe steps per bucket. Costs are means over the first samples, then exponential moving
 averages over steps clipped at OUTLIER times the average.
@@ -86,12 +86,14 @@ class AdaptiveDepth:
         best = max(range(self.k_max + 1), key=lambda k: self.expected_tokens(k) / costs[k])
         if samples[best] < MIN_SAMPLES or step < self.next_explore.get(bucket, EXPLORE_EVERY):
             return best
-        others = [k for k in dict.fromkeys((0, 1, self.k_max, best - 1, best + 1)) if 0 <= k <= self.k_max
-                  and k != best]
-        if not others:
-            return best
+        others = [k for k in dict.fromkeys((1, self.k_max, best - 1, best + 1)) if 1 <= k <= self.k_max and k != best]
         self.explore_k += 1
-        k = others[self.explore_k % len(others)]
+        if best != 0 and (self.explore_k % 2 or not others):
+            k = 0  # every other time: S_b(0) is what speculating at all is weighed against
+        elif others:
+            k = others[(self.explore_k // 2) % len(others)]
+        else:
+            return best
         # The next re-timing waits in proportion to this one's cost, so exploring never takes more
         # than 1 / EXPLORE_EVERY of the time, however slow the explored depth is.
         self.next_explore[bucket] = step + round(EXPLORE_EVERY * max(1.0, costs[k] / costs[best]))
