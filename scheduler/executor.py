@@ -39,7 +39,7 @@ class StepExecutor:
         spec = [s for s in batch if s.num_spec_slots]
         draft_probs = None
         if spec:
-            draft_probs = self.speculator.propose(spec, self.pool, lambda rows: self._sampling_batch(
+            draft_probs = self.speculator.propose(spec, self.pool, lambda rows: self._draft_sampling(
                 [spec[r].request for r in rows]))
         logits = self.runner.forward([self._item(s) for s in batch])
         sampled = [s for s in batch if s.samples]
@@ -64,22 +64,30 @@ class StepExecutor:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
+        if all(plain_greedy(r) and not r.params.logprobs for r in requests):
+            return [self._append_one(r, token) for r, token in zip(requests, logits.argmax(dim=-1).tolist())]
         out = self.sampler(logits, self._sampling_batch(requests))
         token_ids = out.token_ids.tolist()
         logprobs = _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids) \
             if out.logprobs is not None else [None] * len(requests)
-        results = []
-        for request, token, lp in zip(requests, token_ids, logprobs):
-            request.append_token(token)
-            results.append(StepResult(request, [token], [lp] if request.params.logprobs else None))
-        return results
+        return [self._append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)]
+
+    @staticmethod
+    def _append_one(request: Request, token: int, logprob: TokenLogprob | None = None) -> StepResult:
+        request.append_token(token)
+        return StepResult(request, [token], [logprob] if request.params.logprobs else None)
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs) -> list[StepResult]:
         requests = [s.request for s in sampled]
-        rows = self._sampling_batch(requests, [s.draft_token_ids for s in sampled])
-        target_probs = self.sampler.compute_probs(logits, rows)
-        num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs,
-                                                           self._sampling_batch(requests))
+        if all(plain_greedy(r) for r in requests):
+            # Greedy verification is an argmax comparison: one argmax over every verified position,
+            # one copy to the host, no sampling rows.
+            num_accepted, next_tokens = self.speculator.verify_greedy(logits.argmax(dim=-1).tolist(), sampled)
+        else:
+            rows = self._sampling_batch(requests, [s.draft_token_ids for s in sampled])
+            target_probs = self.sampler.compute_probs(logits, rows)
+            num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs,
+                                                               self._sampling_batch(requests))
         wants_logprobs = max(r.params.logprobs for r in requests)
         results, row = [], 0
         for s, n, token in zip(sampled, num_accepted, next_tokens):
@@ -101,20 +109,37 @@ class StepExecutor:
             row += 1 + len(s.draft_token_ids)
         return results
 
+    def _draft_sampling(self, requests: list[Request]) -> SamplingBatch | None:
+        """How the draft model picks tokens for these requests; None when all draft greedily."""
+        return None if all(plain_greedy(r) for r in requests) else self._sampling_batch(requests)
+
     def _sampling_batch(self, requests: list[Request], drafts: list[list[int]] | None = None) -> SamplingBatch:
         """One row per request, or with drafts one row per verified position: row i of a request
         sees the drafts before it as already generated (penalties and min_tokens follow them)."""
         params, prompts, outputs, generators, blocked = [], [], [], [], []
         for j, request in enumerate(requests):
+            penalised = has_penalty(request.params)
             positions = range(len(drafts[j]) + 1) if drafts is not None else [0]
             for i in positions:
-                history = request.output_token_ids + (drafts[j][:i] if drafts is not None else [])
                 params.append(request.params)
-                prompts.append(request.prompt_token_ids)
-                outputs.append(history)
+                prompts.append(request.prompt_token_ids if request.params.repetition_penalty != 1.0 else [])
+                # Only penalties read the histories: copying them for other rows would cost O(length) each.
+                drafted = drafts[j][:i] if drafts is not None else []
+                outputs.append(request.output_token_ids + drafted if penalised else [])
                 generators.append(self.generators.get(request.request_id) if drafts is None else None)
-                blocked.append(blocked_ids(request, len(history)))
+                blocked.append(blocked_ids(request, request.num_output_tokens + i))
         return SamplingBatch.build(params, prompts, outputs, generators, blocked, self.vocab_size, self.device)
+
+
+def has_penalty(params) -> bool:
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
+def plain_greedy(request: Request) -> bool:
+    """Greedy, and nothing changes the logits it takes the argmax of (penalties, tokens blocked by
+    min_tokens): its next token is the argmax of the raw logits, and so is every verified one."""
+    return request.params.greedy and not has_penalty(request.params) and not blocked_ids(
+        request, request.num_output_tokens)
 
 
 def blocked_ids(request: Request, num_output_tokens: int) -> list[int]:

@@ -6,28 +6,41 @@ The rule: pick the k that maximises expected tokens per second of the whole step
 
 where B is the number of decoding sequences, c the measured share of them the proposer finds
 drafts for (n-gram lookups often find none), a_i the measured probability that draft position
-i is accepted given that the ones before it were (shared by all loads), and S_b(k) the
-measured wall time of an engine step that drafted k tokens per sequence while the batch held
-a similar number of decoding sequences (b = the power-of-two bucket of B). Measuring whole
-steps keeps every overhead speculation adds (proposing, verifying, the draft's passes) in the
-cost. When steps are bound by fixed costs (few sequences, launch overhead) S_b(k) hardly grows
-with k and k goes up; under load each draft token costs about what a real one does and k falls
-to 0 unless acceptance is very high.
+i is accepted given that the ones before it were (shared by all loads), and S_b(k) the wall
+time of an engine step that drafts k tokens per sequence while the batch holds a similar number
+of decoding sequences (b = the power-of-two bucket of B). Measuring whole steps keeps every
+overhead speculation adds (proposing, verifying, the draft's passes) in the cost.
 
-Depths are searched by climbing: a new load bucket starts at k = 0 (never worse than no
-speculation) and probes the neighbouring depths, one step in PROBE_EVERY until each has
-MIN_SAMPLES timed steps; it moves to a neighbour that measures better. After that one step in
-EXPLORE_EVERY re-times a neighbour of the best depth, so the costs follow the load. Probing only
-neighbours keeps exploration cheap: a step one depth away costs little more than the best one.
-Costs are means over the first samples, then exponential moving averages.
+S_b(k) follows a cost model, "a fixed cost for speculating at all, plus a cost per draft token":
+
+    S_b(0) measured,     S_b(k) = S_b(0) + F_b + k * P_b   for k >= 1,
+
+with F_b and P_b fitted (least squares, each depth weighted by its timed steps) to the depths
+timed in the bucket. Every k is evaluated with the model, including depths never tried, so the
+search is not a climb between neighbours: a fixed cost that makes k = 1 lose to k = 0 does not
+hide a k = 4 that wins. While the fit rests on fewer than two timed depths >= 1, untried depths
+get the most optimistic costs the timings allow (F_b, P_b >= 0): with none timed, S_b(k) =
+S_b(0); with one depth j timed, the extra cost S_b(j) - S_b(0) is taken as all per-token below
+j and all fixed above it. So a new bucket times k = 0 (MIN_SAMPLES steps), then k_max, then a
+smaller depth if the optimistic costs rate one above k_max; once two depths >= 1 are timed, the
+fit is exact for costs of that shape.
+
+The depth the model rates best is taken; while it has fewer than MIN_SAMPLES timed steps, it is
+probed, and a probe runs to MIN_SAMPLES steps before anything is decided from it. Once settled,
+about one step in EXPLORE_EVERY (fewer when the explored depth is slow: the gap grows with its
+cost) re-times another depth (k = 0 every other time, else 1, k_max and the best's neighbours in
+turn), so the fit follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
+(steps under load, low acceptance) the model rates k = 0 best and finding that out costs a few
+probe steps per bucket. Costs are means over the first samples, then exponential moving
+averages over steps clipped at OUTLIER times the average.
 """
 
 from __future__ import annotations
 
-EXPLORE_EVERY = 32
-PROBE_EVERY = 4
+EXPLORE_EVERY = 64
 MIN_SAMPLES = 3  # steps timed at a depth, per load bucket, before trusting its average
 COST_SMOOTHING = 0.2  # weight of the newest step in S_b(k)
+OUTLIER = 1.5  # once a depth's average is trusted, a step counts as at most this many times it
 ACCEPT_DECAY = 0.999  # per observed draft position
 
 
@@ -36,12 +49,13 @@ class AdaptiveDepth:
         """fixed=True always drafts k_max (for measurements and tests)."""
         self.k_max = k_max
         self.fixed = fixed
-        self.step_seconds: dict[int, list[float | None]] = {}  # bucket -> S_b(k) for k = 0..k_max
+        self.step_seconds: dict[int, list[float | None]] = {}  # bucket -> measured S_b(k) for k = 0..k_max
         self.samples: dict[int, list[int]] = {}  # bucket -> steps timed at each k
         self.attempts = [1.0] * k_max  # a weak prior: half of the drafts accepted
         self.accepts = [0.5] * k_max
         self.coverage = 1.0
         self.bucket_steps: dict[int, int] = {}
+        self.next_explore: dict[int, int] = {}  # bucket -> step that re-times a depth other than the best
         self.explore_k = 0
 
     def acceptance(self) -> list[float]:
@@ -59,22 +73,39 @@ class AdaptiveDepth:
             return self.k_max
         if num_decodes == 0:
             return 0  # nothing to draft for
-        costs = self._costs(num_decodes)
         bucket = num_decodes.bit_length()
-        samples = self.samples[bucket]
+        costs = self.model_costs(num_decodes)
         step = self.bucket_steps[bucket] = self.bucket_steps.get(bucket, 0) + 1
-        tried = [k for k in range(self.k_max + 1) if samples[k]]
-        if not tried:
-            return 0
-        best = max(tried, key=lambda k: self.expected_tokens(k) / costs[k])
-        neighbours = [k for k in (best + 1, best - 1) if 0 <= k <= self.k_max]
-        unsure = [k for k in neighbours if samples[k] < MIN_SAMPLES]
-        if unsure and step % PROBE_EVERY == 0:
-            return unsure[0]
-        if step % EXPLORE_EVERY == 0:
-            self.explore_k += 1
-            return neighbours[self.explore_k % len(neighbours)]
-        return best
+        samples = self.samples[bucket]
+        if costs is None or samples[0] < MIN_SAMPLES:
+            return 0  # S_b(0) comes first: never worse than no speculation
+        # A probe runs to MIN_SAMPLES steps: one slow step (a pause, a neighbour's burst) must not rule a depth out.
+        probing = [k for k in range(1, self.k_max + 1) if 0 < samples[k] < MIN_SAMPLES]
+        if probing:
+            return probing[0]
+        best = max(range(self.k_max + 1), key=lambda k: self.expected_tokens(k) / costs[k])
+        if samples[best] < MIN_SAMPLES or step < self.next_explore.get(bucket, EXPLORE_EVERY):
+            return best
+        others = [k for k in dict.fromkeys((1, self.k_max, best - 1, best + 1)) if 1 <= k <= self.k_max and k != best]
+        self.explore_k += 1
+        if best != 0 and (self.explore_k % 2 or not others):
+            k = 0  # every other time: S_b(0) is what speculating at all is weighed against
+        elif others:
+            k = others[(self.explore_k // 2) % len(others)]
+        else:
+            return best
+        # The next re-timing waits in proportion to this one's cost, so exploring never takes more
+        # than 1 / EXPLORE_EVERY of the time, however slow the explored depth is.
+        self.next_explore[bucket] = step + round(EXPLORE_EVERY * max(1.0, costs[k] / costs[best]))
+        return k
+
+    def model_costs(self, num_decodes: int) -> list[float] | None:
+        """S_b(k) for every k from the cost model; None until S_b(0) is timed."""
+        measured, samples = self._costs(num_decodes), self.samples[num_decodes.bit_length()]
+        if measured[0] is None:
+            return None
+        timed = [(k, measured[k] - measured[0], samples[k]) for k in range(1, self.k_max + 1) if samples[k]]
+        return [measured[0]] + [measured[0] + max(0.0, _extra_cost(timed, k)) for k in range(1, self.k_max + 1)]
 
     def observe_step(self, num_decodes: int, k: int, seconds: float) -> None:
         if num_decodes == 0 or self.fixed:
@@ -82,6 +113,8 @@ class AdaptiveDepth:
         costs = self._costs(num_decodes)
         samples = self.samples[num_decodes.bit_length()]
         samples[k] += 1
+        if samples[k] > MIN_SAMPLES:
+            seconds = min(seconds, OUTLIER * costs[k])  # a stall says nothing about the depth
         # A plain mean over the first samples, then an exponential moving average.
         weight = max(COST_SMOOTHING, 1 / samples[k])
         costs[k] = seconds if costs[k] is None else (1 - weight) * costs[k] + weight * seconds
@@ -100,3 +133,19 @@ class AdaptiveDepth:
         bucket = num_decodes.bit_length()
         self.samples.setdefault(bucket, [0] * (self.k_max + 1))
         return self.step_seconds.setdefault(bucket, [None] * (self.k_max + 1))
+
+
+def _extra_cost(timed: list[tuple[int, float, int]], k: int) -> float:
+    """F + k * P fitted to (depth, S(depth) - S(0), weight) points of depths >= 1; with fewer than
+    two depths, the lowest extra cost those points allow for F, P >= 0."""
+    if not timed:
+        return 0.0
+    if len(timed) == 1:
+        depth, extra, _ = timed[0]
+        return extra * min(k, depth) / depth
+    total = sum(w for _, _, w in timed)
+    mean_k = sum(d * w for d, _, w in timed) / total
+    mean_extra = sum(e * w for _, e, w in timed) / total
+    spread = sum(w * (d - mean_k) ** 2 for d, _, w in timed)
+    per_token = max(0.0, sum(w * (d - mean_k) * (e - mean_extra) for d, e, w in timed) / spread)
+    return mean_extra + per_token * (k - mean_k)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from scheduler.kv_cache import BlockPool
+from scheduler.request import Request
 from scheduler.runner import ForwardItem, ModelRunner
 from scheduler.sampling import Sampler, SamplingBatch
 from scheduler.scheduler import ScheduledRequest
@@ -29,29 +31,30 @@ class DraftModelProposer:
         self.vocab_size = runner.model.config.vocab_size
 
     def propose(self, spec: list[ScheduledRequest], pool: BlockPool,
-                sampling_for: Callable[[list[int]], SamplingBatch]) -> torch.Tensor:
-        """Fill each s.draft_token_ids with s.num_spec_slots tokens; return q as [R, K, V]."""
+                sampling_for: Callable[[list[int]], SamplingBatch | None]) -> torch.Tensor | None:
+        """Fill each s.draft_token_ids with s.num_spec_slots tokens; return q as [R, K, V], or None
+        when sampling_for says every row drafts greedily (verifying greedy requests reads no q).
+        sampling_for(rows) gives the sampling rows of those speculating requests, None when all greedy."""
         ks = [s.num_spec_slots for s in spec]
         tables = [pool.block_table(s.request.request_id) for s in spec]
-        q = torch.zeros(len(spec), max(ks), self.vocab_size, device=self.runner.device)
-        items = []
-        for s, table in zip(spec, tables):
-            request = s.request
-            start = min(request.num_draft_computed_tokens, request.num_tokens - 1)
-            tokens = request.all_token_ids[start:]
-            # A short catch-up (the tokens accepted last step) asks for logits at every position, so the
-            # pass has the shape of a verification step and can replay a CUDA graph; only the last is used.
-            items.append(ForwardItem(tokens, start, table, len(tokens) if len(tokens) <= self.max_catch_up else 1))
-        last_rows = torch.tensor([it.num_logits for it in items]).cumsum(0) - 1
+        items = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
         active = list(range(len(spec)))
+        batch, batch_rows = sampling_for(active), active
+        q = None if batch is None else torch.zeros(len(spec), max(ks), self.vocab_size, device=self.runner.device)
         for j in range(max(ks)):
             logits = self.runner.forward(items)
-            if j == 0 and len(last_rows) != logits.shape[0]:
-                logits = logits[last_rows.to(logits.device)]
-            batch = sampling_for(active)
-            probs = self.sampler.compute_probs(logits, batch)
-            q[active, j] = probs
-            tokens = self.sampler.sample_probs(probs, batch)
+            if j == 0 and logits.shape[0] != len(items):
+                last_rows = np.cumsum([it.num_logits for it in items]) - 1
+                logits = logits[torch.from_numpy(last_rows).to(logits.device)]
+            if batch_rows != active:  # only when depths differ: the batch is built once per step otherwise
+                batch, batch_rows = sampling_for(active), active
+            if batch is None:
+                tokens = logits.argmax(dim=-1)
+            else:
+                probs = self.sampler.compute_probs(logits, batch)
+                q[active, j] = probs
+                tokens = self.sampler.sample_probs(probs, batch)
+            # The next pass's inputs are built on the host, so each pass copies its tokens back once.
             for row, token in zip(active, tokens.tolist()):
                 spec[row].draft_token_ids.append(token)
             active = [row for row in active if ks[row] > j + 1]
@@ -61,3 +64,10 @@ class DraftModelProposer:
             # It has seen the known tokens and every draft but the last.
             s.request.num_draft_computed_tokens = s.request.num_tokens + len(s.draft_token_ids) - 1
         return q
+
+    def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
+        start = min(request.num_draft_computed_tokens, request.num_tokens - 1)
+        tokens = request.all_token_ids[start:]
+        # A short catch-up (the tokens accepted last step) asks for logits at every position, so the
+        # pass has the shape of a verification step and can replay a CUDA graph; only the last is used.
+        return ForwardItem(tokens, start, table, len(tokens) if len(tokens) <= self.max_catch_up else 1)

@@ -2,26 +2,50 @@
 
 from __future__ import annotations
 
-import numpy as np
+from array import array
+from weakref import WeakKeyDictionary
+
+from scheduler.request import Request
+
+TOKEN_BYTES = array("i").itemsize  # bytes per token id in a packed history
 
 
-def propose_ngram(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+def pack(token_ids: list[int]) -> bytes:
+    return array("i", token_ids).tobytes()
+
+
+def propose_ngram(token_ids: list[int], k: int, n_min: int, n_max: int, packed: bytes | None = None) -> list[int]:
     """Up to k tokens after the latest earlier place where the longest tail (n_max tokens down
-    to n_min) occurred. One pass over the history finds where the last token occurs; only those
-    places are extended backwards, so a step costs little even for long histories."""
-    tokens = np.asarray(token_ids, dtype=np.int64)
-    last = len(tokens) - 1
-    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where a match could end; never the tail itself
-    if ends.size == 0:
-        return []
-    match_len = np.ones(ends.size, dtype=np.int64)
-    for j in range(1, min(n_max, last)):
-        earlier = ends - j
-        extends = (match_len == j) & (earlier >= 0)
-        extends[extends] = tokens[earlier[extends]] == tokens[last - j]
-        match_len += extends
-    best = match_len.max()
-    if best < n_min:
-        return []
-    end = int(ends[np.flatnonzero(match_len == best)[-1]])
-    return tokens[end + 1:end + 1 + k].tolist()
+    to n_min) occurred. `packed` is pack(token_ids), when the caller keeps one. Each tail length
+    is one bytes.rfind over the packed history, so a step costs little even for long histories."""
+    history = pack(token_ids) if packed is None else packed
+    last = len(token_ids) - 1
+    for n in range(min(n_max, last), max(n_min, 1) - 1, -1):
+        tail = history[(last - n + 1) * TOKEN_BYTES:(last + 1) * TOKEN_BYTES]
+        end = last * TOKEN_BYTES  # an earlier occurrence ends before the last token
+        while (start := history.rfind(tail, 0, end)) >= 0:
+            if start % TOKEN_BYTES == 0:  # not a match straddling token boundaries
+                match_end = start // TOKEN_BYTES + n
+                return token_ids[match_end:match_end + k]
+            end = start + len(tail) - 1
+    return []
+
+
+class NgramProposer:
+    """propose_ngram over each request's history, packed once and extended as tokens arrive."""
+
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
+        self._packed: WeakKeyDictionary[Request, bytearray] = WeakKeyDictionary()
+
+    def propose(self, request: Request, k: int) -> list[int]:
+        return propose_ngram(request.all_token_ids, k, self.n_min, self.n_max, self._history(request))
+
+    def _history(self, request: Request) -> bytearray:
+        tokens = request.all_token_ids
+        packed = self._packed.get(request)
+        if packed is None or len(packed) > len(tokens) * TOKEN_BYTES:  # new, or truncated at a stop
+            packed = self._packed[request] = bytearray(pack(tokens))
+        elif len(packed) < len(tokens) * TOKEN_BYTES:
+            packed += pack(tokens[len(packed) // TOKEN_BYTES:])
+        return packed

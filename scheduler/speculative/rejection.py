@@ -4,7 +4,8 @@ For each speculating sequence with drafts d1..dk, the target's distributions p1.
 request's own temperature, top-k, top-p, min-p and penalties) and the draft's q1..qk: accept d_i
 with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection sample from
 norm(max(0, p_i - q_i)); when all k are accepted, sample a bonus token from p(k+1). Greedy
-requests accept while the target's argmax agrees. The output has the target's distribution.
+requests accept while the target's argmax agrees (`verify_greedy` does just that, on the host, when
+nothing else shapes their logits). The output has the target's distribution.
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ def verify(target_probs: torch.Tensor, num_drafts: list[int], draft_token_ids: l
     # p == q makes rejection impossible, but rounding can still land here; p is then the answer.
     residual = torch.where((total > 0) & ~is_greedy.unsqueeze(1), residual / total.clamp(min=1e-30), final_p)
     return num_accepted, sample_fn(residual)
+
+
+def verify_greedy(target_token_ids: list[int], draft_token_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+    """target_token_ids: the target's argmax at every verified position, k_r + 1 per sequence in
+    order. A draft is accepted while it equals the argmax; the next token is the argmax after the
+    last accepted one. Returns (num_accepted, next_token) lists."""
+    num_accepted, next_tokens, start = [], [], 0
+    for drafts in draft_token_ids:
+        n = 0
+        while n < len(drafts) and drafts[n] == target_token_ids[start + n]:
+            n += 1
+        num_accepted.append(n)
+        next_tokens.append(target_token_ids[start + n])
+        start += len(drafts) + 1
+    return num_accepted, next_tokens
 
 
 def _uniform(num_seqs: int, max_k: int, generators: list, device) -> torch.Tensor:

@@ -9,8 +9,8 @@ from scheduler.sampling import Sampler, SamplingBatch
 from scheduler.scheduler import ScheduledRequest
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.draft_model import DraftModelProposer
-from scheduler.speculative.ngram import propose_ngram
-from scheduler.speculative.rejection import verify
+from scheduler.speculative.ngram import NgramProposer
+from scheduler.speculative.rejection import verify, verify_greedy
 
 
 class Speculator:
@@ -21,7 +21,7 @@ class Speculator:
         self.k_max = k_max
         self.sampler = sampler
         self.draft = draft
-        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.ngram = NgramProposer(ngram_min, ngram_max)
         self.depth = AdaptiveDepth(k_max, fixed=not adaptive)
         self.step_k = 0
 
@@ -41,8 +41,7 @@ class Speculator:
         if self.mode == "draft":
             return self.draft.propose(spec, pool, sampling_for)
         for s in spec:
-            s.draft_token_ids = propose_ngram(s.request.all_token_ids, s.num_spec_slots, self.ngram_min,
-                                              self.ngram_max)
+            s.draft_token_ids = self.ngram.propose(s.request, s.num_spec_slots)
         self.depth.observe_coverage(sum(1 for s in spec if s.draft_token_ids), len(spec))
         return None
 
@@ -55,10 +54,22 @@ class Speculator:
             target_probs, num_drafts, [s.draft_token_ids for s in sampled], draft_probs, batch.is_greedy,
             batch.generators, lambda probs: self.sampler.sample_probs(probs, batch))
         num_accepted, next_tokens = torch.stack([num_accepted, next_tokens]).tolist()
-        for k, n in zip(num_drafts, num_accepted):
-            if k:
-                self.depth.observe_acceptance(k, n)
+        self._observe_acceptance(sampled, num_accepted)
         return num_accepted, next_tokens
+
+    def verify_greedy(self, target_token_ids: list[int], sampled: list[ScheduledRequest]):
+        """For greedy requests whose logits nothing changes: target_token_ids is the argmax of every
+        verified position (k_r + 1 per request, in order). Returns lists (num_accepted, next_token)."""
+        num_accepted, next_tokens = verify_greedy(target_token_ids, [s.draft_token_ids for s in sampled])
+        self._observe_acceptance(sampled, num_accepted)
+        return num_accepted, next_tokens
+
+    def _observe_acceptance(self, sampled: list[ScheduledRequest], num_accepted: list[int]) -> None:
+        for s, n in zip(sampled, num_accepted):
+            if s.draft_token_ids:  # none at all is coverage's business
+                # A proposal shorter than the depth asked for fails where it ends: the expected tokens
+                # of a depth must count what the proposer can actually fill.
+                self.depth.observe_acceptance(s.num_spec_slots, n)
 
     def observe_step(self, num_decodes: int, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""
