@@ -20,7 +20,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$out"
 # float32 target: greedy outputs with and without speculation are then token-identical (in bfloat16,
 # a token verified inside a multi-token query can round differently from one decoded alone).
-args=(--target "$target" --out "$out" --layers 2 --tokens 2000000 --max-minutes 3 --generation-share 0.6
+args=(--target "$target" --out "$out" --layers 2 --tokens 2000000 --max-minutes 6.5 --generation-share 0.6
       --max-num-seqs 512 --max-answer-tokens 256 --epochs 8 --lr 1e-3 --batch-tokens 16384 --top-k 64 --loss kl
       --k 4 --eval-prompts 32 --eval-tokens 128 --eval-speed-prompts 4 --device cuda --dtype float32 --seed 0)
 start=$(date +%s)
