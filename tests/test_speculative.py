@@ -194,19 +194,28 @@ def test_ngram_proposer_follows_a_growing_history():
     assert proposer.propose(request, 4) == propose_ngram(request.all_token_ids, 4, 2, 4)
 
 
-def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 64)) -> AdaptiveDepth:
-    """An AdaptiveDepth that has watched 400 steps of a simulated engine."""
-    depth = AdaptiveDepth(k_max=4)
-    rng = random.Random(0)
-    for step in range(400):
-        b = num_decodes_seen[step % len(num_decodes_seen)]
+def _drive(depth: AdaptiveDepth, loads, step_seconds, acceptance: float, rng: random.Random,
+           noise: float = 0.0) -> list[int]:
+    """Runs depth over a simulated engine, one step per entry of loads (decoding sequences that step);
+    step_seconds(b, k) is the step's time, scaled by Gaussian noise of that relative size. Returns the depths."""
+    chosen = []
+    for b in loads:
         k = depth.choose(b)
-        depth.observe_step(b, k, step_seconds(b, k))
+        chosen.append(k)
+        depth.observe_step(b, k, step_seconds(b, k) * (rng.gauss(1.0, noise) if noise else 1.0))
         for _ in range(b):
             accepted = 0
             while accepted < k and rng.random() < acceptance:
                 accepted += 1
             depth.observe_acceptance(k, accepted)
+    return chosen
+
+
+def _trained_depth(step_seconds, acceptance: float, num_decodes_seen=(1, 4, 16, 64)) -> AdaptiveDepth:
+    """An AdaptiveDepth that has watched 400 steps of a simulated engine."""
+    depth = AdaptiveDepth(k_max=4)
+    _drive(depth, [num_decodes_seen[step % len(num_decodes_seen)] for step in range(400)], step_seconds, acceptance,
+           random.Random(0))
     return depth
 
 
@@ -230,19 +239,8 @@ def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
 
 def _simulate(step_seconds, acceptance: float, num_decodes: int, steps: int, seed: int = 0) -> list[int]:
     """Depths an AdaptiveDepth picks, step by step, for a simulated engine whose step times carry 5% noise."""
-    depth = AdaptiveDepth(k_max=4)
-    rng = random.Random(seed)
-    chosen = []
-    for _ in range(steps):
-        k = depth.choose(num_decodes)
-        chosen.append(k)
-        depth.observe_step(num_decodes, k, step_seconds(k) * rng.gauss(1.0, 0.05))
-        for _ in range(num_decodes):
-            accepted = 0
-            while accepted < k and rng.random() < acceptance:
-                accepted += 1
-            depth.observe_acceptance(k, accepted)
-    return chosen
+    return _drive(AdaptiveDepth(k_max=4), [num_decodes] * steps, lambda b, k: step_seconds(k), acceptance,
+                  random.Random(seed), noise=0.05)
 
 
 def _off_best_share(chosen: list[int], best: int) -> float:
