@@ -52,6 +52,19 @@ def fused_kernels_available(device: torch.device) -> bool:
     return True
 
 
+def _fill_block_tables(tables: np.ndarray, items: list[ForwardItem]) -> None:
+    for row, it in enumerate(items):
+        tables[row, :len(it.block_table)] = it.block_table
+
+
+def _positions_and_slots(query_lens, query_start_loc, starts, block_tables, block_size: int):
+    """Each new token's position in its sequence and its KV-cache slot, tokens laid end to end."""
+    seq_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
+    positions = np.arange(query_start_loc[len(query_lens)]) - query_start_loc[seq_of_token] + starts[seq_of_token]
+    slots = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    return positions, slots
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
@@ -102,11 +115,8 @@ class ModelRunner:
         seq_lens = starts + query_lens
         query_start_loc = np.concatenate(([0], np.cumsum(query_lens)))
         block_tables = np.zeros((len(items), max(len(it.block_table) for it in items)), dtype=np.int64)
-        for row, it in enumerate(items):
-            block_tables[row, :len(it.block_table)] = it.block_table
-        seq_of_token = np.repeat(np.arange(len(items)), query_lens)
-        positions = np.arange(query_start_loc[-1]) - query_start_loc[seq_of_token] + starts[seq_of_token]
-        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+        _fill_block_tables(block_tables, items)
+        positions, slot_mapping = _positions_and_slots(query_lens, query_start_loc, starts, block_tables, bs)
         input_ids = np.fromiter((t for it in items for t in it.token_ids), dtype=np.int64,
                                 count=int(query_start_loc[-1]))
         num_logits = np.array([it.num_logits for it in items], dtype=np.int64)
@@ -225,19 +235,14 @@ class _Graphs:
         seq_lens[:len(items)] = starts + query_lens
         seq_lens[len(items):] = 0
         tables = self._view(host, "block_tables", self.sizes[-1] * self.width).reshape(-1, self.width)
-        for row, it in enumerate(items):
-            tables[row, :len(it.block_table)] = it.block_table
-        seq_of_token = np.repeat(np.arange(len(items)), query_lens)
-        positions = np.arange(num_tokens) - qsl[seq_of_token] + starts[seq_of_token]
-        block_of_token = tables[seq_of_token, positions // bs]
-        self._view(host, "positions", num_tokens)[:] = positions
-        slots = self._view(host, "slots", max(padded_tokens, num_tokens))
-        slots[:num_tokens] = block_of_token * bs + positions % bs
-        slots[num_tokens:] = -1
-        ids = self._view(host, "input_ids", max(padded_tokens, num_tokens))
+        _fill_block_tables(tables, items)
+        padded = max(padded_tokens, num_tokens)
+        positions, slots = (self._view(host, name, padded) for name in ("positions", "slots"))
+        positions[:num_tokens], slots[:num_tokens] = _positions_and_slots(query_lens, qsl, starts, tables, bs)
+        positions[num_tokens:], slots[num_tokens:] = 0, -1
+        ids = self._view(host, "input_ids", padded)
         ids[:num_tokens] = [t for it in items for t in it.token_ids]
         ids[num_tokens:] = 0
-        self._view(host, "positions", max(padded_tokens, num_tokens))[num_tokens:] = 0
         return num_tokens
 
     def _upload(self, num_seqs: int) -> None:
