@@ -57,6 +57,11 @@ class EngineConfig:
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
+    @property
+    def max_query_len(self) -> int:
+        """Most tokens one sequence computes in a decode step: itself and its drafts."""
+        return 1 + (self.num_speculative_tokens if self.speculative != "off" else 0)
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

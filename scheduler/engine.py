@@ -61,16 +61,15 @@ class Engine:
                  plan.num_blocks * config.block_size, plan.num_bytes / 2**20)
         self.pool = BlockPool(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, self.dtype, self.device)
-        use_graphs = self.runner.fused and not config.enforce_eager
-        if use_graphs:
-            depth = config.num_speculative_tokens if config.speculative != "off" else 0
-            self.runner.capture_graphs(config.max_num_seqs, 1 + depth, self.max_model_len)
         self.scheduler = Scheduler(self.pool, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.priority_aging_s)
         self.sampler = Sampler()
         self.speculator = build_speculator(config, draft, plan.num_blocks, self.sampler, self.dtype, self.device)
-        if use_graphs and self.speculator is not None and self.speculator.draft is not None:
-            self.speculator.draft.runner.capture_graphs(config.max_num_seqs, 1 + depth, self.max_model_len)
+        if self.runner.fused and not config.enforce_eager:
+            runners = [self.runner] + ([self.speculator.draft.runner] if self.speculator and self.speculator.draft
+                                       else [])
+            for runner in runners:
+                runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len)
         self._generators: dict[str, torch.Generator] = {}
         self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
         torch.manual_seed(config.seed)

@@ -36,13 +36,12 @@ def _cuda_budget(config: EngineConfig, model_config, device: torch.device) -> in
     used_by_others = total - free
     # Activations of the largest step: hidden states and MLP intermediates of every batched token,
     # plus fp32 logits for every row that samples (1 + k per sequence when verifying drafts).
-    depth = config.num_speculative_tokens if config.speculative != "off" else 0
     per_token = (6 * model_config.hidden_size + 3 * model_config.intermediate_size) * 4
     activations = config.max_num_batched_tokens * per_token
-    activations += config.max_num_seqs * (1 + depth) * model_config.vocab_size * 4 * 3
+    activations += config.max_num_seqs * config.max_query_len * model_config.vocab_size * 4 * 3
     if not config.enforce_eager:
         # CUDA graphs keep a private pool: the intermediates of the largest captured batch.
-        activations += config.max_num_seqs * (1 + depth) * per_token
+        activations += config.max_num_seqs * config.max_query_len * per_token
     budget = int(total * config.gpu_memory_utilization) - used_by_others - activations
     if budget <= 0:
         raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization="

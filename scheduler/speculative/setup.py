@@ -49,6 +49,6 @@ def build_speculator(config: EngineConfig, draft: LoadedModel | None, num_blocks
     proposer = None
     if config.speculative == "draft":
         runner = ModelRunner(draft.model, num_blocks, config.block_size, dtype, device)
-        proposer = DraftModelProposer(runner, sampler, max_catch_up=1 + config.num_speculative_tokens)
+        proposer = DraftModelProposer(runner, sampler, max_catch_up=config.max_query_len)
     return Speculator(config.speculative, config.num_speculative_tokens, sampler, proposer, config.ngram_min,
                       config.ngram_max, adaptive=config.adaptive_speculation)
