@@ -90,13 +90,20 @@ class ModelRunner:
         self.graphs = _Graphs(self, max_num_seqs, max_query_len, max_model_len)
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem]) -> torch.Tensor:
+    def forward(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the items' new tokens into the KV cache in one pass. Returns fp32 logits for
-        each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab]."""
+        each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab].
+
+        token_ids: the new tokens as a device tensor, for items of one token each whose token the
+        device already holds (a draft pass feeding on the last one's output): the items' own
+        token_ids are then placeholders and the host never waits for the device to learn them."""
+        assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
         if self.graphs is not None and self.graphs.fits(items):
-            return self.model.compute_logits(self.graphs.replay(items)).float()
+            return self.model.compute_logits(self.graphs.replay(items, token_ids)).float()
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
         input_ids, positions, meta, logits_indices = self._prepare([items[i] for i in order])
+        if token_ids is not None:  # every item is a decode, so the order is the caller's
+            input_ids = token_ids.to(input_ids.dtype)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[logits_indices]).float()
         if order == sorted(order):
@@ -210,12 +217,14 @@ class _Graphs:
         return all(it.num_logits == len(it.token_ids) <= self.max_query_len and len(it.block_table) <= self.width
                    for it in items)
 
-    def replay(self, items: list[ForwardItem]) -> torch.Tensor:
-        """Hidden states of every item's new tokens, in order."""
+    def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward."""
         num_seqs = next(b for b in self.sizes if b >= len(items))
         query_len = max(len(it.token_ids) for it in items)
         num_tokens = self._fill(items, num_seqs * query_len)
         self._upload(num_seqs)
+        if token_ids is not None:  # queued after the upload, so it overwrites the placeholders
+            self._view(self.device_buf, "input_ids", num_tokens).copy_(token_ids, non_blocking=True)
         graph, out = self.graphs[(num_seqs, query_len)]
         graph.replay()
         self.num_replays += 1

@@ -36,33 +36,41 @@ class DraftModelProposer:
         when sampling_for says every row drafts greedily (verifying greedy requests reads no q).
         sampling_for(rows) gives the sampling rows of those speculating requests, None when all greedy."""
         ks = [s.num_spec_slots for s in spec]
+        depth = max(ks)
         tables = [pool.block_table(s.request.request_id) for s in spec]
         items = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
         active = list(range(len(spec)))
         batch, batch_rows = sampling_for(active), active
-        q = None if batch is None else torch.zeros(len(spec), max(ks), self.vocab_size, device=self.runner.device)
-        for j in range(max(ks)):
-            logits = self.runner.forward(items)
+        device = self.runner.device
+        q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
+        # Drafted tokens stay on the device: each pass reads the last one's straight from there,
+        # and the host learns them all with one copy at the end.
+        drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
+        tokens = None
+        for j in range(depth):
+            logits = self.runner.forward(items, tokens)
             if j == 0 and logits.shape[0] != len(items):
                 last_rows = np.cumsum([it.num_logits for it in items]) - 1
-                logits = logits[torch.from_numpy(last_rows).to(logits.device)]
+                logits = logits[torch.from_numpy(last_rows).to(device)]
             if batch_rows != active:  # only when depths differ: the batch is built once per step otherwise
                 batch, batch_rows = sampling_for(active), active
+            rows = slice(None) if len(active) == len(spec) else torch.tensor(active, device=device)
             if batch is None:
                 tokens = logits.argmax(dim=-1)
             else:
                 probs = self.sampler.compute_probs(logits, batch)
-                q[active, j] = probs
+                q[rows, j] = probs
                 tokens = self.sampler.sample_probs(probs, batch)
-            # The next pass's inputs are built on the host, so each pass copies its tokens back once.
-            for row, token in zip(active, tokens.tolist()):
-                spec[row].draft_token_ids.append(token)
-            active = [row for row in active if ks[row] > j + 1]
-            items = [ForwardItem([spec[row].draft_token_ids[-1]], spec[row].request.num_tokens + j, tables[row], 1)
-                     for row in active]
-        for s in spec:
+            drafted[rows, j] = tokens
+            still = [i for i, row in enumerate(active) if ks[row] > j + 1]
+            if len(still) != len(active):
+                tokens = tokens[torch.tensor(still, device=device)] if still else None
+                active = [active[i] for i in still]
+            items = [ForwardItem([0], spec[row].request.num_tokens + j, tables[row], 1) for row in active]
+        for s, row, k in zip(spec, drafted.tolist(), ks):
+            s.draft_token_ids = row[:k]
             # It has seen the known tokens and every draft but the last.
-            s.request.num_draft_computed_tokens = s.request.num_tokens + len(s.draft_token_ids) - 1
+            s.request.num_draft_computed_tokens = s.request.num_tokens + k - 1
         return q
 
     def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
