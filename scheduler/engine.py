@@ -66,10 +66,11 @@ class Engine:
         self.sampler = Sampler()
         self.speculator = build_speculator(config, draft, plan.num_blocks, self.sampler, self.dtype, self.device)
         if self.runner.fused and not config.enforce_eager:
-            runners = [self.runner] + ([self.speculator.draft.runner] if self.speculator and self.speculator.draft
-                                       else [])
-            for runner in runners:
-                runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len)
+            self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len)
+            if self.speculator is not None and self.speculator.draft is not None:
+                # The draft's passes after its first run as one greedy chain (k - 1 passes at most).
+                self.speculator.draft.runner.capture_graphs(config.max_num_seqs, config.max_query_len,
+                                                            self.max_model_len, config.num_speculative_tokens - 1)
         self._generators: dict[str, torch.Generator] = {}
         self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
         torch.manual_seed(config.seed)

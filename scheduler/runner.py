@@ -83,11 +83,27 @@ class ModelRunner:
             model.use_fused_kernels()
         self.graphs: _Graphs | None = None
 
-    def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int, max_chain: int = 0) -> None:
         """CUDA graphs for steps of up to max_num_seqs sequences of up to max_query_len new tokens each
-        (1 for decodes; 1 + k when verifying k drafts), in batch-size buckets."""
+        (1 for decodes; 1 + k when verifying k drafts), in batch-size buckets; and, for a draft model,
+        greedy chains of 1..max_chain decode passes (see greedy_chain)."""
         assert self.fused, "CUDA graphs need the fused kernels"
-        self.graphs = _Graphs(self, max_num_seqs, max_query_len, max_model_len)
+        self.graphs = _Graphs(self, max_num_seqs, max_query_len, max_model_len, max_chain)
+
+    @torch.inference_mode()
+    def greedy_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor | None:
+        """`passes` greedy decode passes in a row, each feeding its argmax tokens to the next, as one
+        CUDA graph replay: the host prepares the first pass only (items of one placeholder token each,
+        their tokens in token_ids on the device); pass j computes position start + j of every item.
+        Returns the argmax tokens [passes, len(items)] on the device, or None where no graph holds
+        these items (no graphs, too many sequences, too long, or a pass would leave its KV blocks)."""
+        if self.graphs is None or len(items) > self.graphs.sizes[-1] or not 1 <= passes <= self.graphs.max_chain:
+            return None
+        bs = self.block_size
+        if not all(len(it.token_ids) == it.num_logits == 1 and -(-(it.start + passes) // bs) <= len(it.block_table)
+                   <= self.graphs.width for it in items):
+            return None
+        return self.graphs.replay_chain(items, token_ids, passes)
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,6 +116,10 @@ class ModelRunner:
         assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
         if self.graphs is not None and self.graphs.fits(items):
             return self.model.compute_logits(self.graphs.replay(items, token_ids)).float()
+        return self._forward_eager(items, token_ids)
+
+    @torch.inference_mode()
+    def _forward_eager(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
         input_ids, positions, meta, logits_indices = self._prepare([items[i] for i in order])
         if token_ids is not None:  # every item is a decode, so the order is the caller's
@@ -149,9 +169,11 @@ class _Graphs:
     per step; block tables come last so a small batch copies only its own rows.
     """
 
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_query_len: int, max_model_len: int):
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_query_len: int, max_model_len: int,
+                 max_chain: int = 0):
         self.runner = runner
         self.max_query_len = max_query_len
+        self.max_chain = max_chain
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
         max_seqs, self.width = self.sizes[-1], -(-min(max_model_len, GRAPH_MAX_CONTEXT) // runner.block_size)
         max_tokens = max_seqs * max_query_len
@@ -166,6 +188,7 @@ class _Graphs:
         self.device_buf = torch.zeros(total, dtype=torch.int32, device=runner.device)
         self.copied = torch.cuda.Event()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.chains: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, passes)
         self.num_replays = 0
         self._capture()
 
@@ -184,6 +207,29 @@ class _Graphs:
         return self.runner.model(self._view(buf, "input_ids", num_tokens), self._view(buf, "positions", num_tokens),
                                  self.runner.kv_caches, meta)
 
+    def _static_chain(self, num_seqs: int, passes: int) -> torch.Tensor:
+        """`passes` decode passes over the buffers' first pass; later passes derive their positions,
+        KV slots and lengths on the device. Rows past the real ones have slot -1 and stay inert."""
+        buf, bs, model = self.device_buf, self.runner.block_size, self.runner.model
+        ids = self._view(buf, "input_ids", num_seqs)
+        first_positions = self._view(buf, "positions", num_seqs)
+        first_slots = self._view(buf, "slots", num_seqs)
+        first_lens = self._view(buf, "seq_lens", num_seqs)
+        tables = self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width)
+        real = first_slots >= 0
+        out = []
+        for j in range(passes):
+            positions, slots, seq_lens = first_positions + j, first_slots, first_lens + j * real
+            if j:
+                blocks = tables.gather(1, (positions // bs).long().unsqueeze(1)).squeeze(1)
+                slots = torch.where(real, blocks * bs + positions % bs, -1)
+            meta = AttentionMetadata(
+                slot_mapping=slots, query_start_loc=self._view(buf, "query_start_loc", num_seqs + 1),
+                seq_lens=seq_lens, block_tables=tables, num_decodes=num_seqs, max_query_len=1, max_seq_len=0)
+            ids = model.compute_logits(model(ids, positions, self.runner.kv_caches, meta)).argmax(dim=-1)
+            out.append(ids)
+        return torch.stack(out)
+
     @torch.inference_mode()
     def _capture(self) -> None:
         started, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
@@ -192,23 +238,25 @@ class _Graphs:
         self._fill([], self.sizes[-1] * self.max_query_len)  # every sequence empty, every token without a slot
         self._upload(self.sizes[-1])
         torch.cuda.synchronize()
-        keys = [(b, q) for q in query_lens for b in reversed(self.sizes)]
-        for i, (num_seqs, query_len) in enumerate(keys):
+        keys = [(self.graphs, self._static_forward, b, q) for q in query_lens for b in reversed(self.sizes)]
+        keys += [(self.chains, self._static_chain, b, n) for n in range(self.max_chain, 0, -1)
+                 for b in reversed(self.sizes)]
+        for i, (graphs, forward, num_seqs, length) in enumerate(keys):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._static_forward(num_seqs, query_len)  # compiles kernels, warms cuBLAS
+                forward(num_seqs, length)  # compiles kernels, warms cuBLAS
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._static_forward(num_seqs, query_len)
-            self.graphs[(num_seqs, query_len)] = (graph, out)
+                out = forward(num_seqs, length)
+            graphs[(num_seqs, length)] = (graph, out)
             if (i + 1) % 8 == 0 or i + 1 == len(keys):
                 log.info("captured CUDA graphs: %d/%d", i + 1, len(keys))
         torch.cuda.synchronize()
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
-        log.info("CUDA graphs for up to %d sequences x 1-%d tokens: %.1f s, %.0f MiB", self.sizes[-1],
-                 self.max_query_len,
+        log.info("CUDA graphs for up to %d sequences x 1-%d tokens%s: %.1f s, %.0f MiB", self.sizes[-1],
+                 self.max_query_len, f", greedy chains of 1-{self.max_chain} passes" if self.max_chain else "",
                  time.perf_counter() - started, self.memory_bytes / 2**20)
 
     def fits(self, items: list[ForwardItem]) -> bool:
@@ -219,16 +267,25 @@ class _Graphs:
 
     def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward."""
-        num_seqs = next(b for b in self.sizes if b >= len(items))
         query_len = max(len(it.token_ids) for it in items)
-        num_tokens = self._fill(items, num_seqs * query_len)
+        out, num_tokens = self._replay(self.graphs, items, query_len, token_ids)
+        return out[:num_tokens]
+
+    def replay_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor:
+        """Argmax tokens [passes, len(items)] of a greedy chain (see ModelRunner.greedy_chain)."""
+        out, _ = self._replay(self.chains, items, passes, token_ids)
+        return out[:, :len(items)]
+
+    def _replay(self, graphs: dict, items: list[ForwardItem], length: int, token_ids: torch.Tensor | None):
+        num_seqs = next(b for b in self.sizes if b >= len(items))
+        num_tokens = self._fill(items, num_seqs * (length if graphs is self.graphs else 1))
         self._upload(num_seqs)
         if token_ids is not None:  # queued after the upload, so it overwrites the placeholders
             self._view(self.device_buf, "input_ids", num_tokens).copy_(token_ids, non_blocking=True)
-        graph, out = self.graphs[(num_seqs, query_len)]
+        graph, out = graphs[(num_seqs, length)]
         graph.replay()
         self.num_replays += 1
-        return out[:num_tokens]
+        return out, num_tokens
 
     def _fill(self, items: list[ForwardItem], padded_tokens: int) -> int:
         host, bs = self.host_np, self.runner.block_size

@@ -105,7 +105,7 @@ def test_distill_command_writes_a_draft_and_its_evaluation(tiny_text_model_dir, 
     argv = ["distill-draft", "--target", str(path), "--out", str(out), "--layers", "1", "--tokens", "120",
             "--max-answer-tokens", "8", "--max-prompt-tokens", "8", "--max-num-seqs", "4", "--eval-prompts", "2",
             "--eval-tokens", "6", "--eval-speed-prompts", "1", "--batch-tokens", "1024", "--epochs", "1",
-            "--device", "cpu"]
+            "--device", "cpu", "--data-dtype", "bfloat16"]
     assert main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
     assert set(report["acceptance"]) == {"greedy", "temperature_0.7"}

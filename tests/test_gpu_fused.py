@@ -144,7 +144,42 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
     engine = Engine(model=str(path), device="cuda", dtype="float32", speculative="draft", draft_model=str(path),
                     adaptive_speculation=False, max_num_batched_tokens=64)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
-    assert engine.speculator.draft.runner.graphs.num_replays > 0
+    graphs = engine.speculator.draft.runner.graphs
+    assert graphs.num_replays > 0 and len(graphs.chains) == len(graphs.sizes) * (engine.config.num_speculative_tokens - 1)
     assert [o.token_ids for o in outputs] == hf_references(model, prompts)
-    assert sum(o.metrics.accepted_tokens for o in outputs) > 0
+    # The draft is the target in float32: its chained passes must propose what the target then takes.
+    drafted = sum(o.metrics.draft_tokens for o in outputs)
+    assert drafted > 0 and sum(o.metrics.accepted_tokens for o in outputs) >= 0.95 * drafted
     assert_pool_idle(engine)
+
+
+def test_greedy_chain_equals_passes_one_at_a_time():
+    from scheduler.models import load_model
+    from scheduler.runner import ForwardItem, ModelRunner
+
+    config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
+    model = load_model(config, None, "dummy", torch.float32, torch.device("cuda"), None).model
+    runner = ModelRunner(model, num_blocks=64, block_size=16, dtype=torch.float32, device=torch.device("cuda"))
+    runner.capture_graphs(max_num_seqs=4, max_query_len=5, max_model_len=512, max_chain=3)
+    rng = random.Random(0)
+    blocks = list(range(64))
+    rng.shuffle(blocks)
+    # Three sequences with histories of 5, 30 and 47 tokens (the last crosses a block boundary mid-chain).
+    lengths = [5, 30, 47]
+    tables = [[blocks.pop() for _ in range(-(-(n + 3) // 16))] for n in lengths]
+    histories = [[rng.randrange(49152) for _ in range(n)] for n in lengths]
+    runner.forward([ForwardItem(h, 0, t, 1) for h, t in zip(histories, tables)])
+    first = torch.tensor([rng.randrange(49152) for _ in lengths], device="cuda")
+    items = [ForwardItem([0], n, t, 1) for n, t in zip(lengths, tables)]
+    chain = runner.greedy_chain(items, first, 3)
+    assert chain.shape == (3, 3)
+    tokens, expected = first, []
+    for j in range(3):  # the same passes, one eager forward each, rewriting the same KV slots
+        logits = runner._forward_eager([ForwardItem([int(t)], n + j, tb, 1) for t, n, tb in
+                                        zip(tokens.tolist(), lengths, tables)])
+        tokens = logits.argmax(dim=-1)
+        expected.append(tokens)
+    assert torch.equal(chain, torch.stack(expected))
+    # A chain that would run past a sequence's blocks is refused, not run.
+    assert runner.greedy_chain([ForwardItem([0], 47, tables[2][:3], 1)], first[:1], 3) is None

@@ -18,7 +18,7 @@ import torch
 from scheduler.kv_cache import BlockPool
 from scheduler.request import Request
 from scheduler.runner import ForwardItem, ModelRunner
-from scheduler.sampling import Sampler, SamplingBatch
+from scheduler.sampling import Sampler, SamplingBatch, to_device
 from scheduler.scheduler import ScheduledRequest
 
 
@@ -48,10 +48,16 @@ class DraftModelProposer:
         drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
         tokens = None
         for j in range(depth):
+            if j == 1 and batch is None and len(active) == len(spec):
+                # Greedy drafting at one depth for all: the remaining passes are one graph replay.
+                chain = self.runner.greedy_chain(self._next_items(spec, active, tables, j), tokens, depth - 1)
+                if chain is not None:
+                    drafted[:, 1:] = chain.T
+                    break
             logits = self.runner.forward(items, tokens)
             if j == 0 and logits.shape[0] != len(items):
                 last_rows = np.cumsum([it.num_logits for it in items]) - 1
-                logits = logits[torch.from_numpy(last_rows).to(device)]
+                logits = logits[to_device(last_rows, torch.long, device)]  # pinned: no wait for the pass
             if batch_rows != active:  # only when depths differ: the batch is built once per step otherwise
                 batch, batch_rows = sampling_for(active), active
             rows = slice(None) if len(active) == len(spec) else torch.tensor(active, device=device)
@@ -66,12 +72,17 @@ class DraftModelProposer:
             if len(still) != len(active):
                 tokens = tokens[torch.tensor(still, device=device)] if still else None
                 active = [active[i] for i in still]
-            items = [ForwardItem([0], spec[row].request.num_tokens + j, tables[row], 1) for row in active]
+            items = self._next_items(spec, active, tables, j + 1)
         for s, row, k in zip(spec, drafted.tolist(), ks):
             s.draft_token_ids = row[:k]
             # It has seen the known tokens and every draft but the last.
             s.request.num_draft_computed_tokens = s.request.num_tokens + k - 1
         return q
+
+    @staticmethod
+    def _next_items(spec: list[ScheduledRequest], rows: list[int], tables: list[list[int]], j: int):
+        """Pass j (j >= 1) computes the draft j made before it: one token at num_tokens + j - 1."""
+        return [ForwardItem([0], spec[row].request.num_tokens + j - 1, tables[row], 1) for row in rows]
 
     def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
         start = min(request.num_draft_computed_tokens, request.num_tokens - 1)
