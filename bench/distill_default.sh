@@ -21,7 +21,7 @@ mkdir -p "$out"
 # float32 target: greedy outputs with and without speculation are then token-identical (in bfloat16,
 # a token verified inside a multi-token query can round differently from one decoded alone).
 args=(--target "$target" --out "$out" --layers 2 --tokens 4000000 --max-minutes 7.5 --generation-share 0.35
-      --max-num-seqs 512 --max-answer-tokens 256 --epochs 8 --lr 1e-3 --batch-tokens 16384 --top-k 64 --loss kl
+      --max-num-seqs 512 --max-answer-tokens 256 --epochs 30 --lr 1e-3 --batch-tokens 16384 --top-k 64 --loss kl
       --k 4 --eval-prompts 32 --eval-tokens 128 --eval-speed-prompts 4 --device cuda --dtype float32 --data-dtype bfloat16 --seed 0)
 start=$(date +%s)
 python3 -m scheduler.distill "${args[@]}" 2>&1 | tee "$out/distill.log"
