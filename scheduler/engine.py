@@ -66,11 +66,13 @@ class Engine:
         self.sampler = Sampler()
         self.speculator = build_speculator(config, draft, plan.num_blocks, self.sampler, self.dtype, self.device)
         if self.runner.fused and not config.enforce_eager:
-            self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len)
+            self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len,
+                                       max_batched_tokens=config.max_num_batched_tokens)
             if self.speculator is not None and self.speculator.draft is not None:
                 # The draft's passes after its first run as one greedy chain (k - 1 passes at most).
                 self.speculator.draft.runner.capture_graphs(config.max_num_seqs, config.max_query_len,
-                                                            self.max_model_len, config.num_speculative_tokens - 1)
+                                                            self.max_model_len, config.num_speculative_tokens - 1,
+                                                            config.max_num_batched_tokens)
         self._generators: dict[str, torch.Generator] = {}
         self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
         torch.manual_seed(config.seed)
@@ -151,7 +153,7 @@ class Engine:
         outputs = self._take_pending()
         spec_depth = None
         if self.speculator is not None:
-            self.speculator.plan(self._decodes_ahead())
+            self.speculator.plan(self._decodes_ahead(), self._prompts_ahead())
             spec_depth = self.speculator.depth_for
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
@@ -170,11 +172,10 @@ class Engine:
             num_drafts=sum(1 for r in results if r.num_drafts), num_draft_tokens=sum(r.num_drafts for r in results),
             accepted_per_position=_per_position(results, accepted=True),
             verified_per_position=_per_position(results, accepted=False))
-        if self.speculator is not None and batch and not num_prompt_tokens:
-            # Only steps without prompt work are timed: a prefill chunk's cost has nothing to do with
-            # the depth, and on CUDA it also leaves the graphs for the eager path.
+        if self.speculator is not None and batch:
+            # Steps with prompt chunks are timed apart from pure decode steps (their own load buckets).
             num_decodes = sum(1 for s in batch if s.samples and s.num_new_tokens == 1)
-            self.speculator.observe_step(num_decodes, time.perf_counter() - start)
+            self.speculator.observe_step(num_decodes, num_prompt_tokens > 0, time.perf_counter() - start)
         for output in outputs:
             self._live[output.request_id].stream.put(output)
             if output.finished:
@@ -185,6 +186,11 @@ class Engine:
     def _decodes_ahead(self) -> int:
         """Decoding sequences the next step is likely to carry."""
         return sum(1 for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1)
+
+    def _prompts_ahead(self) -> bool:
+        """Whether the next step is likely to carry prompt chunks (a waiting or part-prefilled request)."""
+        return bool(self.scheduler.waiting) or any(r.num_tokens - r.num_computed_tokens > 1
+                                                   for r in self.scheduler.running)
 
     def fail_all(self, error: str) -> None:
         """After a fault: end every request with `error` set. The engine is not stepped again."""

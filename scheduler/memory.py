@@ -40,8 +40,9 @@ def _cuda_budget(config: EngineConfig, model_config, device: torch.device) -> in
     activations = config.max_num_batched_tokens * per_token
     activations += config.max_num_seqs * config.max_query_len * model_config.vocab_size * 4 * 3
     if not config.enforce_eager:
-        # CUDA graphs keep a private pool: the intermediates of the largest captured batch.
-        activations += config.max_num_seqs * config.max_query_len * per_token
+        # CUDA graphs keep a private pool: the intermediates of the largest captured batch (decodes
+        # with their drafts, or a step with prompt chunks).
+        activations += max(config.max_num_seqs * config.max_query_len, config.max_num_batched_tokens) * per_token
     budget = int(total * config.gpu_memory_utilization) - used_by_others - activations
     if budget <= 0:
         raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization="

@@ -5,6 +5,9 @@ logits for all its new tokens (decodes, verification of drafts, draft-model pass
 a CUDA graph captured at start-up for a bucket of batch sizes: tokens are packed at the
 front of fixed-size buffers, sequences past the real ones have no tokens, tokens past the
 real ones have no KV slot and belong to no sequence, so they cost compute but touch nothing.
+Steps that carry prompt chunks replay "mixed" graphs, bucketed by total tokens and sequences,
+whose attention grid covers a query as long as the whole bucket (tiles past a sequence's
+own query exit at once); logits are then taken for the rows that want them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 GRAPH_MAX_CONTEXT = 8192  # longer sequences run eagerly: every replay uploads block tables this wide
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Steps with prompt chunks replay graphs bucketed by their total tokens and (coarsely) their sequences.
+MIXED_GRAPH_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+MIXED_GRAPH_SEQS = (4, 16, 64, 256)
 
 
 @dataclass
@@ -65,6 +71,13 @@ def _positions_and_slots(query_lens, query_start_loc, starts, block_tables, bloc
     return positions, slots
 
 
+def _logits_indices(query_lens: np.ndarray, num_logits: np.ndarray) -> np.ndarray:
+    """Rows of each sequence's last num_logits tokens, sequences laid end to end."""
+    ends = np.cumsum(query_lens)
+    return np.repeat(ends - num_logits, num_logits) + (
+        np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits))
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
@@ -83,12 +96,14 @@ class ModelRunner:
             model.use_fused_kernels()
         self.graphs: _Graphs | None = None
 
-    def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int, max_chain: int = 0) -> None:
+    def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int, max_chain: int = 0,
+                       max_batched_tokens: int = 0) -> None:
         """CUDA graphs for steps of up to max_num_seqs sequences of up to max_query_len new tokens each
-        (1 for decodes; 1 + k when verifying k drafts), in batch-size buckets; and, for a draft model,
-        greedy chains of 1..max_chain decode passes (see greedy_chain)."""
+        (1 for decodes; 1 + k when verifying k drafts), in batch-size buckets; for steps with prompt
+        chunks of up to max_batched_tokens tokens in all (0: none); and, for a draft model, greedy
+        chains of 1..max_chain decode passes (see greedy_chain)."""
         assert self.fused, "CUDA graphs need the fused kernels"
-        self.graphs = _Graphs(self, max_num_seqs, max_query_len, max_model_len, max_chain)
+        self.graphs = _Graphs(self, max_num_seqs, max_query_len, max_model_len, max_chain, max_batched_tokens)
 
     @torch.inference_mode()
     def greedy_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor | None:
@@ -116,6 +131,11 @@ class ModelRunner:
         assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
         if self.graphs is not None and self.graphs.fits(items):
             return self.model.compute_logits(self.graphs.replay(items, token_ids)).float()
+        if self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(items)):
+            hidden = self.graphs.replay_mixed(items, bucket)
+            rows = _logits_indices(np.fromiter((len(it.token_ids) for it in items), np.int64, len(items)),
+                                   np.fromiter((it.num_logits for it in items), np.int64, len(items)))
+            return self.model.compute_logits(hidden[self._to_device(rows)]).float()
         return self._forward_eager(items, token_ids)
 
     @torch.inference_mode()
@@ -146,9 +166,7 @@ class ModelRunner:
         positions, slot_mapping = _positions_and_slots(query_lens, query_start_loc, starts, block_tables, bs)
         input_ids = np.fromiter((t for it in items for t in it.token_ids), dtype=np.int64,
                                 count=int(query_start_loc[-1]))
-        num_logits = np.array([it.num_logits for it in items], dtype=np.int64)
-        logits_indices = np.repeat(query_start_loc[1:] - num_logits, num_logits) + (
-            np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits))
+        logits_indices = _logits_indices(query_lens, np.array([it.num_logits for it in items], dtype=np.int64))
         num_decodes = int((query_lens == 1).sum())  # all at the front
         non_decode_lens = query_lens[num_decodes:]
         to_dev = self._to_device
@@ -170,15 +188,19 @@ class _Graphs:
     """
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_query_len: int, max_model_len: int,
-                 max_chain: int = 0):
+                 max_chain: int = 0, max_batched_tokens: int = 0):
         self.runner = runner
         self.max_query_len = max_query_len
         self.max_chain = max_chain
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
         max_seqs, self.width = self.sizes[-1], -(-min(max_model_len, GRAPH_MAX_CONTEXT) // runner.block_size)
-        max_tokens = max_seqs * max_query_len
+        self.mixed_tokens = [t for t in MIXED_GRAPH_TOKENS if t < max_batched_tokens]
+        self.mixed_tokens += [max_batched_tokens] if max_batched_tokens else []
+        self.mixed_seqs = [b for b in MIXED_GRAPH_SEQS if b < max_seqs] + [max_seqs]
+        max_tokens = max(max_seqs * max_query_len, max_batched_tokens)
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
                  "query_start_loc": max_seqs + 1, "seq_lens": max_seqs, "block_tables": max_seqs * self.width}
+        self.max_tokens = max_tokens
         self.offsets, total = {}, 0
         for name, size in sizes.items():
             self.offsets[name] = total
@@ -189,15 +211,21 @@ class _Graphs:
         self.copied = torch.cuda.Event()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.chains: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, passes)
+        self.mixed: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, tokens)
         self.num_replays = 0
+        self.num_mixed_replays = 0  # of which steps with prompt chunks
         self._capture()
 
     def _view(self, buf, name: str, size: int):
         start = self.offsets[name]
         return buf[start:start + size]
 
-    def _static_forward(self, num_seqs: int, query_len: int) -> torch.Tensor:
-        num_tokens, buf = num_seqs * query_len, self.device_buf
+    def _static_mixed(self, num_seqs: int, num_tokens: int) -> torch.Tensor:
+        return self._static_forward(num_seqs, num_tokens, num_tokens)
+
+    def _static_forward(self, num_seqs: int, query_len: int, num_tokens: int | None = None) -> torch.Tensor:
+        """Every sequence holds at most query_len tokens, num_tokens (default num_seqs * query_len) in all."""
+        num_tokens, buf = num_tokens or num_seqs * query_len, self.device_buf
         meta = AttentionMetadata(
             slot_mapping=self._view(buf, "slots", num_tokens),
             query_start_loc=self._view(buf, "query_start_loc", num_seqs + 1),
@@ -235,12 +263,14 @@ class _Graphs:
         started, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         query_lens = range(self.max_query_len, 0, -1)
-        self._fill([], self.sizes[-1] * self.max_query_len)  # every sequence empty, every token without a slot
+        self._fill([], self.max_tokens)  # every sequence empty, every token without a slot
         self._upload(self.sizes[-1])
         torch.cuda.synchronize()
         keys = [(self.graphs, self._static_forward, b, q) for q in query_lens for b in reversed(self.sizes)]
         keys += [(self.chains, self._static_chain, b, n) for n in range(self.max_chain, 0, -1)
                  for b in reversed(self.sizes)]
+        keys += [(self.mixed, self._static_mixed, b, t) for t in reversed(self.mixed_tokens)
+                 for b in reversed(self.mixed_seqs)]
         for i, (graphs, forward, num_seqs, length) in enumerate(keys):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -255,8 +285,9 @@ class _Graphs:
                 log.info("captured CUDA graphs: %d/%d", i + 1, len(keys))
         torch.cuda.synchronize()
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
-        log.info("CUDA graphs for up to %d sequences x 1-%d tokens%s: %.1f s, %.0f MiB", self.sizes[-1],
+        log.info("CUDA graphs for up to %d sequences x 1-%d tokens%s%s: %.1f s, %.0f MiB", self.sizes[-1],
                  self.max_query_len, f", greedy chains of 1-{self.max_chain} passes" if self.max_chain else "",
+                 f", steps with prompts of up to {self.mixed_tokens[-1]} tokens" if self.mixed_tokens else "",
                  time.perf_counter() - started, self.memory_bytes / 2**20)
 
     def fits(self, items: list[ForwardItem]) -> bool:
@@ -264,6 +295,26 @@ class _Graphs:
             return False
         return all(it.num_logits == len(it.token_ids) <= self.max_query_len and len(it.block_table) <= self.width
                    for it in items)
+
+    def mixed_bucket(self, items: list[ForwardItem]) -> tuple[int, int] | None:
+        """The smallest (sequences, tokens) mixed graph that holds these items, if any."""
+        num_tokens = sum(len(it.token_ids) for it in items)
+        seqs = next((b for b in self.mixed_seqs if b >= len(items)), None)
+        tokens = next((t for t in self.mixed_tokens if t >= num_tokens), None)
+        if seqs is None or tokens is None or any(len(it.block_table) > self.width for it in items):
+            return None
+        return seqs, tokens
+
+    def replay_mixed(self, items: list[ForwardItem], bucket: tuple[int, int]) -> torch.Tensor:
+        """Hidden states of every item's new tokens, in order."""
+        num_seqs, num_tokens = bucket
+        real_tokens = self._fill(items, num_tokens)
+        self._upload(num_seqs)
+        graph, out = self.mixed[bucket]
+        graph.replay()
+        self.num_replays += 1
+        self.num_mixed_replays += 1
+        return out[:real_tokens]
 
     def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward."""

@@ -237,6 +237,24 @@ def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
     assert sparse.choose(num_decodes=64) == 0
 
 
+def test_adaptive_depth_weighs_steps_with_prompts_apart():
+    # Decode steps replay cheap graphs; steps with a prompt chunk cost 10 ms and 1 ms more per draft token
+    # of each sequence: the same load drafts deep without prompts and not at all with them.
+    depth = AdaptiveDepth(k_max=4)
+    rng = random.Random(0)
+    for step in range(600):
+        prefill = step % 3 == 0
+        k = depth.choose(16, prefill)
+        depth.observe_step(16, k, (0.010 + 0.001 * 16 * k if prefill else 0.002 + 0.00002 * 16 * k), prefill)
+        for _ in range(16):
+            accepted = 0
+            while accepted < k and rng.random() < 0.7:
+                accepted += 1
+            depth.observe_acceptance(k, accepted)
+    assert depth.choose(16, prefill=False) >= 3
+    assert depth.choose(16, prefill=True) == 0
+
+
 def _simulate(step_seconds, acceptance: float, num_decodes: int, steps: int, seed: int = 0) -> list[int]:
     """Depths an AdaptiveDepth picks, step by step, for a simulated engine whose step times carry 5% noise."""
     return _drive(AdaptiveDepth(k_max=4), [num_decodes] * steps, lambda b, k: step_seconds(k), acceptance,

@@ -8,8 +8,10 @@ where B is the number of decoding sequences, c the measured share of them the pr
 drafts for (n-gram lookups often find none), a_i the measured probability that draft position
 i is accepted given that the ones before it were (shared by all loads), and S_b(k) the wall
 time of an engine step that drafts k tokens per sequence while the batch holds a similar number
-of decoding sequences (b = the power-of-two bucket of B). Measuring whole steps keeps every
-overhead speculation adds (proposing, verifying, the draft's passes) in the cost.
+of decoding sequences (b = the power-of-two bucket of B) and, like it, does or does not carry
+prompt chunks (such steps cost more, and differently: they are their own buckets). Measuring
+whole steps keeps every overhead speculation adds (proposing, verifying, the draft's passes) in
+the cost.
 
 S_b(k) follows a cost model, "a fixed cost for speculating at all, plus a cost per draft token":
 
@@ -49,13 +51,13 @@ class AdaptiveDepth:
         """fixed=True always drafts k_max (for measurements and tests)."""
         self.k_max = k_max
         self.fixed = fixed
-        self.step_seconds: dict[int, list[float | None]] = {}  # bucket -> measured S_b(k) for k = 0..k_max
-        self.samples: dict[int, list[int]] = {}  # bucket -> steps timed at each k
+        self.step_seconds: dict[tuple, list[float | None]] = {}  # bucket -> measured S_b(k) for k = 0..k_max
+        self.samples: dict[tuple, list[int]] = {}  # bucket -> steps timed at each k
         self.attempts = [1.0] * k_max  # a weak prior: half of the drafts accepted
         self.accepts = [0.5] * k_max
         self.coverage = 1.0
-        self.bucket_steps: dict[int, int] = {}
-        self.next_explore: dict[int, int] = {}  # bucket -> step that re-times a depth other than the best
+        self.bucket_steps: dict[tuple, int] = {}
+        self.next_explore: dict[tuple, int] = {}  # bucket -> step that re-times a depth other than the best
         self.explore_k = 0
 
     def acceptance(self) -> list[float]:
@@ -68,13 +70,14 @@ class AdaptiveDepth:
             extra += survive
         return 1.0 + self.coverage * extra
 
-    def choose(self, num_decodes: int) -> int:
+    def choose(self, num_decodes: int, prefill: bool = False) -> int:
+        """The depth for a step with num_decodes decoding sequences; prefill: it will carry prompt chunks."""
         if self.fixed:
             return self.k_max
         if num_decodes == 0:
             return 0  # nothing to draft for
-        bucket = num_decodes.bit_length()
-        costs = self.model_costs(num_decodes)
+        bucket = _bucket(num_decodes, prefill)
+        costs = self.model_costs(num_decodes, prefill)
         step = self.bucket_steps[bucket] = self.bucket_steps.get(bucket, 0) + 1
         samples = self.samples[bucket]
         if costs is None or samples[0] < MIN_SAMPLES:
@@ -99,19 +102,19 @@ class AdaptiveDepth:
         self.next_explore[bucket] = step + round(EXPLORE_EVERY * max(1.0, costs[k] / costs[best]))
         return k
 
-    def model_costs(self, num_decodes: int) -> list[float] | None:
+    def model_costs(self, num_decodes: int, prefill: bool = False) -> list[float] | None:
         """S_b(k) for every k from the cost model; None until S_b(0) is timed."""
-        measured, samples = self._costs(num_decodes), self.samples[num_decodes.bit_length()]
+        measured, samples = self._costs(num_decodes, prefill), self.samples[_bucket(num_decodes, prefill)]
         if measured[0] is None:
             return None
         timed = [(k, measured[k] - measured[0], samples[k]) for k in range(1, self.k_max + 1) if samples[k]]
         return [measured[0]] + [measured[0] + max(0.0, _extra_cost(timed, k)) for k in range(1, self.k_max + 1)]
 
-    def observe_step(self, num_decodes: int, k: int, seconds: float) -> None:
+    def observe_step(self, num_decodes: int, k: int, seconds: float, prefill: bool = False) -> None:
         if num_decodes == 0 or self.fixed:
             return
-        costs = self._costs(num_decodes)
-        samples = self.samples[num_decodes.bit_length()]
+        costs = self._costs(num_decodes, prefill)
+        samples = self.samples[_bucket(num_decodes, prefill)]
         samples[k] += 1
         if samples[k] > MIN_SAMPLES:
             seconds = min(seconds, OUTLIER * costs[k])  # a stall says nothing about the depth
@@ -129,10 +132,14 @@ class AdaptiveDepth:
             self.attempts[i] = ACCEPT_DECAY * self.attempts[i] + 1
             self.accepts[i] = ACCEPT_DECAY * self.accepts[i] + (1 if i < num_accepted else 0)
 
-    def _costs(self, num_decodes: int) -> list[float | None]:
-        bucket = num_decodes.bit_length()
+    def _costs(self, num_decodes: int, prefill: bool) -> list[float | None]:
+        bucket = _bucket(num_decodes, prefill)
         self.samples.setdefault(bucket, [0] * (self.k_max + 1))
         return self.step_seconds.setdefault(bucket, [None] * (self.k_max + 1))
+
+
+def _bucket(num_decodes: int, prefill: bool) -> tuple[int, bool]:
+    return num_decodes.bit_length(), prefill
 
 
 def _extra_cost(timed: list[tuple[int, float, int]], k: int) -> float:

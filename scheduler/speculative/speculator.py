@@ -25,9 +25,9 @@ class Speculator:
         self.depth = AdaptiveDepth(k_max, fixed=not adaptive)
         self.step_k = 0
 
-    def plan(self, num_decodes: int) -> None:
+    def plan(self, num_decodes: int, prefill: bool) -> None:
         """Pick this step's depth from the load the scheduler is about to see."""
-        self.step_k = self.depth.choose(num_decodes)
+        self.step_k = self.depth.choose(num_decodes, prefill)
 
     def depth_for(self, request) -> int:
         if not request.speculative or self.step_k == 0:
@@ -71,9 +71,9 @@ class Speculator:
                 # of a depth must count what the proposer can actually fill.
                 self.depth.observe_acceptance(s.num_spec_slots, n)
 
-    def observe_step(self, num_decodes: int, seconds: float) -> None:
+    def observe_step(self, num_decodes: int, prefill: bool, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""
-        self.depth.observe_step(num_decodes, self.step_k, seconds)
+        self.depth.observe_step(num_decodes, self.step_k, seconds, prefill)
 
     @staticmethod
     def _per_sampled_row(draft_probs: torch.Tensor, sampled: list[ScheduledRequest]) -> torch.Tensor:
