@@ -5,7 +5,8 @@ concurrencies, with speculation off, n-gram, and a draft model, adaptive and fix
 
 Greedy, so every mode must produce the same tokens; the script checks that too. With
 --draft-model equal to --model (the default), the draft agrees with the target on every
-token: an upper bound on what a real draft achieves.
+token: an upper bound on what a real draft achieves. The shipped-draft modes use the draft
+shipped for the target (scheduler/drafts/), when there is one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ MODES = {  # name -> engine options
     "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
     "draft": dict(speculative="draft"),
     "draft-fixed-k": dict(speculative="draft", adaptive_speculation=False),
+    # The draft shipped for the target (scheduler/drafts/), found by the target's fingerprint.
+    "shipped-draft": dict(speculative="draft", draft_model=None),
+    "shipped-draft-fixed-k": dict(speculative="draft", draft_model=None, adaptive_speculation=False),
 }
 
 
@@ -74,7 +78,7 @@ def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tok
 
 def bench_mode(args, mode: str, workloads: dict[str, list[str]]) -> dict:
     options = dict(MODES[mode], num_speculative_tokens=args.k)
-    if options["speculative"] == "draft":
+    if options["speculative"] == "draft" and "draft_model" not in options:
         options["draft_model"] = args.draft_model or args.model
     engine = Engine(model=args.model, load_format=args.load_format, max_num_seqs=max(args.concurrency), **options)
     results = {}
