@@ -12,7 +12,6 @@ shipped for the target (scheduler/drafts/), when there is one.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import time
@@ -76,28 +75,39 @@ def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tok
             "draft_tokens": drafted, "acceptance": accepted / drafted if drafted else None, "outputs": outputs}
 
 
-def bench_mode(args, mode: str, workloads: dict[str, list[str]]) -> dict:
+def make_engine(args, mode: str) -> Engine:
     options = dict(MODES[mode], num_speculative_tokens=args.k)
     if options["speculative"] == "draft" and "draft_model" not in options:
         options["draft_model"] = args.draft_model or args.model
-    engine = Engine(model=args.model, load_format=args.load_format, max_num_seqs=max(args.concurrency), **options)
-    results = {}
+    # Every mode's engine stays alive for the whole run, so each gets a fixed share of memory.
+    return Engine(model=args.model, load_format=args.load_format, max_num_seqs=max(args.concurrency),
+                  kv_cache_bytes=int(args.kv_cache_gib * 2**30), **options)
+
+
+def bench_all(args, modes: list[str], workloads: dict[str, list[str]]) -> dict:
+    """Every mode's engine is built first; then each setting runs `rounds` times, the modes taking
+    turns within a round, so a machine that drifts (clocks, neighbours) shifts every mode alike. A
+    setting's figures are the median round's (by time per token)."""
+    engines = {mode: make_engine(args, mode) for mode in modes}
+    results = {mode: {} for mode in modes}
     for name, tasks in workloads.items():
-        prompts = [engine.inputs.render_chat([{"role": "user", "content": t}]) for t in tasks]
-        run_load(engine, prompts[:1], 1, 8)  # warm-up
-        results[name] = []
+        prompts = [engines[modes[0]].inputs.render_chat([{"role": "user", "content": t}]) for t in tasks]
+        for engine in engines.values():
+            run_load(engine, prompts[:1], 1, 8)  # warm-up
         for c in args.concurrency:
             n = args.requests_per_concurrency * c
             batch = (prompts * (n // len(prompts) + 1))[:max(n, len(prompts))]
-            r = run_load(engine, batch, c, args.output_len)
-            results[name].append(r)
-            print(f"{mode:14s} {name:5s} c={c:3d}  {r['tpot_ms']:7.2f} ms/token  {r['throughput_tok_s']:8.1f} tok/s"
-                  f"  acceptance {r['acceptance'] if r['acceptance'] is None else round(r['acceptance'], 2)}",
-                  flush=True)
-    del engine  # free its KV cache before the next mode's engine sizes its own
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            runs = {mode: [] for mode in modes}
+            for _ in range(args.rounds):
+                for mode, engine in engines.items():
+                    runs[mode].append(run_load(engine, batch, c, args.output_len))
+            for mode in modes:
+                ordered = sorted(runs[mode], key=lambda r: r["tpot_ms"])
+                r = dict(ordered[len(ordered) // 2], tpot_ms_rounds=[round(x["tpot_ms"], 3) for x in runs[mode]])
+                results[mode].setdefault(name, []).append(r)
+                print(f"{mode:22s} {name:5s} c={c:3d}  {r['tpot_ms']:7.2f} ms/token  {r['throughput_tok_s']:8.1f} tok/s"
+                      f"  acceptance {r['acceptance'] if r['acceptance'] is None else round(r['acceptance'], 2)}"
+                      f"  rounds {r['tpot_ms_rounds']}", flush=True)
     return results
 
 
@@ -112,7 +122,8 @@ def write(results: dict, args, out: Path) -> None:
     lines = [f"# Speculative decoding, {machine()}", "",
              f"{time.strftime('%Y-%m-%d')} · target {args.model} · draft {args.draft_model or args.model} · "
              f"k_max {args.k} · {args.output_len} output tokens, greedy · torch {torch.__version__}", "",
-             "Time per output token (ms) and output throughput (tok/s); speed-up per token against off in brackets.",
+             "Time per output token (ms) and output throughput (tok/s) of the median of "
+             f"{args.rounds} rounds (the modes take turns within a round); speed-up per token against off in brackets.",
              ""]
     for workload in off:
         lines += [f"## {workload} workload", "", "| mode | " + " | ".join(f"c={r['concurrency']}" for r in
@@ -148,12 +159,14 @@ def main(argv=None) -> None:
     parser.add_argument("--requests-per-concurrency", type=int, default=2,
                         help="requests per setting: this many times the concurrency (at least one per prompt)")
     parser.add_argument("--workloads", default="copy,chat")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each setting; the median is reported")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache of each mode's engine")
     parser.add_argument("--out", default="bench/results/speculative")
     args = parser.parse_args(argv)
     workloads = {name: {"copy": COPY_TASKS, "chat": CHAT_TASKS}[name] for name in args.workloads.split(",")}
     modes = args.modes.split(",")
     assert modes[0] == "off", "the first mode is the baseline: off"
-    results = {mode: bench_mode(args, mode, workloads) for mode in modes}
+    results = bench_all(args, modes, workloads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write(results, args, out)
