@@ -237,6 +237,21 @@ def test_adaptive_depth_speculates_when_steps_are_cheap_and_stops_under_load():
     assert sparse.choose(num_decodes=64) == 0
 
 
+def test_one_stalled_first_step_does_not_rule_a_depth_out():
+    # Launch-bound steps where deep drafts pay; the first step drafting k_max stalls (a draft model
+    # catching up on a whole prompt, a neighbour's burst) and costs ten times its due.
+    stalled = []
+
+    def step_seconds(b, k):
+        first = k == 4 and not any(stalled)
+        stalled.append(first)
+        return (0.020 + 0.0005 * k) * (10 if first else 1)
+
+    depth = AdaptiveDepth(k_max=4)
+    chosen = _drive(depth, [1] * 200, step_seconds, acceptance=0.8, rng=random.Random(0))
+    assert any(stalled) and chosen[-50:].count(4) > 40
+
+
 def test_adaptive_depth_weighs_steps_with_prompts_apart():
     # Decode steps replay cheap graphs; steps with a prompt chunk cost 10 ms and 1 ms more per draft token
     # of each sequence: the same load drafts deep without prompts and not at all with them.

@@ -33,14 +33,22 @@ about one step in EXPLORE_EVERY (fewer when the explored depth is slow: the gap 
 cost) re-times another depth (k = 0 every other time, else 1, k_max and the best's neighbours in
 turn), so the fit follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
 (steps under load, low acceptance) the model rates k = 0 best and finding that out costs a few
-probe steps per bucket. Costs are means over the first samples, then exponential moving
-averages over steps clipped at OUTLIER times the average.
+probe steps per bucket. A depth k >= 1 is taken only when its rate beats k = 0's by MARGIN:
+the costs are measured, with noise, and a wrong step towards speculating costs more than a
+missed gain of a few percent.
+
+A depth's cost starts as the least of its first MIN_SAMPLES timed steps, then follows an
+exponential moving average over steps clipped at OUTLIER times the average. Starting low is on
+purpose: an estimate too low gets the depth chosen, and the steps it then runs raise it at once,
+while one too high (a step that paid for a stall, or a draft model catching up after steps
+without drafts) would keep the depth from being chosen, and so re-timed, for a long time.
 """
 
 from __future__ import annotations
 
 EXPLORE_EVERY = 64
 MIN_SAMPLES = 3  # steps timed at a depth, per load bucket, before trusting its average
+MARGIN = 0.03  # least gain in expected tokens per second for a depth k >= 1 over k = 0
 COST_SMOOTHING = 0.2  # weight of the newest step in S_b(k)
 OUTLIER = 1.5  # once a depth's average is trusted, a step counts as at most this many times it
 ACCEPT_DECAY = 0.999  # per observed draft position
@@ -86,7 +94,10 @@ class AdaptiveDepth:
         probing = [k for k in range(1, self.k_max + 1) if 0 < samples[k] < MIN_SAMPLES]
         if probing:
             return probing[0]
-        best = max(range(self.k_max + 1), key=lambda k: self.expected_tokens(k) / costs[k])
+        rates = [self.expected_tokens(k) / costs[k] for k in range(self.k_max + 1)]
+        best = max(range(self.k_max + 1), key=lambda k: rates[k])
+        if rates[best] < (1 + MARGIN) * rates[0]:
+            best = 0
         if samples[best] < MIN_SAMPLES or step < self.next_explore.get(bucket, EXPLORE_EVERY):
             return best
         others = [k for k in dict.fromkeys((1, self.k_max, best - 1, best + 1)) if 1 <= k <= self.k_max and k != best]
@@ -116,11 +127,11 @@ class AdaptiveDepth:
         costs = self._costs(num_decodes, prefill)
         samples = self.samples[_bucket(num_decodes, prefill)]
         samples[k] += 1
-        if samples[k] > MIN_SAMPLES:
+        if costs[k] is None or samples[k] <= MIN_SAMPLES:
+            costs[k] = seconds if costs[k] is None else min(costs[k], seconds)  # the least of the first
+        else:
             seconds = min(seconds, OUTLIER * costs[k])  # a stall says nothing about the depth
-        # A plain mean over the first samples, then an exponential moving average.
-        weight = max(COST_SMOOTHING, 1 / samples[k])
-        costs[k] = seconds if costs[k] is None else (1 - weight) * costs[k] + weight * seconds
+            costs[k] = (1 - COST_SMOOTHING) * costs[k] + COST_SMOOTHING * seconds
 
     def observe_coverage(self, num_with_drafts: int, num_speculating: int) -> None:
         if num_speculating:
