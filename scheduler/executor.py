@@ -37,28 +37,51 @@ class StepExecutor:
 
     def execute(self, batch: list[ScheduledRequest]) -> list[StepResult]:
         spec = [s for s in batch if s.num_spec_slots]
-        draft_probs = None
+        draft_probs = drafts = None
         if spec:
-            draft_probs = self.speculator.propose(spec, self.pool, lambda rows: self._draft_sampling(
+            draft_probs, drafts = self.speculator.propose(spec, self.pool, lambda rows: self._draft_sampling(
                 [spec[r].request for r in rows]))
-        logits = self.runner.forward([self._item(s) for s in batch])
+        rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
+        logits = self.runner.forward([self._item(s, rows.get(id(s), -1)) for s in batch], device_tokens=drafts)
         sampled = [s for s in batch if s.samples]
         for s in batch:
             s.request.num_computed_tokens += s.num_new_tokens
         if any(s.draft_token_ids for s in sampled):
-            results = self._verify(logits, sampled, draft_probs)
+            target_ids = None
+            if drafts is not None:  # one copy to the host brings the drafts and, if greedy, the target's picks
+                target_ids = self._learn_drafts(spec, drafts, logits if self._greedy_verify(sampled) else None)
+            results = self._verify(logits, sampled, draft_probs, target_ids)
         else:
             results = self._sample(logits, sampled)
         for s in batch:
             self.pool.cache_full_blocks(s.request, s.request.num_computed_tokens)
         return results
 
-    def _item(self, s: ScheduledRequest) -> ForwardItem:
+    def _item(self, s: ScheduledRequest, device_row: int = -1) -> ForwardItem:
         request = s.request
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start:start + s.num_new_tokens] + s.draft_token_ids
         num_logits = 1 + len(s.draft_token_ids) if s.samples else 0
-        return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits)
+        return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
+                           len(s.draft_token_ids) if device_row >= 0 else 0)
+
+    @staticmethod
+    def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: torch.Tensor | None):
+        """Fill the spec requests' draft_token_ids from the device; with logits, also return the argmax
+        of every verified row, in the same copy."""
+        flat = drafts.reshape(-1)
+        picks = None if logits is None else logits.argmax(dim=-1)
+        values = (flat if picks is None else torch.cat([picks, flat])).tolist()
+        offset = 0 if picks is None else picks.shape[0]
+        width = drafts.shape[1]
+        for r, s in enumerate(spec):
+            start = offset + r * width
+            s.draft_token_ids = values[start:start + len(s.draft_token_ids)]
+        return None if picks is None else values[:offset]
+
+    @staticmethod
+    def _greedy_verify(sampled: list[ScheduledRequest]) -> bool:
+        return all(plain_greedy(s.request) for s in sampled)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> list[StepResult]:
         if not sampled:
@@ -77,12 +100,15 @@ class StepExecutor:
         request.append_token(token)
         return StepResult(request, [token], [logprob] if request.params.logprobs else None)
 
-    def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs) -> list[StepResult]:
+    def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
+                target_ids: list[int] | None = None) -> list[StepResult]:
         requests = [s.request for s in sampled]
-        if all(plain_greedy(r) for r in requests):
+        if self._greedy_verify(sampled):
             # Greedy verification is an argmax comparison: one argmax over every verified position,
             # one copy to the host, no sampling rows.
-            num_accepted, next_tokens = self.speculator.verify_greedy(logits.argmax(dim=-1).tolist(), sampled)
+            if target_ids is None:
+                target_ids = logits.argmax(dim=-1).tolist()
+            num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
         else:
             rows = self._sampling_batch(requests, [s.draft_token_ids for s in sampled])
             target_probs = self.sampler.compute_probs(logits, rows)

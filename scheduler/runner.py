@@ -21,6 +21,7 @@ import torch
 
 from scheduler.attention import AttentionMetadata
 from scheduler.models.llama import CausalLM
+from scheduler.sampling import to_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class ForwardItem:
     start: int  # position of the first of them: the tokens already in the cache
     block_table: list[int]
     num_logits: int  # logits wanted for this many trailing tokens (0 = none)
+    # Its last num_device_tokens tokens are placeholders: the real ones are row device_row of the
+    # device_tokens given to ModelRunner.forward (drafts the host has not seen yet).
+    device_row: int = -1
+    num_device_tokens: int = 0
 
 
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -69,6 +74,20 @@ def _positions_and_slots(query_lens, query_start_loc, starts, block_tables, bloc
     positions = np.arange(query_start_loc[len(query_lens)]) - query_start_loc[seq_of_token] + starts[seq_of_token]
     slots = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     return positions, slots
+
+
+def _device_token_patch(items: list[ForwardItem], row_width: int) -> np.ndarray | None:
+    """[2, n]: where in the packed input ids each device-held token goes, and its index in the
+    flattened device_tokens; None when no item has any."""
+    dest, src, offset = [], [], 0
+    for it in items:
+        n = it.num_device_tokens
+        if n:
+            first = offset + len(it.token_ids) - n
+            dest.extend(range(first, first + n))
+            src.extend(range(it.device_row * row_width, it.device_row * row_width + n))
+        offset += len(it.token_ids)
+    return np.array([dest, src], dtype=np.int64) if dest else None
 
 
 def _logits_indices(query_lens: np.ndarray, num_logits: np.ndarray) -> np.ndarray:
@@ -121,29 +140,43 @@ class ModelRunner:
         return self.graphs.replay_chain(items, token_ids, passes)
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None,
+                device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the items' new tokens into the KV cache in one pass. Returns fp32 logits for
         each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab].
 
-        token_ids: the new tokens as a device tensor, for items of one token each whose token the
-        device already holds (a draft pass feeding on the last one's output): the items' own
-        token_ids are then placeholders and the host never waits for the device to learn them."""
+        Tokens the device holds and the host has not learnt yet, so the host never waits for them:
+        token_ids, for items of one token each (a draft pass feeding on the last one's output),
+        replaces every item's token; device_tokens [rows, width] fills the trailing placeholders of
+        items that name a device_row (drafts to verify)."""
         assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
+        patch = None if device_tokens is None else self._patch(items, device_tokens)
         if self.graphs is not None and self.graphs.fits(items):
-            return self.model.compute_logits(self.graphs.replay(items, token_ids)).float()
+            return self.model.compute_logits(self.graphs.replay(items, token_ids, patch)).float()
         if self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(items)):
-            hidden = self.graphs.replay_mixed(items, bucket)
+            hidden = self.graphs.replay_mixed(items, bucket, patch)
             rows = _logits_indices(np.fromiter((len(it.token_ids) for it in items), np.int64, len(items)),
                                    np.fromiter((it.num_logits for it in items), np.int64, len(items)))
             return self.model.compute_logits(hidden[self._to_device(rows)]).float()
-        return self._forward_eager(items, token_ids)
+        return self._forward_eager(items, token_ids, device_tokens)
+
+    def _patch(self, items: list[ForwardItem], device_tokens: torch.Tensor):
+        """(destinations in the packed input, tokens) for the items' device-held tokens, or None."""
+        where = _device_token_patch(items, device_tokens.shape[1])
+        if where is None:
+            return None
+        where = to_device(where, torch.long, self.device)
+        return where[0], device_tokens.reshape(-1)[where[1]]
 
     @torch.inference_mode()
-    def _forward_eager(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_eager(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None,
+                       device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
         input_ids, positions, meta, logits_indices = self._prepare([items[i] for i in order])
         if token_ids is not None:  # every item is a decode, so the order is the caller's
             input_ids = token_ids.to(input_ids.dtype)
+        if device_tokens is not None and (patch := self._patch([items[i] for i in order], device_tokens)):
+            input_ids.index_copy_(0, patch[0], patch[1].to(input_ids.dtype))
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[logits_indices]).float()
         if order == sorted(order):
@@ -305,21 +338,23 @@ class _Graphs:
             return None
         return seqs, tokens
 
-    def replay_mixed(self, items: list[ForwardItem], bucket: tuple[int, int]) -> torch.Tensor:
-        """Hidden states of every item's new tokens, in order."""
+    def replay_mixed(self, items: list[ForwardItem], bucket: tuple[int, int], patch=None) -> torch.Tensor:
+        """Hidden states of every item's new tokens, in order; patch as from ModelRunner._patch."""
         num_seqs, num_tokens = bucket
         real_tokens = self._fill(items, num_tokens)
         self._upload(num_seqs)
+        self._apply(patch)
         graph, out = self.mixed[bucket]
         graph.replay()
         self.num_replays += 1
         self.num_mixed_replays += 1
         return out[:real_tokens]
 
-    def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward."""
+    def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None, patch=None) -> torch.Tensor:
+        """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward,
+        patch as from ModelRunner._patch."""
         query_len = max(len(it.token_ids) for it in items)
-        out, num_tokens = self._replay(self.graphs, items, query_len, token_ids)
+        out, num_tokens = self._replay(self.graphs, items, query_len, token_ids, patch)
         return out[:num_tokens]
 
     def replay_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor:
@@ -327,16 +362,24 @@ class _Graphs:
         out, _ = self._replay(self.chains, items, passes, token_ids)
         return out[:, :len(items)]
 
-    def _replay(self, graphs: dict, items: list[ForwardItem], length: int, token_ids: torch.Tensor | None):
+    def _replay(self, graphs: dict, items: list[ForwardItem], length: int, token_ids: torch.Tensor | None,
+                patch=None):
         num_seqs = next(b for b in self.sizes if b >= len(items))
         num_tokens = self._fill(items, num_seqs * (length if graphs is self.graphs else 1))
         self._upload(num_seqs)
         if token_ids is not None:  # queued after the upload, so it overwrites the placeholders
             self._view(self.device_buf, "input_ids", num_tokens).copy_(token_ids, non_blocking=True)
+        self._apply(patch)
         graph, out = graphs[(num_seqs, length)]
         graph.replay()
         self.num_replays += 1
         return out, num_tokens
+
+    def _apply(self, patch) -> None:
+        """Device-held tokens into the uploaded input ids (queued after the upload)."""
+        if patch is not None:
+            ids = self._view(self.device_buf, "input_ids", self.max_tokens)
+            ids.index_copy_(0, patch[0], patch[1].to(ids.dtype))
 
     def _fill(self, items: list[ForwardItem], padded_tokens: int) -> int:
         host, bs = self.host_np, self.runner.block_size

@@ -31,9 +31,11 @@ class DraftModelProposer:
         self.vocab_size = runner.model.config.vocab_size
 
     def propose(self, spec: list[ScheduledRequest], pool: BlockPool,
-                sampling_for: Callable[[list[int]], SamplingBatch | None]) -> torch.Tensor | None:
-        """Fill each s.draft_token_ids with s.num_spec_slots tokens; return q as [R, K, V], or None
-        when sampling_for says every row drafts greedily (verifying greedy requests reads no q).
+                sampling_for: Callable[[list[int]], SamplingBatch | None]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Draft s.num_spec_slots tokens for each s. Returns (q, drafts): q as [R, K, V], or None when
+        sampling_for says every row drafts greedily (verifying greedy requests reads no q); drafts
+        [R, K] on the device, row r for spec[r]. s.draft_token_ids gets placeholders of the right
+        length: the host learns the drafts after the target's pass, which reads them on the device.
         sampling_for(rows) gives the sampling rows of those speculating requests, None when all greedy."""
         ks = [s.num_spec_slots for s in spec]
         depth = max(ks)
@@ -44,7 +46,7 @@ class DraftModelProposer:
         device = self.runner.device
         q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
         # Drafted tokens stay on the device: each pass reads the last one's straight from there,
-        # and the host learns them all with one copy at the end.
+        # and so does the target's verification pass.
         drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
         tokens = None
         for j in range(depth):
@@ -73,11 +75,11 @@ class DraftModelProposer:
                 tokens = tokens[torch.tensor(still, device=device)] if still else None
                 active = [active[i] for i in still]
             items = self._next_items(spec, active, tables, j + 1)
-        for s, row, k in zip(spec, drafted.tolist(), ks):
-            s.draft_token_ids = row[:k]
+        for s, k in zip(spec, ks):
+            s.draft_token_ids = [0] * k
             # It has seen the known tokens and every draft but the last.
             s.request.num_draft_computed_tokens = s.request.num_tokens + k - 1
-        return q
+        return q, drafted
 
     @staticmethod
     def _next_items(spec: list[ScheduledRequest], rows: list[int], tables: list[list[int]], j: int):

@@ -36,14 +36,17 @@ class Speculator:
         # The drafts' KV slots must stay within the request's token limit.
         return max(0, min(cap, request.max_total_tokens - request.num_tokens))
 
-    def propose(self, spec: list[ScheduledRequest], pool: BlockPool, sampling_for) -> torch.Tensor | None:
-        """Fill draft_token_ids of the scheduled requests; return the draft's q, or None (one-hot)."""
+    def propose(self, spec: list[ScheduledRequest], pool: BlockPool, sampling_for):
+        """Draft for the scheduled requests. Returns (q, device drafts): the draft's q, or None
+        (one-hot); and with a draft model, the drafts as a device tensor, row r for spec[r], their
+        draft_token_ids being placeholders until the host copies them (None: n-gram drafts are
+        the host's own, in draft_token_ids)."""
         if self.mode == "draft":
             return self.draft.propose(spec, pool, sampling_for)
         for s in spec:
             s.draft_token_ids = self.ngram.propose(s.request, s.num_spec_slots)
         self.depth.observe_coverage(sum(1 for s in spec if s.draft_token_ids), len(spec))
-        return None
+        return None, None
 
     def verify(self, target_probs: torch.Tensor, sampled: list[ScheduledRequest], draft_probs, batch: SamplingBatch):
         """One row group per sampling request (k_r + 1 rows). Returns lists (num_accepted, next_token)."""
