@@ -98,9 +98,11 @@ def bench_all(args, modes: list[str], workloads: dict[str, list[str]]) -> dict:
             n = args.requests_per_concurrency * c
             batch = (prompts * (n // len(prompts) + 1))[:max(n, len(prompts))]
             runs = {mode: [] for mode in modes}
-            for _ in range(args.rounds):
+            for round_ in range(args.warmup_rounds + args.rounds):
                 for mode, engine in engines.items():
-                    runs[mode].append(run_load(engine, batch, c, args.output_len))
+                    r = run_load(engine, batch, c, args.output_len)
+                    if round_ >= args.warmup_rounds:  # the first meet new shapes (allocator, cuBLAS)
+                        runs[mode].append(r)
             for mode in modes:
                 ordered = sorted(runs[mode], key=lambda r: r["tpot_ms"])
                 r = dict(ordered[len(ordered) // 2], tpot_ms_rounds=[round(x["tpot_ms"], 3) for x in runs[mode]])
@@ -123,7 +125,8 @@ def write(results: dict, args, out: Path) -> None:
              f"{time.strftime('%Y-%m-%d')} · target {args.model} · draft {args.draft_model or args.model} · "
              f"k_max {args.k} · {args.output_len} output tokens, greedy · torch {torch.__version__}", "",
              "Time per output token (ms) and output throughput (tok/s) of the median of "
-             f"{args.rounds} rounds (the modes take turns within a round); speed-up per token against off in brackets.",
+             f"{args.rounds} rounds after {args.warmup_rounds} untimed (the modes take turns within a round); "
+             "speed-up per token against off in brackets.",
              ""]
     for workload in off:
         lines += [f"## {workload} workload", "", "| mode | " + " | ".join(f"c={r['concurrency']}" for r in
@@ -160,6 +163,7 @@ def main(argv=None) -> None:
                         help="requests per setting: this many times the concurrency (at least one per prompt)")
     parser.add_argument("--workloads", default="copy,chat")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each setting; the median is reported")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed runs of each setting first")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache of each mode's engine")
     parser.add_argument("--out", default="bench/results/speculative")
     args = parser.parse_args(argv)

@@ -252,6 +252,30 @@ def test_one_stalled_first_step_does_not_rule_a_depth_out():
     assert any(stalled) and chosen[-50:].count(4) > 40
 
 
+@pytest.mark.parametrize("pays", [True, False])
+def test_adaptive_depth_holds_its_choice_while_the_machine_drifts(pays):
+    # Every step slows down by up to 60% and back over a few hundred steps (clocks, neighbours):
+    # the best depth stays the best, so the choice must not follow the drift.
+    def step_seconds(b, k):
+        drift = 1 + 0.3 * (1 - math.cos(2 * math.pi * len(chosen) / 700))
+        return drift * (0.010 + (0.0001 if pays else 0.008) * k + (0.0005 if k else 0))
+
+    chosen = []
+    depth = AdaptiveDepth(k_max=4)
+    rng = random.Random(1)
+    for _ in range(2100):
+        k = depth.choose(8)
+        chosen.append(k)
+        depth.observe_step(8, k, step_seconds(8, k) * rng.gauss(1.0, 0.03))
+        for _ in range(8):
+            accepted = 0
+            while accepted < k and rng.random() < 0.6:
+                accepted += 1
+            depth.observe_acceptance(k, accepted)
+    best = 4 if pays else 0
+    assert chosen[100:].count(best) > 0.9 * len(chosen[100:])
+
+
 def test_adaptive_depth_weighs_steps_with_prompts_apart():
     # Decode steps replay cheap graphs; steps with a prompt chunk cost 10 ms and 1 ms more per draft token
     # of each sequence: the same load drafts deep without prompts and not at all with them.
