@@ -6,7 +6,7 @@ The text is this repository's markdown, cut into --streams pieces of --tokens to
 the 32 tokens before it as its prompt. The pieces are fed like the engine feeds a decode step of that
 many requests: one token per request per step, add_tokens then take_delta. Two decode paths are timed
 on the same tokenizer: the one the detokenizer picks for it, and tokenizer.decode through a wrapper
-that hides the Rust backend (the fallback path, which decodes as the detokenizer always did before).
+that hides the Rust backend (the fallback path, for tokenizers without one).
 """
 
 from __future__ import annotations
