@@ -145,7 +145,8 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
                     adaptive_speculation=False, max_num_batched_tokens=64)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
     graphs = engine.speculator.draft.runner.graphs
-    assert graphs.num_replays > 0 and len(graphs.chains) == len(graphs.sizes) * (engine.config.num_speculative_tokens - 1)
+    num_chains = len(graphs.sizes) * (engine.config.num_speculative_tokens - 1)
+    assert graphs.num_replays > 0 and len(graphs.chains) == num_chains
     assert [o.token_ids for o in outputs] == hf_references(model, prompts)
     # The draft is the target in float32: its chained passes must propose what the target then takes.
     drafted = sum(o.metrics.draft_tokens for o in outputs)
