@@ -6,13 +6,14 @@ import numpy as np
 import torch
 
 from scheduler.models import load_model
-from scheduler.runner import ForwardItem, ModelRunner, _device_token_patch, _logits_indices
+from scheduler.packing import ForwardItem, device_token_patch, logits_indices
+from scheduler.runner import ModelRunner
 from tests.conftest import tiny_config
 
 
 def test_logits_rows_are_each_sequences_last_ones():
     # Sequences of 3, 1 and 4 tokens laid end to end, wanting logits for 0, 1 and 2 trailing tokens.
-    rows = _logits_indices(np.array([3, 1, 4]), np.array([0, 1, 2]))
+    rows = logits_indices(np.array([3, 1, 4]), np.array([0, 1, 2]))
     assert rows.tolist() == [3, 6, 7]
 
 
@@ -20,9 +21,9 @@ def test_device_tokens_land_in_their_items_trailing_places():
     items = [ForwardItem([5, 6, 0, 0], 10, [0], 3, device_row=1, num_device_tokens=2),
              ForwardItem([7], 4, [1], 1),
              ForwardItem([8, 0], 2, [2], 2, device_row=0, num_device_tokens=1)]
-    dest, src = _device_token_patch(items, row_width=3)
+    dest, src = device_token_patch(items, row_width=3)
     assert dest.tolist() == [2, 3, 6] and src.tolist() == [3, 4, 0]
-    assert _device_token_patch(items[1:2], row_width=3) is None
+    assert device_token_patch(items[1:2], row_width=3) is None
 
 
 def test_forward_with_device_held_drafts_equals_forward_with_them_known():

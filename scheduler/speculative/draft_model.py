@@ -52,7 +52,7 @@ class DraftModelProposer:
         for j in range(depth):
             if j == 1 and batch is None and len(active) == len(spec):
                 # Greedy drafting at one depth for all: the remaining passes are one graph replay.
-                chain = self.runner.greedy_chain(self._next_items(spec, active, tables, j), tokens, depth - 1)
+                chain = self.runner.greedy_chain(items, tokens, depth - 1)
                 if chain is not None:
                     drafted[:, 1:] = chain.T
                     break

@@ -1,0 +1,56 @@
+"""One forward pass's sequences and how their tokens are packed end to end: positions, KV slots,
+logits rows, block tables, and where tokens the device holds go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ForwardItem:
+    """One sequence's part of a forward pass."""
+
+    token_ids: list[int]  # the new tokens to compute
+    start: int  # position of the first of them: the tokens already in the cache
+    block_table: list[int]
+    num_logits: int  # logits wanted for this many trailing tokens (0 = none)
+    # Its last num_device_tokens tokens are placeholders: the real ones are row device_row of the
+    # device_tokens given to ModelRunner.forward (drafts the host has not seen yet).
+    device_row: int = -1
+    num_device_tokens: int = 0
+
+
+def fill_block_tables(tables: np.ndarray, items: list[ForwardItem]) -> None:
+    for row, it in enumerate(items):
+        tables[row, :len(it.block_table)] = it.block_table
+
+
+def positions_and_slots(query_lens, query_start_loc, starts, block_tables, block_size: int):
+    """Each new token's position in its sequence and its KV-cache slot, tokens laid end to end."""
+    seq_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
+    positions = np.arange(query_start_loc[len(query_lens)]) - query_start_loc[seq_of_token] + starts[seq_of_token]
+    slots = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    return positions, slots
+
+
+def device_token_patch(items: list[ForwardItem], row_width: int) -> np.ndarray | None:
+    """[2, n]: where in the packed input ids each device-held token goes, and its index in the
+    flattened device_tokens; None when no item has any."""
+    dest, src, offset = [], [], 0
+    for it in items:
+        n = it.num_device_tokens
+        if n:
+            first = offset + len(it.token_ids) - n
+            dest.extend(range(first, first + n))
+            src.extend(range(it.device_row * row_width, it.device_row * row_width + n))
+        offset += len(it.token_ids)
+    return np.array([dest, src], dtype=np.int64) if dest else None
+
+
+def logits_indices(query_lens: np.ndarray, num_logits: np.ndarray) -> np.ndarray:
+    """Rows of each sequence's last num_logits tokens, sequences laid end to end."""
+    ends = np.cumsum(query_lens)
+    return np.repeat(ends - num_logits, num_logits) + (
+        np.arange(num_logits.sum()) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits))
