@@ -109,7 +109,7 @@ class CudaGraphs:
             meta = AttentionMetadata(
                 slot_mapping=slots, query_start_loc=self._view(buf, "query_start_loc", num_seqs + 1),
                 seq_lens=seq_lens, block_tables=tables, num_decodes=num_seqs, max_query_len=1, max_seq_len=0)
-            ids = model.compute_logits(model(ids, positions, self.runner.kv_caches, meta)).argmax(dim=-1)
+            ids = model.greedy_token_ids(model(ids, positions, self.runner.kv_caches, meta))
             out.append(ids)
         return torch.stack(out)
 

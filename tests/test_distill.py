@@ -17,6 +17,7 @@ from scheduler.distill.compact import save_compact, save_full, target_fingerprin
 from scheduler.distill.data import Sample, prompt_stream
 from scheduler.distill.evaluate import acceptance
 from scheduler.distill.train import TrainConfig, agreement, hf_model, init_draft, train
+from scheduler.distill.vocab import answer_token_counts, coverage, frequent_tokens, make_vocab
 from server.cli import main
 from tests.conftest import save_tiny_model, tiny_config
 from tests.helpers import assert_pool_idle, run_engine
@@ -48,11 +49,11 @@ def distilled(tmp_path_factory):
     manifest = {"target": "tiny", "target_fingerprint": target_fingerprint(llm.engine.model)}
     save_compact(draft, root / "compact", manifest)
     save_full(draft, None, root / "full", manifest)
-    return root, prompts[NUM_TRAIN:], before, after, stats
+    return root, prompts[NUM_TRAIN:], before, after, stats, samples[:NUM_TRAIN]
 
 
 def test_distillation_raises_agreement_with_the_target(distilled):
-    _, _, before, after, stats = distilled
+    _, _, before, after, stats, _ = distilled
     assert stats["steps"] > 0
     assert after > before + 0.05, f"agreement {before:.3f} -> {after:.3f}"
 
@@ -68,6 +69,49 @@ def test_saved_draft_leaves_greedy_output_unchanged(distilled, form):
     assert [o.token_ids for o in outputs] == expected
     assert sum(o.metrics.accepted_tokens for o in outputs) > 0
     assert_pool_idle(engine)
+
+
+def test_draft_restricted_to_frequent_tokens_drafts_only_those_and_leaves_greedy_output_unchanged(distilled, tmp_path):
+    root, prompts, *_, samples = distilled
+    token_ids, summary = make_vocab(samples, 512, 96, tokenizer=None)
+    assert len(token_ids) == summary["size"] == 96 and 0 < summary["held_out_coverage"] < 1
+    shutil.copytree(root / "compact", tmp_path / "draft")
+    compact.save_vocab(tmp_path / "draft", token_ids)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [o.token_ids for o in run_engine(Engine(model=str(root / "target"), dtype="float32"), prompts, params)]
+    engine = Engine(model=str(root / "target"), dtype="float32", speculative="draft",
+                    draft_model=str(tmp_path / "draft"), num_speculative_tokens=3, adaptive_speculation=False)
+    assert engine.speculator.draft.runner.model.vocab_ids.tolist() == token_ids
+    drafted = []
+    verify_greedy = engine.speculator.verify_greedy
+    def spy(target_ids, sampled):
+        drafted.extend(t for s in sampled for t in s.draft_token_ids)
+        return verify_greedy(target_ids, sampled)
+    engine.speculator.verify_greedy = spy
+    outputs = run_engine(engine, prompts, params)
+    assert [o.token_ids for o in outputs] == expected
+    assert drafted and set(drafted) <= set(token_ids)
+    assert sum(o.metrics.accepted_tokens for o in outputs) > 0
+    assert_pool_idle(engine)
+
+
+def test_frequent_tokens_keep_the_most_counted_and_the_special_ones():
+    counts = answer_token_counts([Sample([9, 9, 1, 1, 1, 4, 4, 2, 2], 1), Sample([5, 4], 1)], vocab_size=10)
+    assert counts.tolist() == [0, 3, 2, 0, 3, 0, 0, 0, 0, 1]
+    assert frequent_tokens(counts, 2) == [1, 4]
+    assert frequent_tokens(counts, 3) == [1, 2, 4]  # the tie between 2 and 9 goes to the lower id
+    assert frequent_tokens(counts, 2, always=[7]) == [1, 4, 7]
+    assert frequent_tokens(counts, 10) is None
+    assert coverage(counts, [1, 4]) == 6 / 9 and coverage(counts, None) == 1.0
+
+
+def test_a_bad_draft_vocabulary_is_refused_naming_the_file(distilled, tmp_path):
+    root, *_ = distilled
+    shutil.copytree(root / "compact", tmp_path / "draft")
+    compact.save_vocab(tmp_path / "draft", [3, 700])
+    refusal = r"draft_model: .*draft_vocab.safetensors: needs distinct token ids in \[0, 512\)"
+    with pytest.raises(ValueError, match=refusal):
+        Engine(model=str(root / "target"), speculative="draft", draft_model=str(tmp_path / "draft"))
 
 
 def test_compact_draft_fits_its_target_in_any_dtype(distilled):
@@ -105,7 +149,7 @@ def test_distill_command_writes_a_draft_and_its_evaluation(tiny_text_model_dir, 
     argv = ["distill-draft", "--target", str(path), "--out", str(out), "--layers", "1", "--tokens", "120",
             "--max-answer-tokens", "8", "--max-prompt-tokens", "8", "--max-num-seqs", "4", "--eval-prompts", "2",
             "--eval-tokens", "6", "--eval-speed-prompts", "1", "--batch-tokens", "1024", "--epochs", "1",
-            "--device", "cpu", "--data-dtype", "bfloat16"]
+            "--device", "cpu", "--data-dtype", "bfloat16", "--draft-vocab", "50"]
     assert main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
     assert set(report["acceptance"]) == {"greedy", "temperature_0.7"}
@@ -113,6 +157,9 @@ def test_distill_command_writes_a_draft_and_its_evaluation(tiny_text_model_dir, 
     assert report["data"]["answer_tokens"] >= 120 and report["train"]["steps"] > 0
     manifest = json.loads((out / "draft.json").read_text())
     assert manifest["command"] == "beastserve " + " ".join(argv)
+    vocab_size = manifest["vocab"]["of"]
+    assert vocab_size > 50 and 0 < manifest["vocab"]["held_out_coverage"] <= 1
+    assert len(compact.load_vocab(out, vocab_size)) == manifest["vocab"]["size"] >= 50
     assert "held-out evaluation" in capsys.readouterr().out
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
+from scheduler.distill import compact
 from scheduler.request import Request
 from scheduler.sampling import Sampler
 from scheduler.scheduler import ScheduledRequest
@@ -107,8 +108,9 @@ def _chi_square_critical(dof: int, z: float = 3.72) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_sampling_with_speculation_keeps_the_target_distribution(tmp_path, top_p):
+@pytest.mark.parametrize("top_p, draft_vocab", [(1.0, None), (0.8, None), (1.0, [0, 2, 4])])
+def test_sampling_with_speculation_keeps_the_target_distribution(tmp_path, top_p, draft_vocab):
+    """draft_vocab: the draft proposes only these tokens (its LM head is restricted to them)."""
     vocab = 5
     target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
     target = save_tiny_model(target_dir, tiny_config(vocab_size=vocab), seed=1)
@@ -116,10 +118,14 @@ def test_sampling_with_speculation_keeps_the_target_distribution(tmp_path, top_p
         target.lm_head.weight.mul_(0.05)  # a spread-out distribution, so many continuations matter
     target.save_pretrained(target_dir)
     save_tiny_model(draft_dir, tiny_config(vocab_size=vocab, num_hidden_layers=1), seed=2)
+    if draft_vocab:
+        compact.save_vocab(draft_dir, draft_vocab)
     prompt, length, samples = [1, 2, 3], 3, 6000
     engine = Engine(model=str(target_dir), dtype="float32", speculative="draft", draft_model=str(draft_dir),
                     num_speculative_tokens=2, adaptive_speculation=False, max_num_seqs=1024,
                     max_num_batched_tokens=8192)
+    vocab_ids = engine.speculator.draft.runner.model.vocab_ids
+    assert (vocab_ids is None) == (draft_vocab is None)
     params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i, max_tokens=length, ignore_eos=True)
               for i in range(samples)]
     outputs = run_engine(engine, [prompt] * samples, params)

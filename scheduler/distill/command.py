@@ -21,6 +21,7 @@ from scheduler.distill.compact import save_compact, save_full, target_fingerprin
 from scheduler.distill.data import TEMPERATURES, Sample, generate_samples, prompt_stream, read_prompts, split_prompts
 from scheduler.distill.evaluate import evaluate, format_report
 from scheduler.distill.train import LOSSES, TrainConfig, draft_layer_ids, hf_model, init_draft, train
+from scheduler.distill.vocab import DEFAULT_SIZE, make_vocab, write_vocab
 from scheduler.llm import LLM
 from scheduler.models import load_model, resolve_model
 
@@ -63,6 +64,9 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-speed-prompts", type=int, default=4,
                         help="of those, answered one at a time, at each depth 1..k and without speculation")
     parser.add_argument("--k", type=int, default=4, help="tokens drafted per step in the evaluation")
+    parser.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
+                        help="restrict the draft's LM head to the target's N most frequent answer tokens "
+                             "(0: the whole vocabulary)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -90,6 +94,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--generation-share must be in (0, 1), got {args.generation_share}")
     if not args.temperatures or any(t < 0 for t in args.temperatures):
         raise ValueError(f"--temperatures must be numbers >= 0, got {args.temperatures}")
+    if args.draft_vocab < 0:
+        raise ValueError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     if args.k > 16:
         raise ValueError(f"--k must be <= 16, got {args.k}")
 
@@ -104,6 +110,8 @@ class TargetData:
     fingerprint: str
     tokenizer: object
     num_layers: int
+    vocab_size: int
+    eos_token_ids: tuple
     seconds: float
 
 
@@ -116,6 +124,7 @@ def generate_data(args: argparse.Namespace, start: float) -> TargetData:
               max_num_batched_tokens=max(2048, 4 * args.max_num_seqs), seed=args.seed)
     engine = llm.engine
     num_layers = engine.model_config.num_hidden_layers
+    vocab_size, eos_token_ids = engine.vocab_size, engine.eos_token_ids
     if args.layers > num_layers:
         raise ValueError(f"--layers must be at most the target's {num_layers} layers, got {args.layers}")
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
@@ -136,7 +145,8 @@ def generate_data(args: argparse.Namespace, start: float) -> TargetData:
         config = EngineConfig(model=args.target, dtype=args.dtype)
         model = load_model(args.target, None, config.load_format, config.torch_dtype(device), device, None).model
     teacher = hf_model(model, model.lm_head.weight.device, model.lm_head.weight.dtype)
-    return TargetData(samples, eval_prompts, teacher, fingerprint, tokenizer, num_layers, time.monotonic() - start)
+    return TargetData(samples, eval_prompts, teacher, fingerprint, tokenizer, num_layers, vocab_size,
+                      eos_token_ids, time.monotonic() - start)
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -169,6 +179,12 @@ def run_distill(args: argparse.Namespace) -> int:
         print(f"compact draft: {size / 2**20:.1f} MiB of weights in {out}", flush=True)
     else:
         save_full(draft, data.tokenizer, out, manifest)
+    if args.draft_vocab:
+        token_ids, summary = make_vocab(data.samples, data.vocab_size, args.draft_vocab, data.tokenizer,
+                                        data.eos_token_ids)
+        write_vocab(out, token_ids, summary)
+        print(f"draft vocabulary: {summary['size']} of {summary['of']} tokens (held-out coverage "
+              f"{summary['held_out_coverage']:.4f})", flush=True)
     del draft
     _free_memory()
 

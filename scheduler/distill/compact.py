@@ -3,7 +3,9 @@ and LM head at load time, and the fingerprint that proves the target is the one 
 
 A compact draft directory holds config.json (the draft's transformers config),
 draft_layers.safetensors (decoder layers and final norm, bfloat16) and draft.json (what it
-borrows, the target's fingerprint and name, and the command that made it). Drafts shipped with
+borrows, the target's fingerprint and name, and the command that made it). A draft of either
+form may hold draft_vocab.safetensors: the token ids its LM head is restricted to (the target's
+most frequent output tokens), so each draft pass computes only those logits. Drafts shipped with
 beastserve live in scheduler/drafts/<name>/ and are found by the target's fingerprint.
 """
 
@@ -21,6 +23,7 @@ from scheduler.models.loader import LoadedModel, context_length, load_config, mo
 COMPACT_FORMAT = "beastserve-compact-draft-v1"
 DRAFT_JSON = "draft.json"
 LAYERS_FILE = "draft_layers.safetensors"
+VOCAB_FILE = "draft_vocab.safetensors"
 BORROWED = ("model.embed_tokens.weight", "lm_head.weight")
 SHIPPED_DRAFTS = Path(__file__).resolve().parent.parent / "drafts"
 
@@ -77,6 +80,26 @@ def load_compact(path, target, dtype: torch.dtype, device: torch.device):
     state["lm_head.weight"] = target.model.lm_head.weight
     max_positions = min(context_length(config, None), target.max_positions)
     return LoadedModel(config, None, model_from_state_dict(config, state, dtype, device, max_positions), max_positions)
+
+
+def save_vocab(out: Path, token_ids: list[int]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"token_ids": torch.tensor(sorted(token_ids), dtype=torch.int32)}, str(Path(out) / VOCAB_FILE))
+
+
+def load_vocab(path, vocab_size: int) -> torch.Tensor | None:
+    """The token ids the draft in `path` restricts its LM head to, or None (the whole vocabulary)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / VOCAB_FILE if isinstance(path, (str, Path)) else None
+    if file is None or not file.is_file():
+        return None
+    token_ids = load_file(str(file))["token_ids"].long()
+    if token_ids.ndim != 1 or not len(token_ids) or int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size \
+            or len(token_ids.unique()) != len(token_ids):
+        raise ValueError(f"{file}: needs distinct token ids in [0, {vocab_size})")
+    return token_ids
 
 
 def shipped_draft_for(target) -> Path | None:

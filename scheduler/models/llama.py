@@ -205,6 +205,16 @@ class CausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fused_ops = None  # set by use_fused_kernels()
+        self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab()
+
+    def restrict_vocab(self, token_ids: torch.Tensor) -> None:
+        """Compute logits over these token ids only (a draft's frequent tokens): the LM head keeps
+        their rows, and logits column i stands for token_ids[i]. The embeddings keep every token."""
+        token_ids = token_ids.to(device=self.lm_head.weight.device, dtype=torch.long)
+        head = nn.Linear(self.config.hidden_size, len(token_ids), bias=False, device=token_ids.device,
+                         dtype=self.lm_head.weight.dtype)
+        head.weight = nn.Parameter(self.lm_head.weight.detach()[token_ids].clone(), requires_grad=False)
+        self.lm_head, self.vocab_ids = head, token_ids
 
     def use_fused_kernels(self) -> None:
         """Run through the Triton kernels (CUDA only) from now on; merges q/k/v and gate/up weights."""
@@ -237,4 +247,19 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the model's vocabulary, or over vocab_ids once restricted."""
         return self.lm_head(hidden)
+
+    def greedy_token_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.token_ids(self.compute_logits(hidden).argmax(dim=-1))
+
+    def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Token ids of logits columns."""
+        return columns if self.vocab_ids is None else self.vocab_ids[columns]
+
+    def full_vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary: -inf for tokens a restricted model never proposes."""
+        if self.vocab_ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab_ids, logits)

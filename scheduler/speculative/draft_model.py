@@ -43,7 +43,7 @@ class DraftModelProposer:
         items = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
         active = list(range(len(spec)))
         batch, batch_rows = sampling_for(active), active
-        device = self.runner.device
+        device, model = self.runner.device, self.runner.model
         q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
         # Drafted tokens stay on the device: each pass reads the last one's straight from there,
         # and so does the target's verification pass.
@@ -64,9 +64,9 @@ class DraftModelProposer:
                 batch, batch_rows = sampling_for(active), active
             rows = slice(None) if len(active) == len(spec) else torch.tensor(active, device=device)
             if batch is None:
-                tokens = logits.argmax(dim=-1)
-            else:
-                probs = self.sampler.compute_probs(logits, batch)
+                tokens = model.token_ids(logits.argmax(dim=-1))
+            else:  # a draft restricted to frequent tokens gives the others probability 0
+                probs = self.sampler.compute_probs(model.full_vocab_logits(logits), batch)
                 q[rows, j] = probs
                 tokens = self.sampler.sample_probs(probs, batch)
             drafted[rows, j] = tokens

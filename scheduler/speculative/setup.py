@@ -29,8 +29,10 @@ def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, de
         log.info("draft model: %s, shipped for this target", path)
     try:
         if compact.is_compact(path):
-            return compact.load_compact(path, target, dtype, device)
-        draft = load_model(path, None, config.load_format, dtype, device, None)
+            draft = compact.load_compact(path, target, dtype, device)
+        else:
+            draft = load_model(path, None, config.load_format, dtype, device, None)
+        vocab = compact.load_vocab(path, target.config.vocab_size)
     except (ValueError, OSError) as exc:
         raise ValueError(f"draft_model: {exc}") from None
     if draft.config.vocab_size != target.config.vocab_size:
@@ -39,6 +41,9 @@ def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, de
     if draft.tokenizer is not None and target.tokenizer is not None and path != config.model:
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise ValueError("draft_model: its tokenizer maps tokens to different ids than the target's")
+    if vocab is not None:
+        draft.model.restrict_vocab(vocab)
+        log.info("draft model: LM head over %d of %d tokens", len(vocab), target.config.vocab_size)
     return draft
 
 
