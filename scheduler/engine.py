@@ -69,10 +69,11 @@ class Engine:
             self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len,
                                        max_batched_tokens=config.max_num_batched_tokens)
             if self.speculator is not None and self.speculator.draft is not None:
-                # The draft's passes after its first run as one greedy chain (k - 1 passes at most).
+                # A greedy proposal is one graph (catch-up pass and k - 1 chained passes at most); after
+                # a long catch-up, the passes after it are one chain.
                 self.speculator.draft.runner.capture_graphs(config.max_num_seqs, config.max_query_len,
                                                             self.max_model_len, config.num_speculative_tokens - 1,
-                                                            config.max_num_batched_tokens)
+                                                            config.max_num_batched_tokens, proposals=True)
         self._generators: dict[str, torch.Generator] = {}
         self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
         torch.manual_seed(config.seed)

@@ -7,7 +7,8 @@ fixed-size buffers, sequences past the real ones have no tokens, tokens past the
 no KV slot and belong to no sequence, so they cost compute but touch nothing. Steps that carry
 prompt chunks replay "mixed" graphs, bucketed by total tokens and sequences, whose attention grid
 covers a query as long as the whole bucket (tiles past a sequence's own query exit at once). A
-draft model's greedy passes after its first run as one chained graph.
+draft model's greedy passes after its first run as one chained graph; when its first pass is a
+short catch-up (the tokens accepted last step), the whole proposal, catch-up and chain, is one.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class CudaGraphs:
     """
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_query_len: int, max_model_len: int,
-                 max_chain: int = 0, max_batched_tokens: int = 0):
+                 max_chain: int = 0, max_batched_tokens: int = 0, proposals: bool = False):
         self.runner = runner
         self.max_query_len = max_query_len
         self.max_chain = max_chain
@@ -67,8 +68,11 @@ class CudaGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.chains: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, passes)
         self.mixed: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, tokens)
+        self.proposals: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, passes)
+        self.proposal_passes = max_chain if proposals else -1
         self.num_replays = 0
         self.num_mixed_replays = 0  # of which steps with prompt chunks
+        self.num_proposal_replays = 0  # of which whole greedy proposals
         self._capture()
 
     def _view(self, buf, name: str, size: int):
@@ -113,6 +117,31 @@ class CudaGraphs:
             out.append(ids)
         return torch.stack(out)
 
+    def _static_proposal(self, num_seqs: int, passes: int) -> torch.Tensor:
+        """A greedy proposal: a catch-up pass over the buffers (up to max_query_len tokens a sequence),
+        the argmax after each sequence's last token, then `passes` decode passes chained as in
+        _static_chain from there. Returns the argmax tokens [num_seqs, 1 + passes]."""
+        buf, bs, model = self.device_buf, self.runner.block_size, self.runner.model
+        hidden = self._static_forward(num_seqs, self.max_query_len)
+        last = (self._view(buf, "query_start_loc", num_seqs + 1)[1:] - 1).clamp(min=0).long()
+        ids = model.greedy_token_ids(hidden[last])
+        caught_up = self._view(buf, "seq_lens", num_seqs)
+        tables = self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width)
+        real = caught_up > 0
+        # One token for each real sequence, none for the rest.
+        query_start_loc = torch.cat([real.new_zeros(1, dtype=torch.int32), real.int().cumsum(0, dtype=torch.int32)])
+        out = [ids]
+        for j in range(passes):
+            positions = caught_up + j
+            blocks = tables.gather(1, (positions // bs).long().unsqueeze(1)).squeeze(1)
+            meta = AttentionMetadata(
+                slot_mapping=torch.where(real, blocks * bs + positions % bs, -1), query_start_loc=query_start_loc,
+                seq_lens=(positions + 1) * real, block_tables=tables, num_decodes=num_seqs, max_query_len=1,
+                max_seq_len=0)
+            ids = model.greedy_token_ids(model(ids, positions, self.runner.kv_caches, meta))
+            out.append(ids)
+        return torch.stack(out, dim=1)
+
     @torch.inference_mode()
     def _capture(self) -> None:
         started, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
@@ -123,6 +152,8 @@ class CudaGraphs:
         torch.cuda.synchronize()
         keys = [(self.graphs, self._static_forward, b, q) for q in query_lens for b in reversed(self.sizes)]
         keys += [(self.chains, self._static_chain, b, n) for n in range(self.max_chain, 0, -1)
+                 for b in reversed(self.sizes)]
+        keys += [(self.proposals, self._static_proposal, b, n) for n in range(self.proposal_passes, -1, -1)
                  for b in reversed(self.sizes)]
         keys += [(self.mixed, self._static_mixed, b, t) for t in reversed(self.mixed_tokens)
                  for b in reversed(self.mixed_seqs)]
@@ -180,6 +211,13 @@ class CudaGraphs:
         num_seqs = self._batch_bucket(items)
         out, _ = self._replay(self.chains, (num_seqs, passes), items, num_seqs, token_ids, None)
         return out[:, :len(items)]
+
+    def replay_proposal(self, items: list[ForwardItem], passes: int) -> torch.Tensor:
+        """Argmax tokens [len(items), 1 + passes] of a greedy proposal (see ModelRunner.greedy_proposal)."""
+        num_seqs = self._batch_bucket(items)
+        self.num_proposal_replays += 1
+        out, _ = self._replay(self.proposals, (num_seqs, passes), items, num_seqs * self.max_query_len, None, None)
+        return out[:len(items)]
 
     def _batch_bucket(self, items: list[ForwardItem]) -> int:
         return next(b for b in self.sizes if b >= len(items))

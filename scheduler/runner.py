@@ -58,13 +58,30 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None
 
     def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int, max_chain: int = 0,
-                       max_batched_tokens: int = 0) -> None:
+                       max_batched_tokens: int = 0, proposals: bool = False) -> None:
         """CUDA graphs for steps of up to max_num_seqs sequences of up to max_query_len new tokens each
         (1 for decodes; 1 + k when verifying k drafts), in batch-size buckets; for steps with prompt
         chunks of up to max_batched_tokens tokens in all (0: none); and, for a draft model, greedy
-        chains of 1..max_chain decode passes (see greedy_chain)."""
+        chains of 1..max_chain decode passes (see greedy_chain) and, with proposals, whole greedy
+        proposals of 1..max_chain + 1 tokens (see greedy_proposal)."""
         assert self.fused, "CUDA graphs need the fused kernels"
-        self.graphs = CudaGraphs(self, max_num_seqs, max_query_len, max_model_len, max_chain, max_batched_tokens)
+        self.graphs = CudaGraphs(self, max_num_seqs, max_query_len, max_model_len, max_chain, max_batched_tokens,
+                                 proposals)
+
+    @torch.inference_mode()
+    def greedy_proposal(self, items: list[ForwardItem], passes: int) -> torch.Tensor | None:
+        """A draft model's greedy proposal as one CUDA graph replay: a catch-up pass over the items (up
+        to max_query_len tokens each), then `passes` greedy decode passes, each feeding its argmax to
+        the next. Returns the argmax tokens [len(items), 1 + passes] on the device: column 0 follows
+        each item's last token. None where no graph holds these items."""
+        graphs = self.graphs
+        if graphs is None or not 0 <= passes <= graphs.proposal_passes or len(items) > graphs.sizes[-1]:
+            return None
+        bs = self.block_size
+        if not all(len(it.token_ids) <= graphs.max_query_len and -(-(it.start + len(it.token_ids) + passes) // bs)
+                   <= len(it.block_table) <= graphs.width for it in items):
+            return None
+        return graphs.replay_proposal(items, passes)
 
     @torch.inference_mode()
     def greedy_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor | None:

@@ -147,6 +147,7 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
     graphs = engine.speculator.draft.runner.graphs
     num_chains = len(graphs.sizes) * (engine.config.num_speculative_tokens - 1)
     assert graphs.num_replays > 0 and len(graphs.chains) == num_chains
+    assert len(graphs.proposals) == num_chains + len(graphs.sizes) and graphs.num_proposal_replays > 0
     assert [o.token_ids for o in outputs] == hf_references(model, prompts)
     # The draft is the target in float32: its chained passes must propose what the target then takes.
     drafted = sum(o.metrics.draft_tokens for o in outputs)
@@ -184,3 +185,43 @@ def test_greedy_chain_equals_passes_one_at_a_time():
     assert torch.equal(chain, torch.stack(expected))
     # A chain that would run past a sequence's blocks is refused, not run.
     assert runner.greedy_chain([ForwardItem([0], 47, tables[2][:3], 1)], first[:1], 3) is None
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted):
+    from scheduler.models import load_model
+    from scheduler.runner import ForwardItem, ModelRunner
+
+    config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
+    model = load_model(config, None, "dummy", torch.float32, torch.device("cuda"), None).model
+    rng = random.Random(1)
+    if restricted:  # the draft's LM head over 4096 of the tokens
+        model.restrict_vocab(torch.tensor(sorted(rng.sample(range(49152), 4096)), device="cuda"))
+    runner = ModelRunner(model, num_blocks=64, block_size=16, dtype=torch.float32, device=torch.device("cuda"))
+    runner.capture_graphs(max_num_seqs=4, max_query_len=5, max_model_len=512, max_chain=3, proposals=True)
+    blocks = list(range(64))
+    rng.shuffle(blocks)
+    # Histories of 5, 30 and 47 tokens whose last 1, 3 and 5 the draft has yet to see; the chain after
+    # the last crosses a block boundary.
+    lengths, behind = [5, 30, 47], [1, 3, 5]
+    tables = [[blocks.pop() for _ in range(-(-(n + 3) // 16))] for n in lengths]
+    histories = [[rng.randrange(49152) for _ in range(n)] for n in lengths]
+    runner.forward([ForwardItem(h[:n - b], 0, t, 1) for h, n, b, t in zip(histories, lengths, behind, tables)])
+    items = [ForwardItem(h[n - b:], n - b, t, b) for h, n, b, t in zip(histories, lengths, behind, tables)]
+    proposal = runner.greedy_proposal(items, 3)
+    assert proposal.shape == (3, 4) and runner.graphs.num_proposal_replays == 1
+    logits = runner._forward_eager([ForwardItem(it.token_ids, it.start, it.block_table, 1) for it in items])
+    tokens = model.token_ids(logits.argmax(dim=-1))
+    expected = [tokens]
+    for j in range(3):  # the same passes, one eager forward each, rewriting the same KV slots
+        logits = runner._forward_eager([ForwardItem([int(t)], n + j, tb, 1) for t, n, tb in
+                                        zip(tokens.tolist(), lengths, tables)])
+        tokens = model.token_ids(logits.argmax(dim=-1))
+        expected.append(tokens)
+    assert torch.equal(proposal, torch.stack(expected, dim=1))
+    if restricted:
+        assert set(proposal.flatten().tolist()) <= set(model.vocab_ids.tolist())
+    # A proposal whose chain would run past a sequence's blocks, or whose catch-up is too long, is refused.
+    assert runner.greedy_proposal([ForwardItem([0], 47, tables[2][:3], 1)], 3) is None
+    assert runner.greedy_proposal([ForwardItem([0] * 6, 20, tables[1], 6)], 1) is None

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m scheduler.distill
         return 2
     write_vocab(Path(args.draft), token_ids, dict(summary, command=shlex.join([*prog.split(), *argv]),
                                                   seconds=round(time.monotonic() - start, 1)))
+    halves = [answer_token_counts(samples[i::2], engine.vocab_size) for i in (0, 1)]
+    for size in sorted({1024, 4096, 8192, 16384, 24576, 32768, args.size}):
+        print(f"held-out coverage of the {size} most frequent: "
+              f"{coverage(halves[1], frequent_tokens(halves[0], size)):.4f}")
     print(f"{summary['size']} of {summary['of']} tokens, from {summary['counted_tokens']} answer tokens; chosen "
           f"from half the answers, they cover {summary['held_out_coverage']:.4f} of the other half's tokens")
     return 0

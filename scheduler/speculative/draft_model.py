@@ -44,6 +44,11 @@ class DraftModelProposer:
         active = list(range(len(spec)))
         batch, batch_rows = sampling_for(active), active
         device, model = self.runner.device, self.runner.model
+        if batch is None and min(ks) == depth:
+            # Greedy at one depth for all, every catch-up short: the whole proposal is one graph replay.
+            proposal = self.runner.greedy_proposal(items, depth - 1)
+            if proposal is not None:
+                return None, self._drafted(spec, ks, proposal)
         q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
         # Drafted tokens stay on the device: each pass reads the last one's straight from there,
         # and so does the target's verification pass.
@@ -75,11 +80,15 @@ class DraftModelProposer:
                 tokens = tokens[torch.tensor(still, device=device)] if still else None
                 active = [active[i] for i in still]
             items = self._next_items(spec, active, tables, j + 1)
+        return q, self._drafted(spec, ks, drafted)
+
+    @staticmethod
+    def _drafted(spec: list[ScheduledRequest], ks: list[int], drafted: torch.Tensor) -> torch.Tensor:
         for s, k in zip(spec, ks):
             s.draft_token_ids = [0] * k
             # It has seen the known tokens and every draft but the last.
             s.request.num_draft_computed_tokens = s.request.num_tokens + k - 1
-        return q, drafted
+        return drafted
 
     @staticmethod
     def _next_items(spec: list[ScheduledRequest], rows: list[int], tables: list[list[int]], j: int):
