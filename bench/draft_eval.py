@@ -49,7 +49,10 @@ def main(argv=None) -> None:
         from scheduler.distill.data import EVAL_SEED, write_prompts
         from scheduler.llm import LLM
 
-        chats = write_prompts(LLM(args.model, device=args.device, dtype=args.dtype), args.held_out, EVAL_SEED)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        chats = write_prompts(llm, args.held_out, EVAL_SEED)
+        del llm  # and its KV cache, before the evaluation's engine plans its own
+        _free_memory()
     else:
         chats = [[{"role": "user", "content": t}] for t in CHAT_TASKS + COPY_TASKS]
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,6 +69,16 @@ def main(argv=None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
