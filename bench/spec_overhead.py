@@ -5,6 +5,7 @@ all Python and framework overhead: the regime a GPU step is in once it replays C
 
     python -m bench.spec_overhead --concurrency 1,4,16,64 --repeats 3
     python -m bench.spec_overhead --modes ngram-fixed-k --concurrency 16 --profile
+    python -m bench.spec_overhead --modes off,draft-fixed-k --temperature 0.7   # sampled verification
 
 Prompts repeat a short pattern; greedy decoding of a random model falls into loops too, so
 n-gram drafts are mostly accepted. The draft modes draft with the target itself (every draft is
@@ -65,9 +66,10 @@ def prompts_for(num: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
+def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tokens: int,
+             temperature: float = 0.0) -> dict:
     """Keep `concurrency` requests in flight until every prompt is answered; time decode steps."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
     pending, live = list(prompts), []
     steps, step_seconds, output_tokens = 0, 0.0, 0
     drafted = accepted = 0
@@ -95,10 +97,10 @@ def bench(args, mode: str, model_dir: Path, concurrency: int, profiler: cProfile
     engine = Engine(model=str(model_dir), dtype="float32", max_num_seqs=max(concurrency, 1),
                     max_num_batched_tokens=4096, kv_cache_bytes=KV_CACHE_BYTES, **options)
     prompts = prompts_for(args.requests_per_concurrency * concurrency)
-    run_load(engine, prompts[:concurrency], concurrency, 16)  # warm-up
+    run_load(engine, prompts[:concurrency], concurrency, 16, args.temperature)  # warm-up
     if profiler is not None:
         profiler.enable()
-    runs = [run_load(engine, prompts, concurrency, args.output_len) for _ in range(args.repeats)]
+    runs = [run_load(engine, prompts, concurrency, args.output_len, args.temperature) for _ in range(args.repeats)]
     if profiler is not None:
         profiler.disable()
     del engine
@@ -123,6 +125,7 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--requests-per-concurrency", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print a cProfile top list instead of timings")
     parser.add_argument("--top", type=int, default=30)
@@ -135,7 +138,8 @@ def main(argv=None) -> None:
         if args.profile:
             return profile(args, model_dir)
         print(f"# {platform.processor() or platform.machine()}, {args.threads} torch thread(s), torch "
-              f"{torch.__version__}, k_max {args.k}, {args.output_len} output tokens, greedy")
+              f"{torch.__version__}, k_max {args.k}, {args.output_len} output tokens, "
+              f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}")
         print("| mode | c | ms/step | ms/token | tokens/step | acceptance |")
         print("|---|---|---|---|---|---|")
         for mode in args.modes:

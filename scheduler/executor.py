@@ -110,10 +110,14 @@ class StepExecutor:
                 target_ids = logits.argmax(dim=-1).tolist()
             num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
         else:
-            rows = self._sampling_batch(requests, [s.draft_token_ids for s in sampled])
+            per_request = self._sampling_batch(requests)
+            if any(has_penalty(r.params) or blocked_ids(r, r.num_output_tokens) for r in requests):
+                # Row i of a request sees the drafts before it as generated (penalties, min_tokens).
+                rows = self._sampling_batch(requests, [s.draft_token_ids for s in sampled])
+            else:  # every verified position samples as its request does: the rows are copied on the device
+                rows = per_request.repeat_rows([1 + len(s.draft_token_ids) for s in sampled])
             target_probs = self.sampler.compute_probs(logits, rows)
-            num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs,
-                                                               self._sampling_batch(requests))
+            num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs, per_request)
         wants_logprobs = max(r.params.logprobs for r in requests)
         results, row = [], 0
         for s, n, token in zip(sampled, num_accepted, next_tokens):

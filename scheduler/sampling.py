@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,19 @@ class SamplingBatch:
             any_repetition_penalty=any_repetition_penalty,
             any_frequency_presence_penalty=any_frequency_presence_penalty,
         )
+
+
+    def repeat_rows(self, repeats: list[int]) -> SamplingBatch:
+        """Row i repeated repeats[i] times, without generators: one row per verified position of a
+        request whose drafts are being checked. Only for rows whose sampling does not depend on the
+        tokens before them (no penalties, nothing blocked), which share every tensor here."""
+        assert self.prompt_token_ids is None and self.output_token_ids is None and self.blocked_token_ids is None
+        index = to_device([row for row, n in enumerate(repeats) for _ in range(n)], torch.int64,
+                          self.temperature.device)
+        per_row = {name: getattr(self, name)[index] for name in (
+            "temperature", "is_greedy", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+            "presence_penalty")}
+        return dataclasses.replace(self, **per_row, generators=[None] * len(index), seeded_rows=[])
 
 
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:

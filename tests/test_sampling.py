@@ -280,3 +280,23 @@ def test_sampling_leaves_callers_logits_untouched():
     Sampler()(logits, batch)
     Sampler().compute_probs(logits, batch)
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_rows_equal_rows_built_one_per_position(device):
+    """Verifying drafts: one row per verified position, copied on the device from the request's row."""
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_k=3, min_p=0.05)]
+    logits = [QUARTERS_LOGITS] * 3
+    gen = torch.Generator(device=device).manual_seed(3)
+    per_request = make_batch(params, logits, generators=[gen, None, None], device=device)
+    repeats = [3, 1, 2]
+    rows = per_request.repeat_rows(repeats)
+    expected = make_batch([p for p, n in zip(params, repeats) for _ in range(n)], logits * 2, device=device)
+    for field in ("temperature", "is_greedy", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                  "presence_penalty"):
+        assert torch.equal(getattr(rows, field), getattr(expected, field)), field
+    assert rows.generators == [None] * 6 and rows.seeded_rows == []
+    assert (rows.max_top_k, rows.all_greedy, rows.any_greedy, rows.any_top_p) == (3, False, True, True)
+    many = torch.tensor([QUARTERS_LOGITS] * 6, device=device)
+    assert torch.equal(Sampler().compute_probs(many.clone(), rows), Sampler().compute_probs(many.clone(), expected))

@@ -62,6 +62,33 @@ def test_greedy_is_unchanged_with_chunking_and_preemption(setup, mode):
     assert_pool_idle(engine)
 
 
+def test_penalties_and_min_tokens_see_the_drafts_before_each_verified_position(setup):
+    """Greedy with penalties goes through the sampling path: each verified position must be penalised
+    for the drafts before it, and min_tokens must block a stop token at every position it covers."""
+    path, _, prompts, _ = setup
+    off = Engine(model=str(path), dtype="float32")
+    plain = run_engine(off, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    tokens = [t for o in plain for t in o.token_ids]
+    frequent = max(set(tokens), key=tokens.count)  # it stops requests once min_tokens allows
+    cases = []
+    for prompt, out in zip(prompts, plain):
+        cases += [(prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, repetition_penalty=1.5,
+                                          presence_penalty=0.7)),
+                  (prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, frequency_penalty=0.8)),
+                  # The token it would write second, blocked: first verified in a speculative step.
+                  (prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=12,
+                                          stop_token_ids=[out.token_ids[1], frequent]))]
+    expected = [o.token_ids for o in run_engine(off, [p for p, _ in cases], [q for _, q in cases])]
+    engine = Engine(model=str(path), dtype="float32", speculative="draft", draft_model=str(path),
+                    num_speculative_tokens=4, adaptive_speculation=False)
+    outputs = run_engine(engine, [p for p, _ in cases], [q for _, q in cases])
+    assert [o.token_ids for o in outputs] == expected
+    assert sum(o.metrics.accepted_tokens for o in outputs) > 0
+    stopped = [o for o, (_, q) in zip(outputs, cases) if q.min_tokens and o.finish_reason == "stop"]
+    assert stopped and all(len(o.token_ids) >= 12 for o in stopped)
+    assert_pool_idle(engine)
+
+
 def test_requests_with_and_without_speculation_share_a_batch(setup):
     path, _, prompts, expected = setup
     engine = Engine(model=str(path), dtype="float32", speculative="draft", draft_model=str(path),
