@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.speculative import CHAT_TASKS, COPY_TASKS
 from scheduler.distill import compact
+from scheduler.distill.command import free_memory
 from scheduler.distill.evaluate import evaluate, format_report
 from scheduler.models import load_model
 
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
         llm = LLM(args.model, device=args.device, dtype=args.dtype)
         chats = write_prompts(llm, args.held_out, EVAL_SEED)
         del llm  # and its KV cache, before the evaluation's engine plans its own
-        _free_memory()
+        free_memory()
     else:
         chats = [[{"role": "user", "content": t}] for t in CHAT_TASKS + COPY_TASKS]
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,16 +70,6 @@ def main(argv=None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def generate_data(args: argparse.Namespace, start: float) -> TargetData:
     if data_dtype != args.dtype:  # the teacher is the target in --dtype, loaded afresh once the engine is gone
         device = engine.device
         del llm, engine, model
-        _free_memory()
+        free_memory()
         config = EngineConfig(model=args.target, dtype=args.dtype)
         model = load_model(args.target, None, config.load_format, config.torch_dtype(device), device, None).model
     teacher = hf_model(model, model.lm_head.weight.device, model.lm_head.weight.dtype)
@@ -155,7 +155,7 @@ def run_distill(args: argparse.Namespace) -> int:
     data = generate_data(args, start)
     generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in data.samples)
     print(f"generated {generated} answer tokens for {len(data.samples)} prompts in {data.seconds:.0f} s", flush=True)
-    _free_memory()
+    free_memory()
 
     draft = init_draft(data.teacher, args.layers)
     config = TrainConfig(top_k=args.top_k, loss=args.loss, lr=args.lr, batch_tokens=args.batch_tokens,
@@ -186,7 +186,7 @@ def run_distill(args: argparse.Namespace) -> int:
         print(f"draft vocabulary: {summary['size']} of {summary['of']} tokens (held-out coverage "
               f"{summary['held_out_coverage']:.4f})", flush=True)
     del draft
-    _free_memory()
+    free_memory()
 
     result = evaluate(args.target, str(out), data.eval_prompts, k=args.k, max_tokens=args.eval_tokens,
                       num_speed_prompts=args.eval_speed_prompts, device=args.device, dtype=args.dtype)
@@ -208,7 +208,7 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

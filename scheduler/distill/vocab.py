@@ -22,6 +22,7 @@ from scheduler.distill.compact import DRAFT_JSON, save_vocab
 from scheduler.distill.data import Sample
 
 DEFAULT_SIZE = 16384
+REPORT_SIZES = (1024, 4096, 8192, 16384, 24576, 32768)
 
 
 def answer_token_counts(samples: list[Sample], vocab_size: int) -> np.ndarray:
@@ -56,16 +57,22 @@ def special_token_ids(tokenizer, eos_token_ids=()) -> list[int]:
     return sorted(ids)
 
 
-def make_vocab(samples: list[Sample], vocab_size: int, size: int, tokenizer, eos_token_ids=()) -> tuple:
-    """(token ids or None, a summary for draft.json)."""
+def make_vocab(samples: list[Sample], vocab_size: int, size: int, tokenizer, eos_token_ids=(),
+               report_sizes: tuple[int, ...] = ()) -> tuple:
+    """(token ids or None, a summary for draft.json). The summary's held-out coverage is that of the
+    tokens chosen from half the answers, counted on the other half; also for each of report_sizes."""
     always = special_token_ids(tokenizer, eos_token_ids)
-    counts = answer_token_counts(samples, vocab_size)
+    chosen_from, counted_on = (answer_token_counts(samples[i::2], vocab_size) for i in (0, 1))
+    counts = chosen_from + counted_on
     token_ids = frequent_tokens(counts, size, always)
-    # Held-out coverage: chosen from half the answers, counted on the other half.
-    half = frequent_tokens(answer_token_counts(samples[::2], vocab_size), size, always)
+
+    def held_out(n: int) -> float:
+        return round(coverage(counted_on, frequent_tokens(chosen_from, n, always)), 5)
+
     summary = {"size": vocab_size if token_ids is None else len(token_ids), "of": vocab_size,
-               "counted_tokens": int(counts.sum()),
-               "held_out_coverage": round(coverage(answer_token_counts(samples[1::2], vocab_size), half), 5)}
+               "counted_tokens": int(counts.sum()), "held_out_coverage": held_out(size)}
+    if report_sizes:
+        summary["held_out_coverage_by_size"] = {n: held_out(n) for n in sorted(set(report_sizes))}
     return token_ids, summary
 
 
@@ -103,16 +110,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m scheduler.distill
             samples = generate_samples(llm, stream, args.tokens, start + 60 * args.max_minutes,
                                        args.max_answer_tokens, args.max_num_seqs, bar)
         engine = llm.engine
-        token_ids, summary = make_vocab(samples, engine.vocab_size, args.size, llm.tokenizer, engine.eos_token_ids)
+        token_ids, summary = make_vocab(samples, engine.vocab_size, args.size, llm.tokenizer, engine.eos_token_ids,
+                                        REPORT_SIZES)
     except (ValueError, FileNotFoundError) as exc:
         print(f"{prog.split()[-1]}: {exc}", file=sys.stderr)
         return 2
     write_vocab(Path(args.draft), token_ids, dict(summary, command=shlex.join([*prog.split(), *argv]),
                                                   seconds=round(time.monotonic() - start, 1)))
-    halves = [answer_token_counts(samples[i::2], engine.vocab_size) for i in (0, 1)]
-    for size in sorted({1024, 4096, 8192, 16384, 24576, 32768, args.size}):
-        print(f"held-out coverage of the {size} most frequent: "
-              f"{coverage(halves[1], frequent_tokens(halves[0], size)):.4f}")
+    for n, share in summary["held_out_coverage_by_size"].items():
+        print(f"held-out coverage of the {n} most frequent: {share:.4f}")
     print(f"{summary['size']} of {summary['of']} tokens, from {summary['counted_tokens']} answer tokens; chosen "
           f"from half the answers, they cover {summary['held_out_coverage']:.4f} of the other half's tokens")
     return 0

@@ -211,9 +211,8 @@ class CausalLM(nn.Module):
         """Compute logits over these token ids only (a draft's frequent tokens): the LM head keeps
         their rows, and logits column i stands for token_ids[i]. The embeddings keep every token."""
         token_ids = token_ids.to(device=self.lm_head.weight.device, dtype=torch.long)
-        head = nn.Linear(self.config.hidden_size, len(token_ids), bias=False, device=token_ids.device,
-                         dtype=self.lm_head.weight.dtype)
-        head.weight = nn.Parameter(self.lm_head.weight.detach()[token_ids].clone(), requires_grad=False)
+        head = nn.Linear(self.config.hidden_size, len(token_ids), bias=False, device="meta")
+        head.weight = nn.Parameter(self.lm_head.weight.detach()[token_ids], requires_grad=False)
         self.lm_head, self.vocab_ids = head, token_ids
 
     def use_fused_kernels(self) -> None:
