@@ -9,7 +9,7 @@
 # Writes the compact draft, its eval.json and README.md into OUT_DIR (default: $OUT/draft, else
 # ./draft), and the log into OUT_DIR/distill.log. To ship it:
 #   cp OUT_DIR/{config.json,draft.json,draft_layers.safetensors,draft_vocab.safetensors,eval.json,README.md} \
-#      scheduler/drafts/smollm2-135m-instruct/
+#      scheduler/speculative/drafts/smollm2-135m-instruct/
 set -euo pipefail
 target=${1:?usage: bench/distill_default.sh PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [OUT_DIR]}
 out=${2:-${OUT:-.}/draft}

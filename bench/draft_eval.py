@@ -5,7 +5,7 @@ with --held-out N on N prompts the target writes from the seeds distill-draft ho
 
     python -m bench.draft_eval --model default --dtype float32 --out bench/results/draft_eval_gpu.json
 
---draft-model defaults to the draft shipped for the target (scheduler/drafts/); --no-draft-vocab
+--draft-model defaults to the draft shipped for the target (scheduler/speculative/drafts/); --no-draft-vocab
 evaluates it with its LM head over the whole vocabulary (its draft_vocab file left out).
 """
 
@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from bench.speculative import CHAT_TASKS, COPY_TASKS
-from scheduler.distill import compact
+from scheduler.speculative.draft import compact
 from scheduler.distill.command import free_memory
 from scheduler.distill.evaluate import evaluate, format_report
-from scheduler.models import load_model
+from scheduler.worker.models import load_model
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serving sweep on the GPU machine (issue #6): the daemon with the default model, speculation off and then n-gram
-# (adaptive depth), each driven by bench/load.py over the same chat prompts at several request rates.
+# (adaptive depth), each driven by server/loadgen/load.py over the same chat prompts at several request rates.
 #
 #   bash bench/gpu_serving.sh MODEL.gguf [OUTDIR]        # OUTDIR defaults to $OUT, else bench/results
 #
@@ -100,7 +100,7 @@ for MODE in "${MODE_LIST[@]}"; do
     NOTE="$NOTE; daemon and client on the same machine. The $(wc -l <"$DATASET") chat prompts of $DATASET are reused"
     NOTE="$NOTE in order in every pass, so most prompts after the first few are prefix-cache hits."
     [[ $PLOT == no ]] && NOTE="$NOTE No plot: matplotlib is not installed here."
-    "$PYTHON" -m bench.load --address "$ADDRESS" --dataset jsonl --dataset-path "$DATASET" --chat \
+    "$PYTHON" -m server.loadgen.load --address "$ADDRESS" --dataset jsonl --dataset-path "$DATASET" --chat \
         --output-len "$OUTPUT_LEN" --num-requests "$NUM_REQUESTS" --warmup-requests 4 --sweep "$RATES" \
         --goodput ttft:1000 tpot:50 --timeout 300 --no-progress --note "$NOTE" \
         --out-json "$OUTDIR/$NAME.json" --out-md "$OUTDIR/$NAME.md" "${PLOT_ARGS[@]}"
@@ -109,6 +109,6 @@ for MODE in "${MODE_LIST[@]}"; do
     COMPARE+=("$MODE=$OUTDIR/$NAME.json")
 done
 
-"$PYTHON" -m bench.load_report "${COMPARE[@]}" --out "$OUTDIR/load_gpu.md" \
+"$PYTHON" -m server.loadgen.report "${COMPARE[@]}" --out "$OUTDIR/load_gpu.md" \
     --title "Serving load on $GPU: speculation ${MODES//,/ vs }"
 echo "total $SECONDS s"

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from bench import machine
+from server.loadgen import machine
 from bench.offline_common import (
     ENGINE,
     HF_CONTINUOUS,
@@ -30,7 +30,7 @@ from bench.offline_common import (
     write_results,
 )
 from scheduler import LLM
-from scheduler.models import default_model_file
+from scheduler.worker.models import default_model_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

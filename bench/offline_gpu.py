@@ -19,7 +19,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench import machine
+from server.loadgen import machine
 from bench.offline_common import (
     ENGINE,
     HF_CONTINUOUS,

@@ -6,7 +6,7 @@ concurrencies, with speculation off, n-gram, and a draft model, adaptive and fix
 Greedy, so every mode must produce the same tokens; the script checks that too. With
 --draft-model equal to --model (the default), the draft agrees with the target on every
 token: an upper bound on what a real draft achieves. The shipped-draft modes use the draft
-shipped for the target (scheduler/drafts/), when there is one.
+shipped for the target (scheduler/speculative/drafts/), when there is one.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ MODES = {  # name -> engine options
     "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
     "draft": dict(speculative="draft"),
     "draft-fixed-k": dict(speculative="draft", adaptive_speculation=False),
-    # The draft shipped for the target (scheduler/drafts/), found by the target's fingerprint.
+    # The draft shipped for the target (scheduler/speculative/drafts/), found by the target's fingerprint.
     "shipped-draft": dict(speculative="draft", draft_model=None),
     "shipped-draft-fixed-k": dict(speculative="draft", draft_model=None, adaptive_speculation=False),
 }

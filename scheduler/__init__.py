@@ -4,10 +4,10 @@ Usable offline: `from scheduler import LLM, SamplingParams`.
 """
 
 from scheduler.config import EngineConfig
-from scheduler.engine import Engine
+from scheduler.core.engine import Engine
 from scheduler.llm import LLM
-from scheduler.outputs import CompletionOutput, RequestOutput, RequestStream, TokenLogprob
-from scheduler.request import SamplingParams
+from scheduler.io.outputs import CompletionOutput, RequestOutput, RequestStream, TokenLogprob
+from scheduler.core.request import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams",
            "TokenLogprob"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.inputs import Prompt
-from scheduler.outputs import CompletionOutput
-from scheduler.request import SamplingParams
+from scheduler.core.engine import Engine
+from scheduler.io.inputs import Prompt
+from scheduler.io.outputs import CompletionOutput
+from scheduler.core.request import SamplingParams
 
 
 class LLM:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from scheduler import Engine, SamplingParams
-from scheduler.outputs import RequestOutput
+from scheduler.io.outputs import RequestOutput
 from server.convert import finish_label
 
 log = logging.getLogger(__name__)

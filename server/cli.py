@@ -10,7 +10,7 @@ import shlex
 import sys
 import time
 
-from bench.load import add_bench_command
+from server.loadgen.load import add_bench_command
 from scheduler import LLM, SamplingParams
 from scheduler.distill.command import add_distill_command
 from server.cli_client import add_client_commands

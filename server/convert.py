@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 from scheduler import SamplingParams
-from scheduler.inputs import InputProcessor
-from scheduler.outputs import RequestOutput
+from scheduler.io.inputs import InputProcessor
+from scheduler.io.outputs import RequestOutput
 from server.proto.beastserve.v1 import generate_pb2 as pb
 
 MAX_STOP_STRINGS = 64

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from scheduler.outputs import RequestOutput
+from scheduler.io.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.config import ServerConfig
 from server.convert import (

@@ -35,7 +35,7 @@ def save_tiny_model(path, config, seed: int = 0, tokenizer=None):
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    from scheduler.models import load_tokenizer
+    from scheduler.worker.models import load_tokenizer
 
     return load_tokenizer("default")
 
@@ -73,7 +73,7 @@ def default_llm():
 def default_hf_model():
     from transformers import AutoModelForCausalLM
 
-    from scheduler.models import default_model_file
+    from scheduler.worker.models import default_model_file
 
     path = default_model_file()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.request import SamplingParams
+from scheduler.io.detokenizer import IncrementalDetokenizer
+from scheduler.core.request import SamplingParams
 
 PROMPT = "Write a short reply:"
 TEXTS = [

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from scheduler import LLM, Engine, SamplingParams
-from scheduler.distill import compact
-from scheduler.distill.compact import save_compact, save_full, target_fingerprint
+from scheduler.speculative.draft import compact
+from scheduler.speculative.draft.compact import save_compact, save_full, target_fingerprint
 from scheduler.distill.data import Sample, prompt_stream
 from scheduler.distill.evaluate import acceptance
 from scheduler.distill.train import TrainConfig, agreement, hf_model, init_draft, train
@@ -230,7 +230,7 @@ def test_user_prompts_are_answered_at_every_temperature_and_greedily_once():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_merged_projections_split_back_to_transformers_names(arch):
-    from scheduler.models.llama import CausalLM
+    from scheduler.worker.models.llama import CausalLM
 
     model = CausalLM(tiny_config(arch), 64)
     expected = model.state_dict()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
-from scheduler.attention import AttentionMetadata
-from scheduler.attention import reference as ref_attention
+from scheduler.worker.attention import AttentionMetadata
+from scheduler.worker.attention import reference as ref_attention
 from tests.conftest import tiny_config
 from tests.helpers import assert_pool_idle, run_engine
 from tests.test_parity import hf_references, random_prompts
@@ -49,7 +49,7 @@ def random_mixed_batch(seed: int, num_heads: int, num_kv_heads: int, head_dim: i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 64), (4, 4, 128), (4, 2, 16)])
 def test_fused_attention_equals_reference_on_mixed_batches(dtype, heads):
-    from scheduler.attention.fused import paged_attention
+    from scheduler.worker.attention.fused import paged_attention
 
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
     for seed in range(8):
@@ -66,8 +66,8 @@ def within_one_bf16_step(got: torch.Tensor, expected: torch.Tensor, scale: float
 
 
 def test_fused_layer_ops_agree_with_torch():
-    from scheduler.models import fused_ops
-    from scheduler.models.llama import RMSNorm, RotaryEmbedding
+    from scheduler.worker.models import fused_ops
+    from scheduler.worker.models.llama import RMSNorm, RotaryEmbedding
 
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -156,8 +156,8 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
 
 
 def test_greedy_chain_equals_passes_one_at_a_time():
-    from scheduler.models import load_model
-    from scheduler.runner import ForwardItem, ModelRunner
+    from scheduler.worker.models import load_model
+    from scheduler.worker.runner import ForwardItem, ModelRunner
 
     config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
@@ -189,8 +189,8 @@ def test_greedy_chain_equals_passes_one_at_a_time():
 
 @pytest.mark.parametrize("restricted", [False, True])
 def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted):
-    from scheduler.models import load_model
-    from scheduler.runner import ForwardItem, ModelRunner
+    from scheduler.worker.models import load_model
+    from scheduler.worker.runner import ForwardItem, ModelRunner
 
     config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.kv_cache import BlockPool
-from scheduler.request import Request, SamplingParams
+from scheduler.core.kv_cache import BlockPool
+from scheduler.core.request import Request, SamplingParams
 
 
 def make_request(request_id: str, prompt: list[int]) -> Request:

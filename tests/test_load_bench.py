@@ -1,4 +1,4 @@
-"""bench/load.py: arrivals have the asked-for rate and burstiness, goodput counts only requests meeting every SLO,
+"""server/loadgen/load.py: arrivals have the asked-for rate and burstiness, goodput counts only requests meeting every SLO,
 and a run against a real (tiny) daemon reports numbers that agree with each other."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.load import Record, arrival_intervals, main, summarize
+from server.loadgen.load import Record, arrival_intervals, main, summarize
 from server import cli
 from tests.daemon import Daemon
 
@@ -107,7 +107,7 @@ def test_cli_bench_reports_refused_requests_by_status_code(daemon, tmp_path):
 
 
 def test_comparison_puts_runs_side_by_side_with_throughput_ratio_to_the_first():
-    from bench.load_report import compare_markdown
+    from server.loadgen.report import compare_markdown
 
     def run(output_tokens: int, note: str) -> dict:
         records = [Record(prompt_tokens=4, output_tokens=output_tokens, ttft=0.1, e2e=1.0)]

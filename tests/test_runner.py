@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from scheduler.models import load_model
-from scheduler.packing import ForwardItem, device_token_patch, logits_indices
-from scheduler.runner import ModelRunner
+from scheduler.worker.models import load_model
+from scheduler.worker.packing import ForwardItem, device_token_patch, logits_indices
+from scheduler.worker.runner import ModelRunner
 from tests.conftest import tiny_config
 
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from scheduler.request import SamplingParams
-from scheduler.sampling import Sampler, SamplingBatch
+from scheduler.core.request import SamplingParams
+from scheduler.sampling.sampler import Sampler, SamplingBatch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.kv_cache import BlockPool
-from scheduler.request import Request, RequestStatus, SamplingParams
-from scheduler.scheduler import Scheduler, SchedulerOutput
+from scheduler.core.kv_cache import BlockPool
+from scheduler.core.request import Request, RequestStatus, SamplingParams
+from scheduler.core.scheduler import Scheduler, SchedulerOutput
 
 FIRST_FAKE_TOKEN = 1000
 

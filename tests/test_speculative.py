@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
-from scheduler.distill import compact
-from scheduler.request import Request
-from scheduler.sampling import Sampler
-from scheduler.scheduler import ScheduledRequest
+from scheduler.speculative.draft import compact
+from scheduler.core.request import Request
+from scheduler.sampling.sampler import Sampler
+from scheduler.core.scheduler import ScheduledRequest
 from scheduler.speculative import Speculator
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.ngram import NgramProposer, propose_ngram

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scheduler.llm import LLM
-from scheduler.request import SamplingParams
+from scheduler.core.request import SamplingParams
 
 TEMPERATURES = (0.0, 0.7, 1.0)
 EVAL_SEED = 1_000_000  # self-written evaluation prompts come from seeds training never uses

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.engine import Engine
-from scheduler.request import SamplingParams
+from scheduler.core.engine import Engine
+from scheduler.core.request import SamplingParams
 
 EVAL_TEMPERATURES = (0.0, 0.7)
 

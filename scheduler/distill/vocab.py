@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.distill.compact import DRAFT_JSON, save_vocab
+from scheduler.speculative.draft.compact import DRAFT_JSON, save_vocab
 from scheduler.distill.data import Sample
 
 DEFAULT_SIZE = 16384
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scheduler.distill
 
 def write_vocab(out: Path, token_ids: list[int] | None, summary: dict) -> None:
     """Save the vocabulary (none: remove an old one) and record it in draft.json, if there is one."""
-    from scheduler.distill.compact import VOCAB_FILE
+    from scheduler.speculative.draft.compact import VOCAB_FILE
 
     if token_ids is None:
         (out / VOCAB_FILE).unlink(missing_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from array import array
 from weakref import WeakKeyDictionary
 
-from scheduler.request import Request
+from scheduler.core.request import Request
 
 TOKEN_BYTES = array("i").itemsize  # bytes per token id in a packed history
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.kv_cache import BlockPool
-from scheduler.sampling import Sampler, SamplingBatch
-from scheduler.scheduler import ScheduledRequest
+from scheduler.core.kv_cache import BlockPool
+from scheduler.sampling.sampler import Sampler, SamplingBatch
+from scheduler.core.scheduler import ScheduledRequest
 from scheduler.speculative.depth import AdaptiveDepth
-from scheduler.speculative.draft_model import DraftModelProposer
+from scheduler.speculative.draft.proposer import DraftModelProposer
 from scheduler.speculative.ngram import NgramProposer
 from scheduler.speculative.rejection import verify, verify_greedy
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.kv_cache import BlockPool
-from scheduler.request import Request, RequestStatus
+from scheduler.core.kv_cache import BlockPool
+from scheduler.core.request import Request, RequestStatus
 
 
 @dataclass

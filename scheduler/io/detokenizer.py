@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerFast
 
-from scheduler.request import SamplingParams
+from scheduler.core.request import SamplingParams
 
 # Tokenizers that drop a token's leading space when it starts the decoded text (SentencePiece,
 # some BPEs) need a few tokens of context before the first output token.

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from scheduler.attention import AttentionMetadata
-from scheduler.packing import ForwardItem, fill_block_tables, positions_and_slots
+from scheduler.worker.attention import AttentionMetadata
+from scheduler.worker.packing import ForwardItem, fill_block_tables, positions_and_slots
 
 if TYPE_CHECKING:
-    from scheduler.runner import ModelRunner
+    from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

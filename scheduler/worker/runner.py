@@ -1,7 +1,7 @@
 """Turns a scheduled step into tensors, runs the model over the paged KV cache, returns logits.
 
 On CUDA the model runs through fused Triton kernels and, where a step's shape has one, replays a
-CUDA graph captured at start-up (scheduler/graphs.py); other steps run eagerly.
+CUDA graph captured at start-up (scheduler/worker/graphs.py); other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import logging
 import numpy as np
 import torch
 
-from scheduler.attention import AttentionMetadata
-from scheduler.graphs import CudaGraphs
-from scheduler.models.llama import CausalLM
-from scheduler.packing import ForwardItem, device_token_patch, fill_block_tables, logits_indices, positions_and_slots
-from scheduler.sampling import to_device
+from scheduler.worker.attention import AttentionMetadata
+from scheduler.worker.graphs import CudaGraphs
+from scheduler.worker.models.llama import CausalLM
+from scheduler.worker.packing import ForwardItem, device_token_patch, fill_block_tables, logits_indices, positions_and_slots
+from scheduler.sampling.sampler import to_device
 
 __all__ = ["ForwardItem", "ModelRunner", "fused_kernels_available", "kv_bytes_per_block"]
 

@@ -1,6 +1,6 @@
 """Model definitions and loading."""
 
-from scheduler.models.loader import (
+from scheduler.worker.models.loader import (
     SUPPORTED_ARCHITECTURES,
     LoadedModel,
     ModelSource,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scheduler.request import SamplingParams
+from scheduler.core.request import SamplingParams
 
 Prompt = str | Sequence[int]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.request import SamplingParams
+from scheduler.core.request import SamplingParams
 
 
 @dataclass

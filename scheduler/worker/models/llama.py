@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scheduler.attention import AttentionMetadata, paged_attention, write_kv
+from scheduler.worker.attention import AttentionMetadata, paged_attention, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -217,8 +217,8 @@ class CausalLM(nn.Module):
 
     def use_fused_kernels(self) -> None:
         """Run through the Triton kernels (CUDA only) from now on; merges q/k/v and gate/up weights."""
-        from scheduler.attention.fused import paged_attention as fused_paged_attention
-        from scheduler.models import fused_ops
+        from scheduler.worker.attention.fused import paged_attention as fused_paged_attention
+        from scheduler.worker.models import fused_ops
 
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()

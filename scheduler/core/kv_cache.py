@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from scheduler.request import Request
+from scheduler.core.request import Request
 
 
 @dataclass(eq=False)

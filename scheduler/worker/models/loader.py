@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from scheduler.models.llama import CausalLM
+from scheduler.worker.models.llama import CausalLM
 
 log = logging.getLogger(__name__)
 

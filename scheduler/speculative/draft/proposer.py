@@ -15,11 +15,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from scheduler.kv_cache import BlockPool
-from scheduler.request import Request
-from scheduler.runner import ForwardItem, ModelRunner
-from scheduler.sampling import Sampler, SamplingBatch, to_device
-from scheduler.scheduler import ScheduledRequest
+from scheduler.core.kv_cache import BlockPool
+from scheduler.core.request import Request
+from scheduler.worker.runner import ForwardItem, ModelRunner
+from scheduler.sampling.sampler import Sampler, SamplingBatch, to_device
+from scheduler.core.scheduler import ScheduledRequest
 
 
 class DraftModelProposer:

@@ -2,7 +2,7 @@
 at a Poisson (or gamma) rate over streaming gRPC calls; it reports throughput, goodput and the TTFT, TPOT, ITL
 and end-to-end latency distributions, for one request rate or a sweep of them.
 
-    python -m bench.load --address 127.0.0.1:50051 --num-requests 64 --input-len 128 --output-len 64 \\
+    python -m server.loadgen.load --address 127.0.0.1:50051 --num-requests 64 --input-len 128 --output-len 64 \\
         --ignore-eos --sweep 0.5,1,2,inf --plot load.png      # also: beastserve bench ...
 """
 
@@ -26,8 +26,8 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from bench.load_report import plot, rate_label, to_markdown
-from bench.machine import machine_facts
+from server.loadgen.report import plot, rate_label, to_markdown
+from server.loadgen.machine import machine_facts
 from server.cli_client import _add_connection_args
 from server.client import READINESS_SERVICE, AsyncClient
 
@@ -322,7 +322,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    name = prog or "bench.load"
+    name = prog or "server.loadgen.load"
     try:
         result = asyncio.run(run(args))
     except grpc.RpcError as exc:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scheduler.attention.metadata import AttentionMetadata
+from scheduler.worker.attention.metadata import AttentionMetadata
 
 KEYS_PER_ITERATION = 64
 

@@ -7,11 +7,11 @@ import logging
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.distill import compact
-from scheduler.models import LoadedModel, load_model
-from scheduler.runner import ModelRunner
-from scheduler.sampling import Sampler
-from scheduler.speculative.draft_model import DraftModelProposer
+from scheduler.speculative.draft import compact
+from scheduler.worker.models import LoadedModel, load_model
+from scheduler.worker.runner import ModelRunner
+from scheduler.sampling.sampler import Sampler
+from scheduler.speculative.draft.proposer import DraftModelProposer
 from scheduler.speculative.speculator import Speculator
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.kv_cache import BlockPool
-from scheduler.outputs import TokenLogprob
-from scheduler.request import Request
-from scheduler.runner import ForwardItem, ModelRunner
-from scheduler.sampling import Sampler, SamplingBatch, logprobs_of
-from scheduler.scheduler import ScheduledRequest
+from scheduler.core.kv_cache import BlockPool
+from scheduler.io.outputs import TokenLogprob
+from scheduler.core.request import Request
+from scheduler.worker.runner import ForwardItem, ModelRunner
+from scheduler.sampling.sampler import Sampler, SamplingBatch, logprobs_of
+from scheduler.core.scheduler import ScheduledRequest
 
 
 @dataclass

@@ -6,7 +6,7 @@ draft_layers.safetensors (decoder layers and final norm, bfloat16) and draft.jso
 borrows, the target's fingerprint and name, and the command that made it). A draft of either
 form may hold draft_vocab.safetensors: the token ids its LM head is restricted to (the target's
 most frequent output tokens), so each draft pass computes only those logits. Drafts shipped with
-beastserve live in scheduler/drafts/<name>/ and are found by the target's fingerprint.
+beastserve live in scheduler/speculative/drafts/<name>/ and are found by the target's fingerprint.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scheduler.models.loader import LoadedModel, context_length, load_config, model_from_state_dict, resolve_model
+from scheduler.worker.models.loader import LoadedModel, context_length, load_config, model_from_state_dict, resolve_model
 
 COMPACT_FORMAT = "beastserve-compact-draft-v1"
 DRAFT_JSON = "draft.json"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from scheduler.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from scheduler.runner import kv_bytes_per_block
+from scheduler.worker.runner import kv_bytes_per_block
 
 
 @dataclass

@@ -1,6 +1,0 @@
-"""Paged attention backends. All take the same `AttentionMetadata`."""
-
-from scheduler.attention.metadata import AttentionMetadata
-from scheduler.attention.reference import paged_attention, write_kv
-
-__all__ = ["AttentionMetadata", "paged_attention", "write_kv"]

@@ -1,0 +1,1 @@
+"""Sampling: parameters, per-step rows, the batched sampler."""

@@ -1,0 +1,1 @@
+"""A draft model as proposer: its loading, its compact format, its CUDA graphs."""
