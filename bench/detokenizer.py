@@ -20,9 +20,9 @@ from pathlib import Path
 import tokenizers
 import transformers
 
+from scheduler.core.request import SamplingParams
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.worker.models import load_tokenizer
-from scheduler.core.request import SamplingParams
 
 PROMPT_TOKENS = 32
 

@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 from bench.speculative import CHAT_TASKS, COPY_TASKS
-from scheduler.speculative.draft import compact
 from scheduler.distill.command import free_memory
 from scheduler.distill.evaluate import evaluate, format_report
+from scheduler.speculative.draft import compact
 from scheduler.worker.models import load_model
 
 

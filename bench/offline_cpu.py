@@ -13,7 +13,6 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from server.loadgen import machine
 from bench.offline_common import (
     ENGINE,
     HF_CONTINUOUS,
@@ -31,6 +30,7 @@ from bench.offline_common import (
 )
 from scheduler import LLM
 from scheduler.worker.models import default_model_file
+from server.loadgen import machine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

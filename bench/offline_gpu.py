@@ -19,7 +19,6 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from server.loadgen import machine
 from bench.offline_common import (
     ENGINE,
     HF_CONTINUOUS,
@@ -37,6 +36,7 @@ from bench.offline_common import (
     write_results,
 )
 from scheduler import LLM
+from server.loadgen import machine
 
 SHAPES = {  # LlamaConfig fields; no weights are read, both sides initialise the shape randomly
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

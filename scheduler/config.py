@@ -1,39 +1,57 @@
-"""Engine configuration: one dataclass, validated once."""
+"""Engine configuration: one dataclass, validated once. Its fields are also `beastserve serve`'s
+flags (server/options.py builds them from `fields(EngineConfig)`), so each field's help text and
+choices live here, in its metadata."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+SPECULATIVE_METHODS = ("off", "draft", "ngram")  # "off" and the names in scheduler.speculative.PROPOSERS
+
+
+def option(default, help: str, choices: tuple | None = None, **kwargs):
+    """A config field with the help text (and choices) its command-line flag shows."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
 class EngineConfig:
-    model: Any = "default"  # "default", a GGUF file, a HF directory, or a transformers config (dummy weights)
-    tokenizer: str | None = None  # defaults to the model's own
-    device: str = "auto"  # auto = cuda when present, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
-    load_format: str = "auto"  # auto = the checkpoint's weights; dummy = random weights of the real shape
-    max_model_len: int | None = None  # prompt + output cap; defaults to the model's context length
-    block_size: int = 16
-    kv_cache_bytes: int | None = None  # default: 1 GiB on CPU; on CUDA, what gpu_memory_utilization leaves
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False  # CUDA: no CUDA graphs (the fused kernels still run); for debugging
-    max_num_batched_tokens: int = 2048  # token budget of one step
-    max_num_seqs: int = 256  # sequences running at once
-    enable_prefix_caching: bool = True
-    priority_aging_s: float = 10.0  # each this many seconds waiting lowers the priority value by one
-    seed: int = 0  # for unseeded sampling
-    speculative: str = "off"  # off | draft | ngram
-    draft_model: Any = None  # what `model` accepts, or a compact draft; None: the one shipped for the target
-    num_speculative_tokens: int = 4  # most tokens drafted per sequence per step
-    adaptive_speculation: bool = True  # choose k per step from measured acceptance and cost (else always k)
-    ngram_min: int = 2
-    ngram_max: int = 4
+    model: Any = option("default", "'default' (the SmolLM2-135M-Instruct GGUF file), a GGUF file or a Hugging "
+                        "Face directory; offline, also a transformers config (random weights)")
+    tokenizer: str | None = option(None, "tokenizer directory (default: the model's own)")
+    device: str = option("auto", "auto (cuda when present, else cpu), cpu or cuda[:N]")
+    dtype: str = option("auto", "weights and activations (auto: bfloat16 on CUDA, float32 on CPU)",
+                        ("auto", *_DTYPES))
+    load_format: str = option("auto", "auto: the checkpoint's weights; dummy: random weights of the real shape",
+                              ("auto", "dummy"))
+    max_model_len: int | None = option(None, "most tokens of prompt plus output (default: the model's context "
+                                       "length, or what the KV cache holds)")
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_cache_bytes: int | None = option(None, "KV cache size in bytes (default: 1 GiB on CPU, what "
+                                        "--gpu-memory-utilization leaves on CUDA)")
+    gpu_memory_utilization: float = option(0.9, "CUDA: share of the GPU's memory the engine may use")
+    enforce_eager: bool = option(False, "CUDA: run without CUDA graphs (for debugging; the fused kernels still "
+                                 "run)")
+    max_num_batched_tokens: int = option(2048, "token budget of one engine step")
+    max_num_seqs: int = option(256, "most sequences running at once")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompt prefixes seen before")
+    priority_aging_s: float = option(10.0, "every this many seconds of waiting lowers a request's priority value "
+                                     "by one, so low-priority work is never starved")
+    seed: int = option(0, "random seed for unseeded sampling")
+    speculative: str = option("off", "speculative decoding method", SPECULATIVE_METHODS)
+    draft_model: Any = option(None, "draft model for --speculative draft: what --model accepts, or a compact "
+                              "draft (default: the draft shipped for the model, if one was made for it)")
+    num_speculative_tokens: int = option(4, "most tokens drafted per sequence per step")
+    adaptive_speculation: bool = option(True, "choose each step's depth from measured acceptance and cost "
+                                        "(else always --num-speculative-tokens)")
+    ngram_min: int = option(2, "n-gram proposer: shortest tail to look up")
+    ngram_max: int = option(4, "n-gram proposer: longest tail to look up")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -46,8 +64,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.speculative not in ("off", "draft", "ngram"):
-            raise ValueError(f"speculative must be off, draft or ngram, got {self.speculative!r}")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:

@@ -6,19 +6,22 @@ from collections.abc import Sequence
 
 from scheduler.config import EngineConfig
 from scheduler.core.engine import Engine
+from scheduler.core.request import SamplingParams
 from scheduler.io.inputs import Prompt
 from scheduler.io.outputs import CompletionOutput
-from scheduler.core.request import SamplingParams
 
 
 class LLM:
     """Runs the engine in the calling thread until every prompt is answered.
 
-    LLM(model="default", device="auto", dtype="auto", **engine options) — see EngineConfig.
+    LLM(model="default", device="auto", dtype="auto", **engine options) — see EngineConfig —
+    or LLM(EngineConfig(...)).
     """
 
     def __init__(self, model="default", **kwargs):
-        self.engine = Engine(EngineConfig(model=model, **kwargs))
+        config = model if isinstance(model, EngineConfig) else EngineConfig(model=model, **kwargs)
+        assert not (kwargs and isinstance(model, EngineConfig)), "options go in the EngineConfig"
+        self.engine = Engine(config)
 
     @property
     def tokenizer(self):

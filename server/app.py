@@ -79,8 +79,8 @@ class Daemon:
 
     async def _load_engine(self) -> None:
         config = self.config
-        engine = await asyncio.to_thread(Engine, model=config.model, **config.engine_kwargs())
-        log.info("model %s on %s (%s); KV cache holds %d tokens; max_model_len %d", config.model, engine.device,
+        engine = await asyncio.to_thread(Engine, config.engine)
+        log.info("model %s on %s (%s); KV cache holds %d tokens; max_model_len %d", config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
         async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
         async_engine.start()
@@ -136,7 +136,7 @@ class Daemon:
 
 
 def _model_name(config: ServerConfig) -> str:
-    return "SmolLM2-135M-Instruct" if config.model == "default" else config.model
+    return "SmolLM2-135M-Instruct" if config.engine.model == "default" else config.engine.model
 
 
 def serve(config: ServerConfig) -> int:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 import time
 
-from server.loadgen.load import add_bench_command
 from scheduler import LLM, SamplingParams
 from scheduler.distill.command import add_distill_command
 from server.cli_client import add_client_commands
-from server.config import add_server_args, config_from_args
+from server.config import add_engine_args, add_server_args, config_from_args, engine_config_from_args
+from server.loadgen.load import add_bench_command
 
 DEMO_CHATS = [
     "What is the capital of France?",
@@ -24,31 +23,10 @@ DEMO_CHATS = [
 ]
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--model", default=env("BEASTSERVE_MODEL", "default"),
-                        help="'default', a GGUF file or a Hugging Face directory [BEASTSERVE_MODEL]")
-    parser.add_argument("--device", default=env("BEASTSERVE_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default=env("BEASTSERVE_DTYPE", "auto"),
-                        help="auto, float32, float16 or bfloat16")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--kv-cache-bytes", type=int, default=None)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(device=args.device, dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
-                kv_cache_bytes=args.kv_cache_bytes, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(engine_config_from_args(args))
     chats = [[{"role": "user", "content": q}] for q in (args.prompt or DEMO_CHATS)]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)  # --seed seeds the engine
     start = time.perf_counter()
     outputs = llm.chat(chats, params)
     elapsed = time.perf_counter() - start
@@ -71,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.0)
-    demo.add_argument("--seed", type=int, default=None)
     demo.set_defaults(func=run_demo)
     add_distill_command(sub)
     add_client_commands(sub)

@@ -1,93 +1,105 @@
-"""Daemon settings: command-line flags, each also read from BEASTSERVE_<FLAG> in the environment."""
+"""Daemon settings: the engine's own configuration plus the server's, as `serve`'s flags.
+
+Every flag is made from a dataclass field (EngineConfig's, then ServerConfig's), with the field's
+help text and default, and every flag also reads BEASTSERVE_<FLAG> from the environment: the flags,
+the environment and the engine can never disagree on a name or a default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 
-SPECULATIVE_MODES = ("off", "draft", "ngram")
+from scheduler.config import EngineConfig, option
+
 # Names other serving stacks' deployments already set.
 ENV_ALIASES = {"speculative": ("ENABLE_SPECULATIVE",), "draft_model": ("DRAFT_MODEL_PATH",)}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass
 class ServerConfig:
-    model: str = "default"
-    draft_model: str | None = None
-    speculative: str = "off"
-    num_speculative_tokens: int = 4
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9400
-    device: str = "auto"
-    dtype: str = "auto"
-    load_format: str = "auto"
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    block_size: int = 16
-    kv_cache_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    max_queue_size: int = 1024
-    drain_timeout: float = 30.0
-    stall_timeout: float = 60.0
-    max_message_bytes: int = 16 << 20
-    api_key_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_client_ca_file: str | None = None
-    log_requests: bool = False
-
-    def engine_kwargs(self) -> dict:
-        names = ("device", "dtype", "load_format", "max_model_len", "block_size", "kv_cache_bytes",
-                 "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "speculative", "draft_model",
-                 "num_speculative_tokens", "enforce_eager")
-        return {name: getattr(self, name) for name in names}
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(50051, "gRPC port")
+    metrics_port: int = option(9400, "Prometheus /metrics HTTP port (0 = off)")
+    max_queue_size: int = option(1024, "requests waiting beyond this get RESOURCE_EXHAUSTED")
+    drain_timeout: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    stall_timeout: float = option(60.0, "readiness fails when the engine makes no progress this long with work "
+                                  "pending")
+    max_message_bytes: int = option(16 << 20, "largest gRPC message accepted or sent")
+    api_key_file: str | None = option(None, "file with one accepted API key per line (authorization: Bearer "
+                                      "<key>)")
+    tls_cert_file: str | None = option(None, "server certificate (PEM), with --tls-key-file")
+    tls_key_file: str | None = option(None, "server private key (PEM), with --tls-cert-file")
+    tls_client_ca_file: str | None = option(None, "CA that client certificates must chain to (mutual TLS)")
+    log_requests: bool = option(False, "log prompts and outputs (off by default: they may be private)")
 
 
-_HELP = {
-    "model": "'default', a GGUF file or a Hugging Face directory",
-    "draft_model": "draft model for --speculative draft (also DRAFT_MODEL_PATH); default: the draft shipped for "
-                   "the model, if one was made for it",
-    "speculative": "speculative decoding mode (also ENABLE_SPECULATIVE)",
-    "num_speculative_tokens": "most tokens drafted per step",
-    "port": "gRPC port",
-    "metrics_port": "Prometheus /metrics HTTP port (0 = off)",
-    "kv_cache_bytes": "KV cache size in bytes (default: 1 GiB on CPU, --gpu-memory-utilization on CUDA)",
-    "enforce_eager": "CUDA: run without CUDA graphs (for debugging; the fused kernels still run)",
-    "max_queue_size": "requests waiting beyond this get RESOURCE_EXHAUSTED",
-    "drain_timeout": "seconds in-flight requests get to finish after SIGTERM",
-    "stall_timeout": "readiness fails when the engine makes no progress this long with work pending",
-    "max_message_bytes": "largest gRPC message accepted or sent",
-    "api_key_file": "file with one accepted API key per line (authorization: Bearer <key>)",
-    "tls_client_ca_file": "CA that client certificates must chain to (mutual TLS)",
-    "log_requests": "log prompts and outputs (off by default: they may be private)",
-}
+def _options(classes=(EngineConfig, ServerConfig)) -> list[tuple[dataclasses.Field, type]]:
+    """(field, value type) of every flag: the engine's fields, then the server's own."""
+    out = []
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name != "engine":
+                out.append((f, _value_type(hints[f.name])))
+    return out
+
+
+def flag_names() -> list[str]:
+    """Every serve option's field name (BEASTSERVE_<NAME> sets it)."""
+    return [f.name for f, _ in _options()]
+
+
+def _value_type(hint) -> type:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return str if hint is typing.Any else hint
 
 
 def add_server_args(parser: argparse.ArgumentParser, env=os.environ) -> None:
-    """One flag per ServerConfig field; a flag's default comes from BEASTSERVE_<FLAG> when set."""
-    defaults = ServerConfig()
-    for name, default in vars(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        env_value = _env_value(name, env)
-        kind = type(default) if default is not None else (int if name == "kv_cache_bytes" or name == "max_model_len"
-                                                            else str)
-        help_text = _HELP.get(name, "")
+    """One flag per option; a flag's default comes from BEASTSERVE_<FLAG> when set."""
+    _add_args(parser, _options(), env)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, env=os.environ) -> None:
+    """The engine's options only (for commands that run the engine without a server)."""
+    _add_args(parser, _options((EngineConfig,)), env)
+
+
+def _add_args(parser: argparse.ArgumentParser, options, env) -> None:
+    for f, kind in options:
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        raw = _env_value(f.name, env)
+        value = default if raw is None else _parse_env(f.name, raw, kind)
+        help_text = f"{f.metadata.get('help', '')} [{_env_names(f.name)}; default: %(default)s]"
         if kind is bool:
-            value = default if env_value is None else env_value.lower() in ("1", "true", "yes", "on")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
-            continue
-        choices = SPECULATIVE_MODES if name == "speculative" else None
-        value = default if env_value is None else _parse_env(name, env_value, kind)
-        parser.add_argument(flag, type=kind, default=value, choices=choices, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=value, choices=f.metadata.get("choices"),
+                                help=help_text)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The parsed engine flags as a validated EngineConfig; ValueError names the flag at fault."""
+    names = [f.name for f in dataclasses.fields(EngineConfig)]
+    try:
+        return EngineConfig(**{name: getattr(args, name) for name in names})
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")
+        raise ValueError(f"--{name.replace('_', '-')} {rest}" if name in names else str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    values = {name: getattr(args, name) for name in vars(ServerConfig())}
-    config = ServerConfig(**values)
+    """The parsed flags as a validated ServerConfig; ValueError names the flag at fault."""
+    engine = engine_config_from_args(args)
+    config = ServerConfig(engine, **{f.name: getattr(args, f.name) for f, _ in _options((ServerConfig,))})
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:
@@ -95,6 +107,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if config.max_queue_size < 1:
         raise ValueError(f"--max-queue-size must be >= 1, got {config.max_queue_size}")
     return config
+
+
+def _env_names(name: str) -> str:
+    return ", ".join(("BEASTSERVE_" + name.upper(), *ENV_ALIASES.get(name, ())))
 
 
 def _env_value(name: str, env) -> str | None:
@@ -105,9 +121,13 @@ def _env_value(name: str, env) -> str | None:
 
 
 def _parse_env(name: str, raw: str, kind):
-    if name == "speculative" and raw.lower() in ("1", "true", "yes", "on"):
+    if kind is bool:
+        if raw.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"BEASTSERVE_{name.upper()}={raw!r} is not a boolean (true or false)")
+        return raw.lower() in _TRUE
+    if name == "speculative" and raw.lower() in _TRUE:
         return "draft"  # ENABLE_SPECULATIVE=true
-    if name == "speculative" and raw.lower() in ("0", "false", "no"):
+    if name == "speculative" and raw.lower() in _FALSE:
         return "off"
     try:
         return kind(raw)

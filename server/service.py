@@ -77,9 +77,9 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         engine = (await self._engine(context)).engine
         config = self.state.config
-        return pb.ModelInfo(model=config.model, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-                            eos_token_ids=engine.eos_token_ids, speculative_mode=config.speculative,
-                            draft_model=config.draft_model or "")
+        return pb.ModelInfo(model=config.engine.model, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+                            eos_token_ids=engine.eos_token_ids, speculative_mode=config.engine.speculative,
+                            draft_model=config.engine.draft_model or "")
 
     async def GetLoad(self, request, context):
         engine = (await self._engine(context)).engine

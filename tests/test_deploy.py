@@ -28,7 +28,7 @@ import referencing
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.config import ServerConfig, add_server_args, config_from_args
+from server.config import ServerConfig, add_server_args, config_from_args, flag_names
 from server.service import SERVICE_NAME
 from tests.daemon import Daemon
 
@@ -185,7 +185,7 @@ def test_every_manifest_file_is_part_of_a_kustomization():
 def config_of(docs) -> ServerConfig:
     """The ServerConfig the pods run with: the daemon's own flag parsing over the ConfigMap's env."""
     env = one(docs, "ConfigMap")["data"]
-    unknown = {k for k in env if k.removeprefix("BEASTSERVE_").lower() not in vars(ServerConfig())}
+    unknown = {k for k in env if k.removeprefix("BEASTSERVE_").lower() not in flag_names()}
     assert not unknown, f"not serve flags: {unknown}"
     parser = argparse.ArgumentParser()
     add_server_args(parser, env=env)
@@ -253,7 +253,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_mounts_the_model_volume(builds):
     container, pod = container_of(docs), one(docs, "Deployment")["spec"]["template"]["spec"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in json.dumps(builds["base"]), "the base must schedule on CPU-only nodes"
-    assert config_of(docs).device == "cuda"
+    assert config_of(docs).engine.device == "cuda"
     volumes = {v["name"]: v for v in pod["volumes"]}
     claim = volumes["models"]["persistentVolumeClaim"]["claimName"]
     one(docs, "PersistentVolumeClaim", claim)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from scheduler import LLM, Engine, SamplingParams
-from scheduler.speculative.draft import compact
-from scheduler.speculative.draft.compact import save_compact, save_full, target_fingerprint
 from scheduler.distill.data import Sample, prompt_stream
 from scheduler.distill.evaluate import acceptance
 from scheduler.distill.train import TrainConfig, agreement, hf_model, init_draft, train
 from scheduler.distill.vocab import answer_token_counts, coverage, frequent_tokens, make_vocab
+from scheduler.speculative.draft import compact
+from scheduler.speculative.draft.compact import save_compact, save_full, target_fingerprint
 from server.cli import main
 from tests.conftest import save_tiny_model, tiny_config
 from tests.helpers import assert_pool_idle, run_engine

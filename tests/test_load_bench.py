@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from server.loadgen.load import Record, arrival_intervals, main, summarize
 from server import cli
+from server.loadgen.load import Record, arrival_intervals, main, summarize
 from tests.daemon import Daemon
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
-from scheduler.speculative.draft import compact
 from scheduler.core.request import Request
-from scheduler.sampling.sampler import Sampler
 from scheduler.core.scheduler import ScheduledRequest
+from scheduler.sampling.sampler import Sampler
 from scheduler.speculative import Speculator
 from scheduler.speculative.depth import AdaptiveDepth
+from scheduler.speculative.draft import compact
 from scheduler.speculative.ngram import NgramProposer, propose_ngram
 from tests.conftest import hf_greedy, save_tiny_model, tiny_config
 from tests.helpers import assert_pool_idle, run_engine

@@ -14,18 +14,18 @@ import time
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.core.executor import StepExecutor, StepResult
-from scheduler.io.inputs import InputProcessor, Prompt
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.request import FinishReason, Request, SamplingParams
+from scheduler.core.scheduler import Scheduler
+from scheduler.io.detokenizer import IncrementalDetokenizer
+from scheduler.io.inputs import InputProcessor, Prompt
+from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
+from scheduler.sampling.sampler import Sampler
+from scheduler.speculative.draft.loading import build_speculator, load_draft
 from scheduler.worker.memory import plan_kv_cache
 from scheduler.worker.models import load_model
-from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
-from scheduler.core.request import FinishReason, Request, SamplingParams
 from scheduler.worker.runner import ModelRunner
-from scheduler.sampling.sampler import Sampler
-from scheduler.core.scheduler import Scheduler
-from scheduler.speculative.draft.loading import build_speculator, load_draft
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from scheduler.core.kv_cache import BlockPool
-from scheduler.io.outputs import TokenLogprob
 from scheduler.core.request import Request
-from scheduler.worker.runner import ForwardItem, ModelRunner
-from scheduler.sampling.sampler import Sampler, SamplingBatch, logprobs_of
 from scheduler.core.scheduler import ScheduledRequest
+from scheduler.io.outputs import TokenLogprob
+from scheduler.sampling.sampler import Sampler, SamplingBatch, logprobs_of
+from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
 @dataclass

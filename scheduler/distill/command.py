@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from scheduler.config import EngineConfig
-from scheduler.speculative.draft.compact import save_compact, save_full, target_fingerprint
 from scheduler.distill.data import TEMPERATURES, Sample, generate_samples, prompt_stream, read_prompts, split_prompts
 from scheduler.distill.evaluate import evaluate, format_report
 from scheduler.distill.train import LOSSES, TrainConfig, draft_layer_ids, hf_model, init_draft, train
 from scheduler.distill.vocab import DEFAULT_SIZE, make_vocab, write_vocab
 from scheduler.llm import LLM
+from scheduler.speculative.draft.compact import save_compact, save_full, target_fingerprint
 from scheduler.worker.models import load_model, resolve_model
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.speculative.draft.compact import DRAFT_JSON, save_vocab
 from scheduler.distill.data import Sample
+from scheduler.speculative.draft.compact import DRAFT_JSON, save_vocab
 
 DEFAULT_SIZE = 16384
 REPORT_SIZES = (1024, 4096, 8192, 16384, 24576, 32768)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from scheduler.core.kv_cache import BlockPool
-from scheduler.sampling.sampler import Sampler, SamplingBatch
 from scheduler.core.scheduler import ScheduledRequest
+from scheduler.sampling.sampler import Sampler, SamplingBatch
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.draft.proposer import DraftModelProposer
 from scheduler.speculative.ngram import NgramProposer

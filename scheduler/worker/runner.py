@@ -11,11 +11,17 @@ import logging
 import numpy as np
 import torch
 
+from scheduler.sampling.sampler import to_device
 from scheduler.worker.attention import AttentionMetadata
 from scheduler.worker.graphs import CudaGraphs
 from scheduler.worker.models.llama import CausalLM
-from scheduler.worker.packing import ForwardItem, device_token_patch, fill_block_tables, logits_indices, positions_and_slots
-from scheduler.sampling.sampler import to_device
+from scheduler.worker.packing import (
+    ForwardItem,
+    device_token_patch,
+    fill_block_tables,
+    logits_indices,
+    positions_and_slots,
+)
 
 __all__ = ["ForwardItem", "ModelRunner", "fused_kernels_available", "kv_bytes_per_block"]
 

@@ -26,10 +26,10 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from server.loadgen.report import plot, rate_label, to_markdown
-from server.loadgen.machine import machine_facts
 from server.cli_client import _add_connection_args
 from server.client import READINESS_SERVICE, AsyncClient
+from server.loadgen.machine import machine_facts
+from server.loadgen.report import plot, rate_label, to_markdown
 
 # Common English words, each one token (with its leading space) for the usual BPE vocabularies, so a prompt of
 # n words is close to n tokens; the daemon's usage gives the exact count.

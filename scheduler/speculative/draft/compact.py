@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scheduler.worker.models.loader import LoadedModel, context_length, load_config, model_from_state_dict, resolve_model
+from scheduler.worker.models.loader import (
+    LoadedModel,
+    context_length,
+    load_config,
+    model_from_state_dict,
+    resolve_model,
+)
 
 COMPACT_FORMAT = "beastserve-compact-draft-v1"
 DRAFT_JSON = "draft.json"

@@ -7,12 +7,12 @@ import logging
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.speculative.draft import compact
-from scheduler.worker.models import LoadedModel, load_model
-from scheduler.worker.runner import ModelRunner
 from scheduler.sampling.sampler import Sampler
+from scheduler.speculative.draft import compact
 from scheduler.speculative.draft.proposer import DraftModelProposer
 from scheduler.speculative.speculator import Speculator
+from scheduler.worker.models import LoadedModel, load_model
+from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

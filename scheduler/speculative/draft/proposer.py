@@ -17,9 +17,9 @@ import torch
 
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request
-from scheduler.worker.runner import ForwardItem, ModelRunner
-from scheduler.sampling.sampler import Sampler, SamplingBatch, to_device
 from scheduler.core.scheduler import ScheduledRequest
+from scheduler.sampling.sampler import Sampler, SamplingBatch, to_device
+from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
 class DraftModelProposer:

@@ -1,0 +1,47 @@
+"""One configuration: every EngineConfig field is a serve flag, with its help, default and environment variable."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from scheduler import EngineConfig
+from server.config import ServerConfig, add_server_args, config_from_args, flag_names
+
+
+def parse(argv, env=None):
+    parser = argparse.ArgumentParser()
+    add_server_args(parser, env=env or {})
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_every_engine_field_is_a_serve_flag_with_help_and_the_same_default():
+    parser = argparse.ArgumentParser()
+    add_server_args(parser, env={})
+    actions = {a.dest: a for a in parser._actions}
+    engine_fields = dataclasses.fields(EngineConfig)
+    assert [f.name for f in engine_fields] == flag_names()[:len(engine_fields)]
+    for f in engine_fields:
+        action = actions[f.name]
+        assert f.metadata["help"] and f.metadata["help"] in action.help, f.name
+        assert "BEASTSERVE_" + f.name.upper() in action.help and "%(default)s" in action.help
+        assert action.default == f.default, f.name
+    assert parse([]).engine == EngineConfig()
+
+
+def test_booleans_turn_both_ways_and_read_the_environment():
+    assert parse(["--no-enable-prefix-caching", "--no-adaptive-speculation"]).engine.enable_prefix_caching is False
+    assert parse(["--no-adaptive-speculation"]).engine.adaptive_speculation is False
+    assert parse([], {"BEASTSERVE_ENABLE_PREFIX_CACHING": "false"}).engine.enable_prefix_caching is False
+    assert parse([], {"BEASTSERVE_ENFORCE_EAGER": "1"}).engine.enforce_eager is True
+    with pytest.raises(ValueError, match="BEASTSERVE_ENFORCE_EAGER='maybe' is not a boolean"):
+        parse([], {"BEASTSERVE_ENFORCE_EAGER": "maybe"})
+
+
+def test_engine_values_reach_the_engine_config_and_errors_name_the_flag():
+    config = parse(["--ngram-max", "6", "--speculative", "ngram", "--seed", "7", "--port", "1234"])
+    assert (config.engine.ngram_max, config.engine.speculative, config.engine.seed) == (6, "ngram", 7)
+    assert config.port == 1234 and isinstance(config, ServerConfig)
+    assert parse([], {"BEASTSERVE_NUM_SPECULATIVE_TOKENS": "3"}).engine.num_speculative_tokens == 3
+    with pytest.raises(ValueError, match=r"^--max-num-seqs must be an integer >= 1, got 0$"):
+        parse(["--max-num-seqs", "0"])
