@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+from scheduler.speculative.registry import PROPOSERS
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-SPECULATIVE_METHODS = ("off", "draft", "ngram")  # "off" and the names in scheduler.speculative.PROPOSERS
+SPECULATIVE_METHODS = ("off", *PROPOSERS)
 
 
 def option(default, help: str, choices: tuple | None = None, **kwargs):

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 from scheduler.config import EngineConfig
 from scheduler.core.engine import Engine
-from scheduler.core.request import SamplingParams
 from scheduler.io.inputs import Prompt
 from scheduler.io.outputs import CompletionOutput
+from scheduler.sampling.params import SamplingParams
 
 
 class LLM:

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from scheduler.core.request import SamplingParams
 from scheduler.io.detokenizer import IncrementalDetokenizer
+from scheduler.sampling.params import SamplingParams
 
 PROMPT = "Write a short reply:"
 TEXTS = [

@@ -81,7 +81,7 @@ def test_draft_restricted_to_frequent_tokens_drafts_only_those_and_leaves_greedy
     expected = [o.token_ids for o in run_engine(Engine(model=str(root / "target"), dtype="float32"), prompts, params)]
     engine = Engine(model=str(root / "target"), dtype="float32", speculative="draft",
                     draft_model=str(tmp_path / "draft"), num_speculative_tokens=3, adaptive_speculation=False)
-    assert engine.speculator.draft.runner.model.vocab_ids.tolist() == token_ids
+    assert engine.speculator.proposer.runner.model.vocab_ids.tolist() == token_ids
     drafted = []
     verify_greedy = engine.speculator.verify_greedy
     def spy(target_ids, sampled):

@@ -144,7 +144,7 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
     engine = Engine(model=str(path), device="cuda", dtype="float32", speculative="draft", draft_model=str(path),
                     adaptive_speculation=False, max_num_batched_tokens=64)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
-    graphs = engine.speculator.draft.runner.graphs
+    graphs = engine.speculator.proposer.runner.graphs
     num_chains = len(graphs.sizes) * (engine.config.num_speculative_tokens - 1)
     assert graphs.num_replays > 0 and len(graphs.chains) == num_chains
     assert len(graphs.proposals) == num_chains + len(graphs.sizes) and graphs.num_proposal_replays > 0

@@ -1,4 +1,4 @@
-"""server/loadgen/load.py: arrivals have the asked-for rate and burstiness, goodput counts only requests meeting every SLO,
+"""The load generator: arrivals have the asked-for rate and burstiness, goodput counts only requests meeting every SLO,
 and a run against a real (tiny) daemon reports numbers that agree with each other."""
 
 from __future__ import annotations

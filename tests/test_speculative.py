@@ -12,7 +12,7 @@ from scheduler import Engine, SamplingParams
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest
 from scheduler.sampling.sampler import Sampler
-from scheduler.speculative import Speculator
+from scheduler.speculative.speculator import Speculator
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.draft import compact
 from scheduler.speculative.ngram import NgramProposer, propose_ngram
@@ -151,7 +151,7 @@ def test_sampling_with_speculation_keeps_the_target_distribution(tmp_path, top_p
     engine = Engine(model=str(target_dir), dtype="float32", speculative="draft", draft_model=str(draft_dir),
                     num_speculative_tokens=2, adaptive_speculation=False, max_num_seqs=1024,
                     max_num_batched_tokens=8192)
-    vocab_ids = engine.speculator.draft.runner.model.vocab_ids
+    vocab_ids = engine.speculator.proposer.runner.model.vocab_ids
     assert (vocab_ids is None) == (draft_vocab is None)
     params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i, max_tokens=length, ignore_eos=True)
               for i in range(samples)]
@@ -218,13 +218,13 @@ def test_ngram_proposer_follows_a_growing_history():
     request = Request("r", [rng.randrange(6) for _ in range(5)], SamplingParams())
     found = 0
     for _ in range(200):
-        drafts = proposer.propose(request, 4)
+        drafts = proposer.lookup(request, 4)
         assert drafts == propose_ngram(request.all_token_ids, 4, 2, 4)
         found += bool(drafts)
         request.append_token(rng.randrange(6))
     assert found > 100
     request.truncate_output(50)
-    assert proposer.propose(request, 4) == propose_ngram(request.all_token_ids, 4, 2, 4)
+    assert proposer.lookup(request, 4) == propose_ngram(request.all_token_ids, 4, 2, 4)
 
 
 def _drive(depth: AdaptiveDepth, loads, step_seconds, acceptance: float, rng: random.Random,
@@ -370,10 +370,11 @@ def test_adaptive_depth_settles_at_0_when_no_depth_pays_and_finding_out_is_cheap
 
 
 def test_a_proposal_shorter_than_the_depth_counts_as_rejected_where_it_ends():
-    speculator = Speculator("ngram", k_max=4, sampler=Sampler())
+    speculator = Speculator(NgramProposer(2, 4), k_max=4, sampler=Sampler())
     request = Request("r", [1, 2, 3, 1, 2], SamplingParams(temperature=0))
     scheduled = ScheduledRequest(request, num_new_tokens=1, num_spec_slots=4, draft_token_ids=[3, 1])
     assert speculator.verify_greedy([3, 1, 9], [scheduled]) == ([2], [9])
+    speculator.observe([scheduled], [2])
     attempts, accepts = speculator.depth.attempts, speculator.depth.accepts
     assert accepts[0] > 0.5 and accepts[1] > 0.5  # both drafts accepted
     assert attempts[2] > 1.0 and accepts[2] < 0.5  # the third position was asked for and not filled

@@ -16,13 +16,16 @@ import torch
 from scheduler.config import EngineConfig
 from scheduler.core.executor import StepExecutor, StepResult
 from scheduler.core.kv_cache import BlockPool
-from scheduler.core.request import FinishReason, Request, SamplingParams
+from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import Scheduler
+from scheduler.core.stopping import first_stop
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt
 from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
+from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
-from scheduler.speculative.draft.loading import build_speculator, load_draft
+from scheduler.speculative.proposer import ProposerContext
+from scheduler.speculative.speculator import Speculator, build_proposer
 from scheduler.worker.memory import plan_kv_cache
 from scheduler.worker.models import load_model
 from scheduler.worker.runner import ModelRunner
@@ -50,9 +53,12 @@ class Engine:
         target = load_model(config.model, config.tokenizer, config.load_format, self.dtype, self.device,
                             config.max_model_len)
         self.model_config, self.tokenizer, self.model = target.config, target.tokenizer, target.model
-        draft = load_draft(config, target, self.dtype, self.device) if config.speculative == "draft" else None
-        max_positions = min(target.max_positions, draft.max_positions) if draft else target.max_positions
-        configs = [target.config] + ([draft.config] if draft else [])
+        self.sampler = Sampler()
+        proposer = build_proposer(ProposerContext(config, target, self.sampler, self.dtype, self.device))
+        max_positions = target.max_positions
+        if proposer is not None and proposer.max_positions is not None:
+            max_positions = min(max_positions, proposer.max_positions)
+        configs = [target.config] + ([proposer.kv_model_config] if proposer and proposer.kv_model_config else [])
         plan = plan_kv_cache(config, configs, self.dtype, self.device)
         self.max_model_len = min(max_positions, plan.num_blocks * config.block_size)
         if self.max_model_len < target.max_positions:
@@ -63,19 +69,14 @@ class Engine:
         self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.pool, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.priority_aging_s)
-        self.sampler = Sampler()
-        self.speculator = build_speculator(config, draft, plan.num_blocks, self.sampler, self.dtype, self.device)
+        self.speculator = None
+        if proposer is not None:
+            proposer.prepare(plan.num_blocks, self.max_model_len)
+            self.speculator = Speculator.for_config(config, proposer, self.sampler)
         if self.runner.fused and not config.enforce_eager:
             self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len,
                                        max_batched_tokens=config.max_num_batched_tokens)
-            if self.speculator is not None and self.speculator.draft is not None:
-                # A greedy proposal is one graph (catch-up pass and k - 1 chained passes at most); after
-                # a long catch-up, the passes after it are one chain.
-                self.speculator.draft.runner.capture_graphs(config.max_num_seqs, config.max_query_len,
-                                                            self.max_model_len, config.num_speculative_tokens - 1,
-                                                            config.max_num_batched_tokens, proposals=True)
-        self._generators: dict[str, torch.Generator] = {}
-        self.executor = StepExecutor(self.runner, self.sampler, self.pool, self._generators, self.speculator)
+        self.executor = StepExecutor(self.runner, self.sampler, self.pool, self.speculator)
         torch.manual_seed(config.seed)
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
@@ -111,9 +112,8 @@ class Engine:
                           max_draft_tokens=max_draft_tokens)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params) \
             if self.tokenizer is not None else None
-        generator = None
         if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         live = _Live(request, RequestStream(request_id, on_output), detokenizer)
         with self._lock:
             if self._failed is not None:
@@ -121,8 +121,6 @@ class Engine:
             if request_id in self._live or any(p.request.request_id == request_id for p in self._pending_add):
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._pending_add.append(live)
-            if generator is not None:
-                self._generators[request_id] = generator
         return live.stream
 
     def abort(self, request_id: str) -> bool:
@@ -152,10 +150,7 @@ class Engine:
         start = time.perf_counter()
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
-        spec_depth = None
-        if self.speculator is not None:
-            self.speculator.plan(self._decodes_ahead(), self._prompts_ahead())
-            spec_depth = self.speculator.depth_for
+        spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead())
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
@@ -173,15 +168,11 @@ class Engine:
             num_drafts=sum(1 for r in results if r.num_drafts), num_draft_tokens=sum(r.num_drafts for r in results),
             accepted_per_position=_per_position(results, accepted=True),
             verified_per_position=_per_position(results, accepted=False))
-        if self.speculator is not None and batch:
-            # Steps with prompt chunks are timed apart from pure decode steps (their own load buckets).
-            num_decodes = sum(1 for s in batch if s.samples and s.num_new_tokens == 1)
-            self.speculator.observe_step(num_decodes, num_prompt_tokens > 0, time.perf_counter() - start)
+        self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start)
         for output in outputs:
             self._live[output.request_id].stream.put(output)
             if output.finished:
                 del self._live[output.request_id]
-                self._generators.pop(output.request_id, None)
         return outputs
 
     def _decodes_ahead(self) -> int:
@@ -220,17 +211,11 @@ class Engine:
         if request.first_token_time is None:
             request.first_token_time = now
         first = request.num_output_tokens - len(result.new_token_ids)
+        stop = first_stop(request, result.new_token_ids, live.detokenizer)
         reason = None
-        for count, token_id in enumerate(result.new_token_ids, start=first + 1):
-            reason, stop_reason = _check_stop(request, token_id, count)
-            if live.detokenizer is not None:
-                stop_str = live.detokenizer.add_tokens([token_id], count)
-                if stop_str is not None and reason != FinishReason.STOP:
-                    reason, stop_reason = FinishReason.STOP, stop_str
-            if reason is not None:
-                request.truncate_output(count)  # speculation may have run past the stop
-                request.stop_reason = stop_reason
-                break
+        if stop is not None:
+            count, reason, request.stop_reason = stop
+            request.truncate_output(count)  # speculation may have run past the stop
         if result.logprobs is not None:
             for lp in result.logprobs[:request.num_output_tokens - first]:
                 lp.top = lp.top[:request.params.logprobs]
@@ -260,19 +245,6 @@ class Engine:
         return RequestOutput(request.request_id, new_ids, text, new_logprobs,
                              num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
                              num_cached_tokens=request.num_cached_tokens)
-
-
-def _check_stop(request: Request, token_id: int, num_output_tokens: int) -> tuple[FinishReason | None, int | None]:
-    """Does the num_output_tokens-th output token (token_id) end the request?"""
-    params = request.params
-    if num_output_tokens >= params.min_tokens:
-        if not params.ignore_eos and token_id in request.eos_token_ids:
-            return FinishReason.STOP, None
-        if token_id in params.stop_token_ids:
-            return FinishReason.STOP, token_id
-    if request.num_prompt_tokens + num_output_tokens >= request.max_total_tokens:
-        return FinishReason.LENGTH, None
-    return None, None
 
 
 def _per_position(results: list[StepResult], accepted: bool) -> list[int]:

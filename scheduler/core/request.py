@@ -1,83 +1,13 @@
-"""Request state and user-facing sampling parameters."""
+"""One sequence's state, and the bookkeeping each step does on it."""
 
 from __future__ import annotations
 
 import enum
-import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-MAX_LOGPROBS = 20
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _finite(name: str, value: float) -> None:
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-           f"{name} must be a finite number, got {value!r}")
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens and when to stop. Validated on construction; errors name the field."""
-
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    min_p: float = 0.0  # 0.0 = off
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = 16  # None = up to max_model_len
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    logprobs: int = 0  # top-n alternatives besides the chosen token; 0 = off
-    skip_special_tokens: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
-        _finite("temperature", self.temperature)
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        _finite("top_p", self.top_p)
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _finite("min_p", self.min_p)
-        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _finite("repetition_penalty", self.repetition_penalty)
-        _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            _finite(name, value)
-            _check(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-               f"max_tokens must be >= 1, got {self.max_tokens!r}")
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-               f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must hold integers >= 0, got {self.stop_token_ids!r}")
-        _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
-               f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from scheduler.sampling.params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -107,7 +37,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_draft_computed_tokens: int = 0  # tokens whose KV the draft model holds
     speculative: bool = True  # may this request speculate (when the engine does)
     max_draft_tokens: int | None = None  # per-request cap on k
     num_draft_tokens: int = 0  # drafts verified so far
@@ -118,6 +47,8 @@ class Request:
     stop_reason: int | str | None = None  # matched stop token id or stop string
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    generator: Any = None  # a seeded request's torch.Generator, on the engine's device
+
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -141,6 +72,26 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def draft_depth(self, step_depth: int) -> int:
+        """Drafts this request may verify in a step that drafts step_depth tokens a sequence."""
+        if not self.speculative or step_depth == 0:
+            return 0
+        cap = step_depth if self.max_draft_tokens is None else min(step_depth, self.max_draft_tokens)
+        # The drafts' KV slots must stay within the request's token limit.
+        return max(0, min(cap, self.max_total_tokens - self.num_tokens))
+
+    def accept_drafts(self, draft_token_ids: list[int], num_accepted: int, next_token_id: int) -> list[int]:
+        """After verification: the first num_accepted drafts and the token that follows them join the
+        output; the accepted drafts' KV (computed in the verification pass) counts as computed, the
+        rejected ones' is left to be overwritten. Returns the new tokens."""
+        new_tokens = draft_token_ids[:num_accepted] + [next_token_id]
+        for token_id in new_tokens:
+            self.append_token(token_id)
+        self.num_computed_tokens += num_accepted
+        self.num_draft_tokens += len(draft_token_ids)
+        self.num_accepted_tokens += num_accepted
+        return new_tokens
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""

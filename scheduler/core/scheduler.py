@@ -8,7 +8,6 @@ is as many as the budget allows, spread over steps when it does not fit (chunked
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scheduler.core.kv_cache import BlockPool
@@ -69,8 +68,9 @@ class Scheduler:
         self.pool.free(request)
         request.status = RequestStatus.FINISHED
 
-    def schedule(self, spec_depth: Callable[[Request], int] | None = None) -> SchedulerOutput:
-        """spec_depth(request): how many draft tokens a decoding request may verify this step."""
+    def schedule(self, spec_depth: int = 0) -> SchedulerOutput:
+        """spec_depth: how many draft tokens a decoding request may verify this step (each request
+        caps it: Request.draft_depth)."""
         now = time.monotonic()
         out = SchedulerOutput()
         budget = self._schedule_running(out, now, spec_depth)
@@ -82,7 +82,7 @@ class Scheduler:
         age = (now - request.arrival_time) / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
         return (request.priority - age, request.arrival_time)
 
-    def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth) -> int:
+    def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
         self.running.sort(key=lambda r: self._rank(r, now))
         i = 0
@@ -90,7 +90,7 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             decoding = request.num_tokens - request.num_computed_tokens == 1
-            num_spec = min(spec_depth(request), budget - num_new) if decoding and spec_depth is not None else 0
+            num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding else 0
             if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
             while not self.pool.allocate(request, request.num_computed_tokens + num_new):
@@ -129,7 +129,6 @@ class Scheduler:
         """Free the blocks now and recompute later (prompt plus what was generated)."""
         self.pool.free(request)
         request.num_computed_tokens = 0
-        request.num_draft_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.append(request)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from scheduler.core.engine import Engine
-from scheduler.core.request import SamplingParams
+from scheduler.sampling.params import SamplingParams
 
 EVAL_TEMPERATURES = (0.0, 0.7)
 

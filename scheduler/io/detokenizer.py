@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerFast
 
-from scheduler.core.request import SamplingParams
+from scheduler.core.stopping import may_stop
+from scheduler.sampling.params import SamplingParams
 
 # Tokenizers that drop a token's leading space when it starts the decoded text (SentencePiece,
 # some BPEs) need a few tokens of context before the first output token.
@@ -31,7 +32,7 @@ class IncrementalDetokenizer:
         self._decode = _decoder(tokenizer, params.skip_special_tokens)
         self._stop = list(params.stop)
         self._include_stop_str_in_output = params.include_stop_str_in_output
-        self._min_tokens = params.min_tokens
+        self._params = params
         # Any suffix this long could still grow into a stop string, so it is not streamed yet.
         self._holdback_chars = max((len(s) for s in self._stop), default=1) - 1
 
@@ -113,7 +114,7 @@ class IncrementalDetokenizer:
             return None
         old_len = len(self._text)
         self._text += new_text
-        if not self._stop or self._num_output_tokens < self._min_tokens:
+        if not self._stop or not may_stop(self._params, self._num_output_tokens):
             return None
         match = self._find_new_stop(old_len)
         if match is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scheduler.core.request import SamplingParams
+from scheduler.sampling.params import SamplingParams
 
 Prompt = str | Sequence[int]
 

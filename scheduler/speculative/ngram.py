@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from scheduler.core.request import Request
+from scheduler.speculative.proposer import Proposal, ProposerContext
+
+if TYPE_CHECKING:
+    from scheduler.core.kv_cache import BlockPool
+    from scheduler.core.scheduler import ScheduledRequest
 
 TOKEN_BYTES = array("i").itemsize  # bytes per token id in a packed history
 
@@ -34,11 +40,30 @@ def propose_ngram(token_ids: list[int], k: int, n_min: int, n_max: int, packed: 
 class NgramProposer:
     """propose_ngram over each request's history, packed once and extended as tokens arrive."""
 
+    kv_model_config = None
+    max_positions = None
+    needs_hidden_states = False
+
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
         self._packed: WeakKeyDictionary[Request, bytearray] = WeakKeyDictionary()
 
-    def propose(self, request: Request, k: int) -> list[int]:
+    @classmethod
+    def create(cls, ctx: ProposerContext) -> NgramProposer:
+        return cls(ctx.config.ngram_min, ctx.config.ngram_max)
+
+    def prepare(self, num_blocks: int, max_model_len: int) -> None:
+        pass  # lookups need no memory of their own
+
+    def propose(self, spec: list[ScheduledRequest], pool: BlockPool) -> Proposal:
+        for s in spec:
+            s.draft_token_ids = self.lookup(s.request, s.num_spec_slots)
+        return Proposal()
+
+    def observe(self, spec, num_accepted, hidden_states) -> None:
+        pass  # a lookup learns nothing from verification
+
+    def lookup(self, request: Request, k: int) -> list[int]:
         return propose_ngram(request.all_token_ids, k, self.n_min, self.n_max, self._history(request))
 
     def _history(self, request: Request) -> bytearray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.sampling.sampler import to_device
+from scheduler.tensors import to_device
 
 
 def verify(target_probs: torch.Tensor, num_drafts: list[int], draft_token_ids: list[list[int]],

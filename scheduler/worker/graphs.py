@@ -7,24 +7,20 @@ fixed-size buffers, sequences past the real ones have no tokens, tokens past the
 no KV slot and belong to no sequence, so they cost compute but touch nothing. Steps that carry
 prompt chunks replay "mixed" graphs, bucketed by total tokens and sequences, whose attention grid
 covers a query as long as the whole bucket (tiles past a sequence's own query exit at once). A
-draft model's greedy passes after its first run as one chained graph; when its first pass is a
-short catch-up (the tokens accepted last step), the whole proposal, catch-up and chain, is one.
+draft model's own graphs (chained passes, whole proposals) extend these, next to the draft
+(scheduler/speculative/draft/graphs.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from scheduler.worker.attention import AttentionMetadata
 from scheduler.worker.packing import ForwardItem, fill_block_tables, positions_and_slots
-
-if TYPE_CHECKING:
-    from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +32,20 @@ MIXED_GRAPH_SEQS = (4, 16, 64, 256)
 
 
 class CudaGraphs:
-    """Captured graphs and the fixed buffers they read: one per (batch-size bucket, longest query),
-    per (batch-size bucket, chained passes) for a draft model, and per (sequences, tokens) bucket
-    of steps with prompt chunks.
+    """Captured graphs and the fixed buffers they read: one per (batch-size bucket, longest query)
+    and per (sequences, tokens) bucket of steps with prompt chunks. Built from the model and its
+    KV caches; the runner replays them.
 
     Every input lives in one int32 device buffer, filled from a pinned host mirror with one copy
     per step; block tables come last so a small batch copies only its own rows.
     """
 
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_query_len: int, max_model_len: int,
-                 max_chain: int = 0, max_batched_tokens: int = 0, proposals: bool = False):
-        self.runner = runner
+    def __init__(self, model, kv_caches: list, block_size: int, max_num_seqs: int, max_query_len: int,
+                 max_model_len: int, max_batched_tokens: int = 0):
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.max_query_len = max_query_len
-        self.max_chain = max_chain
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
-        max_seqs, self.width = self.sizes[-1], -(-min(max_model_len, GRAPH_MAX_CONTEXT) // runner.block_size)
+        max_seqs, self.width = self.sizes[-1], -(-min(max_model_len, GRAPH_MAX_CONTEXT) // block_size)
         self.mixed_tokens = [t for t in MIXED_GRAPH_TOKENS if t < max_batched_tokens]
         self.mixed_tokens += [max_batched_tokens] if max_batched_tokens else []
         self.mixed_seqs = [b for b in MIXED_GRAPH_SEQS if b < max_seqs] + [max_seqs]
@@ -63,16 +58,12 @@ class CudaGraphs:
             total += size
         self.host = torch.zeros(total, dtype=torch.int32, pin_memory=True)
         self.host_np = self.host.numpy()
-        self.device_buf = torch.zeros(total, dtype=torch.int32, device=runner.device)
+        self.device_buf = torch.zeros(total, dtype=torch.int32, device=kv_caches[0][0].device)
         self.copied = torch.cuda.Event()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.chains: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, passes)
         self.mixed: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, tokens)
-        self.proposals: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (seqs, passes)
-        self.proposal_passes = max_chain if proposals else -1
         self.num_replays = 0
         self.num_mixed_replays = 0  # of which steps with prompt chunks
-        self.num_proposal_replays = 0  # of which whole greedy proposals
         self._capture()
 
     def _view(self, buf, name: str, size: int):
@@ -91,56 +82,15 @@ class CudaGraphs:
             seq_lens=self._view(buf, "seq_lens", num_seqs),
             block_tables=self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width),
             num_decodes=num_seqs if query_len == 1 else 0, max_query_len=query_len, max_seq_len=0)
-        return self.runner.model(self._view(buf, "input_ids", num_tokens), self._view(buf, "positions", num_tokens),
-                                 self.runner.kv_caches, meta)
+        return self.model(self._view(buf, "input_ids", num_tokens), self._view(buf, "positions", num_tokens),
+                          self.kv_caches, meta)
 
-    def _static_chain(self, num_seqs: int, passes: int) -> torch.Tensor:
-        """`passes` decode passes over the buffers' first pass; later passes derive their positions,
-        KV slots and lengths on the device. Rows past the real ones have slot -1 and stay inert."""
-        buf, bs, model = self.device_buf, self.runner.block_size, self.runner.model
-        ids = self._view(buf, "input_ids", num_seqs)
-        first_positions = self._view(buf, "positions", num_seqs)
-        first_slots = self._view(buf, "slots", num_seqs)
-        first_lens = self._view(buf, "seq_lens", num_seqs)
-        tables = self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width)
-        real = first_slots >= 0
-        out = []
-        for j in range(passes):
-            positions, slots, seq_lens = first_positions + j, first_slots, first_lens + j * real
-            if j:
-                blocks = tables.gather(1, (positions // bs).long().unsqueeze(1)).squeeze(1)
-                slots = torch.where(real, blocks * bs + positions % bs, -1)
-            meta = AttentionMetadata(
-                slot_mapping=slots, query_start_loc=self._view(buf, "query_start_loc", num_seqs + 1),
-                seq_lens=seq_lens, block_tables=tables, num_decodes=num_seqs, max_query_len=1, max_seq_len=0)
-            ids = model.greedy_token_ids(model(ids, positions, self.runner.kv_caches, meta))
-            out.append(ids)
-        return torch.stack(out)
+    def _extra_capture_keys(self) -> list[tuple[dict, object, int, int]]:
+        """(graph dict, static function, sequences, length) of further graphs a subclass captures."""
+        return []
 
-    def _static_proposal(self, num_seqs: int, passes: int) -> torch.Tensor:
-        """A greedy proposal: a catch-up pass over the buffers (up to max_query_len tokens a sequence),
-        the argmax after each sequence's last token, then `passes` decode passes chained as in
-        _static_chain from there. Returns the argmax tokens [num_seqs, 1 + passes]."""
-        buf, bs, model = self.device_buf, self.runner.block_size, self.runner.model
-        hidden = self._static_forward(num_seqs, self.max_query_len)
-        last = (self._view(buf, "query_start_loc", num_seqs + 1)[1:] - 1).clamp(min=0).long()
-        ids = model.greedy_token_ids(hidden[last])
-        caught_up = self._view(buf, "seq_lens", num_seqs)
-        tables = self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width)
-        real = caught_up > 0
-        # One token for each real sequence, none for the rest.
-        query_start_loc = torch.cat([real.new_zeros(1, dtype=torch.int32), real.int().cumsum(0, dtype=torch.int32)])
-        out = [ids]
-        for j in range(passes):
-            positions = caught_up + j
-            blocks = tables.gather(1, (positions // bs).long().unsqueeze(1)).squeeze(1)
-            meta = AttentionMetadata(
-                slot_mapping=torch.where(real, blocks * bs + positions % bs, -1), query_start_loc=query_start_loc,
-                seq_lens=(positions + 1) * real, block_tables=tables, num_decodes=num_seqs, max_query_len=1,
-                max_seq_len=0)
-            ids = model.greedy_token_ids(model(ids, positions, self.runner.kv_caches, meta))
-            out.append(ids)
-        return torch.stack(out, dim=1)
+    def _extra_description(self) -> str:
+        return ""
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -151,10 +101,7 @@ class CudaGraphs:
         self._upload(self.sizes[-1])
         torch.cuda.synchronize()
         keys = [(self.graphs, self._static_forward, b, q) for q in query_lens for b in reversed(self.sizes)]
-        keys += [(self.chains, self._static_chain, b, n) for n in range(self.max_chain, 0, -1)
-                 for b in reversed(self.sizes)]
-        keys += [(self.proposals, self._static_proposal, b, n) for n in range(self.proposal_passes, -1, -1)
-                 for b in reversed(self.sizes)]
+        keys += self._extra_capture_keys()
         keys += [(self.mixed, self._static_mixed, b, t) for t in reversed(self.mixed_tokens)
                  for b in reversed(self.mixed_seqs)]
         for i, (graphs, forward, num_seqs, length) in enumerate(keys):
@@ -172,7 +119,7 @@ class CudaGraphs:
         torch.cuda.synchronize()
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
         log.info("CUDA graphs for up to %d sequences x 1-%d tokens%s%s: %.1f s, %.0f MiB", self.sizes[-1],
-                 self.max_query_len, f", greedy chains of 1-{self.max_chain} passes" if self.max_chain else "",
+                 self.max_query_len, self._extra_description(),
                  f", steps with prompts of up to {self.mixed_tokens[-1]} tokens" if self.mixed_tokens else "",
                  time.perf_counter() - started, self.memory_bytes / 2**20)
 
@@ -206,19 +153,6 @@ class CudaGraphs:
                                       patch)
         return out[:num_tokens]
 
-    def replay_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor:
-        """Argmax tokens [passes, len(items)] of a greedy chain (see ModelRunner.greedy_chain)."""
-        num_seqs = self._batch_bucket(items)
-        out, _ = self._replay(self.chains, (num_seqs, passes), items, num_seqs, token_ids, None)
-        return out[:, :len(items)]
-
-    def replay_proposal(self, items: list[ForwardItem], passes: int) -> torch.Tensor:
-        """Argmax tokens [len(items), 1 + passes] of a greedy proposal (see ModelRunner.greedy_proposal)."""
-        num_seqs = self._batch_bucket(items)
-        self.num_proposal_replays += 1
-        out, _ = self._replay(self.proposals, (num_seqs, passes), items, num_seqs * self.max_query_len, None, None)
-        return out[:len(items)]
-
     def _batch_bucket(self, items: list[ForwardItem]) -> int:
         return next(b for b in self.sizes if b >= len(items))
 
@@ -243,7 +177,7 @@ class CudaGraphs:
             ids.index_copy_(0, patch[0], patch[1].to(ids.dtype))
 
     def _fill(self, items: list[ForwardItem], padded_tokens: int) -> int:
-        host, bs = self.host_np, self.runner.block_size
+        host, bs = self.host_np, self.block_size
         self.copied.synchronize()  # the last step's copy has left the host buffer
         query_lens = np.fromiter((len(it.token_ids) for it in items), dtype=np.int64, count=len(items))
         starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))

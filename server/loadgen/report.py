@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(description="Compare server/loadgen/load.py results side by side, the first as the base.")
+    p = argparse.ArgumentParser(description="Compare load-generator results side by side, the first as the base.")
     p.add_argument("runs", nargs="+", metavar="NAME=RESULT.json")
     p.add_argument("--title", default="Serving load")
     p.add_argument("--out", type=Path, required=True, help="markdown file to write")

@@ -1,4 +1,4 @@
-"""Building the speculator an EngineConfig asks for, and checking its draft model fits the target."""
+"""Loading the draft model an EngineConfig asks for, and checking it fits the target."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ import logging
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.draft import compact
-from scheduler.speculative.draft.proposer import DraftModelProposer
-from scheduler.speculative.speculator import Speculator
 from scheduler.worker.models import LoadedModel, load_model
-from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +41,3 @@ def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, de
         draft.model.restrict_vocab(vocab)
         log.info("draft model: LM head over %d of %d tokens", len(vocab), target.config.vocab_size)
     return draft
-
-
-def build_speculator(config: EngineConfig, draft: LoadedModel | None, num_blocks: int, sampler: Sampler,
-                     dtype: torch.dtype, device: torch.device) -> Speculator | None:
-    if config.speculative == "off":
-        return None
-    proposer = None
-    if config.speculative == "draft":
-        runner = ModelRunner(draft.model, num_blocks, config.block_size, dtype, device)
-        proposer = DraftModelProposer(runner, sampler, max_catch_up=config.max_query_len)
-    return Speculator(config.speculative, config.num_speculative_tokens, sampler, proposer, config.ngram_min,
-                      config.ngram_max, adaptive=config.adaptive_speculation)

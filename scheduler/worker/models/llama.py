@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scheduler.worker.attention import AttentionMetadata, paged_attention, write_kv
+from scheduler.worker.models.base import head_dim
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim(config)
         self.scale = self.head_dim**-0.5
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         hidden = config.hidden_size

