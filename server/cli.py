@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import shlex
 import sys
 import time
 
 from scheduler import LLM, SamplingParams
-from scheduler.distill.command import add_distill_command
 from server.cli_client import add_client_commands
 from server.config import add_engine_args, add_server_args, config_from_args, engine_config_from_args
-from server.loadgen.load import add_bench_command
 
 DEMO_CHATS = [
     "What is the capital of France?",
@@ -37,6 +36,14 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_passthrough_command(subparsers, name: str, help_text: str, module: str) -> None:
+    """`beastserve NAME ...`: every argument goes on to module.main's own parser, and the module is
+    imported only when the command runs (the daemon never loads training or load-testing code)."""
+    parser = subparsers.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")  # `-x` stays an argument
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=lambda args: importlib.import_module(module).main(args.argv, prog=f"beastserve {name}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beastserve", description="LLM serving daemon")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.set_defaults(func=run_demo)
-    add_distill_command(sub)
+    add_passthrough_command(sub, "distill-draft", "make a draft model for speculative decoding",
+                            "scheduler.distill.command")
     add_client_commands(sub)
-    add_bench_command(sub)
+    add_passthrough_command(sub, "bench", "load-test a running daemon (TTFT, TPOT, ITL, throughput)",
+                            "server.loadgen.load")
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parser.parse_args(argv)

@@ -156,13 +156,14 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
 
 
 def test_greedy_chain_equals_passes_one_at_a_time():
+    from scheduler.speculative.draft.runner import DraftRunner
     from scheduler.worker.models import load_model
-    from scheduler.worker.runner import ForwardItem, ModelRunner
+    from scheduler.worker.runner import ForwardItem
 
     config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
     model = load_model(config, None, "dummy", torch.float32, torch.device("cuda"), None).model
-    runner = ModelRunner(model, num_blocks=64, block_size=16, dtype=torch.float32, device=torch.device("cuda"))
+    runner = DraftRunner(model, num_blocks=64, block_size=16, dtype=torch.float32, device=torch.device("cuda"))
     runner.capture_graphs(max_num_seqs=4, max_query_len=5, max_model_len=512, max_chain=3)
     rng = random.Random(0)
     blocks = list(range(64))
@@ -178,7 +179,7 @@ def test_greedy_chain_equals_passes_one_at_a_time():
     assert chain.shape == (3, 3)
     tokens, expected = first, []
     for j in range(3):  # the same passes, one eager forward each, rewriting the same KV slots
-        logits = runner._forward_eager([ForwardItem([int(t)], n + j, tb, 1) for t, n, tb in
+        logits = eager_logits(runner, [ForwardItem([int(t)], n + j, tb, 1) for t, n, tb in
                                         zip(tokens.tolist(), lengths, tables)])
         tokens = logits.argmax(dim=-1)
         expected.append(tokens)
@@ -189,8 +190,9 @@ def test_greedy_chain_equals_passes_one_at_a_time():
 
 @pytest.mark.parametrize("restricted", [False, True])
 def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted):
+    from scheduler.speculative.draft.runner import DraftRunner
     from scheduler.worker.models import load_model
-    from scheduler.worker.runner import ForwardItem, ModelRunner
+    from scheduler.worker.runner import ForwardItem
 
     config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096)
@@ -198,7 +200,7 @@ def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted)
     rng = random.Random(1)
     if restricted:  # the draft's LM head over 4096 of the tokens
         model.restrict_vocab(torch.tensor(sorted(rng.sample(range(49152), 4096)), device="cuda"))
-    runner = ModelRunner(model, num_blocks=64, block_size=16, dtype=torch.float32, device=torch.device("cuda"))
+    runner = DraftRunner(model, num_blocks=64, block_size=16, dtype=torch.float32, device=torch.device("cuda"))
     runner.capture_graphs(max_num_seqs=4, max_query_len=5, max_model_len=512, max_chain=3, proposals=True)
     blocks = list(range(64))
     rng.shuffle(blocks)
@@ -211,11 +213,11 @@ def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted)
     items = [ForwardItem(h[n - b:], n - b, t, b) for h, n, b, t in zip(histories, lengths, behind, tables)]
     proposal = runner.greedy_proposal(items, 3)
     assert proposal.shape == (3, 4) and runner.graphs.num_proposal_replays == 1
-    logits = runner._forward_eager([ForwardItem(it.token_ids, it.start, it.block_table, 1) for it in items])
+    logits = eager_logits(runner, [ForwardItem(it.token_ids, it.start, it.block_table, 1) for it in items])
     tokens = model.token_ids(logits.argmax(dim=-1))
     expected = [tokens]
     for j in range(3):  # the same passes, one eager forward each, rewriting the same KV slots
-        logits = runner._forward_eager([ForwardItem([int(t)], n + j, tb, 1) for t, n, tb in
+        logits = eager_logits(runner, [ForwardItem([int(t)], n + j, tb, 1) for t, n, tb in
                                         zip(tokens.tolist(), lengths, tables)])
         tokens = model.token_ids(logits.argmax(dim=-1))
         expected.append(tokens)
@@ -225,3 +227,8 @@ def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted)
     # A proposal whose chain would run past a sequence's blocks, or whose catch-up is too long, is refused.
     assert runner.greedy_proposal([ForwardItem([0], 47, tables[2][:3], 1)], 3) is None
     assert runner.greedy_proposal([ForwardItem([0] * 6, 20, tables[1], 6)], 1) is None
+
+
+def eager_logits(runner, items):
+    """What forward() returns, computed without graphs."""
+    return runner.model.compute_logits(runner._forward_eager(items)).float()

@@ -12,10 +12,10 @@ from scheduler import Engine, SamplingParams
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest
 from scheduler.sampling.sampler import Sampler
-from scheduler.speculative.speculator import Speculator
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.draft import compact
 from scheduler.speculative.ngram import NgramProposer, propose_ngram
+from scheduler.speculative.speculator import Speculator
 from tests.conftest import hf_greedy, save_tiny_model, tiny_config
 from tests.helpers import assert_pool_idle, run_engine
 

@@ -335,13 +335,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def add_bench_command(subparsers) -> None:
-    """`beastserve bench ...`: every argument goes on to this module's own parser."""
-    bench = subparsers.add_parser("bench", help="load-test a running daemon (TTFT, TPOT, ITL, throughput)",
-                                  add_help=False, prefix_chars="\0")  # no options of its own: `-x` stays an argument
-    bench.add_argument("argv", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=lambda args: main(args.argv, prog="beastserve bench"))
-
-
 if __name__ == "__main__":
     sys.exit(main())
