@@ -229,6 +229,7 @@ def test_greedy_proposal_equals_a_catch_up_then_passes_one_at_a_time(restricted)
     assert runner.greedy_proposal([ForwardItem([0] * 6, 20, tables[1], 6)], 1) is None
 
 
+@torch.inference_mode()
 def eager_logits(runner, items):
     """What forward() returns, computed without graphs."""
     return runner.model.compute_logits(runner._forward_eager(items)).float()
