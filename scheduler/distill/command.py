@@ -74,13 +74,6 @@ def temperature_list(text: str) -> tuple[float, ...]:
     return tuple(float(t) for t in text.split(","))
 
 
-def add_distill_command(subparsers) -> None:
-    parser = subparsers.add_parser("distill-draft", help="make a draft model for speculative decoding",
-                                   description=__doc__)
-    add_distill_args(parser)
-    parser.set_defaults(func=run_distill)
-
-
 def check_args(args: argparse.Namespace) -> None:
     for flag, minimum in (("layers", 1), ("tokens", 1), ("max_answer_tokens", 1), ("max_prompt_tokens", 1),
                           ("max_num_seqs", 1), ("batch_tokens", 1), ("top_k", 1), ("eval_prompts", 1),
