@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 
@@ -26,6 +27,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class StartupError(ValueError):
+    """A start that cannot go on (a port taken); the command line prints it as one line."""
+
+
 class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -37,7 +42,12 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
 
     async def run(self) -> int:
-        await self._start_server()
+        try:
+            await self._start_server()
+        except StartupError:
+            if self.server is not None:
+                await self.server.stop(0)
+            raise
         try:
             await self._load_engine()
         except Exception:
@@ -54,7 +64,9 @@ class Daemon:
     async def _start_server(self) -> None:
         config = self.config
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes)]
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   # gRPC turns SO_REUSEPORT on by default: a second daemon would share the port, not fail.
+                   ("grpc.so_reuseport", 0)]
         interceptors = [ApiKeyInterceptor(load_api_keys(config.api_key_file))] if config.api_key_file else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
@@ -63,16 +75,25 @@ class Daemon:
                                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert_file:
-            creds = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert_file:
+                creds = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise StartupError(f"port {config.port} is already in use (or {config.host} is not an address here)")
         await self.health.set("", SERVING)  # liveness: the process answers
         await self.health.set(SERVICE_NAME, NOT_SERVING)  # readiness: not until the model is warm
         await self.server.start()
         if config.metrics_port:
-            self.state.metrics.start_http_server(config.metrics_port, config.host)
+            try:
+                self.state.metrics.start_http_server(config.metrics_port, config.host)
+            except OSError as exc:
+                why = "is already in use" if exc.errno == errno.EADDRINUSE else f": {exc.strerror or exc}"
+                raise StartupError(f"metrics port {config.metrics_port} {why}") from None
         log.info("gRPC listening on %s:%d (%s)%s", config.host, self.port, "TLS" if config.tls_cert_file else
                  "plaintext", f"; metrics on http://{config.host}:{config.metrics_port}/metrics"
                  if config.metrics_port else "")

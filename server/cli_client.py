@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 from collections.abc import Iterable
 
 import grpc
@@ -29,9 +30,13 @@ def add_client_commands(subparsers) -> None:
     _add_connection_args(chat)
     chat.set_defaults(func=run_chat)
 
-    health = subparsers.add_parser("health", help="print a daemon's health; exit 0 only when SERVING")
-    health.add_argument("--service", default="",
-                        help=f"'' (default) for liveness, {READINESS_SERVICE} for readiness")
+    health = subparsers.add_parser("health", help="print whether a daemon is ready; exit 0 only when SERVING")
+    health.add_argument("--live", action="store_true",
+                        help="check liveness (the process answers, even while the model loads) instead of readiness")
+    health.add_argument("--service", default=None,
+                        help=f"the health service to check (default: {READINESS_SERVICE}, readiness; '' is liveness)")
+    health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep asking for up to this long until SERVING (default: 0, ask once)")
     _add_connection_args(health)
     health.set_defaults(func=run_health)
 
@@ -115,8 +120,22 @@ def run_chat(args: argparse.Namespace) -> int:
 
 @_reporting_errors
 def run_health(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
+    service = "" if args.live else READINESS_SERVICE if args.service is None else args.service
+    deadline = time.monotonic() + args.wait
     with _connect(args) as client:
-        status = client.health(args.service)
+        while True:
+            try:
+                status = client.health(service, timeout=5)
+            except grpc.RpcError as exc:
+                # While waiting, a daemon that is not listening yet is one that is not ready yet.
+                if time.monotonic() >= deadline or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                status = None
+            if status == "SERVING" or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
     print(status)
     return 0 if status == "SERVING" else 1
 

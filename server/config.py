@@ -104,6 +104,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:
         raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+    for flag, port, lowest in (("--port", config.port, 1), ("--metrics-port", config.metrics_port, 0)):
+        if not lowest <= port <= 65535:
+            raise ValueError(f"{flag} must be in [{lowest}, 65535], got {port}")
     if config.max_queue_size < 1:
         raise ValueError(f"--max-queue-size must be >= 1, got {config.max_queue_size}")
     return config

@@ -228,9 +228,11 @@ def test_cli_chat_ends_at_end_of_input(daemon, monkeypatch):
     assert _run(["chat", "--address", daemon[0]]) == 0
 
 
-def test_cli_health_exit_code_follows_the_status(daemon, capsys):
-    assert _run(["health", "--address", daemon[0]]) == 0
-    assert _run(["health", "--address", daemon[0], "--service", READINESS_SERVICE]) == 1
-    assert capsys.readouterr().out == "SERVING\nNOT_SERVING\n"
+def test_cli_health_checks_readiness_unless_asked_for_liveness(daemon, capsys):
+    assert _run(["health", "--address", daemon[0]]) == 1
+    assert _run(["health", "--address", daemon[0], "--live"]) == 0
+    assert _run(["health", "--address", daemon[0], "--service", ""]) == 0
+    assert _run(["health", "--address", daemon[0], "--service", READINESS_SERVICE, "--wait", "0.6"]) == 1
+    assert capsys.readouterr().out == "NOT_SERVING\nSERVING\nSERVING\nNOT_SERVING\n"
     assert _run(["health", "--address", daemon[0], "--service", "nope"]) == 1
     assert capsys.readouterr().err.startswith("beastserve: NOT_FOUND:")

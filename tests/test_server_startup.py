@@ -1,0 +1,79 @@
+"""Start-up as an operator sees it: a taken or invalid port ends `serve` at once with one line, before the model
+loads; `beastserve health` says ready only once the model is."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.daemon import ROOT, free_port
+
+
+def serve(model, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1", *flags]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return done, time.monotonic() - start
+
+
+def held_port(reuse_port: bool) -> socket.socket:
+    """A listening socket on a free loopback port; with reuse_port, as a gRPC server holds its port."""
+    sock = socket.socket()
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_a_taken_grpc_port_exits_at_once_naming_it(tiny_model_dir, reuse_port):
+    with held_port(reuse_port) as sock:
+        port = sock.getsockname()[1]
+        done, seconds = serve(tiny_model_dir[0], "--port", str(port), "--metrics-port", "0")
+    assert done.returncode != 0
+    assert last_line(done).startswith(f"beastserve: port {port} is already in use")
+    assert "loading" not in done.stderr.lower() and "KV cache" not in done.stderr  # the model never loaded
+    assert seconds < 30
+
+
+def test_a_taken_metrics_port_exits_at_once_naming_it(tiny_model_dir):
+    with held_port(False) as sock:
+        port = sock.getsockname()[1]
+        done, _ = serve(tiny_model_dir[0], "--port", str(free_port()), "--metrics-port", str(port))
+    assert done.returncode != 0
+    assert last_line(done) == f"beastserve: metrics port {port} is already in use"
+    assert "Event loop is closed" not in done.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--port", "99999"), ("--port", "0"), ("--metrics-port", "-1")])
+def test_an_invalid_port_is_refused_before_anything_starts(flag, value):
+    done, _ = serve("default", flag, value)
+    assert done.returncode == 2
+    lowest = 1 if flag == "--port" else 0
+    assert last_line(done) == f"beastserve: {flag} must be in [{lowest}, 65535], got {value}"
+
+
+def test_health_is_not_ready_while_the_model_loads_and_wait_waits_for_it(tiny_model_dir, tmp_path):
+    from server.cli import main
+    from tests.daemon import Daemon
+
+    daemon = Daemon(tiny_model_dir[0], "--max-num-seqs", "4", log_path=tmp_path / "daemon.log")
+    try:
+        # Asked at once: the port is not open yet, or open with the model still loading.
+        assert main(["health", "--address", daemon.address]) == 1
+        assert main(["health", "--address", daemon.address, "--wait", "120"]) == 0
+        assert daemon.health() == "SERVING"
+    finally:
+        daemon.close()
