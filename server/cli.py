@@ -12,7 +12,13 @@ import time
 
 from scheduler import LLM, SamplingParams
 from server.cli_client import add_client_commands
-from server.config import add_engine_args, add_server_args, config_from_args, engine_config_from_args
+from server.config import (
+    add_engine_args,
+    add_server_args,
+    check_available,
+    config_from_args,
+    engine_config_from_args,
+)
 
 DEMO_CHATS = [
     "What is the capital of France?",
@@ -80,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from server.app import serve
 
-    return serve(config_from_args(args))
+    config = config_from_args(args)
+    check_available(config.engine)
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from scheduler.config import EngineConfig, option
@@ -94,6 +95,33 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     except ValueError as exc:
         name, _, rest = str(exc).partition(" ")
         raise ValueError(f"--{name.replace('_', '-')} {rest}" if name in names else str(exc)) from None
+
+
+def check_available(engine: EngineConfig) -> None:
+    """What the engine will need, checked before a port is bound or a byte loaded: the model (and a
+    draft model given as a path) can be found, and the device exists. ValueError names the flag."""
+    import torch
+
+    from scheduler.worker.models import resolve_model
+
+    for flag, model in (("--model", engine.model), ("--draft-model", engine.draft_model)):
+        if model is None or (flag == "--draft-model" and engine.speculative != "draft"):
+            continue
+        if model != "default" and not Path(model).expanduser().exists():
+            raise ValueError(f"{flag} {model}: no such file or directory")
+        try:
+            if flag == "--model" or not (Path(model) / "draft.json").is_file():  # a compact draft has no weights
+                resolve_model(model)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+    device = str(engine.device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{torch.cuda.device_count()} GPUs); use --device cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} GPUs")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

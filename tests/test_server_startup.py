@@ -77,3 +77,23 @@ def test_health_is_not_ready_while_the_model_loads_and_wait_waits_for_it(tiny_mo
         assert daemon.health() == "SERVING"
     finally:
         daemon.close()
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--model", "/nonexistent/model.gguf"], "beastserve: --model /nonexistent/model.gguf: no such file or directory"),
+    (["--max-num-seqs", "0"], "beastserve: --max-num-seqs must be an integer >= 1, got 0"),
+    (["--gpu-memory-utilization", "1.5"], "beastserve: --gpu-memory-utilization must be in (0, 1], got 1.5"),
+    (["--speculative", "draft", "--draft-model", "/nonexistent"],
+     "beastserve: --draft-model /nonexistent: no such file or directory"),
+])
+def test_a_misconfigured_start_fails_at_once_with_one_line_naming_the_flag(flags, line):
+    done, seconds = serve("default", *flags, "--port", str(free_port()), "--metrics-port", "0")
+    assert done.returncode == 2 and last_line(done) == line and len(done.stderr.strip().splitlines()) == 1
+    assert seconds < 30
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_without_cuda_fails_before_loading():
+    done, _ = serve("default", "--device", "cuda", "--port", str(free_port()))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert last_line(done).startswith("beastserve: --device cuda: CUDA is not available here")
