@@ -12,8 +12,8 @@ import dataclasses
 import os
 import types
 import typing
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from scheduler.config import EngineConfig, option
 
