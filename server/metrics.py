@@ -1,4 +1,8 @@
-"""Prometheus metrics, named like vLLM's (`vllm:` -> `beastserve:`), each labelled with `model_name`."""
+"""Prometheus metrics, named like vLLM's with `beastserve_` for `vllm:`, each labelled with `model_name`.
+
+No colon in the names: prometheus-client's OpenMetrics output (what a Prometheus server asks for)
+writes a colon in a sample name as `_`, while the plain-text format keeps it, so a name with a
+colon would be stored under two names depending on the scraper. Colons are for recording rules."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ ITERATION_TOKEN_BUCKETS = tuple(2**i for i in range(14))  # 1 .. 8192
 FINISHED_REASONS = ("eos", "stop", "length", "cancelled")
 COMMON_FAILURE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL")
 
-_P = "beastserve:"
+_P = "beastserve_"
 
 METRIC_NAMES = (
     f"{_P}num_requests_running",

@@ -401,7 +401,7 @@ def test_every_queried_metric_is_one_the_daemon_exports(exported_names):
         for expr in exprs:
             for name in selector_names(expr):
                 queried.setdefault(name, set()).add(source)
-    ours = {name for name in queried if name.startswith("beastserve:")}
+    ours = {name for name in queried if name.startswith("beastserve_")}
     missing = {name: sorted(queried[name]) for name in ours - exported_names}
     assert not missing, f"queried but not exported by the daemon: {missing}"
     foreign = {name: sorted(queried[name]) for name in queried.keys() - ours if not FOREIGN_METRIC.match(name)}
@@ -412,13 +412,13 @@ def test_dashboard_shows_what_operators_watch():
     dashboard = json.loads((DEPLOY / "grafana/beastserve.json").read_text())
     exprs = " ".join(grafana_exprs(dashboard))
     for needed in ("request_success_total", "generation_tokens_total", "prompt_tokens_total",
-                   "histogram_quantile(0.5, sum by (le) (rate(beastserve:time_to_first_token_seconds_bucket",
-                   "histogram_quantile(0.99, sum by (le) (rate(beastserve:time_to_first_token_seconds_bucket",
-                   "histogram_quantile(0.5, sum by (le) (rate(beastserve:inter_token_latency_seconds_bucket",
-                   "histogram_quantile(0.99, sum by (le) (rate(beastserve:inter_token_latency_seconds_bucket",
+                   "histogram_quantile(0.5, sum by (le) (rate(beastserve_time_to_first_token_seconds_bucket",
+                   "histogram_quantile(0.99, sum by (le) (rate(beastserve_time_to_first_token_seconds_bucket",
+                   "histogram_quantile(0.5, sum by (le) (rate(beastserve_inter_token_latency_seconds_bucket",
+                   "histogram_quantile(0.99, sum by (le) (rate(beastserve_inter_token_latency_seconds_bucket",
                    "num_requests_waiting", "num_requests_running", "kv_cache_usage_perc", "num_preemptions_total",
                    "spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total",
-                   "spec_decode_num_drafts_total", "sum by (code) (rate(beastserve:request_failure_total"):
+                   "spec_decode_num_drafts_total", "sum by (code) (rate(beastserve_request_failure_total"):
         assert needed in exprs, needed
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     ids = [p["id"] for p in dashboard["panels"]]

@@ -255,7 +255,7 @@ def test_random_cancellations_mid_stream_leave_no_trace(main, offline):
             assert plan != "never" and outcome.tokens == want[:len(outcome.tokens)]
     wait_pool_idle(stub)
     # Cancellations that reached the engine mid-generation end there as aborted, not as run to the end.
-    success, aborted = "beastserve:request_success_total", 'finished_reason="cancelled"'
+    success, aborted = "beastserve_request_success_total", 'finished_reason="cancelled"'
     num_aborted = sample(scrape(daemon), success, aborted) - sample(before, success, aborted)
     num_cancelled = sum(o.code == grpc.StatusCode.CANCELLED for o in outcomes)
     assert 0 < num_aborted <= num_cancelled, (num_aborted, num_cancelled)
@@ -330,7 +330,7 @@ def test_a_client_killed_mid_stream_frees_everything(main):
         client.stdout.close()
     wait_pool_idle(stub, timeout=10)
     after = scrape(daemon)
-    success = "beastserve:request_success_total"
+    success = "beastserve_request_success_total"
     assert sample(after, success, 'finished_reason="length"') == sample(before, success, 'finished_reason="length"')
     assert sample(after, success, 'finished_reason="cancelled"') - \
         sample(before, success, 'finished_reason="cancelled"') == 12
@@ -353,7 +353,7 @@ def test_every_expired_stream_is_counted_as_deadline_exceeded(main):
     if [o.code for o in outcomes] != [grpc.StatusCode.DEADLINE_EXCEEDED] * n:
         raise RuntimeError(f"precondition: every stream should expire, got {[o.code for o in outcomes]}")
     wait_pool_idle(stub)
-    failures, code = "beastserve:request_failure_total", 'code="DEADLINE_EXCEEDED"'
+    failures, code = "beastserve_request_failure_total", 'code="DEADLINE_EXCEEDED"'
     assert sample(scrape(daemon), failures, code) - sample(before, failures, code) == n
 
 
@@ -447,7 +447,7 @@ def test_queue_overflow_refuses_the_excess_and_answers_every_accepted_request(qu
     assert all("max_queue_size" in o.details for o in rejected)
     assert all(outcomes[i].complete and outcomes[i].tokens == expected[i] for i in accepted)
     wait_pool_idle(stub)
-    failures = "beastserve:request_failure_total"
+    failures = "beastserve_request_failure_total"
     code = 'code="RESOURCE_EXHAUSTED"'
     assert sample(scrape(daemon), failures, code) - sample(before, failures, code) == len(rejected)
 
@@ -458,13 +458,13 @@ def test_kv_exhaustion_preempts_yet_outputs_equal_the_offline_engine(main, offli
     prompts = random_prompts(rng, 40, (8, 24))
     max_tokens = [rng.randint(260, 300) for _ in prompts]  # the pool runs out near token 210
     expected = offline_greedy(offline, prompts, max_tokens)
-    before = sample(scrape(daemon), "beastserve:num_preemptions_total")
+    before = sample(scrape(daemon), "beastserve_num_preemptions_total")
     outcomes, _ = asyncio.run(burst(daemon, [greedy(p, n) for p, n in zip(prompts, max_tokens)]))
     assert all(o.complete for o in outcomes), [o.code for o in outcomes]
     assert [o.tokens for o in outcomes] == expected
     preempted = sum(o.last.timing.preemptions for o in outcomes)
     assert preempted > 0
-    assert sample(scrape(daemon), "beastserve:num_preemptions_total") - before == preempted
+    assert sample(scrape(daemon), "beastserve_num_preemptions_total") - before == preempted
     assert wait_pool_idle(stub).kv_blocks_total == MAIN_KV_BLOCKS
 
 

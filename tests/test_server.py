@@ -220,13 +220,13 @@ def test_metrics_are_exported_and_move(daemon, stub):
     after = scrape(daemon)
     for name in METRIC_NAMES:
         assert name in after, name
-    generated = "beastserve:generation_tokens_total"
+    generated = "beastserve_generation_tokens_total"
     assert sample(after, generated) >= sample(before, generated) + 5
-    assert sample(after, "beastserve:request_success_total") == sample(before, "beastserve:request_success_total") + 1
+    assert sample(after, "beastserve_request_success_total") == sample(before, "beastserve_request_success_total") + 1
     invalid = 'code="INVALID_ARGUMENT"'
-    assert sample(after, "beastserve:request_failure_total", invalid) == \
-        sample(before, "beastserve:request_failure_total", invalid) + 1
-    assert sample(after, "beastserve:time_to_first_token_seconds_count") > \
-        sample(before, "beastserve:time_to_first_token_seconds_count")
-    assert sample(after, "beastserve:inter_token_latency_seconds_count") >= \
-        sample(before, "beastserve:inter_token_latency_seconds_count") + 4
+    assert sample(after, "beastserve_request_failure_total", invalid) == \
+        sample(before, "beastserve_request_failure_total", invalid) + 1
+    assert sample(after, "beastserve_time_to_first_token_seconds_count") > \
+        sample(before, "beastserve_time_to_first_token_seconds_count")
+    assert sample(after, "beastserve_inter_token_latency_seconds_count") >= \
+        sample(before, "beastserve_inter_token_latency_seconds_count") + 4

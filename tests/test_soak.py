@@ -144,7 +144,7 @@ def test_mixed_traffic_soak_loses_nothing_and_leaks_nothing(daemon, tiny_text_mo
         wait_pool_idle(pb_grpc.GenerationStub(channel), timeout=30)
     rss_end = rss_bytes(daemon)
     summary = dict(sorted(traffic.ended.items()))
-    preemptions = sample(scrape(daemon), "beastserve:num_preemptions_total")
+    preemptions = sample(scrape(daemon), "beastserve_num_preemptions_total")
     print(f"soak: {traffic.sent} calls in {elapsed:.0f} s, {preemptions:.0f} preemptions; RSS {rss_start >> 20} -> "
           f"{traffic.rss.get('warm', 0) >> 20} -> {rss_end >> 20} MiB; {summary}")
 
