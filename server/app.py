@@ -147,7 +147,7 @@ class Daemon:
             await asyncio.sleep(0.05)
         if state.in_flight:
             log.warning("%d requests still running at the drain timeout; ending them", len(state.in_flight))
-            state.engine.abort(list(state.in_flight.values()))
+            state.engine.abort(list(state.in_flight.values()), counted_elsewhere=True)
         while state.in_flight and state.engine.alive and loop.time() < deadline + 5:
             await asyncio.sleep(0.05)
         await self.health.enter_graceful_shutdown()

@@ -38,7 +38,7 @@ class AsyncEngine:
         self.last_progress = time.monotonic()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._live: dict[str, asyncio.Queue] = {}
+        self._live: dict[str, _TokenTimer] = {}  # request id -> its timer
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         # For tests only: BEASTSERVE_TEST_FAULT_AFTER_STEPS=N makes step N+1 raise, to exercise the fault path.
         fault_after = os.environ.get("BEASTSERVE_TEST_FAULT_AFTER_STEPS")
@@ -85,7 +85,7 @@ class AsyncEngine:
                                     prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
         except RuntimeError as exc:  # the engine failed between the alive check and now
             raise EngineDeadError(str(exc)) from None
-        self._live[request_id] = queue
+        self._live[request_id] = timer
         self._wake.set()
         finished = False
         try:
@@ -97,11 +97,17 @@ class AsyncEngine:
                 yield output
         finally:
             self._live.pop(request_id, None)
-            if not finished:
+            if not finished:  # the caller went away (cancelled, deadline): the service counts how it ended
+                timer.abandoned = True
                 self.engine.abort(request_id)
                 self._wake.set()
 
-    def abort(self, request_ids: list[str]) -> list[str]:
+    def abort(self, request_ids: list[str], counted_elsewhere: bool = False) -> list[str]:
+        """Abort these requests; counted_elsewhere: their callers count how they ended (a drain ends them
+        UNAVAILABLE), so the engine's abort is not counted as a success too."""
+        for rid in request_ids if counted_elsewhere else []:
+            if (timer := self._live.get(rid)) is not None:
+                timer.abandoned = True
         aborted = [rid for rid in request_ids if self.engine.abort(rid)]
         self._wake.set()
         return aborted
@@ -138,6 +144,7 @@ class _TokenTimer:
         self.metrics = metrics
         self.last = time.monotonic()
         self.seen_first = False
+        self.abandoned = False  # its ending is counted by whoever gave it up
 
     def observe(self, output: RequestOutput) -> None:
         if self.metrics is None:
@@ -148,7 +155,7 @@ class _TokenTimer:
                 self.metrics.record_inter_token(now - self.last, len(output.token_ids))
             self.seen_first = True
             self.last = now
-        if output.finished and output.metrics is not None and output.error is None:
+        if output.finished and output.metrics is not None and output.error is None and not self.abandoned:
             m = output.metrics
             self.metrics.record_finished(finish_label(output), m.queue_s, m.ttft_s if self.seen_first else None,
                                          m.e2e_s)

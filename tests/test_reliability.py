@@ -254,11 +254,18 @@ def test_random_cancellations_mid_stream_leave_no_trace(main, offline):
         else:
             assert plan != "never" and outcome.tokens == want[:len(outcome.tokens)]
     wait_pool_idle(stub)
-    # Cancellations that reached the engine mid-generation end there as aborted, not as run to the end.
-    success, aborted = "beastserve_request_success_total", 'finished_reason="cancelled"'
-    num_aborted = sample(scrape(daemon), success, aborted) - sample(before, success, aborted)
+    # Each call counted once, as it ended; cancellations that reached the engine mid-generation end
+    # there as aborted, so fewer tokens were generated than running every request to its end.
+    after = scrape(daemon)
+    def delta(name, label=""):
+        return sample(after, name, label) - sample(before, name, label)
     num_cancelled = sum(o.code == grpc.StatusCode.CANCELLED for o in outcomes)
-    assert 0 < num_aborted <= num_cancelled, (num_aborted, num_cancelled)
+    assert 0 < num_cancelled < len(outcomes)
+    assert delta("beastserve_request_success_total") == len(outcomes) - num_cancelled
+    # A call cancelled before it reached the server is not the server's to count.
+    assert 0 < delta("beastserve_request_failure_total", 'code="CANCELLED"') <= num_cancelled
+    assert delta("beastserve_request_failure_total") == delta("beastserve_request_failure_total", 'code="CANCELLED"')
+    assert delta("beastserve_generation_tokens_total") < sum(map(len, expected))
     again = [stub.Generate(greedy(p, n), timeout=TIMEOUT) for p, n in zip(prompts[:12], max_tokens)]
     assert [list(r.token_ids) for r in again] == expected[:12]
     assert sum(r.usage.cached_tokens for r in again) > 0, "no prefix-cache hit: the re-run proved nothing"
@@ -330,10 +337,12 @@ def test_a_client_killed_mid_stream_frees_everything(main):
         client.stdout.close()
     wait_pool_idle(stub, timeout=10)
     after = scrape(daemon)
-    success = "beastserve_request_success_total"
-    assert sample(after, success, 'finished_reason="length"') == sample(before, success, 'finished_reason="length"')
-    assert sample(after, success, 'finished_reason="cancelled"') - \
-        sample(before, success, 'finished_reason="cancelled"') == 12
+    # Aborted in the engine, not run to completion, and counted once: as a failure, not also as a success.
+    success, failure = "beastserve_request_success_total", "beastserve_request_failure_total"
+    for reason in ("length", "cancelled"):
+        label = f'finished_reason="{reason}"'
+        assert sample(after, success, label) == sample(before, success, label)
+    assert sample(after, failure, 'code="CANCELLED"') - sample(before, failure, 'code="CANCELLED"') == 12
 
 
 def test_every_expired_stream_is_counted_as_deadline_exceeded(main):
@@ -354,7 +363,11 @@ def test_every_expired_stream_is_counted_as_deadline_exceeded(main):
         raise RuntimeError(f"precondition: every stream should expire, got {[o.code for o in outcomes]}")
     wait_pool_idle(stub)
     failures, code = "beastserve_request_failure_total", 'code="DEADLINE_EXCEEDED"'
-    assert sample(scrape(daemon), failures, code) - sample(before, failures, code) == n
+    after = scrape(daemon)
+    assert sample(after, failures, code) - sample(before, failures, code) == n
+    # Counted once: the engine's abort of an expired stream is no success.
+    success, aborted = "beastserve_request_success_total", 'finished_reason="cancelled"'
+    assert sample(after, success, aborted) == sample(before, success, aborted)
 
 
 # A client that stops reading: with BDP probing off and a small window, the server's handler blocks on
