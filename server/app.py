@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from scheduler import Engine, SamplingParams
 from server.async_engine import AsyncEngine
-from server.config import ServerConfig
+from server.config import ServerConfig, served_name
 from server.metrics import ServerMetrics
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
@@ -35,7 +35,7 @@ class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
         prometheus_client.disable_created_metrics()  # *_created series only clutter dashboards
-        self.state = ServerState(config, metrics=ServerMetrics(_model_name(config)))
+        self.state = ServerState(config, metrics=ServerMetrics(served_name(config)))
         self.health = HealthServicer()
         self.stopping = asyncio.Event()
         self.exit_code = 0
@@ -101,7 +101,8 @@ class Daemon:
     async def _load_engine(self) -> None:
         config = self.config
         engine = await asyncio.to_thread(Engine, config.engine)
-        log.info("model %s on %s (%s); KV cache holds %d tokens; max_model_len %d", config.engine.model, engine.device,
+        log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
+                 config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
         async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
         async_engine.start()
@@ -154,10 +155,6 @@ class Daemon:
         await self.server.stop(grace=2)
         state.engine.stop()
         log.info("stopped")
-
-
-def _model_name(config: ServerConfig) -> str:
-    return "SmolLM2-135M-Instruct" if config.engine.model == "default" else config.engine.model
 
 
 def serve(config: ServerConfig) -> int:

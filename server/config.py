@@ -25,6 +25,8 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 @dataclass
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
+    served_model_name: str | None = option(None, "the model's name in logs, GetModelInfo and the metrics' "
+                                           "model_name label (default: the model's own, e.g. SmolLM2-135M-Instruct)")
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port")
     metrics_port: int = option(9400, "Prometheus /metrics HTTP port (0 = off)")
@@ -39,6 +41,21 @@ class ServerConfig:
     tls_key_file: str | None = option(None, "server private key (PEM), with --tls-cert-file")
     tls_client_ca_file: str | None = option(None, "CA that client certificates must chain to (mutual TLS)")
     log_requests: bool = option(False, "log prompts and outputs (off by default: they may be private)")
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def served_name(config: ServerConfig) -> str:
+    """The one name the daemon gives its model: --served-model-name, else the model's own (the default
+    model's, or its file or directory name)."""
+    if config.served_model_name:
+        return config.served_model_name
+    model = config.engine.model
+    if model == "default":
+        return DEFAULT_MODEL_NAME
+    path = Path(str(model)).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def _options(classes=(EngineConfig, ServerConfig)) -> list[tuple[dataclasses.Field, type]]:

@@ -12,7 +12,7 @@ import grpc
 
 from scheduler.io.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from server.config import ServerConfig
+from server.config import ServerConfig, served_name
 from server.convert import (
     InvalidArgument,
     chat_messages,
@@ -77,7 +77,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         engine = (await self._engine(context)).engine
         config = self.state.config
-        return pb.ModelInfo(model=config.engine.model, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+        return pb.ModelInfo(model=served_name(config), max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                             eos_token_ids=engine.eos_token_ids, speculative_mode=config.engine.speculative,
                             draft_model=config.engine.draft_model or "")
 

@@ -156,6 +156,13 @@ def test_invalid_requests_name_the_field(stub, fields, named):
     assert named in err.value.details()
 
 
+def test_the_model_has_one_name_in_model_info_and_metrics(daemon, stub, tiny_text_model_dir):
+    name = tiny_text_model_dir[0].resolve().name  # the model directory's own name
+    assert stub.GetModelInfo(pb.GetModelInfoRequest()).model == name
+    assert f'model_name="{name}"' in scrape(daemon) and 'model_name="' not in scrape(daemon).replace(
+        f'model_name="{name}"', "")
+
+
 def test_tokenize_model_info_and_load(stub, offline):
     ids = stub.Tokenize(pb.TokenizeRequest(text="Hello world", add_special_tokens=True)).token_ids
     assert list(ids) == offline.tokenizer.encode("Hello world")
