@@ -1,13 +1,34 @@
 """The beastserve engine: paged KV cache, iteration-level scheduler, our own model forward.
 
-Usable offline: `from scheduler import LLM, SamplingParams`.
+Usable offline: `from scheduler import LLM, SamplingParams`. Names load on first use, so a client that
+needs only SamplingParams does not import torch.
 """
 
-from scheduler.config import EngineConfig
-from scheduler.core.engine import Engine
-from scheduler.io.outputs import CompletionOutput, RequestOutput, RequestStream, TokenLogprob
-from scheduler.llm import LLM
-from scheduler.sampling.params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "CompletionOutput", "Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams",
-           "TokenLogprob"]
+import importlib
+
+_EXPORTS = {
+    "LLM": "scheduler.llm",
+    "CompletionOutput": "scheduler.io.outputs",
+    "Engine": "scheduler.core.engine",
+    "EngineConfig": "scheduler.config",
+    "RequestOutput": "scheduler.io.outputs",
+    "RequestStream": "scheduler.io.outputs",
+    "SamplingParams": "scheduler.sampling.params",
+    "TokenLogprob": "scheduler.io.outputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'scheduler' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

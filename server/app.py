@@ -19,7 +19,7 @@ from server.config import ServerConfig, served_name
 from server.metrics import ServerMetrics
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
-from server.security import ApiKeyInterceptor, load_api_keys, server_credentials
+from server.security import ApiKeyInterceptor, exposure_warning, load_api_keys, server_credentials
 from server.service import SERVICE_NAME, GenerationService, ServerState
 
 log = logging.getLogger("beastserve")
@@ -97,6 +97,9 @@ class Daemon:
         log.info("gRPC listening on %s:%d (%s)%s", config.host, self.port, "TLS" if config.tls_cert_file else
                  "plaintext", f"; metrics on http://{config.host}:{config.metrics_port}/metrics"
                  if config.metrics_port else "")
+        warning = exposure_warning(config.host, bool(config.tls_cert_file), bool(config.api_key_file))
+        if warning:
+            log.warning(warning)
 
     async def _load_engine(self) -> None:
         config = self.config

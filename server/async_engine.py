@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 
 from scheduler import Engine, SamplingParams
 from scheduler.io.outputs import RequestOutput
-from server.convert import finish_label
 
 log = logging.getLogger(__name__)
 
@@ -157,5 +156,5 @@ class _TokenTimer:
             self.last = now
         if output.finished and output.metrics is not None and output.error is None and not self.abandoned:
             m = output.metrics
-            self.metrics.record_finished(finish_label(output), m.queue_s, m.ttft_s if self.seen_first else None,
+            self.metrics.record_finished(output.finish_reason, m.queue_s, m.ttft_s if self.seen_first else None,
                                          m.e2e_s)

@@ -10,7 +10,6 @@ import shlex
 import sys
 import time
 
-from scheduler import LLM, SamplingParams
 from server.cli_client import add_client_commands
 from server.config import (
     add_engine_args,
@@ -29,6 +28,8 @@ DEMO_CHATS = [
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from scheduler import LLM, SamplingParams
+
     llm = LLM(engine_config_from_args(args))
     chats = [[{"role": "user", "content": q}] for q in (args.prompt or DEMO_CHATS)]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)  # --seed seeds the engine
@@ -50,7 +51,7 @@ def add_passthrough_command(subparsers, name: str, help_text: str, module: str) 
     parser.set_defaults(func=lambda args: importlib.import_module(module).main(args.argv, prog=f"beastserve {name}"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beastserve", description="LLM serving daemon")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC daemon",
@@ -59,18 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=run_serve)
     demo = sub.add_parser("demo", help="answer a few chat prompts with the offline engine")
     add_engine_args(demo)
-    demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
-    demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("--temperature", type=float, default=0.0)
+    demo.add_argument("--prompt", action="append", help="a user message (repeatable; default: four sample "
+                      "questions)")
+    demo.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (default: %(default)s)")
+    demo.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     demo.set_defaults(func=run_demo)
     add_passthrough_command(sub, "distill-draft", "make a draft model for speculative decoding",
                             "scheduler.distill.command")
     add_client_commands(sub)
     add_passthrough_command(sub, "bench", "load-test a running daemon (TTFT, TPOT, ITL, throughput)",
                             "server.loadgen.load")
+    parser.subcommands = sub.choices  # name -> that command's parser
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parser.parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the subcommand's parser, so the usage shown is the subcommand's
+            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         args.command_line = shlex.join(["beastserve", *argv])
     except ValueError as exc:  # a bad BEASTSERVE_* value
         print(f"beastserve: {exc}", file=sys.stderr)

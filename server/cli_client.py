@@ -11,21 +11,25 @@ from collections.abc import Iterable
 
 import grpc
 
-from server.client import DEFAULT_ADDRESS, READINESS_SERVICE, Client
-from server.proto.beastserve.v1 import generate_pb2 as pb
+from server.client import DEFAULT_ADDRESS, READINESS_SERVICE, Client, Response, build_request
+
+REPLACEMENT_CHAR = "\ufffd"  # what a character cut in its middle decodes to
 
 
 def add_client_commands(subparsers) -> None:
     """Add the `generate`, `chat` and `health` subcommands; each sets `func` to a function(args) -> exit code."""
-    generate = subparsers.add_parser("generate", help="stream one answer from a running daemon")
-    generate.add_argument("prompt")
-    generate.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    generate = subparsers.add_parser("generate", help="stream one answer from a running daemon",
+                                     description="Stream one answer from a running daemon; a summary line (finish "
+                                     "reason, token counts, latency) goes to stderr.")
+    generate.add_argument("prompt", help="the prompt text (or, with --chat, the user's message)")
+    generate.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user chat message, in the model's chat template (default: off)")
     _add_sampling_args(generate)
     _add_connection_args(generate)
     generate.set_defaults(func=run_generate)
 
-    chat = subparsers.add_parser("chat", help="talk with a running daemon; /exit or end of input leaves")
-    chat.add_argument("--system", help="a system message to open the conversation with")
+    chat = subparsers.add_parser("chat", help="talk with a running daemon", description=CHAT_HELP)
+    chat.add_argument("--system", help="a system message to open the conversation with (default: none)")
     _add_sampling_args(chat)
     _add_connection_args(chat)
     chat.set_defaults(func=run_chat)
@@ -42,13 +46,15 @@ def add_client_commands(subparsers) -> None:
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    # No defaults here: what is not given is left out of the request, so the server's defaults apply.
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--temperature", type=float, help="0 = greedy")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    # No defaults here: what is not given is left out of the request, so the daemon's defaults apply.
+    parser.add_argument("--max-tokens", type=int, help="most tokens to generate (default: until the end of "
+                        "sequence or the context length)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default: 1.0)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (default: 1.0, off)")
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: 0, off)")
+    parser.add_argument("--seed", type=int, help="seed of this request's random stream, in [0, 2**63) "
+                        "(default: none, a fresh stream)")
+    parser.add_argument("--stop", action="append", help="a stop string (repeatable; default: none)")
 
 
 def _add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +62,13 @@ def _add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=env("BEASTSERVE_ADDRESS", DEFAULT_ADDRESS),
                         help=f"host:port of the daemon [BEASTSERVE_ADDRESS, default {DEFAULT_ADDRESS}]")
     parser.add_argument("--api-key", default=env("BEASTSERVE_API_KEY"),
-                        help="sent as authorization: Bearer <key>; prefer the environment [BEASTSERVE_API_KEY]")
-    parser.add_argument("--tls-ca-file", help="CA that the server's certificate chains to (turns TLS on)")
-    parser.add_argument("--tls-cert-file", help="client certificate, for mutual TLS")
-    parser.add_argument("--tls-key-file", help="client private key, for mutual TLS")
-    parser.add_argument("--timeout", type=float, help="deadline per call, in seconds")
+                        help="sent as authorization: Bearer <key>; prefer the environment [BEASTSERVE_API_KEY; "
+                        "default: none]")
+    parser.add_argument("--tls-ca-file", help="CA that the server's certificate chains to (turns TLS on; "
+                        "default: none, plaintext)")
+    parser.add_argument("--tls-cert-file", help="client certificate, for mutual TLS (default: none)")
+    parser.add_argument("--tls-key-file", help="client private key, for mutual TLS (default: none)")
+    parser.add_argument("--timeout", type=float, help="deadline per call, in seconds (default: none)")
 
 
 def _reporting_errors(run):
@@ -69,7 +77,7 @@ def _reporting_errors(run):
         try:
             return run(args)
         except grpc.RpcError as exc:
-            print(f"beastserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"beastserve: {rpc_error_text(exc, args.address)}", file=sys.stderr)
             return 1
         except (ValueError, OSError) as exc:  # bad options or unreadable TLS files
             print(f"beastserve: {exc}", file=sys.stderr)
@@ -78,6 +86,14 @@ def _reporting_errors(run):
             print()
             return 130
     return wrapper
+
+
+def rpc_error_text(exc: grpc.RpcError, address: str) -> str:
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and ("refused" in details or "failed to connect" in details):
+        return (f"no daemon is running at {address} (connection refused); start one with `beastserve serve` "
+                "(or `make serve`), or give its address with --address or BEASTSERVE_ADDRESS")
+    return f"{exc.code().name}: {details}"
 
 
 def _connect(args: argparse.Namespace) -> Client:
@@ -99,23 +115,58 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """Talk with a running daemon. Commands:
+  /exit     leave (so does Ctrl-D)
+  /reset    start a new conversation (the --system message stays)
+  /help     show this
+Ctrl-C stops the answer being written (the daemon drops it) and keeps the conversation.
+An answer cut by --max-tokens ends with [length]."""
+
+
 @_reporting_errors
 def run_chat(args: argparse.Namespace) -> int:
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = _sampling_kwargs(args)
+    build_request(chat=[{"role": "user", "content": "?"}], **sampling)  # bad flags fail now, not after a message
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(opening)
     with _connect(args) as client:
+        client.health(timeout=10)  # so does a daemon that is not running
+        print(f"beastserve chat with {args.address}: /exit to leave, /reset to start over, /help for more",
+              file=sys.stderr)
         while True:
             try:
-                line = input("> ")
+                line = input("> ").strip()
             except EOFError:
                 print()
                 return 0
-            if line.strip() == "/exit":
-                return 0
-            if not line.strip():
+            except KeyboardInterrupt:  # at the prompt, as in a shell: a fresh line
+                print()
                 continue
-            history.append({"role": "user", "content": line})
-            answer, _ = print_stream(client.stream(chat=history, **_sampling_kwargs(args)))
-            history.append({"role": "assistant", "content": answer})
+            if line == "/exit":
+                return 0
+            if line == "/help":
+                print(CHAT_HELP)
+            elif line == "/reset":
+                history = list(opening)
+                print("[new conversation]")
+            elif line.startswith("/"):
+                print(f"unknown command {line.split()[0]}; /help lists them")
+            elif line:
+                answer = _answer(client, [*history, {"role": "user", "content": line}], sampling)
+                if answer is not None:
+                    history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+
+
+def _answer(client: Client, messages: list[dict], sampling: dict) -> str | None:
+    """Stream one answer; None when Ctrl-C stopped it (the call is cancelled, so the daemon aborts it)."""
+    stream = client.stream(chat=messages, **sampling)
+    try:
+        answer, _ = print_stream(stream, mark_cut=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print("[stopped; not kept in the conversation]")
+        return None
+    return answer
 
 
 @_reporting_errors
@@ -140,21 +191,32 @@ def run_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def print_stream(responses: Iterable[pb.GenerateResponse]) -> tuple[str, pb.GenerateResponse]:
-    """Write each delta to stdout as it arrives, then a newline; return the whole text and the last message."""
-    parts, last = [], pb.GenerateResponse()
-    for last in responses:
-        print(last.text, end="", flush=True)
-        parts.append(last.text)
-    print()
+def print_stream(responses: Iterable[Response], mark_cut: bool = False) -> tuple[str, Response]:
+    """Write each delta to stdout as it arrives, then a newline (also when the stream fails or is stopped, so an
+    error starts on its own line); return the whole text and the last message. An answer cut by its length
+    limit loses the part of a character it ends in, and with `mark_cut` ends with ` [length]`."""
+    parts, last, end = [], None, "\n"
+    try:
+        for last in responses:
+            text = last.text
+            if last.finish_reason == "length":
+                text = text.rstrip(REPLACEMENT_CHAR)
+                end = " [length]\n" if mark_cut else end
+            print(text, end="", flush=True)
+            parts.append(text)
+    except BaseException:
+        if any(parts):
+            print(flush=True)
+        raise
+    print(end=end, flush=True)
     return "".join(parts), last
 
 
-def summary(last: pb.GenerateResponse) -> str:
+def summary(last: Response) -> str:
     """One line from the last message: why it finished, token counts and latency."""
-    reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
     matched = last.WhichOneof("matched_stop")
-    stop = f" stop={getattr(last, matched)!r}" if matched else ""
+    stop = f" stop={getattr(last, matched)!r}" if matched else " stop=eos" if last.finish_reason == "stop" else ""
     usage, timing = last.usage, last.timing
-    return (f"finish={reason}{stop} prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
-            f"cached_tokens={usage.cached_tokens} ttft={timing.ttft_s * 1e3:.1f}ms e2e={timing.e2e_s * 1e3:.1f}ms")
+    return (f"finish={last.finish_reason}{stop} prompt_tokens={usage.prompt_tokens} "
+            f"completion_tokens={usage.completion_tokens} cached_tokens={usage.cached_tokens} "
+            f"ttft={timing.ttft_s * 1e3:.1f}ms e2e={timing.e2e_s * 1e3:.1f}ms")

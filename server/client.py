@@ -1,14 +1,18 @@
 """Python clients for the beastserve daemon: `Client` (blocking) and `AsyncClient` (asyncio), both thin
-wrappers over the generated gRPC stubs. `build_request` maps keyword arguments onto a GenerateRequest."""
+wrappers over the generated gRPC stubs. `build_request` maps keyword arguments onto a GenerateRequest and
+checks them as the daemon would, naming the field; answers come back as `Response` (finish reasons as words)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scheduler.sampling.params import SamplingParams
+from server.convert import check_request, field_error, finish_reason_name
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc
 
@@ -23,6 +27,7 @@ _FIELDS = {field.name: (section, field)
            for field in pb.GenerateRequest.DESCRIPTOR.fields_by_name[section].message_type.fields}
 # SpeculativeOptions.enabled reads better as `speculative=True`.
 _FIELDS["speculative"] = _FIELDS.pop("enabled")
+_SAMPLING_PARAMS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict] | None = None,
@@ -38,6 +43,8 @@ def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict]
     by its proto name (`repetition_penalty`, `skip_special_tokens`, `max_draft_tokens`, ...), with
     `speculative` for SpeculativeOptions.enabled.
     """
+    if not (isinstance(priority, int) and -2**31 <= priority < 2**31):
+        raise ValueError(f"priority: must be an integer in [-2**31, 2**31), got {priority!r}")
     request = pb.GenerateRequest(request_id=request_id or "", priority=priority)
     if (prompt is None) == (chat is None):
         raise ValueError("give either prompt or chat, not both" if chat is not None else "prompt or chat is required")
@@ -50,18 +57,27 @@ def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict]
     fields = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                   stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
                   logprobs=logprobs, **more)
+    unknown = next((name for name in fields if name not in _FIELDS), None)
+    if unknown is not None:
+        raise TypeError(f"build_request() got an unexpected keyword argument {unknown!r}")
+    try:  # the engine's own rules first, so a bad value gets the message the daemon would give
+        SamplingParams(**{k: v for k, v in fields.items() if k in _SAMPLING_PARAMS and v is not None})
+    except ValueError as exc:
+        raise field_error(exc) from None
     for name, value in fields.items():
-        if name not in _FIELDS:
-            raise TypeError(f"build_request() got an unexpected keyword argument {name!r}")
         section, field = _FIELDS[name]
         # Leave unset what was not given: an optional field stays absent, so the server's default applies.
         if value is None or (not field.has_presence and value == field.default_value):
             continue
         target = getattr(request, section)
-        if field.is_repeated:
-            getattr(target, field.name).extend([value] if isinstance(value, str) else value)
-        else:
-            setattr(target, field.name, value)
+        try:
+            if field.is_repeated:
+                getattr(target, field.name).extend([value] if isinstance(value, str) else value)
+            else:
+                setattr(target, field.name, value)
+        except (ValueError, TypeError) as exc:  # protobuf's own words ("Value out of range: -5") name no field
+            raise ValueError(f"{section}.{field.name}: {value!r} is not a valid value ({exc})") from None
+    check_request(request)
     return request
 
 
@@ -96,6 +112,46 @@ def health_status_name(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+class Response:
+    """A GenerateResponse with `finish_reason` as a word: "stop", "length" or "abort" (None while streaming).
+    Every other field reads as on the message itself, which is `.proto`."""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: pb.GenerateResponse):
+        self.proto = proto
+
+    @property
+    def finish_reason(self) -> str | None:
+        return finish_reason_name(self.proto.finish_reason)
+
+    def __getattr__(self, name: str):
+        return getattr(self.proto, name)
+
+    def __repr__(self) -> str:
+        return f"Response(finish_reason={self.finish_reason!r}, {self.proto!r})"
+
+
+class _Stream:
+    """A streaming call whose messages arrive as `Response`; `.cancel()`, `.code()` etc. are the call's."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self) -> Iterator[Response]:
+        return (Response(message) for message in self._call)
+
+    async def _responses(self) -> AsyncIterator[Response]:
+        async for message in self._call:
+            yield Response(message)
+
+    def __aiter__(self) -> AsyncIterator[Response]:
+        return self._responses()
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)
+
+
 class _ClientBase:
     """Channel, stubs and per-call options; subclasses differ only in blocking vs awaiting each call."""
 
@@ -125,15 +181,15 @@ class Client(_ClientBase):
     the client's default deadline for one call. Failed calls raise grpc.RpcError."""
 
     def generate(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
-                 **params) -> pb.GenerateResponse:
-        return self._generation.Generate(build_request(prompt, **params), **self._options(timeout))
+                 **params) -> Response:
+        return Response(self._generation.Generate(build_request(prompt, **params), **self._options(timeout)))
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
-               **params) -> Iterator[pb.GenerateResponse]:
+               **params) -> _Stream:
         """Deltas as they arrive; the last carries finish_reason, usage and timing. `.cancel()` ends it early."""
-        return self._generation.GenerateStream(build_request(prompt, **params), **self._options(timeout))
+        return _Stream(self._generation.GenerateStream(build_request(prompt, **params), **self._options(timeout)))
 
-    def chat(self, messages: list[dict], **params) -> pb.GenerateResponse:
+    def chat(self, messages: list[dict], **params) -> Response:
         return self.generate(chat=messages, **params)
 
     def tokenize(self, text: str | None = None, *, chat: list[dict] | None = None, add_special_tokens: bool = True,
@@ -173,15 +229,15 @@ class AsyncClient(_ClientBase):
     _grpc = grpc.aio
 
     async def generate(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
-                       **params) -> pb.GenerateResponse:
-        return await self._generation.Generate(build_request(prompt, **params), **self._options(timeout))
+                       **params) -> Response:
+        return Response(await self._generation.Generate(build_request(prompt, **params), **self._options(timeout)))
 
     def stream(self, prompt: str | Sequence[int] | None = None, *, timeout: float | None = None,
-               **params) -> AsyncIterator[pb.GenerateResponse]:
+               **params) -> _Stream:
         """Use as `async for response in client.stream(...)`; `.cancel()` ends it early."""
-        return self._generation.GenerateStream(build_request(prompt, **params), **self._options(timeout))
+        return _Stream(self._generation.GenerateStream(build_request(prompt, **params), **self._options(timeout)))
 
-    async def chat(self, messages: list[dict], **params) -> pb.GenerateResponse:
+    async def chat(self, messages: list[dict], **params) -> Response:
         return await self.generate(chat=messages, **params)
 
     async def tokenize(self, text: str | None = None, *, chat: list[dict] | None = None,

@@ -54,6 +54,10 @@ def served_name(config: ServerConfig) -> str:
     model = config.engine.model
     if model == "default":
         return DEFAULT_MODEL_NAME
+    from scheduler.worker.models.hub import is_repo_id
+
+    if is_repo_id(str(model)):
+        return str(model)  # as vLLM names it: the id clients already know
     path = Path(str(model)).expanduser()
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
@@ -119,18 +123,21 @@ def check_available(engine: EngineConfig) -> None:
     draft model given as a path) can be found, and the device exists. ValueError names the flag."""
     import torch
 
-    from scheduler.worker.models import resolve_model
+    from scheduler.worker.models import hub, resolve_model
 
     for flag, model in (("--model", engine.model), ("--draft-model", engine.draft_model)):
         if model is None or (flag == "--draft-model" and engine.speculative != "draft"):
             continue
-        if model != "default" and not Path(model).expanduser().exists():
-            raise ValueError(f"{flag} {model}: no such file or directory")
         try:
+            if hub.is_repo_id(model):
+                hub.check_repo_id(model)  # downloaded, if need be, while loading
+                continue
+            if model != "default" and not Path(model).expanduser().exists():
+                raise FileNotFoundError(f"{model}: no such file or directory")
             if flag == "--model" or not (Path(model) / "draft.json").is_file():  # a compact draft has no weights
                 resolve_model(model)
         except (ValueError, FileNotFoundError) as exc:
-            raise ValueError(f"{flag}: {exc}") from None
+            raise ValueError(f"{flag} {exc}" if str(exc).startswith(model) else f"{flag}: {exc}") from None
     device = str(engine.device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

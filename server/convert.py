@@ -38,8 +38,8 @@ def field_error(exc: ValueError) -> InvalidArgument:
 
 def to_engine_inputs(request: pb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams]:
     """Validate a request once, at the edge. Raises InvalidArgument naming the field."""
+    params = check_request(request)
     try:
-        params = sampling_params(request)
         token_ids = prompt_token_ids(request, inputs)
         inputs.validate(token_ids, params)
     except InvalidArgument:
@@ -49,10 +49,29 @@ def to_engine_inputs(request: pb.GenerateRequest, inputs: InputProcessor) -> tup
     return token_ids, params
 
 
-def prompt_token_ids(request: pb.GenerateRequest, inputs: InputProcessor) -> list[int]:
+def check_request(request: pb.GenerateRequest) -> SamplingParams:
+    """Everything that can be checked without the model (the clients check this too): the input's form and the
+    sampling, stopping and output fields. Raises InvalidArgument naming the field."""
+    try:
+        params = sampling_params(request)
+    except InvalidArgument:
+        raise
+    except ValueError as exc:
+        raise field_error(exc) from None
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input: one of text, token_ids or chat is required")
+    if kind == "text" and not request.text:
+        raise InvalidArgument("text: the prompt must not be empty")
+    if kind == "token_ids" and not request.token_ids.ids:
+        raise InvalidArgument("token_ids.ids: the prompt must not be empty")
+    if kind == "chat":
+        chat_messages(request.chat, "chat")
+    return params
+
+
+def prompt_token_ids(request: pb.GenerateRequest, inputs: InputProcessor) -> list[int]:
+    kind = request.WhichOneof("input")
     if kind == "text":
         return inputs.tokenize(request.text)
     if kind == "token_ids":
@@ -66,6 +85,8 @@ def chat_messages(chat: pb.Chat, field: str) -> list[dict[str, str]]:
         if m["role"] not in ("system", "user", "assistant", "tool"):
             raise InvalidArgument(f"{field}.messages[{i}].role: must be system, user, assistant or tool, "
                                   f"got {m['role']!r}")
+        if m["role"] != "assistant" and not m["content"]:
+            raise InvalidArgument(f"{field}.messages[{i}].content: must not be empty")
     if not messages:
         raise InvalidArgument(f"{field}.messages: at least one message is required")
     return messages
@@ -99,15 +120,14 @@ def speculative_options(request: pb.GenerateRequest) -> dict:
             "max_draft_tokens": spec.max_draft_tokens if spec.HasField("max_draft_tokens") else None}
 
 
-def finish_label(output: RequestOutput) -> str:
-    """eos | stop | length | cancelled — the metrics label and the FinishReason name."""
-    if output.finish_reason == "stop":
-        return "eos" if output.stop_reason is None else "stop"
-    return "cancelled" if output.finish_reason == "abort" else output.finish_reason
+# The offline API's words (FinishReason in scheduler/core/request.py) are the proto's and the metrics label's.
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
 
-_FINISH = {"eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-           "cancelled": pb.FINISH_REASON_CANCELLED}
+def finish_reason_name(value: int) -> str | None:
+    """The word for a FinishReason value (None while streaming): stop, length or abort."""
+    return None if value == pb.FINISH_REASON_UNSPECIFIED else pb.FinishReason.Name(value).removeprefix(
+        "FINISH_REASON_").lower()
 
 
 def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateResponse:
@@ -122,7 +142,7 @@ def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateRes
                 top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
     last = outputs[-1]
     if last.finished:
-        response.finish_reason = _FINISH[finish_label(last)]
+        response.finish_reason = _FINISH[last.finish_reason]
         if isinstance(last.stop_reason, str):
             response.stop_string = last.stop_reason
         elif last.stop_reason is not None:

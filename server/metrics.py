@@ -9,6 +9,7 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from scheduler.core.request import FinishReason
 from scheduler.io.outputs import StepStats
 
 # Spans a fast decode step on a small model (~1 ms) to a long request stuck behind a queue (minutes).
@@ -21,7 +22,7 @@ REQUEST_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 
 ITERATION_TOKEN_BUCKETS = tuple(2**i for i in range(14))  # 1 .. 8192
 
 # Pre-created so dashboards show a zero rather than "no data" before the first occurrence.
-FINISHED_REASONS = ("eos", "stop", "length", "cancelled")
+FINISHED_REASONS = tuple(reason.value for reason in FinishReason)  # stop, length, abort
 COMMON_FAILURE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL")
 
 _P = "beastserve_"

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from pathlib import Path
 
 import grpc
 
 # Probes and discovery stay open: orchestrators call them without credentials.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def exposure_warning(host: str, tls: bool, api_keys: bool) -> str | None:
+    """What to warn about when anyone who reaches `host` can use the daemon, unseen and unasked."""
+    if tls or api_keys or is_loopback(host):
+        return None
+    return (f"listening on {host}, beyond this machine, with neither TLS nor API keys: anyone who reaches the port "
+            "can generate and read what is sent in plaintext; set --tls-cert-file/--tls-key-file and --api-key-file, "
+            "or --host 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def load_api_keys(path: str) -> list[bytes]:

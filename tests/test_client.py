@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import time
 from concurrent import futures
 
 import grpc
@@ -55,8 +56,15 @@ class EchoGeneration(generate_pb2_grpc.GenerationServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full")
         words = _prompt_text(request).split(" ")
         for i, word in enumerate(words):
+            if i == 1 and words[0] == "slow":
+                time.sleep(2)
+            if i == len(words) - 1 and word.endswith("\ufffd"):  # a character cut by the length limit
+                break
             yield pb.GenerateResponse(request_id=request.request_id, text=word if i == 0 else " " + word)
-        yield self._last(request, len(words))
+        last = self._last(request, len(words))
+        if words[-1].endswith("\ufffd"):
+            last.text = " " + words[-1]
+        yield last
 
     def Abort(self, request, context):
         self._record(request, context)
@@ -142,7 +150,9 @@ def test_no_api_key_sends_no_authorization(client, daemon):
 def test_stream_yields_deltas_then_the_summary(client):
     responses = list(client.stream("one two three", max_tokens=3))
     assert "".join(r.text for r in responses) == "one two three"
-    assert [r.finish_reason for r in responses] == [pb.FINISH_REASON_UNSPECIFIED] * 3 + [pb.FINISH_REASON_LENGTH]
+    # Finish reasons as words, the offline API's: none while streaming.
+    assert [r.finish_reason for r in responses] == [None] * 3 + ["length"]
+    assert responses[-1].proto.finish_reason == pb.FINISH_REASON_LENGTH
     assert responses[-1].usage.completion_tokens == 3
 
 
@@ -214,13 +224,60 @@ def test_cli_reports_grpc_errors(daemon, capsys):
     assert capsys.readouterr().err == "beastserve: RESOURCE_EXHAUSTED: queue is full\n"
 
 
-def test_cli_chat_keeps_the_history(daemon, monkeypatch, capsys):
+def test_cli_chat_keeps_the_history_and_marks_cut_answers(daemon, monkeypatch, capsys):
     address, servicer = daemon
     monkeypatch.setattr("sys.stdin", io.StringIO("first one\n\nsecond\n/exit\nnever sent\n"))
     assert _run(["chat", "--address", address, "--system", "be brief"]) == 0
-    assert capsys.readouterr().out == "> first one\n> > second\n> "
+    out, err = capsys.readouterr()
+    assert out == "> first one [length]\n> > second [length]\n> "  # the echo daemon always ends at its length
+    assert "/exit to leave, /reset to start over, /help" in err
     messages = [(m.role, m.content) for m in servicer.requests[-1].chat.messages]
     assert messages == [("system", "be brief"), ("user", "first one"), ("assistant", "first one"), ("user", "second")]
+
+
+def test_cli_chat_commands_are_not_sent_to_the_model(daemon, monkeypatch, capsys):
+    address, servicer = daemon
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\n/help\n/frobnicate\n/reset\nsecond\n/exit\n"))
+    sent = len(servicer.requests)
+    assert _run(["chat", "--address", address, "--system", "be brief"]) == 0
+    out = capsys.readouterr().out
+    assert "/reset" in out and "Ctrl-C" in out  # the help
+    assert "unknown command /frobnicate; /help lists them" in out and "[new conversation]" in out
+    chats = [[(m.role, m.content) for m in r.chat.messages] for r in servicer.requests[sent:] if r.HasField("chat")]
+    assert chats == [[("system", "be brief"), ("user", "first")], [("system", "be brief"), ("user", "second")]]
+
+
+def test_cli_chat_ctrl_c_stops_the_answer_and_keeps_the_conversation(daemon, monkeypatch, capsys):
+    address, servicer = daemon
+    import server.cli_client as cli_client
+
+    real_print_stream, calls = cli_client.print_stream, []
+
+    def interrupted_once(responses, **kw):  # Ctrl-C arrives while the second answer is being written
+        calls.append(responses)
+        if len(calls) == 2:
+            next(iter(responses))
+            raise KeyboardInterrupt
+        return real_print_stream(responses, **kw)
+
+    monkeypatch.setattr(cli_client, "print_stream", interrupted_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\nthree\n"))
+    assert _run(["chat", "--address", address]) == 0
+    assert "[stopped; not kept in the conversation]" in capsys.readouterr().out
+    assert calls[1].code() == grpc.StatusCode.CANCELLED  # the call was cancelled, so the daemon aborts it
+    messages = [(m.role, m.content) for m in servicer.requests[-1].chat.messages]
+    assert messages == [("user", "one"), ("assistant", "one"), ("user", "three")]
+
+
+def test_cli_an_error_mid_stream_starts_on_its_own_line(daemon, capsys):
+    assert _run(["generate", "slow answer", "--address", daemon[0], "--timeout", "0.5"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "slow\n" and err.startswith("beastserve: DEADLINE_EXCEEDED")
+
+
+def test_a_cut_answer_does_not_end_in_a_broken_character(daemon, capsys):
+    assert _run(["generate", "rainbow \U0001f308\ufffd", "--address", daemon[0]]) == 0
+    assert capsys.readouterr().out == "rainbow \U0001f308\n"
 
 
 def test_cli_chat_ends_at_end_of_input(daemon, monkeypatch):

@@ -24,7 +24,7 @@ def exercised_metrics() -> ServerMetrics:
     metrics = ServerMetrics(MODEL)
     metrics.record_step(StepStats(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_batched_tokens=40,
                                   num_prompt_tokens=38, num_generation_tokens=2))
-    metrics.record_finished("eos", queue_s=0.01, ttft_s=0.05, e2e_s=0.5)
+    metrics.record_finished("stop", queue_s=0.01, ttft_s=0.05, e2e_s=0.5)
     metrics.record_failure("INVALID_ARGUMENT")
     metrics.record_spec_decode(num_drafts=1, num_draft_tokens=3, accepted_per_position=[1, 1, 0])
     return metrics
@@ -71,7 +71,7 @@ def test_fresh_registry_per_instance():
 
 def test_common_labelled_series_exist_before_first_event():
     metrics = ServerMetrics(MODEL)
-    for reason in ("eos", "stop", "length", "cancelled"):
+    for reason in ("stop", "length", "abort"):
         assert value(metrics, "beastserve_request_success_total", finished_reason=reason) == 0
     assert value(metrics, "beastserve_request_failure_total", code="RESOURCE_EXHAUSTED") == 0
 
@@ -103,10 +103,10 @@ def test_finished_counts_by_reason_and_observes_latencies():
     metrics = ServerMetrics(MODEL)
     metrics.record_finished("length", queue_s=0.002, ttft_s=0.03, e2e_s=1.5)
     metrics.record_finished("length", queue_s=0.004, ttft_s=0.05, e2e_s=2.5)
-    metrics.record_finished("cancelled", queue_s=0.5, ttft_s=None, e2e_s=0.5)
+    metrics.record_finished("abort", queue_s=0.5, ttft_s=None, e2e_s=0.5)
     assert value(metrics, "beastserve_request_success_total", finished_reason="length") == 2
-    assert value(metrics, "beastserve_request_success_total", finished_reason="cancelled") == 1
-    assert value(metrics, "beastserve_request_success_total", finished_reason="eos") == 0
+    assert value(metrics, "beastserve_request_success_total", finished_reason="abort") == 1
+    assert value(metrics, "beastserve_request_success_total", finished_reason="stop") == 0
     assert value(metrics, "beastserve_request_queue_time_seconds_count") == 3
     assert value(metrics, "beastserve_e2e_request_latency_seconds_count") == 3
     assert value(metrics, "beastserve_e2e_request_latency_seconds_sum") == pytest.approx(4.5)

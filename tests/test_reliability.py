@@ -339,7 +339,7 @@ def test_a_client_killed_mid_stream_frees_everything(main):
     after = scrape(daemon)
     # Aborted in the engine, not run to completion, and counted once: as a failure, not also as a success.
     success, failure = "beastserve_request_success_total", "beastserve_request_failure_total"
-    for reason in ("length", "cancelled"):
+    for reason in ("length", "abort"):
         label = f'finished_reason="{reason}"'
         assert sample(after, success, label) == sample(before, success, label)
     assert sample(after, failure, 'code="CANCELLED"') - sample(before, failure, 'code="CANCELLED"') == 12
@@ -366,7 +366,7 @@ def test_every_expired_stream_is_counted_as_deadline_exceeded(main):
     after = scrape(daemon)
     assert sample(after, failures, code) - sample(before, failures, code) == n
     # Counted once: the engine's abort of an expired stream is no success.
-    success, aborted = "beastserve_request_success_total", 'finished_reason="cancelled"'
+    success, aborted = "beastserve_request_success_total", 'finished_reason="abort"'
     assert sample(after, success, aborted) == sample(before, success, aborted)
 
 
@@ -418,7 +418,7 @@ def test_deadlines_expire_while_queued_and_leave_the_queue(queued, offline):
     follow_up = stub.Generate.future(greedy([4, 4, 4], 8), timeout=TIMEOUT)
     wait_for(lambda: stub.GetLoad(pb.GetLoadRequest()).num_waiting == 1, 5, "the follow-up never queued")
     assert list(stub.Abort(pb.AbortRequest(request_ids=["holder"])).aborted_ids) == ["holder"]
-    assert list(holder)[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+    assert list(holder)[-1].finish_reason == pb.FINISH_REASON_ABORT
     assert list(follow_up.result(timeout=TIMEOUT).token_ids) == offline_greedy(offline, [[4, 4, 4]], [8])[0]
     wait_pool_idle(stub)
 
@@ -452,7 +452,7 @@ def test_queue_overflow_refuses_the_excess_and_answers_every_accepted_request(qu
         return outcomes
 
     outcomes = asyncio.run(run())
-    assert list(holder)[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+    assert list(holder)[-1].finish_reason == pb.FINISH_REASON_ABORT
     accepted = [i for i, o in enumerate(outcomes) if o.code == grpc.StatusCode.OK]
     rejected = [o for o in outcomes if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert len(accepted) + len(rejected) == sent, [o.code for o in outcomes]
@@ -519,3 +519,51 @@ def test_engine_fault_fails_in_flight_calls_internal_drops_readiness_and_exits_1
     assert daemon.proc.wait(timeout=10) == 1
     assert time.monotonic() - failed_at < 5
     assert "injected fault" in daemon.log()
+
+
+def test_every_kind_of_ending_is_counted_exactly_once(main, offline):
+    """Finished by a stop token, by length, by Abort, cancelled by the client, expired, refused: the success and
+    failure counters together move by the number of calls made, whatever the mix."""
+    daemon, stub = main
+    prompt = [5, 6, 7]
+    (first,) = offline_greedy(offline, [prompt], [1])
+    stop = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(temperature=0),
+                              stopping=pb.StoppingCriteria(max_tokens=8, stop_token_ids=first))
+    invalid = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), stopping=pb.StoppingCriteria(max_tokens=0))
+    before = scrape(daemon)
+
+    async def run():
+        channels, (aio,) = aio_stubs(daemon)
+        held = aio.GenerateStream(greedy(prompt, HOLD, request_id="to-abort"), timeout=TIMEOUT)
+        reading = asyncio.ensure_future(read_stream(held))
+        outcomes = await asyncio.gather(
+            unary(aio, stop), read_stream(aio.GenerateStream(stop, timeout=TIMEOUT)),
+            unary(aio, greedy(prompt, 4)), read_stream(aio.GenerateStream(greedy(prompt, 4), timeout=TIMEOUT)),
+            read_stream(aio.GenerateStream(greedy(prompt, HOLD), timeout=TIMEOUT), stop_after=2),
+            read_stream(aio.GenerateStream(greedy(prompt, HOLD), timeout=0.5)),
+            unary(aio, greedy(prompt, HOLD), timeout=0.5),
+            unary(aio, invalid), read_stream(aio.GenerateStream(invalid, timeout=TIMEOUT)))
+        while not (await aio.Abort(pb.AbortRequest(request_ids=["to-abort"]))).aborted_ids:
+            await asyncio.sleep(0.01)
+        outcomes.append(await reading)
+        await close_all(channels)
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    codes = [o.code for o in outcomes]
+    ok, invalid_code = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
+    assert codes == [ok] * 4 + [grpc.StatusCode.CANCELLED] + [grpc.StatusCode.DEADLINE_EXCEEDED] * 2 \
+        + [invalid_code] * 2 + [ok], codes
+    assert [o.last.finish_reason for o in outcomes[:4]] == [pb.FINISH_REASON_STOP] * 2 + [pb.FINISH_REASON_LENGTH] * 2
+    assert outcomes[-1].last.finish_reason == pb.FINISH_REASON_ABORT
+    wait_pool_idle(stub)
+    after = scrape(daemon)
+
+    def moved(name: str, label: str = "") -> float:
+        return sample(after, name, label) - sample(before, name, label)
+
+    successes, failures = "beastserve_request_success_total", "beastserve_request_failure_total"
+    assert moved(successes) + moved(failures) == len(outcomes)
+    assert [moved(successes, f'finished_reason="{r}"') for r in ("stop", "length", "abort")] == [2, 2, 1]
+    assert [moved(failures, f'code="{c}"') for c in ("CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT")] \
+        == [1, 2, 2]

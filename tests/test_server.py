@@ -60,7 +60,7 @@ def test_unary_and_streaming_equal_the_offline_engine(stub, offline):
         assert "".join(c.text for c in chunks) == want.text
         assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
         last = chunks[-1]
-        assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
         assert last.usage.completion_tokens == len(want.token_ids)
         assert last.usage.prompt_tokens == len(want.prompt_token_ids)
         assert last.timing.e2e_s >= last.timing.ttft_s > 0
@@ -112,24 +112,25 @@ def test_deadline_expiry_returns_every_block(stub):
     wait_pool_idle(stub)
 
 
-def test_abort_ends_a_stream_with_cancelled(stub):
+def test_abort_ends_a_stream_with_abort(stub):
     call = stub.GenerateStream(pb.GenerateRequest(request_id="to-abort", text="go", stopping=pb.StoppingCriteria(
         max_tokens=400, ignore_eos=True)))
     next(call)
     assert list(stub.Abort(pb.AbortRequest(request_ids=["to-abort", "unknown"])).aborted_ids) == ["to-abort"]
     rest = list(call)
-    assert rest[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+    assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
     wait_pool_idle(stub)
 
 
 INVALID = [
     (dict(), "input"),
-    (dict(text=""), "input"),
-    (dict(token_ids=pb.TokenIds(ids=[])), "input"),
+    (dict(text=""), "text: the prompt must not be empty"),
+    (dict(token_ids=pb.TokenIds(ids=[])), "token_ids.ids: the prompt must not be empty"),
     (dict(token_ids=pb.TokenIds(ids=[10**6])), "outside the vocabulary"),
     (dict(text="x", sampling=pb.SamplingParams(temperature=-1)), "sampling.temperature"),
     (dict(text="x", sampling=pb.SamplingParams(temperature=float("nan"))), "sampling.temperature"),
     (dict(text="x", sampling=pb.SamplingParams(top_p=0)), "sampling.top_p"),
+    (dict(text="x", sampling=pb.SamplingParams(seed=-1)), "sampling.seed"),
     (dict(text="x", sampling=pb.SamplingParams(top_p=1.5)), "sampling.top_p"),
     (dict(text="x", sampling=pb.SamplingParams(top_k=-2)), "sampling.top_k"),
     (dict(text="x", sampling=pb.SamplingParams(min_p=3)), "sampling.min_p"),
@@ -144,6 +145,7 @@ INVALID = [
     (dict(text="x", output=pb.OutputOptions(logprobs=50)), "output.logprobs"),
     (dict(chat=pb.Chat(messages=[])), "chat.messages"),
     (dict(chat=pb.Chat(messages=[pb.ChatMessage(role="wizard", content="hi")])), "chat.messages[0].role"),
+    (dict(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="")])), "chat.messages[0].content"),
     (dict(text="word " * 600), "max_model_len"),
 ]
 

@@ -4,6 +4,7 @@ loads; `beastserve health` says ready only once the model is."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 
 import pytest
 
+from server.client import Client
+from server.security import exposure_warning
 from tests.daemon import ROOT, free_port
 
 
@@ -75,6 +78,7 @@ def test_health_is_not_ready_while_the_model_loads_and_wait_waits_for_it(tiny_mo
         assert main(["health", "--address", daemon.address]) == 1
         assert main(["health", "--address", daemon.address, "--wait", "120"]) == 0
         assert daemon.health() == "SERVING"
+        assert "neither TLS nor API keys" not in daemon.log()  # on loopback: nothing to warn about
     finally:
         daemon.close()
 
@@ -97,3 +101,48 @@ def test_cuda_asked_for_without_cuda_fails_before_loading():
     done, _ = serve("default", "--device", "cuda", "--port", str(free_port()))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert last_line(done).startswith("beastserve: --device cuda: CUDA is not available here")
+
+
+def hub_cache_with(model_dir, repo_id: str, root) -> dict[str, str]:
+    """A Hugging Face cache holding `repo_id` (the layout huggingface_hub writes), and the environment that
+    makes it the only place to look: the hub is never asked."""
+    owner, name = repo_id.split("/")
+    repo, commit = root / "hub" / f"models--{owner}--{name}", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return {"HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
+def test_a_hugging_face_model_id_loads_from_the_local_cache(tiny_model_dir, tmp_path):
+    from tests.daemon import Daemon
+
+    env = hub_cache_with(tiny_model_dir[0], "tiny-org/tiny-llama", tmp_path)
+    daemon = Daemon("tiny-org/tiny-llama", "--host", "0.0.0.0", log_path=tmp_path / "daemon.log", env=env)
+    try:
+        daemon.wait_ready()
+        with Client(daemon.address, timeout=30) as client:
+            assert client.model_info().model == "tiny-org/tiny-llama"  # the id, as clients know it
+            assert len(client.generate([1, 2, 3], max_tokens=4, temperature=0).token_ids) == 4
+        # Open to the network with neither TLS nor keys: said once, at start-up.
+        assert "neither TLS nor API keys" in daemon.log()
+    finally:
+        daemon.close()
+
+
+def test_a_model_id_missing_from_an_offline_cache_fails_at_once(tmp_path):
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "nobody/no-such-model", "--host", "127.0.0.1",
+           "--port", str(free_port()), "--metrics-port", "0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(tmp_path),
+                               "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert last_line(done).startswith("beastserve: --model nobody/no-such-model is not in the Hugging Face cache")
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("::", True), ("10.1.2.3", True), ("myhost", True),
+                                          ("127.0.0.1", False), ("::1", False), ("localhost", False)])
+def test_listening_beyond_loopback_without_tls_or_keys_is_warned_about(host, warned):
+    assert (exposure_warning(host, tls=False, api_keys=False) is not None) == warned
+    assert exposure_warning(host, tls=True, api_keys=False) is None
+    assert exposure_warning(host, tls=False, api_keys=True) is None

@@ -57,7 +57,8 @@ class SamplingParams:
             value = getattr(self, name)
             _finite(name, value)
             _check(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+               f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
                f"max_tokens must be >= 1, got {self.max_tokens!r}")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import scheduler.worker.models.hub as hub
 from scheduler.worker.models.base import CausalLMModel
 from scheduler.worker.models.registry import MODELS, model_class
 
@@ -47,12 +48,13 @@ def resolve_model(model: str) -> ModelSource:
     if model == "default":
         path = default_model_file()
         return ModelSource(str(path.parent), path.name)
-    path = Path(model).expanduser()
+    path = hub.snapshot(model) if hub.is_repo_id(model) else Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(str(path))
-    raise ValueError(f"model must be 'default', a GGUF file or a directory with config.json; got {model!r}")
+    raise ValueError(f"model must be 'default', a GGUF file, a directory with config.json or a Hugging Face "
+                     f"model id; got {model!r}")
 
 
 def load_config(source: ModelSource):
