@@ -23,18 +23,25 @@ def test_demo_reports_bad_model_path(tmp_path, capsys):
 
 
 def _parsers():
-    """(name, parser) of `beastserve` and of each subcommand."""
+    """(name, parser) of `beastserve` and of each subcommand, those that parse their own arguments included."""
+    from scheduler.distill.command import add_distill_args
+    from server.loadgen.load import build_parser as bench_parser
+
     parser = build_parser()
     yield "beastserve", parser
     for name, sub in parser.subcommands.items():
         yield f"beastserve {name}", sub
+    yield "beastserve bench", bench_parser()
+    distill = argparse.ArgumentParser()
+    add_distill_args(distill)
+    yield "beastserve distill-draft", distill
 
 
 def test_every_flag_has_help_that_shows_its_default():
     lacking = []
     for name, parser in _parsers():
         for action in parser._actions:
-            if not action.option_strings or isinstance(action, argparse._HelpAction):
+            if not action.option_strings or isinstance(action, argparse._HelpAction) or action.required:
                 continue
             help_text = action.help or ""
             if not help_text or ("default" not in help_text and not isinstance(action, argparse._StoreTrueAction)):

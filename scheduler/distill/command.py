@@ -32,42 +32,57 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                         help="the model to make a draft for: 'default', a GGUF file or a Hugging Face directory "
                              "[BEASTSERVE_MODEL]")
     parser.add_argument("--out", required=True, help="directory to write the draft and eval.json into")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the draft")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the draft (default: %(default)s)")
     parser.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} or {\"messages\": [...]} lines; "
                                           "default: prompts the target writes itself")
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="answer tokens to generate for training")
-    parser.add_argument("--max-minutes", type=float, default=10.0, help="wall-time cap on generation and training")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="answer tokens to generate for training"
+                                                                      " (default: %(default)s)")
+    parser.add_argument("--max-minutes", type=float, default=10.0, help="wall-time cap on generation and training"
+                                                                        " (default: %(default)s)")
     parser.add_argument("--generation-share", type=float, default=0.5,
-                        help="most of --max-minutes that generating data may take")
+                        help="most of --max-minutes that generating data may take (default: %(default)s)")
     parser.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                         help="store only the draft's own layers, borrowing the target's embeddings and LM head "
-                             "(--no-compact: a self-contained Hugging Face directory)")
-    parser.add_argument("--device", default=env("BEASTSERVE_DEVICE", "auto"), help="auto, cpu or cuda[:N]")
+                             "(--no-compact: a self-contained Hugging Face directory) (default: %(default)s)")
+    parser.add_argument("--device", default=env("BEASTSERVE_DEVICE", "auto"), help="auto, cpu or cuda[:N]"
+                                                                                   " (default: %(default)s)")
     parser.add_argument("--dtype", default=env("BEASTSERVE_DTYPE", "auto"),
-                        help="the target's dtype: for training and evaluation")
+                        help="the target's dtype: for training and evaluation (default: %(default)s)")
     parser.add_argument("--data-dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
                         help="the target's dtype while it writes the training data (default: --dtype); "
                              "bfloat16 generates faster than a float32 target does")
     parser.add_argument("--temperatures", default=",".join(map(str, TEMPERATURES)),
                         type=temperature_list,
-                        help="answers are sampled at these temperatures in turn")
-    parser.add_argument("--max-answer-tokens", type=int, default=256)
-    parser.add_argument("--max-prompt-tokens", type=int, default=64, help="most tokens of a prompt the target writes")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine generates at once")
-    parser.add_argument("--epochs", type=float, default=4.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per training step")
-    parser.add_argument("--top-k", type=int, default=64, help="target logits kept per position")
-    parser.add_argument("--loss", choices=LOSSES, default="kl")
-    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts to evaluate on")
-    parser.add_argument("--eval-tokens", type=int, default=128, help="most tokens per evaluation answer")
+                        help="answers are sampled at these temperatures in turn (default: %(default)s)")
+    parser.add_argument("--max-answer-tokens", type=int, default=256,
+                        help="most tokens of an answer the target writes for training (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=64, help="most tokens of a prompt the target writes"
+                                                                          " (default: %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine generates at once"
+                                                                      " (default: %(default)s)")
+    parser.add_argument("--epochs", type=float, default=4.0, help="passes over the training data"
+                                                                  " (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW) (default: %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per training step"
+                                                                        " (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=64, help="target logits kept per position (default: %(default)s)")
+    parser.add_argument("--loss", choices=LOSSES, default="kl",
+                        help="kl: forward KL to the target; tv: total variation, what acceptance rewards "
+                             "(default: %(default)s)")
+    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts to evaluate on"
+                                                                     " (default: %(default)s)")
+    parser.add_argument("--eval-tokens", type=int, default=128, help="most tokens per evaluation answer"
+                                                                     " (default: %(default)s)")
     parser.add_argument("--eval-speed-prompts", type=int, default=4,
-                        help="of those, answered one at a time, at each depth 1..k and without speculation")
-    parser.add_argument("--k", type=int, default=4, help="tokens drafted per step in the evaluation")
+                        help="of those, answered one at a time, at each depth 1..k and without speculation"
+                             " (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=4, help="tokens drafted per step in the evaluation"
+                                                         " (default: %(default)s)")
     parser.add_argument("--draft-vocab", type=int, default=DEFAULT_SIZE,
                         help="restrict the draft's LM head to the target's N most frequent answer tokens "
-                             "(0: the whole vocabulary)")
-    parser.add_argument("--seed", type=int, default=0)
+                             "(0: the whole vocabulary) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data generation and training"
+                                                            " (default: %(default)s)")
 
 
 def temperature_list(text: str) -> tuple[float, ...]:

@@ -46,35 +46,50 @@ GOODPUT_SLOS = ("ttft", "tpot", "e2e")
 
 # --- arguments -----------------------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_connection_args(p)
-    p.add_argument("--dataset", choices=["synthetic", "jsonl"], default="synthetic")
-    p.add_argument("--dataset-path", type=Path, help="for --dataset jsonl: lines of {\"prompt\", \"output_len\"?}")
-    p.add_argument("--input-len", type=int, default=128, help="synthetic prompt length, in words or token ids")
-    p.add_argument("--output-len", type=int, default=64, help="max_tokens per request (jsonl: where not given)")
+    p.add_argument("--dataset", choices=["synthetic", "jsonl"], default="synthetic", help="where prompts come from"
+                                                                                          " (default: %(default)s)")
+    p.add_argument("--dataset-path", type=Path, help="for --dataset jsonl: lines of {\"prompt\", \"output_len\"?}"
+                                                     " (default: none)")
+    p.add_argument("--input-len", type=int, default=128, help="synthetic prompt length, in words or token ids"
+                                                              " (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=64, help="max_tokens per request (jsonl: where not given)"
+                                                              " (default: %(default)s)")
     p.add_argument("--range-ratio", type=float, default=0.0,
-                   help="synthetic lengths uniform in [len * (1 - r), len * (1 + r)]")
+                   help="synthetic lengths uniform in [len * (1 - r), len * (1 + r)] (default: %(default)s)")
     p.add_argument("--token-ids", action="store_true", help="synthetic prompts as random token ids, not words")
     p.add_argument("--chat", action="store_true", help="send each prompt as a user chat message")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--num-requests", type=int, default=64, help="requests per request rate")
-    p.add_argument("--warmup-requests", type=int, default=1, help="sent all at once first, not counted")
-    p.add_argument("--request-rate", type=parse_rate, default=math.inf, help="requests/s, or inf = all at once")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests per request rate (default: %(default)s)")
+    p.add_argument("--warmup-requests", type=int, default=1, help="sent all at once first, not counted"
+                                                                  " (default: %(default)s)")
+    p.add_argument("--request-rate", type=parse_rate, default=math.inf, help="requests/s, or inf = all at once"
+                                                                             " (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of the arrival gaps: 1 = Poisson, lower = burstier, higher = more even")
-    p.add_argument("--max-concurrency", type=int, help="most requests in flight; later arrivals wait for a slot")
-    p.add_argument("--sweep", type=parse_rates, help="request rates to run one pass each, e.g. 1,2,4,inf")
+                   help="gamma shape of the arrival gaps: 1 = Poisson, lower = burstier, higher = more even"
+                        " (default: %(default)s)")
+    p.add_argument("--max-concurrency", type=int, help="most requests in flight; later arrivals wait for a slot"
+                                                       " (default: none)")
+    p.add_argument("--sweep", type=parse_rates, help="request rates to run one pass each, e.g. 1,2,4,inf"
+                                                     " (default: none)")
     p.add_argument("--goodput", nargs="+", type=parse_slo, metavar="METRIC:MS",
-                   help="SLOs (ttft, tpot, e2e in ms) a request must all meet to count towards goodput")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-json", type=Path)
-    p.add_argument("--out-md", type=Path)
-    p.add_argument("--plot", type=Path, help="PNG of latency and throughput against request rate")
-    p.add_argument("--note", help="a remark written into the results (e.g. about the machine)")
+                   help="SLOs (ttft, tpot, e2e in ms) a request must all meet to count towards goodput"
+                        " (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts and arrival times"
+                                                       " (default: %(default)s)")
+    p.add_argument("--out-json", type=Path, help="write the results as JSON here (default: none)")
+    p.add_argument("--out-md", type=Path, help="write the results as a Markdown table here (default: none)")
+    p.add_argument("--plot", type=Path, help="PNG of latency and throughput against request rate (default: none)")
+    p.add_argument("--note", help="a remark written into the results (e.g. about the machine) (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    args = build_parser(prog).parse_args(argv)
     for name, low in (("input_len", 1), ("output_len", 1), ("num_requests", 1), ("warmup_requests", 0),
                       ("max_concurrency", 1)):
         value = getattr(args, name)
