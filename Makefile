@@ -23,15 +23,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# tests/test_deploy.py needs promtool and kubectl (or kustomize). promtool is taken out of Debian's prometheus
-# package into the venv, so no Prometheus server gets installed or started; kubectl comes with the machine.
+# tests/test_deploy.py needs promtool and kubectl (or kustomize); tests/test_prometheus_server.py needs a
+# Prometheus server. Both binaries come out of one download of Debian's prometheus package into the venv;
+# kubectl comes with the machine.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 deploy-tools: $(VENV)/.installed
-	@command -v promtool >/dev/null 2>&1 || test -x $(VENV)/bin/promtool || { \
+	@( for t in promtool prometheus; do command -v $$t || test -x $(VENV)/bin/$$t || exit 1; done ) >/dev/null 2>&1 || { \
 		tmp=$$(mktemp -d) && cd $$tmp && \
 		{ apt-get download prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && apt-get download prometheus; }; } && \
-		dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > promtool && chmod +x promtool && \
-		mv promtool $(CURDIR)/$(VENV)/bin/promtool && cd / && rm -rf $$tmp; }
+		dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool ./usr/bin/prometheus && \
+		mv usr/bin/promtool usr/bin/prometheus $(CURDIR)/$(VENV)/bin/ && cd / && rm -rf $$tmp; }
 	@command -v kustomize >/dev/null 2>&1 || command -v kubectl >/dev/null 2>&1 || \
 		{ echo "tests/test_deploy.py needs kubectl or kustomize on PATH" >&2; exit 1; }
 

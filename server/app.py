@@ -35,7 +35,10 @@ class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
         prometheus_client.disable_created_metrics()  # *_created series only clutter dashboards
-        self.state = ServerState(config, metrics=ServerMetrics(served_name(config)))
+        engine = config.engine
+        num_draft_positions = engine.num_speculative_tokens if engine.speculative != "off" else 0
+        metrics = ServerMetrics(served_name(config), num_draft_positions=num_draft_positions)
+        self.state = ServerState(config, metrics=metrics)
         self.health = HealthServicer()
         self.stopping = asyncio.Event()
         self.exit_code = 0

@@ -53,7 +53,7 @@ METRIC_NAMES = (
 class ServerMetrics:
     """The daemon's metrics, kept in `self.registry` (a fresh one unless given; never the global)."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None, num_draft_positions: int = 0):
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
         self._http_server = None
@@ -86,7 +86,7 @@ class ServerMetrics:
         self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.")
         self._spec_accepted_per_pos = counter("spec_decode_num_accepted_tokens_per_pos",
                                               "Speculative draft tokens accepted, by draft position.", "position")
-        self._accepted_at: list = []  # children of _spec_accepted_per_pos, created as positions first appear
+        self._accepted_at: list = []  # children of _spec_accepted_per_pos, one per draft position
 
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS_S)
         self.inter_token = histogram("inter_token_latency_seconds", "Time between output tokens.",
@@ -100,6 +100,9 @@ class ServerMetrics:
             self._request_success.labels(model_name, reason)
         for code in COMMON_FAILURE_CODES:
             self._request_failure.labels(model_name, code)
+        # rate() misses a counter's first increase when its series appears with it: a new pod's first
+        # accepted drafts would not show, so every position the engine can draft exists from the start.
+        self._add_draft_positions(num_draft_positions)
 
     def record_step(self, stats: StepStats) -> None:
         self.num_running.set(stats.num_running)
@@ -137,10 +140,13 @@ class ServerMetrics:
         self.spec_drafts.inc(num_drafts)
         self.spec_draft_tokens.inc(num_draft_tokens)
         self.spec_accepted_tokens.inc(sum(accepted_per_position))
-        while len(self._accepted_at) < len(accepted_per_position):
-            self._accepted_at.append(self._spec_accepted_per_pos.labels(self.model_name, str(len(self._accepted_at))))
+        self._add_draft_positions(len(accepted_per_position))
         for child, accepted in zip(self._accepted_at, accepted_per_position):
             child.inc(accepted)
+
+    def _add_draft_positions(self, num_positions: int) -> None:
+        while len(self._accepted_at) < num_positions:
+            self._accepted_at.append(self._spec_accepted_per_pos.labels(self.model_name, str(len(self._accepted_at))))
 
     def start_http_server(self, port: int, host: str = "0.0.0.0") -> None:
         """Serve this registry at http://host:port/metrics from a daemon thread."""

@@ -278,6 +278,7 @@ def test_hpa_metric_is_the_one_prometheus_adapter_serves(builds):
         (series,) = selector_names(rule["seriesQuery"])
         assert {"namespace", "pod"} <= set(rule["resources"]["overrides"]), "a pods metric needs both"
         go_template = re.sub(r"\$\{(\d+)\}", r"\\\1", rule["name"]["as"])
+        assert re.search(rule["name"]["matches"], series), f"the adapter drops {series}: not matched by `matches`"
         served.add(re.sub(rule["name"]["matches"], go_template, series))
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in served
 

@@ -147,6 +147,15 @@ def test_spec_decode_counts_drafts_and_acceptance_per_position():
     assert per_pos == [3, 2, 1, 1, None]
 
 
+def test_every_draft_position_exists_before_the_first_draft():
+    metrics = ServerMetrics(MODEL, num_draft_positions=3)
+    per_pos = [value(metrics, "beastserve_spec_decode_num_accepted_tokens_per_pos_total", position=str(i))
+               for i in range(4)]
+    assert per_pos == [0, 0, 0, None]
+    metrics.record_spec_decode(num_drafts=1, num_draft_tokens=4, accepted_per_position=[1, 1, 1, 1])
+    assert value(metrics, "beastserve_spec_decode_num_accepted_tokens_per_pos_total", position="3") == 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
