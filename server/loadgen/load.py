@@ -89,7 +89,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    args = build_parser(prog).parse_args(argv)
+    p = build_parser(prog)
+    args = p.parse_args(argv)
     for name, low in (("input_len", 1), ("output_len", 1), ("num_requests", 1), ("warmup_requests", 0),
                       ("max_concurrency", 1)):
         value = getattr(args, name)
