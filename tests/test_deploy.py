@@ -324,9 +324,13 @@ def test_image_copies_only_what_its_dockerignore_lets_in(name):
 
 
 def test_cpu_image_pins_the_torch_the_tests_run_on():
-    makefile_pin = re.search(r"torch==([\w.+]+)", (ROOT / "Makefile").read_text()).group(1)
+    makefile = (ROOT / "Makefile").read_text()
+    makefile_pin = re.search(r"^TORCH_VERSION := ([\w.]+)$", makefile, re.M).group(1)
     args = dict(a.split("=", 1) for key, a in dockerfile(DEPLOY / "Dockerfile.cpu") if key == "ARG" and "=" in a)
     assert args["TORCH_VERSION"] == makefile_pin
+    # Both ask for the CPU build by name, from PyTorch's CPU index: a plain torch==X elsewhere is a CUDA build.
+    assert "'torch==$(TORCH_VERSION)+cpu'" in makefile and "--index-url $(TORCH_CPU_INDEX)" in makefile
+    assert re.search(r"^TORCH_CPU_INDEX \?= https://download.pytorch.org/whl/cpu$", makefile, re.M)
 
 
 # --- Alerts, dashboard, and the metrics they query ---------------------------------------------------
