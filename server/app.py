@@ -15,12 +15,13 @@ from grpc_reflection.v1alpha import reflection
 
 from scheduler import Engine, SamplingParams
 from server.async_engine import AsyncEngine
+from server.calls import ServerState
 from server.config import ServerConfig, served_name
 from server.metrics import ServerMetrics
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from server.security import ApiKeyInterceptor, exposure_warning, load_api_keys, server_credentials
-from server.service import SERVICE_NAME, GenerationService, ServerState
+from server.service import SERVICE_NAME, GenerationService
 
 log = logging.getLogger("beastserve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
