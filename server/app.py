@@ -12,6 +12,7 @@ import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from scheduler import Engine, SamplingParams
 from server.async_engine import AsyncEngine
@@ -22,6 +23,8 @@ from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from server.security import ApiKeyInterceptor, exposure_warning, load_api_keys, server_credentials
 from server.service import SERVICE_NAME, GenerationService
+from server.vllm_service import SERVICE_NAME as VLLM_SERVICE_NAME
+from server.vllm_service import VllmEngineService
 
 log = logging.getLogger("beastserve")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -74,8 +77,10 @@ class Daemon:
         interceptors = [ApiKeyInterceptor(load_api_keys(config.api_key_file))] if config.api_key_file else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
+        vpb_grpc.add_VllmEngineServicer_to_server(VllmEngineService(self.state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+                                             VLLM_SERVICE_NAME,
                                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"

@@ -12,12 +12,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
 from scheduler import Engine, SamplingParams
 from scheduler.io.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
+THROUGHPUT_WINDOW_S = 10.0
 
 
 class QueueFullError(Exception):
@@ -43,6 +45,8 @@ class AsyncEngine:
         fault_after = os.environ.get("BEASTSERVE_TEST_FAULT_AFTER_STEPS")
         self._fault_after_steps = int(fault_after) if fault_after else None
         self._num_steps = 0
+        self._calls: list[tuple[Callable, asyncio.AbstractEventLoop, asyncio.Future]] = []  # for the engine thread
+        self._generated = deque()  # (time, tokens) of recent steps, for the generation rate
 
     def start(self) -> None:
         self._thread.start()
@@ -101,6 +105,30 @@ class AsyncEngine:
                 self.engine.abort(request_id)
                 self._wake.set()
 
+    async def run_in_engine_thread(self, fn: Callable):
+        """fn() between two steps (or at once when idle), in the engine's thread, which owns the engine's state."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.append((fn, loop, future))
+        self._wake.set()
+        return await future
+
+    def generation_tokens_per_s(self, window_s: float = THROUGHPUT_WINDOW_S) -> float:
+        """Tokens generated per second over the last window."""
+        now = time.monotonic()
+        recent = [n for t, n in list(self._generated) if t > now - window_s]
+        return sum(recent) / window_s
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, loop, future = self._calls.pop(0)
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
     def abort(self, request_ids: list[str], counted_elsewhere: bool = False) -> list[str]:
         """Abort these requests; counted_elsewhere: their callers count how they ended (a drain ends them
         UNAVAILABLE), so the engine's abort is not counted as a success too."""
@@ -114,6 +142,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self._run_calls()
                 if not self.engine.has_unfinished():
                     self.last_progress = time.monotonic()
                     self._wake.wait(timeout=0.5)
@@ -124,6 +153,7 @@ class AsyncEngine:
                 self.engine.step()
                 self._num_steps += 1
                 self.last_progress = time.monotonic()
+                self._count_generated(self.engine.last_step_stats.num_generation_tokens)
                 if self.metrics is not None:
                     stats = self.engine.last_step_stats
                     self.metrics.record_step(stats)
@@ -134,6 +164,23 @@ class AsyncEngine:
             log.exception("engine step failed; failing %d live requests", len(self._live))
             self.error = exc
             self.engine.fail_all(f"engine fault: {exc!r}")
+
+
+    def _count_generated(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        if num_tokens:
+            self._generated.append((now, num_tokens))
+        while self._generated and self._generated[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._generated.popleft()
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class _TokenTimer:

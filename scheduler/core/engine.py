@@ -145,6 +145,14 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self._pending_add)
 
+    @property
+    def num_waiting_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests not started yet: the queued work a load-aware router weighs."""
+        with self._lock:
+            pending = [live.request for live in self._pending_add]
+        return sum(r.num_prompt_tokens for r in [*list(self.scheduler.waiting), *pending]
+                   if r.num_computed_tokens == 0)
+
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns the outputs it also put on the request streams."""
         start = time.perf_counter()

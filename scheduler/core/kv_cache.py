@@ -118,6 +118,17 @@ class BlockPool:
                 if block.block_hash is None:
                     self.free_blocks.move_to_end(block.block_id, last=False)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; blocks live requests hold stay theirs. Returns how many were forgotten."""
+        forgotten = len(self.cached_blocks)
+        for block in self.cached_blocks.values():
+            block.block_hash = None
+        self.cached_blocks.clear()
+        # A forgotten block is an uncached one: in the free list, it goes first in the eviction order.
+        for block_id in [i for i, b in self.free_blocks.items() if b.block_hash is None]:
+            self.free_blocks.move_to_end(block_id, last=False)
+        return forgotten
+
     def _take(self, block: Block) -> None:
         if block.ref_cnt == 0:
             del self.free_blocks[block.block_id]

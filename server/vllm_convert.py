@@ -1,0 +1,151 @@
+"""Between the gateways' worker protocol (`vllm.grpc.engine`, from the smg-grpc-proto package) and the engine:
+a GenerateRequest into engine inputs, engine outputs into GenerateResponses. Errors name the request field.
+
+The protocol is proto3, so a number the gateway left out reads as 0: where 0 is not a meaningful value
+(top_p, repetition_penalty) it means "unset", as in vLLM's own servicer. A field we cannot honour is refused,
+never ignored."""
+
+from __future__ import annotations
+
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+
+from scheduler import SamplingParams
+from scheduler.io.inputs import InputProcessor
+from scheduler.io.outputs import RequestOutput
+from server.convert import InvalidArgument
+
+MAX_N = 1  # parallel samples: one completion per request for now
+
+# What the engine supports of SamplingParams, field by field (proto name -> SamplingParams name).
+_PLAIN = ("min_p", "frequency_penalty", "presence_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
+          "skip_special_tokens")
+_CONSTRAINTS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
+
+
+def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams, int]:
+    """(prompt token ids, sampling params, logprobs asked for or -1) for a request; InvalidArgument names the field
+    at fault. The engine reports logprobs for at least one alternative, so "0" (the chosen token's only) is
+    asked of it as 1 and cut back on the way out."""
+    refuse_unsupported(request)
+    s = request.sampling_params
+    kwargs = {name: getattr(s, name) for name in _PLAIN}
+    kwargs.update(temperature=s.temperature if s.HasField("temperature") else 1.0, top_p=s.top_p or 1.0,
+                  top_k=s.top_k, repetition_penalty=s.repetition_penalty or 1.0,
+                  max_tokens=s.max_tokens if s.HasField("max_tokens") else None, stop=list(s.stop),
+                  stop_token_ids=list(s.stop_token_ids), seed=s.seed if s.HasField("seed") else None)
+    logprobs = s.logprobs if s.HasField("logprobs") else -1
+    if logprobs < -1 or logprobs == -1 and s.HasField("logprobs"):
+        raise InvalidArgument(f"sampling_params.logprobs: the whole vocabulary's logprobs (-1) are not served; "
+                              f"ask for at most 20, got {logprobs}")
+    kwargs["logprobs"] = max(logprobs, 1) if logprobs >= 0 else 0
+    try:
+        params = SamplingParams(**kwargs)
+        token_ids = prompt_token_ids(request, inputs)
+        inputs.validate(token_ids, params)
+    except ValueError as exc:
+        raise _field_error(exc) from None
+    return token_ids, params, logprobs
+
+
+def refuse_unsupported(request: vpb.GenerateRequest) -> None:
+    s = request.sampling_params
+    if s.n > MAX_N:
+        raise InvalidArgument(f"sampling_params.n: at most {MAX_N} completion per request is served, got {s.n}")
+    if s.HasField("prompt_logprobs"):
+        raise InvalidArgument("sampling_params.prompt_logprobs: prompt logprobs are not served")
+    if s.logit_bias:
+        raise InvalidArgument("sampling_params.logit_bias: logit bias is not served")
+    constraint = s.WhichOneof("constraint")
+    if constraint is not None:
+        raise InvalidArgument(f"sampling_params.{constraint}: structured output is not served")
+    for name in ("mm_inputs", "media_refs", "kv_transfer_params", "kv_transfer_params_json"):
+        if request.HasField(name):
+            raise InvalidArgument(f"{name}: not served (a text-only engine, without disaggregated prefill)")
+    if request.extra_mm_inputs:
+        raise InvalidArgument("extra_mm_inputs: not served (a text-only engine)")
+    if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
+        raise InvalidArgument(f"data_parallel_rank: this worker has one rank (0), got {request.data_parallel_rank}")
+
+
+def prompt_token_ids(request: vpb.GenerateRequest, inputs: InputProcessor) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("input: one of tokenized or text is required")
+    if kind == "text":
+        token_ids = inputs.tokenize(request.text)
+    else:
+        token_ids = list(request.tokenized.input_ids)
+        if not token_ids:
+            raise InvalidArgument("tokenized.input_ids: the prompt must not be empty")
+    s = request.sampling_params
+    if s.HasField("truncate_prompt_tokens"):
+        keep = s.truncate_prompt_tokens
+        if keep == -1:
+            keep = inputs.max_model_len - 1  # vLLM's "the model's most"
+        if keep < 1:
+            raise InvalidArgument(f"sampling_params.truncate_prompt_tokens: must be -1 or >= 1, got {keep}")
+        token_ids = token_ids[-keep:]
+    return token_ids
+
+
+def _field_error(exc: ValueError) -> InvalidArgument:
+    message = str(exc)
+    first = message.split(" ", 1)[0].rstrip(":")
+    if first == "prompt":
+        return InvalidArgument(f"input: {message}")
+    if first in vpb.SamplingParams.DESCRIPTOR.fields_by_name:
+        return InvalidArgument(f"sampling_params.{first}: {message}")
+    return InvalidArgument(message)
+
+
+class ResponseBuilder:
+    """Turns one request's engine outputs into the protocol's messages: a chunk per delta when streaming, and
+    the GenerateComplete at the end (holding every output token when not streaming)."""
+
+    def __init__(self, stream: bool, logprobs: int):
+        self.stream = stream
+        self.logprobs = logprobs
+        self.output_ids: list[int] = []
+        self.lp = vpb.OutputLogProbs()
+
+    def add(self, output: RequestOutput) -> list[vpb.GenerateResponse]:
+        delta_lp = self._logprobs(output)
+        self.output_ids += output.token_ids
+        if delta_lp is not None and not self.stream:
+            self.lp.MergeFrom(delta_lp)
+        messages = []
+        if self.stream and output.token_ids:
+            chunk = vpb.GenerateStreamChunk(token_ids=output.token_ids, prompt_tokens=output.num_prompt_tokens,
+                                            completion_tokens=len(self.output_ids),
+                                            cached_tokens=output.num_cached_tokens)
+            if delta_lp is not None:
+                chunk.output_logprobs.CopyFrom(delta_lp)
+            messages.append(vpb.GenerateResponse(chunk=chunk))
+        if output.finished:
+            messages.append(vpb.GenerateResponse(complete=self._complete(output)))
+        return messages
+
+    def _complete(self, last: RequestOutput) -> vpb.GenerateComplete:
+        complete = vpb.GenerateComplete(
+            output_ids=[] if self.stream else self.output_ids, finish_reason=last.finish_reason,
+            prompt_tokens=last.num_prompt_tokens, completion_tokens=len(self.output_ids),
+            cached_tokens=last.num_cached_tokens)
+        if isinstance(last.stop_reason, str):
+            complete.matched_stop_str = last.stop_reason
+        elif last.stop_reason is not None:
+            complete.matched_token_id = last.stop_reason
+        if last.metrics is not None:
+            complete.spec_draft_tokens = last.metrics.draft_tokens
+            complete.spec_accepted_tokens = last.metrics.accepted_tokens
+        if self.logprobs >= 0 and not self.stream:
+            complete.output_logprobs.CopyFrom(self.lp)
+        return complete
+
+    def _logprobs(self, output: RequestOutput) -> vpb.OutputLogProbs | None:
+        if self.logprobs < 0 or not output.logprobs:
+            return None
+        return vpb.OutputLogProbs(
+            token_logprobs=[lp.logprob for lp in output.logprobs], token_ids=[lp.token_id for lp in output.logprobs],
+            top_logprobs=[vpb.TopLogProbs(values=[v for _, v in lp.top[:self.logprobs]],
+                                          token_ids=[t for t, _ in lp.top[:self.logprobs]])
+                          for lp in output.logprobs])
