@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from scheduler import Engine, SamplingParams
+from scheduler.phases import Phases
 from server.async_engine import AsyncEngine
 from server.config import ServerConfig, served_name
 from server.metrics import ServerMetrics
@@ -100,17 +101,20 @@ class Daemon:
 
     async def _load_engine(self) -> None:
         config = self.config
-        engine = await asyncio.to_thread(Engine, config.engine)
+        phases = Phases()
+        with phases("engine"):
+            engine = await asyncio.to_thread(Engine, config.engine)
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
         async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
         async_engine.start()
-        async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
-            pass
+        with phases("warm-up"):
+            async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
+                pass
         self.state.engine = async_engine
         await self.health.set(SERVICE_NAME, SERVING)
-        log.info("ready")
+        log.info("ready after %.2f s: %s", phases.total, phases)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
