@@ -163,7 +163,8 @@ def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtyp
     phases = Phases()
     with phases("resolve"):
         source = resolve_model(model)
-    log.info("loading %s from %s", model, source.path)
+    name = source.path.stem if source.gguf_file else source.path.resolve().name
+    log.info("loading %s from %s", name, source.path)
     if source.gguf_file and load_format == "auto" and cache_dir != gguf_cache.DISABLED:
         loaded = _load_cached_gguf(source, cache_dir, tokenizer, dtype, device, max_model_len, phases)
     else:
@@ -175,7 +176,7 @@ def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtyp
         with phases("weights"):
             loaded = LoadedModel(config, tok, build_model(config, source, load_format, dtype, device, max_positions),
                                  max_positions)
-    log.info("loaded %s in %.2f s: %s", model, phases.total, phases)
+    log.info("loaded %s in %.2f s: %s", name, phases.total, phases)
     return loaded
 
 
@@ -186,7 +187,9 @@ def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str
         entry = gguf_cache.CacheEntry.for_file(cache_dir, source.path, dtype)
     if entry.is_complete():
         try:
-            return _load_entry(entry, tokenizer, dtype, device, max_model_len, phases)
+            loaded = _load_entry(entry, tokenizer, dtype, device, max_model_len, phases)
+            loaded.config.name_or_path = source.directory  # as a parse of the file says
+            return loaded
         except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, the GGUF file is still there
             log.warning("model cache entry %s is unreadable (%s); rebuilding it", entry.path, exc)
     elif entry.path.exists():
@@ -227,9 +230,9 @@ def _load_entry(entry: gguf_cache.CacheEntry, tokenizer: str | None, dtype: torc
 
 def _parse_gguf(source: ModelSource, dtype: torch.dtype):
     """Config, tokenizer and weights of a GGUF file, its metadata read once for all three."""
-    from scheduler.worker.models.gguf_once import shared_gguf_reader
+    from scheduler.worker.models.gguf_once import gguf_parsed_once
 
-    with shared_gguf_reader():
+    with gguf_parsed_once():
         config = load_config(source)
         tok = load_tokenizer(source)
         return config, tok, _checkpoint_state_dict(source, dtype, config)
