@@ -177,6 +177,14 @@ def test_a_damaged_or_half_written_entry_is_rebuilt_not_trusted(gguf_file, tmp_p
     assert gguf_cache.CacheEntry(entry, gguf_cache.file_sha256(gguf_file)).is_complete()
 
 
+def test_an_error_of_the_request_is_not_blamed_on_the_entry(gguf_file, tmp_path, caplog):
+    load(gguf_file, tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger=LOADER), pytest.raises(ValueError, match="max_model_len"):
+        load_model(str(gguf_file), None, "auto", torch.float32, CPU, 10**6, str(tmp_path / "cache"))
+    assert "rebuilding" not in caplog.text and "building" not in caplog.text
+    assert len(entries(tmp_path / "cache")) == 1
+
+
 def test_a_temporary_directory_left_by_a_crash_is_not_an_entry(gguf_file, tmp_path):
     cache = tmp_path / "cache"
     digest = gguf_cache.file_sha256(gguf_file)

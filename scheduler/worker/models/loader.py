@@ -185,15 +185,37 @@ def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str
     """A GGUF model from its cache entry, after building the entry when there is none to trust."""
     with phases("hash"):
         entry = gguf_cache.CacheEntry.for_file(cache_dir, source.path, dtype)
-    if entry.is_complete():
-        try:
-            loaded = _load_entry(entry, tokenizer, dtype, device, max_model_len, phases)
-            loaded.config.name_or_path = source.directory  # as a parse of the file says
-            return loaded
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, the GGUF file is still there
-            log.warning("model cache entry %s is unreadable (%s); rebuilding it", entry.path, exc)
-    elif entry.path.exists():
-        log.warning("model cache entry %s is incomplete; rebuilding it", entry.path)
+    parsed = _read_entry(entry, source, tokenizer, phases) if entry.is_complete() else None
+    if parsed is None:
+        if entry.path.exists():
+            log.warning("model cache entry %s is incomplete or unreadable; rebuilding it", entry.path)
+        parsed = _build_entry(entry, source, tokenizer, dtype, phases)
+    config, tok, state_dict = parsed
+    max_positions = context_length(config, max_model_len)
+    with phases("to-device"):
+        model = model_from_state_dict(config, state_dict, dtype, device, max_positions)
+    return LoadedModel(config, tok, model, max_positions)
+
+
+def _read_entry(entry: gguf_cache.CacheEntry, source: ModelSource, tokenizer: str | None, phases: Phases):
+    """(config, tokenizer, weights) from the entry, or None when it cannot be read."""
+    cached = ModelSource(str(entry.path))
+    try:
+        with phases("config"):
+            config = load_config(cached)
+            config.name_or_path = source.directory  # as a parse of the file says
+        with phases("tokenizer"):
+            tok = load_tokenizer(tokenizer or cached)
+        with phases("weights"):
+            return config, tok, entry.load_weights()
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, the GGUF file is still there
+        log.warning("model cache entry %s is unreadable (%s)", entry.path, exc)
+        return None
+
+
+def _build_entry(entry: gguf_cache.CacheEntry, source: ModelSource, tokenizer: str | None, dtype: torch.dtype,
+                 phases: Phases):
+    """(config, tokenizer, weights) parsed from the GGUF file, kept in the entry for later starts."""
     entry.remove()
     log.info("building the model cache in %s (once for this file; later starts read it)", entry.path)
     with phases("parse GGUF"):
@@ -207,25 +229,7 @@ def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str
     if tokenizer:
         with phases("tokenizer"):
             tok = load_tokenizer(tokenizer)
-    max_positions = context_length(config, max_model_len)
-    with phases("to-device"):
-        model = model_from_state_dict(config, state_dict, dtype, device, max_positions)
-    return LoadedModel(config, tok, model, max_positions)
-
-
-def _load_entry(entry: gguf_cache.CacheEntry, tokenizer: str | None, dtype: torch.dtype, device: torch.device,
-                max_model_len: int | None, phases: Phases) -> LoadedModel:
-    cached = ModelSource(str(entry.path))
-    with phases("config"):
-        config = load_config(cached)
-    with phases("tokenizer"):
-        tok = load_tokenizer(tokenizer or cached)
-    max_positions = context_length(config, max_model_len)
-    with phases("weights"):
-        state_dict = entry.load_weights()
-    with phases("to-device"):
-        model = model_from_state_dict(config, state_dict, dtype, device, max_positions)
-    return LoadedModel(config, tok, model, max_positions)
+    return config, tok, state_dict
 
 
 def _parse_gguf(source: ModelSource, dtype: torch.dtype):
