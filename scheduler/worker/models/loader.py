@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from scheduler.phases import Phases
-from scheduler.worker.models import gguf_cache
 from scheduler.worker.models.base import CausalLMModel
+from scheduler.worker.models.gguf_cache import DISABLED, CacheEntry
 from scheduler.worker.models.registry import MODELS, model_class
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtyp
         source = resolve_model(model)
     name = source.path.stem if source.gguf_file else source.path.resolve().name
     log.info("loading %s from %s", name, source.path)
-    if source.gguf_file and load_format == "auto" and cache_dir != gguf_cache.DISABLED:
+    if source.gguf_file and load_format == "auto" and cache_dir != DISABLED:
         loaded = _load_cached_gguf(source, cache_dir, tokenizer, dtype, device, max_model_len, phases)
     else:
         with phases("config"):
@@ -184,7 +184,7 @@ def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str
                       device: torch.device, max_model_len: int | None, phases: Phases) -> LoadedModel:
     """A GGUF model from its cache entry, after building the entry when there is none to trust."""
     with phases("hash"):
-        entry = gguf_cache.CacheEntry.for_file(cache_dir, source.path, dtype)
+        entry = CacheEntry.for_file(cache_dir, source.path, dtype)
     parsed = _read_entry(entry, source, tokenizer, phases) if entry.is_complete() else None
     if parsed is None:
         if entry.path.exists():
@@ -197,7 +197,7 @@ def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str
     return LoadedModel(config, tok, model, max_positions)
 
 
-def _read_entry(entry: gguf_cache.CacheEntry, source: ModelSource, tokenizer: str | None, phases: Phases):
+def _read_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, phases: Phases):
     """(config, tokenizer, weights) from the entry, or None when it cannot be read."""
     cached = ModelSource(str(entry.path))
     try:
@@ -213,7 +213,7 @@ def _read_entry(entry: gguf_cache.CacheEntry, source: ModelSource, tokenizer: st
         return None
 
 
-def _build_entry(entry: gguf_cache.CacheEntry, source: ModelSource, tokenizer: str | None, dtype: torch.dtype,
+def _build_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, dtype: torch.dtype,
                  phases: Phases):
     """(config, tokenizer, weights) parsed from the GGUF file, kept in the entry for later starts."""
     entry.remove()
