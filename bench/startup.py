@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.loadgen import machine
-from tests.daemon import free_port
 
 READINESS = "beastserve.v1.Generation"
 
@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one start may take")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ready(address: str) -> bool:
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, start in (("first start", first), ("a later start", later[-1] if later else None)):
         if start is not None:
             print(f"--- {name}: {start['seconds']:.2f} s; its log:\n{start['log']}")
-    print(json.dumps({k: v for k, v in result.items()}, indent=2))
+    print(json.dumps(result, indent=2))
     if args.out:
         result["logs"] = [s["log"] for s in starts]
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
