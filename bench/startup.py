@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="beastserve-startup-") as cache_home:
         starts = [one_start(args.model, cache_home, args.timeout) for _ in range(1 + args.repeats)]
     first, later = starts[0], starts[1:]
-    result = dict(machine=facts, model=args.model, command=" ".join(["python -m bench.startup", *(argv or [])]),
+    shown = sys.argv[1:] if argv is None else argv
+    result = dict(machine=facts, model=args.model, command=" ".join(["python -m bench.startup", *shown]),
                   first_s=first["seconds"], later_s=[s["seconds"] for s in later],
                   later_median_s=statistics.median(s["seconds"] for s in later) if later else None)
     for name, start in (("first start", first), ("a later start", later[-1] if later else None)):
