@@ -3,6 +3,7 @@ half-written or damaged entry is never trusted; a start says what it does and ho
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -162,8 +163,13 @@ def damage_missing_tokenizer(entry):
     (entry / "tokenizer.json").unlink()
 
 
+def damage_other_transformers_version(entry):
+    manifest = json.loads((entry / gguf_cache.MANIFEST).read_text())
+    (entry / gguf_cache.MANIFEST).write_text(json.dumps({**manifest, "transformers": "0.0.1"}))
+
+
 @pytest.mark.parametrize("damage", [damage_without_manifest, damage_truncated_weights, damage_garbled_weights_header,
-                                    damage_missing_tokenizer])
+                                    damage_missing_tokenizer, damage_other_transformers_version])
 def test_a_damaged_or_half_written_entry_is_rebuilt_not_trusted(gguf_file, tmp_path, damage, caplog):
     fresh = load(gguf_file, "off")
     load(gguf_file, tmp_path / "cache")

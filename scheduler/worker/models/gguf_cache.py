@@ -1,10 +1,11 @@
 """A directory of parsed GGUF models, so only the first start pays for the GGUF parser.
 
-One entry per GGUF file's content (sha256 of its bytes: ~0.1 s for the 98 MB default model, cheaper than
-trusting a path or an mtime) and dtype: `config.json`, the tokenizer's files as `save_pretrained` writes
-them (chat template included) and `model.safetensors`, the de-quantised weights, read back memory-mapped.
-An entry is built in a temporary directory and renamed into place, and `entry.json`, written last, lists
-every file with its size: a directory without it, or whose files disagree with it, is never trusted.
+One entry per GGUF file's content and dtype: `config.json`, the tokenizer's files as `save_pretrained`
+writes them (chat template included) and `model.safetensors`, the de-quantised weights, read back
+memory-mapped. The key is the sha256 of the file's bytes, 0.07 s for the 98 MB default model, so no path or
+mtime is trusted. An entry is built in a temporary directory and renamed into place, and `entry.json`,
+written last, lists every file with its size and the transformers version that parsed the file: a
+directory without it, or whose files or version disagree with it, is never trusted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CacheEntry:
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
             return (manifest.get("format") == FORMAT and manifest.get("source_sha256") == self.source_sha256
+                    and manifest.get("transformers") == _transformers_version()
                     and all((self.path / name).stat().st_size == size for name, size in manifest["files"].items()))
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             return False
@@ -75,7 +77,8 @@ class CacheEntry:
                 tokenizer.save_pretrained(tmp)
             save_file(_unshared(state_dict, config), tmp / WEIGHTS)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            manifest = dict(format=FORMAT, source=source_name, source_sha256=self.source_sha256, files=files)
+            manifest = dict(format=FORMAT, source=source_name, source_sha256=self.source_sha256,
+                            transformers=_transformers_version(), files=files)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             _fsync_tree(tmp)
             try:
@@ -85,6 +88,12 @@ class CacheEntry:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _unshared(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
