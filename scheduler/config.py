@@ -30,6 +30,9 @@ class EngineConfig:
     device: str = option("auto", "auto (cuda when present, else cpu), cpu or cuda[:N]")
     dtype: str = option("auto", "weights and activations (auto: bfloat16 on CUDA, float32 on CPU)",
                         ("auto", *_DTYPES))
+    cache_dir: str | None = option(None, "where a GGUF model's parse (config, tokenizer, de-quantised weights) is "
+                                   "kept for later starts (default: $XDG_CACHE_HOME/beastserve, else "
+                                   "~/.cache/beastserve); 'off' parses the GGUF file on every start")
     load_format: str = option("auto", "auto: the checkpoint's weights; dummy: random weights of the real shape",
                               ("auto", "dummy"))
     max_model_len: int | None = option(None, "most tokens of prompt plus output (default: the model's context "

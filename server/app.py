@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from scheduler import Engine, SamplingParams
+from scheduler.phases import Phases
 from server.async_engine import AsyncEngine
 from server.calls import ServerState
 from server.config import ServerConfig, served_name
@@ -112,17 +113,20 @@ class Daemon:
 
     async def _load_engine(self) -> None:
         config = self.config
-        engine = await asyncio.to_thread(Engine, config.engine)
+        phases = Phases()
+        with phases("engine"):
+            engine = await asyncio.to_thread(Engine, config.engine)
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
         async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
         async_engine.start()
-        async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
-            pass
+        with phases("warm-up"):
+            async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
+                pass
         self.state.engine = async_engine
         await self.health.set(SERVICE_NAME, SERVING)
-        log.info("ready")
+        log.info("ready after %.2f s: %s", phases.total, phases)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

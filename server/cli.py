@@ -86,11 +86,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beastserve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        quiet_progress_bars()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"beastserve: {exc}", file=sys.stderr)
         return 2
+
+
+def quiet_progress_bars() -> None:
+    """transformers' and huggingface_hub's tqdm bars redraw a line in place: in a log file, a pile of lines."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def run_serve(args: argparse.Namespace) -> int:

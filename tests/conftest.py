@@ -7,6 +7,20 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache_in_a_temporary_directory(tmp_path_factory):
+    """The default cache place is $XDG_CACHE_HOME/beastserve: tests (and the daemons they start)
+    never read or fill the user's own. Removed at the end: an entry of the default model is 540 MB."""
+    import shutil
+
+    cache_home = tmp_path_factory.mktemp("xdg-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(cache_home))
+    yield cache_home
+    patch.undo()
+    shutil.rmtree(cache_home, ignore_errors=True)
+
+
 def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     from transformers import AutoConfig
 

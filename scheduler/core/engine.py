@@ -51,7 +51,7 @@ class Engine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         target = load_model(config.model, config.tokenizer, config.load_format, self.dtype, self.device,
-                            config.max_model_len)
+                            config.max_model_len, config.cache_dir)
         self.model_config, self.tokenizer, self.model = target.config, target.tokenizer, target.model
         self.sampler = Sampler()
         proposer = build_proposer(ProposerContext(config, target, self.sampler, self.dtype, self.device))

@@ -44,6 +44,15 @@ def fused_kernels_available(device: torch.device) -> bool:
     return True
 
 
+def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV-cache tensor. On the CPU its pages come zeroed from the OS on first touch (numpy's
+    calloc): torch.zeros would write the whole cache, 1 GiB by default, before the first request."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLMModel, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
@@ -52,10 +61,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        def zeros():
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        self.kv_caches = [(zeros(), zeros()) for _ in range(config.num_hidden_layers)]
+        self.kv_caches = [(kv_zeros(shape, dtype, device), kv_zeros(shape, dtype, device))
+                          for _ in range(config.num_hidden_layers)]
         self.fused = fused_kernels_available(device)
         if self.fused and model.fused_ops is None:
             model.use_fused_kernels()

@@ -27,7 +27,7 @@ def load_draft(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, de
         if compact.is_compact(path):
             draft = compact.load_compact(path, target, dtype, device)
         else:
-            draft = load_model(path, None, config.load_format, dtype, device, None)
+            draft = load_model(path, None, config.load_format, dtype, device, None, config.cache_dir)
         vocab = compact.load_vocab(path, target.config.vocab_size)
     except (ValueError, OSError) as exc:
         raise ValueError(f"draft_model: {exc}") from None

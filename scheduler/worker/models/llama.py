@@ -37,19 +37,35 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config, max_positions: int):
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        hf_rotary = LlamaRotaryEmbedding(config)
-        positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, hf_rotary.inv_freq.float())
+        # A model built on the meta device gets its tables computed on the CPU: meta's reference
+        # arange would import torch._dynamo, half a second of every start.
+        device = torch.get_default_device()
+        compute_on = torch.device("cpu") if device.type == "meta" else device
+        inv_freq, attention_scaling = rope_parameters(config, compute_on)
+        positions = torch.arange(max_positions, dtype=torch.float32, device=compute_on)
+        freqs = torch.outer(positions, inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * hf_rotary.attention_scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * hf_rotary.attention_scaling, persistent=False)
+        self.register_buffer("cos", (emb.cos() * attention_scaling).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attention_scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_parameters(config, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, as transformers' LlamaRotaryEmbedding computes them.
+    Its scaled RoPE types come from transformers' table; the default type is its one-line formula,
+    repeated here because importing modeling_llama for it costs ~0.9 s of every start."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = config.rope_parameters["rope_type"]
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device=device)
+    base = config.rope_parameters["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)), 1.0
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +170,10 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config, max_positions: int, qk_norm: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # No random init: the loader assigns the checkpoint's table (or a seeded dummy one), and on the meta
+        # device Embedding's own normal_ would import torch._dynamo, half a second of every start.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, qk_norm) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)

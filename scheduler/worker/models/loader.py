@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 import scheduler.worker.models.hub as hub
+from scheduler.phases import Phases
 from scheduler.worker.models.base import CausalLMModel
+from scheduler.worker.models.gguf_cache import DISABLED, CacheEntry
 from scheduler.worker.models.registry import MODELS, model_class
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,10 @@ class ModelSource:
     @property
     def hf_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory) / self.gguf_file if self.gguf_file else Path(self.directory)
 
 
 def default_model_file() -> Path:
@@ -111,10 +117,11 @@ def model_from_state_dict(config, state_dict: dict[str, torch.Tensor], dtype: to
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _checkpoint_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _checkpoint_state_dict(source: ModelSource, dtype: torch.dtype, config=None) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **source.hf_kwargs)
+    kwargs = {"config": config} if config is not None else {}
+    hf_model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **source.hf_kwargs, **kwargs)
     return {name: tensor.detach() for name, tensor in hf_model.state_dict().items()}
 
 
@@ -146,19 +153,95 @@ class LoadedModel:
 
 
 def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtype, device: torch.device,
-               max_model_len: int | None) -> LoadedModel:
-    """`model` is what EngineConfig.model accepts: "default", a path, or a config (dummy weights)."""
-    if isinstance(model, str):
-        source = resolve_model(model)
-        config = load_config(source)
-        tok = load_tokenizer(tokenizer or source)
-    else:
-        source, config = None, model
-        check_architecture(config)
+               max_model_len: int | None, cache_dir: str | None = None) -> LoadedModel:
+    """`model` is what EngineConfig.model accepts: "default", a path, or a config (dummy weights).
+    A GGUF file's parse is kept under `cache_dir` (None: the default place; "off": not kept)."""
+    if not isinstance(model, str):
+        check_architecture(model)
         tok = load_tokenizer(tokenizer) if tokenizer else None
+        max_positions = context_length(model, max_model_len)
+        return LoadedModel(model, tok, build_model(model, None, load_format, dtype, device, max_positions),
+                           max_positions)
+    phases = Phases()
+    with phases("resolve"):
+        source = resolve_model(model)
+    name = source.path.stem if source.gguf_file else source.path.resolve().name
+    log.info("loading %s from %s", name, source.path)
+    if source.gguf_file and load_format == "auto" and cache_dir != DISABLED:
+        loaded = _load_cached_gguf(source, cache_dir, tokenizer, dtype, device, max_model_len, phases)
+    else:
+        with phases("config"):
+            config = load_config(source)
+        with phases("tokenizer"):
+            tok = load_tokenizer(tokenizer or source)
+        max_positions = context_length(config, max_model_len)
+        with phases("weights"):
+            loaded = LoadedModel(config, tok, build_model(config, source, load_format, dtype, device, max_positions),
+                                 max_positions)
+    log.info("loaded %s in %.2f s: %s", name, phases.total, phases)
+    return loaded
+
+
+def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str | None, dtype: torch.dtype,
+                      device: torch.device, max_model_len: int | None, phases: Phases) -> LoadedModel:
+    """A GGUF model from its cache entry, after building the entry when there is none to trust."""
+    with phases("hash"):
+        entry = CacheEntry.for_file(cache_dir, source.path, dtype)
+    parsed = _read_entry(entry, source, tokenizer, phases) if entry.is_complete() else None
+    if parsed is None:
+        if entry.path.exists():
+            log.warning("model cache entry %s is incomplete or unreadable; rebuilding it", entry.path)
+        parsed = _build_entry(entry, source, tokenizer, dtype, phases)
+    config, tok, state_dict = parsed
     max_positions = context_length(config, max_model_len)
-    return LoadedModel(config, tok, build_model(config, source, load_format, dtype, device, max_positions),
-                       max_positions)
+    with phases("to-device"):
+        model = model_from_state_dict(config, state_dict, dtype, device, max_positions)
+    return LoadedModel(config, tok, model, max_positions)
+
+
+def _read_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, phases: Phases):
+    """(config, tokenizer, weights) from the entry, or None when it cannot be read."""
+    cached = ModelSource(str(entry.path))
+    try:
+        with phases("config"):
+            config = load_config(cached)
+            config.name_or_path = source.directory  # as a parse of the file says
+        with phases("tokenizer"):
+            tok = load_tokenizer(tokenizer or cached)
+        with phases("weights"):
+            return config, tok, entry.load_weights()
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, the GGUF file is still there
+        log.warning("model cache entry %s is unreadable (%s)", entry.path, exc)
+        return None
+
+
+def _build_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, dtype: torch.dtype,
+                 phases: Phases):
+    """(config, tokenizer, weights) parsed from the GGUF file, kept in the entry for later starts."""
+    entry.remove()
+    log.info("building the model cache in %s (once for this file; later starts read it)", entry.path)
+    with phases("parse GGUF"):
+        config, tok, state_dict = _parse_gguf(source, dtype)
+    with phases("write cache"):
+        try:
+            entry.write(config, tok, state_dict, source.gguf_file)
+        except OSError as exc:
+            log.warning("could not write the model cache entry %s (%s); the GGUF file is parsed on every start",
+                        entry.path, exc)
+    if tokenizer:
+        with phases("tokenizer"):
+            tok = load_tokenizer(tokenizer)
+    return config, tok, state_dict
+
+
+def _parse_gguf(source: ModelSource, dtype: torch.dtype):
+    """Config, tokenizer and weights of a GGUF file, its metadata read once for all three."""
+    from scheduler.worker.models.gguf_once import gguf_parsed_once
+
+    with gguf_parsed_once():
+        config = load_config(source)
+        tok = load_tokenizer(source)
+        return config, tok, _checkpoint_state_dict(source, dtype, config)
 
 
 def context_length(config, max_model_len: int | None) -> int:
