@@ -47,6 +47,7 @@ class AsyncEngine:
         self._num_steps = 0
         self._calls: list[tuple[Callable, asyncio.AbstractEventLoop, asyncio.Future]] = []  # for the engine thread
         self._generated = deque()  # (time, tokens) of recent steps, for the generation rate
+        self._kv_followers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []  # engine thread's own
 
     def start(self) -> None:
         self._thread.start()
@@ -113,6 +114,41 @@ class AsyncEngine:
         self._wake.set()
         return await future
 
+    async def follow_kv_cache(self) -> AsyncIterator[list]:
+        """The prefix cache's events (kv_cache.BlockStored, BlockRemoved, CacheCleared), a list per engine step
+        that changed it; the first list is the cache's contents when following began."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        follower = (loop, queue)
+
+        def start() -> list:
+            pool = self.engine.pool
+            contents = pool.record_events(True) if not self._kv_followers else []
+            if self._kv_followers:  # already recording: flush what others have not seen yet, then take a snapshot
+                self._publish_kv_events()
+                contents = [("stored", h, b.parent_hash, b.token_ids) for h, b in pool.cached_blocks.items()]
+            self._kv_followers.append(follower)
+            return contents
+
+        def stop() -> None:
+            self._kv_followers.remove(follower)
+            if not self._kv_followers:
+                self.engine.pool.record_events(False)
+
+        yield await self.run_in_engine_thread(start)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            if self.alive:
+                self._calls.append((stop, loop, loop.create_future()))
+                self._wake.set()
+
+    def _publish_kv_events(self) -> None:
+        events = self.engine.pool.take_events()
+        if events:
+            for loop, queue in self._kv_followers:
+                _post(loop, queue.put_nowait, events)
+
     def generation_tokens_per_s(self, window_s: float = THROUGHPUT_WINDOW_S) -> float:
         """Tokens generated per second over the last window."""
         now = time.monotonic()
@@ -125,9 +161,11 @@ class AsyncEngine:
             try:
                 result = fn()
             except Exception as exc:  # noqa: BLE001 - the caller gets it
-                loop.call_soon_threadsafe(_settle, future, None, exc)
+                _post(loop, _settle, future, None, exc)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                _post(loop, _settle, future, result, None)
+            if self._kv_followers:  # a call may change the cache (a flush)
+                self._publish_kv_events()
 
     def abort(self, request_ids: list[str], counted_elsewhere: bool = False) -> list[str]:
         """Abort these requests; counted_elsewhere: their callers count how they ended (a drain ends them
@@ -154,6 +192,8 @@ class AsyncEngine:
                 self._num_steps += 1
                 self.last_progress = time.monotonic()
                 self._count_generated(self.engine.last_step_stats.num_generation_tokens)
+                if self._kv_followers:
+                    self._publish_kv_events()
                 if self.metrics is not None:
                     stats = self.engine.last_step_stats
                     self.metrics.record_step(stats)
@@ -172,6 +212,14 @@ class AsyncEngine:
             self._generated.append((now, num_tokens))
         while self._generated and self._generated[0][0] < now - THROUGHPUT_WINDOW_S:
             self._generated.popleft()
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """fn(*args) on the loop, from the engine thread; a loop already closed (the server stopping) gets nothing."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:

@@ -133,7 +133,53 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
                                                sha256=digest if last else "")
 
     async def SubscribeKvEvents(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SubscribeKvEvents: not served; route by GetLoads")
+        """The prefix cache's blocks as they are stored and evicted, so a cache-aware router knows exactly what this
+        replica holds. Every subscription opens with the whole cache (cleared, then each cached block stored), so
+        nothing from before it, or from a gap in an earlier subscription, is needed: its batches are numbered on
+        from the subscriber's start_sequence_number."""
+        engine = await self.engine(context)
+        await context.send_initial_metadata(())  # the router waits for the stream to open before anything flows
+        batches = KvEventBatches(request.start_sequence_number, self.state.config.engine.block_size)
+        events = engine.follow_kv_cache()
+        try:
+            contents = await anext(events)
+            yield batches.next([("cleared",), *contents])
+            async for step_events in events:
+                yield batches.next(step_events)
+        finally:
+            await events.aclose()
+
+
+class KvEventBatches:
+    """The protocol's KvEventBatch messages for one subscription: sequence numbers and event ids run on."""
+
+    def __init__(self, start_sequence_number: int, block_size: int):
+        self.sequence_number = start_sequence_number
+        self.event_id = 0
+        self.block_size = block_size
+
+    def next(self, events: list) -> common_pb2.KvEventBatch:
+        self.sequence_number += 1
+        batch = common_pb2.KvEventBatch(sequence_number=self.sequence_number, timestamp=time.time())
+        for event in events:
+            self.event_id += 1
+            batch.events.append(self._event(event))
+        return batch
+
+    def _event(self, event: tuple) -> common_pb2.KvCacheEvent:
+        kind = event[0]
+        if kind == "stored":
+            _, block_hash, parent, token_ids = event
+            stored = common_pb2.KvBlocksStored(blocks=[common_pb2.KvBlock(
+                block_hash=block_hash, token_ids=token_ids, block_size=self.block_size)])
+            if parent is not None:
+                stored.parent_block_hash = parent
+            return common_pb2.KvCacheEvent(event_id=self.event_id, stored=stored)
+        if kind == "removed":
+            return common_pb2.KvCacheEvent(event_id=self.event_id,
+                                           removed=common_pb2.KvBlocksRemoved(block_hashes=[event[1]]))
+        assert kind == "cleared", event
+        return common_pb2.KvCacheEvent(event_id=self.event_id, cleared=common_pb2.KvCacheCleared())
 
 
 def tokenizer_zip(tokenizer) -> bytes:

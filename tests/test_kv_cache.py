@@ -315,3 +315,37 @@ def test_any_admit_and_free_sequence_keeps_counts_and_ends_all_free(case):
     for request in live:
         pool.free(request)
     assert_all_free(pool)
+
+
+def test_events_tell_a_follower_exactly_what_the_cache_holds():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    before = make_request("before", [1, 2, 3, 4, 5])
+    admit(pool, before)
+    contents = pool.record_events(True)  # a follower joins: the cache so far, each block after its parent
+    assert [(e[0], e[3]) for e in contents] == [("stored", (1, 2)), ("stored", (3, 4))]
+    assert contents[1][2] == contents[0][1] and contents[0][2] is None
+    pool.free(before)
+
+    mirror = {h: tokens for _, h, _, tokens in contents}
+
+    def follow() -> None:
+        for event in pool.take_events():
+            if event[0] == "stored":
+                mirror[event[1]] = event[3]
+            elif event[0] == "removed":
+                del mirror[event[1]]
+            else:
+                mirror.clear()
+        assert mirror == {h: b.token_ids for h, b in pool.cached_blocks.items()}
+
+    for i, prompt in enumerate([[6, 7, 8, 9], [1, 2, 3, 4, 10], [11, 12, 13, 14, 15, 16, 17]]):
+        request = make_request(f"r{i}", prompt)
+        admit(pool, request)  # the last one evicts cached blocks to fit
+        follow()
+        pool.free(request)
+    assert pool.reset_prefix_cache() > 0
+    follow()
+    assert mirror == {} and pool.take_events() == []
+    pool.record_events(False)
+    admit(pool, make_request("unfollowed", [1, 2, 3]))
+    assert pool.events is None and pool.take_events() == []

@@ -199,8 +199,7 @@ def test_flush_cache_drops_the_prefix_cache(engine):
 
 
 @pytest.mark.parametrize("method, request_", [("Embed", {"request_id": "e", "tokenized": {"input_ids": [1]}}),
-                                              ("StartProfile", {}), ("StopProfile", {}),
-                                              ("SubscribeKvEvents", {})])
+                                              ("StartProfile", {}), ("StopProfile", {})])
 def test_what_is_not_served_says_so(engine, method, request_):
     with pytest.raises(grpc.RpcError) as info:
         engine.call(method, request_)
@@ -266,3 +265,29 @@ def test_health_turns_unhealthy_while_draining(tiny_text_model_dir, tmp_path):
         assert daemon.proc.wait(timeout=30) == 0
     finally:
         daemon.close()
+
+
+def test_kv_events_follow_the_prefix_cache_from_its_contents_on(engine):
+    prompt = list(range(200, 240))  # two full blocks and a part
+    engine.call("Generate", generate(prompt, max_tokens=1))
+    events = engine.stream("SubscribeKvEvents", {"start_sequence_number": 41}, timeout=30)
+    opening = next(events)
+    # Numbered on from where the subscriber says it is, opening with the whole cache.
+    assert opening["sequence_number"] == "42" and "cleared" in opening["events"][0]
+    known = {int(b["block_hash"]): b for e in opening["events"][1:] for b in e["stored"]["blocks"]}
+    first, second = (known[h] for h in known if known[h]["token_ids"] in (prompt[:16], prompt[16:32]))
+    assert first["token_ids"] == prompt[:16] and second["token_ids"] == prompt[16:32]
+
+    fresh = list(range(300, 340))
+    engine.call("Generate", generate(fresh, max_tokens=1))
+    batch = next(events)
+    assert batch["sequence_number"] == "43"
+    stored = [e["stored"] for e in batch["events"]]
+    assert [b["token_ids"] for s_ in stored for b in s_["blocks"]] == [fresh[:16], fresh[16:32]]
+    # Each block names the one before it, as a router chains them.
+    assert "parent_block_hash" not in stored[0]
+    assert stored[1]["parent_block_hash"] == stored[0]["blocks"][0]["block_hash"]
+
+    engine.call("FlushCache", {"timeout_s": 5})
+    assert "cleared" in next(events)["events"][0]
+    events.call.cancel()

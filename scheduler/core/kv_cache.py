@@ -19,6 +19,16 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: int | None = None  # set once the block is full and its content is computed
+    # What a cached block holds, for whoever follows the cache's contents (KV events for a router).
+    token_ids: tuple[int, ...] = ()
+    parent_hash: int | None = None
+
+
+# What the cache's contents do, in order, for routers that mirror them: a block now cached (its hash, the hash of
+# the block before it, its tokens), a cached block evicted, or the whole cache forgotten.
+BlockStored = tuple[str, int, int | None, tuple[int, ...]]  # ("stored", hash, parent hash, token ids)
+BlockRemoved = tuple[str, int]  # ("removed", hash)
+CacheCleared = tuple[str]  # ("cleared",)
 
 
 class BlockPool:
@@ -35,6 +45,7 @@ class BlockPool:
         self.req_hashes: dict[str, list[int]] = {}  # hashes of the request's full computed blocks
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.events: list | None = None  # recorded only while someone follows them (see record_events)
 
     @property
     def num_free_blocks(self) -> int:
@@ -103,7 +114,11 @@ class BlockPool:
             block = blocks[i]
             if block.block_hash is None and block_hash not in self.cached_blocks:
                 block.block_hash = block_hash
+                block.parent_hash = parent
+                block.token_ids = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
                 self.cached_blocks[block_hash] = block
+                if self.events is not None:
+                    self.events.append(("stored", block_hash, parent, block.token_ids))
 
     def free(self, request: Request) -> None:
         """Return a request's blocks. Tail blocks go first into the eviction order, so a
@@ -124,6 +139,8 @@ class BlockPool:
         for block in self.cached_blocks.values():
             block.block_hash = None
         self.cached_blocks.clear()
+        if self.events is not None:
+            self.events.append(("cleared",))
         # A forgotten block is an uncached one: in the free list, it goes first in the eviction order.
         for block_id in [i for i, b in self.free_blocks.items() if b.block_hash is None]:
             self.free_blocks.move_to_end(block_id, last=False)
@@ -138,8 +155,21 @@ class BlockPool:
         block = next(iter(self.free_blocks.values()))
         if block.block_hash is not None:
             del self.cached_blocks[block.block_hash]
+            if self.events is not None:
+                self.events.append(("removed", block.block_hash))
             block.block_hash = None
         return block
+
+    def record_events(self, on: bool) -> list[BlockStored]:
+        """Start (or stop) recording what the cache does. Starting returns the cache's contents as stored events,
+        each block after the one before it, so a follower that starts from them misses nothing."""
+        self.events = [] if on else None
+        return [("stored", h, b.parent_hash, b.token_ids) for h, b in self.cached_blocks.items()] if on else []
+
+    def take_events(self) -> list:
+        """The events recorded since the last call."""
+        events, self.events = self.events, ([] if self.events is not None else None)
+        return events or []
 
 
 def _block_hash(parent: int | None, tokens: list[int]) -> int:
