@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.daemon import free_port
+from tests.daemon import LoggedProcess, free_port
 
 
 def smg_binary() -> str:
@@ -24,19 +22,17 @@ def smg_binary() -> str:
     return found
 
 
-class Gateway:
+class Gateway(LoggedProcess):
     """`smg launch` routing to the given worker addresses (host:port, gRPC) with the given flags; stopped with
     SIGTERM on close()."""
 
     def __init__(self, worker_addresses: list[str], *flags: str, log_path: Path):
         self.port, self.metrics_port = free_port(), free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_path
         cmd = [smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(self.port),
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.metrics_port),
                "--worker-urls", *(f"grpc://{address}" for address in worker_addresses), "--backend", "vllm", *flags]
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT)
+        super().__init__(cmd, log_path)
 
     def wait_ready(self, model_name: str, timeout: float = 120) -> Gateway:
         """Until /models lists the model and a one-token completion of it succeeds: the gateway lists a worker
@@ -61,18 +57,3 @@ class Gateway:
         request = urllib.request.Request(self.base_url + path, data=data, headers={"content-type": "application/json"})
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
-
-    def log(self) -> str:
-        self.log_file.flush()
-        return self.log_path.read_text()
-
-    def close(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        finally:
-            self.log_file.close()
