@@ -123,13 +123,12 @@ class OpenAIBackend:
         # No retries: a retried request would be timed as one slow success.
         self.client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key or "none",
                                          timeout=args.timeout, max_retries=0)
-        self.errors = openai.APIError, openai.APIStatusError
+        self.openai = openai  # imported here: the gRPC load needs no openai package
 
     async def facts(self) -> ServerFacts:
-        api_error, _ = self.errors
         try:
             models = [model async for model in self.client.models.list()]
-        except api_error as exc:
+        except self.openai.APIError as exc:
             raise ServerError(f"GET {self.endpoint}/models: {type(exc).__name__}: {exc}") from exc
         if not models:
             raise ValueError(f"{self.endpoint}/models lists no model")
@@ -144,15 +143,15 @@ class OpenAIBackend:
 
     async def send(self, request: Request) -> Record:
         record, chunk_times, usage = Record(prompt_tokens=request.prompt_len), [], None
-        api_error, status_error = self.errors
         start = time.perf_counter()
         try:
             async for chunk in await self.create(request):
                 if chunk.choices and chunk_text(chunk.choices[0]):
                     chunk_times.append(time.perf_counter())
                 usage = chunk.usage or usage
-        except api_error as exc:
-            record.error = f"HTTP {exc.status_code}" if isinstance(exc, status_error) else type(exc).__name__
+        except self.openai.APIError as exc:
+            status = isinstance(exc, self.openai.APIStatusError)
+            record.error = f"HTTP {exc.status_code}" if status else type(exc).__name__
             return record
         end = time.perf_counter()
         output_tokens = usage.completion_tokens if usage else len(chunk_times)
