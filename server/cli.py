@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_passthrough_command(sub, "distill-draft", "make a draft model for speculative decoding",
                             "scheduler.distill.command")
     add_client_commands(sub)
-    add_passthrough_command(sub, "bench", "load-test a running daemon (TTFT, TPOT, ITL, throughput)",
-                            "server.loadgen.load")
+    add_passthrough_command(sub, "bench", "load-test a running daemon or OpenAI-compatible server (TTFT, TPOT, ITL, "
+                            "throughput)", "server.loadgen.load")
     parser.subcommands = sub.choices  # name -> that command's parser
     return parser
 

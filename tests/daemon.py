@@ -23,18 +23,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Daemon:
+class LoggedProcess:
+    """A subprocess with its output in a log file; stopped with SIGTERM on close()."""
+
+    def __init__(self, cmd: list[str], log_path: Path, **popen):
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, **popen)
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self, timeout: float = 60) -> int:
+        self.terminate()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        finally:
+            self.log_file.close()
+
+
+class Daemon(LoggedProcess):
     """`beastserve serve` with the given flags; stopped with SIGTERM on close()."""
 
     def __init__(self, model: str, *flags: str, log_path: Path, channel_credentials=None, env=None):
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags]
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        super().__init__(cmd, log_path, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         self.channel_credentials = channel_credentials
 
     def channel(self, **options) -> grpc.Channel:
@@ -60,24 +84,6 @@ class Daemon:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"daemon not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self.log_file.flush()
-        return self.log_path.read_text()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def close(self, timeout: float = 60) -> int:
-        self.terminate()
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        finally:
-            self.log_file.close()
 
 
 def serve_for_module(model, tmp_path_factory, *flags: str):

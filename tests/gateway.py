@@ -1,85 +1,73 @@
-"""Start the real gateway (smg, from PyPI) in a subprocess in front of daemons, for end-to-end tests."""
+"""Start the smg gateway in a subprocess on free loopback ports, in front of running daemons, for end-to-end tests
+of the OpenAI API it serves over the daemons' vllm.grpc.engine.VllmEngine service."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.daemon import free_port
+from tests.daemon import LoggedProcess, free_port
 
 HEALTH_INTERVAL_S = 1  # the gateway asks each worker's HealthCheck this often (its default is 60 s)
 
 
 def smg_binary() -> str:
-    found = shutil.which("smg") or str(Path(sys.executable).parent / "smg")
-    if not Path(found).is_file():
-        raise RuntimeError("the smg gateway is not installed; run `make install-dev` (it installs smg from PyPI)")
+    beside_python = Path(sys.executable).with_name("smg")
+    found = str(beside_python) if beside_python.exists() else shutil.which("smg")
+    if found is None:
+        raise RuntimeError(f"the smg gateway is not installed (not beside {sys.executable}, not on PATH): "
+                           "run `make install-dev`")
     return found
 
 
-class Gateway:
-    """`smg launch --backend vllm` in front of the given daemons' gRPC addresses; killed on close()."""
+class Gateway(LoggedProcess):
+    """`smg launch` routing to the given worker addresses (host:port, gRPC) with the given flags; stopped with
+    SIGTERM on close(). Workers are health-checked every second and taken out at the first failure."""
 
     def __init__(self, worker_addresses: list[str], *flags: str, log_path: Path):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [smg_binary(), "launch", "--backend", "vllm", "--host", "127.0.0.1", "--port", str(self.port),
-               "--worker-urls", *(f"grpc://{a}" for a in worker_addresses),
+        self.port, self.metrics_port = free_port(), free_port()
+        self.root_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.root_url + "/v1"
+        cmd = [smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(self.port),
+               "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.metrics_port),
+               "--worker-urls", *(f"grpc://{address}" for address in worker_addresses), "--backend", "vllm",
                "--health-check-interval-secs", str(HEALTH_INTERVAL_S), "--health-failure-threshold", "1",
-               "--health-success-threshold", "1", "--log-level", "info",
-               "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), *flags]
-        self.log_path = log_path
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT)
+               "--health-success-threshold", "1", *flags]
+        super().__init__(cmd, log_path)
 
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.base_url + path, timeout=5) as response:
-            return json.loads(response.read())
-
-    def complete(self, model: str) -> bool:
-        body = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 1}).encode()
-        request = urllib.request.Request(self.base_url + "/v1/completions", body, {"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status == 200
-        except urllib.error.HTTPError:
-            return False
-
-    def healthy_workers(self) -> set[str]:
-        return {w["url"].removeprefix("grpc://") for w in self.get("/workers")["workers"] if w["is_healthy"]}
-
-    def wait_ready(self, num_workers: int = 1, timeout: float = 60) -> Gateway:
-        """Until the gateway lists its workers as healthy and serves the model list."""
+    def wait_ready(self, model_name: str | None = None, num_workers: int = 1, timeout: float = 120) -> Gateway:
+        """Until every worker is healthy, /models lists the model (default: the first listed) and a one-token
+        completion of it succeeds: the gateway lists a worker before it has the tokenizer, which it fetches from
+        the worker."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"smg exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                models = self.get("/v1/models")["data"]
-                # Ready once it routes to every worker and has registered the tokenizer it fetched from them.
-                if len(self.healthy_workers()) >= num_workers and models and self.complete(models[0]["id"]):
+                listed = [m["id"] for m in self.call("/models").get("data", [])]
+                name = model_name or (listed[0] if listed else None)
+                probe = dict(model=name, prompt="hi", max_tokens=1)
+                if (name in listed and len(self.healthy_workers()) >= num_workers
+                        and self.call("/completions", probe).get("choices")):
                     return self
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, an error status, or not JSON yet
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"gateway not ready after {timeout} s:\n{self.log()[-5000:]}")
+        raise TimeoutError(f"smg not serving {model_name or 'a model'} after {timeout} s:\n{self.log()[-5000:]}")
 
-    def log(self) -> str:
-        self.log_file.flush()
-        return self.log_path.read_text(errors="replace")
+    def healthy_workers(self) -> set[str]:
+        """host:port of the workers the gateway routes to now."""
+        with urllib.request.urlopen(self.root_url + "/workers", timeout=5) as response:
+            workers = json.loads(response.read())["workers"]
+        return {w["url"].removeprefix("grpc://") for w in workers if w["is_healthy"]}
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
+    def call(self, path: str, body: dict | None = None) -> dict:
+        """GET path, or POST body to it, as JSON; raises urllib.error.HTTPError on an error status."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())

@@ -37,7 +37,7 @@ def gateway(default_daemon, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdk(gateway):
-    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_cache_aware_routing_sends_a_shared_prefix_to_the_replica_holding_it(rep
     gateway = Gateway([d.address for d in replicas], "--policy", "cache_aware", log_path=tmp_path / "smg.log")
     try:
         gateway.wait_ready(num_workers=2)
-        sdk = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60)
         model = sdk.models.list().data[0].id
         prefixes = [" ".join(f"{topic} fact {i}." for i in range(60)) for topic in ("ocean", "mountain", "desert")]
         before = [hits(d) for d in replicas]
@@ -176,7 +176,7 @@ def test_a_draining_replica_leaves_rotation_and_its_accepted_requests_finish(rep
     gateway = Gateway([survivor.address, leaving.address], "--policy", "round_robin", log_path=tmp_path / "smg.log")
     try:
         gateway.wait_ready(num_workers=2)
-        sdk = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60)
         model = sdk.models.list().data[0].id
         with Client(leaving.address, timeout=60) as client:
             # Held by the leaving replica through its drain: it must still be answered in full.
@@ -209,7 +209,7 @@ def test_killing_a_replica_under_load_loses_nothing_the_survivor_accepted(replic
                       log_path=tmp_path / "smg.log")
     try:
         gateway.wait_ready(num_workers=2)
-        sdk = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60)
         model = sdk.models.list().data[0].id
         before = successes(survivor)
 

@@ -1,17 +1,23 @@
 """The load generator: arrivals have the asked-for rate and burstiness, goodput counts only requests meeting every SLO,
-and a run against a real (tiny) daemon reports numbers that agree with each other."""
+a run against a real (tiny) daemon reports numbers that agree with each other, and the same load over the OpenAI API
+(the daemon behind the real smg gateway) reports the same things in the same shape."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
 from server import cli
+from server.loadgen.backends import spread_tokens
 from server.loadgen.load import Record, arrival_intervals, main, summarize
 from tests.daemon import Daemon
+from tests.gateway import Gateway
+
+SERVED_MODEL = "tiny-llama"
 
 
 @pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])
@@ -52,7 +58,7 @@ def test_summary_counts_failures_by_code_and_skips_one_token_answers_in_tpot():
 @pytest.fixture(scope="module")
 def daemon(tiny_text_model_dir, tmp_path_factory):
     path, _ = tiny_text_model_dir
-    d = Daemon(path, log_path=tmp_path_factory.mktemp("log") / "daemon.log")
+    d = Daemon(path, "--served-model-name", SERVED_MODEL, log_path=tmp_path_factory.mktemp("log") / "daemon.log")
     yield d.wait_ready()
     assert d.close() == 0
 
@@ -121,3 +127,95 @@ def test_comparison_puts_runs_side_by_side_with_throughput_ratio_to_the_first():
                                                       ["| inf", "ngram"]]
     assert "| 20.0 (2.00x) |" in rows[1] and "| 10.0 |" in rows[0]
     assert "- ngram: drafts" in markdown and markdown.startswith("# Serving load on X")
+
+
+@pytest.mark.parametrize(("chunk_times", "output_tokens", "tokens_per_chunk"), [
+    ([1.0, 2.0, 3.0], 3, [1, 1, 1]),  # one token a chunk: exact
+    ([1.0, 2.0, 3.0], 8, [1, 4, 3]),  # the first taken as one; the rest shared as evenly as whole tokens go
+    ([1.0], 5, [5]),  # everything in one chunk, like a gRPC message of five tokens
+    ([], 0, []),
+])
+def test_http_chunks_share_the_usage_count_of_tokens(chunk_times, output_tokens, tokens_per_chunk):
+    spread = spread_tokens(chunk_times, output_tokens)
+    assert [n for _, n in spread] == tokens_per_chunk and [t for t, _ in spread] == chunk_times
+    assert sum(tokens_per_chunk) == output_tokens
+
+
+@pytest.fixture(scope="module")
+def gateway(daemon, tmp_path_factory):
+    g = Gateway([daemon.address], log_path=tmp_path_factory.mktemp("log") / "gateway.log")
+    try:
+        g.wait_ready(SERVED_MODEL)
+    except BaseException:
+        g.close()
+        raise
+    yield g
+    assert g.close() == 0
+
+
+def run_load(out_json, *flags: str) -> dict:
+    assert main(["--num-requests", "6", "--request-rate", "inf", "--input-len", "16", "--output-len", "8",
+                 "--ignore-eos", "--no-progress", "--out-json", str(out_json), *flags]) == 0
+    return json.loads(out_json.read_text())
+
+
+def shape(value):
+    """The keys at every level, the values left out."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(item) for item in value]
+    return "value"
+
+
+def table_shape(markdown: str) -> list[str]:
+    return [re.sub(r"\d[\d.,]*", "#", line) for line in markdown.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_openai_backend_through_the_gateway_reports_like_grpc(daemon, gateway, chat, tmp_path):
+    chat_flags = ["--chat"] if chat else []
+    http = run_load(tmp_path / "http.json", "--backend", "openai", "--base-url", gateway.base_url, *chat_flags)
+    grpc_run = run_load(tmp_path / "grpc.json", "--address", daemon.address, *chat_flags)
+    assert http["server"] == dict(backend="openai", address=gateway.base_url, model=SERVED_MODEL,
+                                  max_model_len=None)  # smg's /models does not give it
+    assert grpc_run["server"] == dict(backend="grpc", address=daemon.address, model=SERVED_MODEL, max_model_len=512)
+    (row,) = http["passes"]
+    assert (row["completed"], row["failed"]) == (6, 0)
+    assert row["total_output_tokens"] == 6 * 8  # EOS ignored: exactly max_tokens each, by the server's usage
+    assert row["total_input_tokens"] == grpc_run["passes"][0]["total_input_tokens"]  # the same prompts, same count
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        d = row[f"{name}_ms"]
+        assert 0 < d["median"] <= d["p90"] <= d["p99"] < 60_000, name
+    assert row["ttft_ms"]["p99"] <= row["e2e_ms"]["p99"]
+    # ITL spans first to last content chunk; TPOT also the tail to the stream's end (the usage chunk).
+    assert 0.5 * row["tpot_ms"]["mean"] <= row["itl_ms"]["mean"] <= row["tpot_ms"]["mean"]
+    assert shape(http) == shape(grpc_run)
+    from server.loadgen.report import to_markdown
+
+    assert table_shape(to_markdown(http)) == table_shape(to_markdown(grpc_run))
+
+
+def test_openai_backend_reports_refused_requests_by_http_status(gateway, tmp_path):
+    out_json = tmp_path / "refused.json"
+    # 1000 output tokens never fit the tiny model's 512-token context: the gateway answers 400 for each.
+    assert main(["--backend", "openai", "--base-url", gateway.base_url, "--model", SERVED_MODEL, "--num-requests",
+                 "2", "--output-len", "1000", "--warmup-requests", "0", "--no-progress",
+                 "--out-json", str(out_json)]) == 0
+    (row,) = json.loads(out_json.read_text())["passes"]
+    assert (row["completed"], row["failed"], row["failures"]) == (0, 2, {"HTTP 400": 2})
+
+
+def test_openai_backend_refuses_a_model_the_server_does_not_list(gateway, capsys):
+    assert main(["--backend", "openai", "--base-url", gateway.base_url, "--model", "no-such-model",
+                 "--no-progress"]) == 2
+    assert "--model 'no-such-model' is not served" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--base-url", "http://x/v1"], ["--model", "m"],
+                                  ["--backend", "openai", "--token-ids"],
+                                  ["--backend", "openai", "--tls-ca-file", "ca.pem"]])
+def test_flags_of_the_other_backend_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "backend" in capsys.readouterr().err

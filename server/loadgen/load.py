@@ -1,9 +1,11 @@
-"""Serving benchmark against a running daemon, in the manner of vLLM's benchmark_serving.py: requests arrive
-at a Poisson (or gamma) rate over streaming gRPC calls; it reports throughput, goodput and the TTFT, TPOT, ITL
-and end-to-end latency distributions, for one request rate or a sweep of them.
+"""Serving benchmark against a running server, in the manner of vLLM's benchmark_serving.py: requests arrive
+at a Poisson (or gamma) rate over streaming gRPC calls to the daemon or streaming requests to an OpenAI-compatible
+HTTP server (vLLM's, or beastserve behind a gateway); it reports throughput, goodput and the TTFT, TPOT, ITL and
+end-to-end latency distributions, for one request rate or a sweep of them.
 
     python -m server.loadgen.load --address 127.0.0.1:50051 --num-requests 64 --input-len 128 --output-len 64 \\
         --ignore-eos --sweep 0.5,1,2,inf --plot load.png      # also: beastserve bench ...
+    python -m server.loadgen.load --backend openai --base-url http://127.0.0.1:8000/v1 --ignore-eos ...
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 from tqdm import tqdm
 
 from server.cli_client import _add_connection_args
-from server.client import READINESS_SERVICE, AsyncClient
+from server.loadgen.backends import BACKENDS, DEFAULT_BASE_URL, Record, Request, ServerError, open_backend
 from server.loadgen.machine import machine_facts
 from server.loadgen.report import plot, rate_label, to_markdown
 
@@ -48,6 +48,12 @@ GOODPUT_SLOS = ("ttft", "tpot", "e2e")
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=BACKENDS, default="grpc",
+                   help="grpc: the daemon's streaming RPC at --address; openai: an OpenAI-compatible HTTP server at"
+                        " --base-url (default: %(default)s)")
+    p.add_argument("--base-url", help=f"for --backend openai: the API's root (default: {DEFAULT_BASE_URL})")
+    p.add_argument("--model", help="for --backend openai: the model to ask for (default: the first that GET"
+                                   " /models lists)")
     _add_connection_args(p)
     p.add_argument("--dataset", choices=["synthetic", "jsonl"], default="synthetic", help="where prompts come from"
                                                                                           " (default: %(default)s)")
@@ -106,7 +112,24 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         p.error("--plot needs matplotlib (pip install matplotlib, or the dev extra)")
     if args.chat and args.token_ids:
         p.error("--chat sends text; it cannot go with --token-ids")
+    check_backend_args(p, args)
     return args
+
+
+def check_backend_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.backend == "grpc":
+        for name in ("base_url", "model"):
+            if getattr(args, name) is not None:
+                p.error(f"--{name.replace('_', '-')} is for --backend openai")
+        return
+    args.base_url = args.base_url or DEFAULT_BASE_URL
+    for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        if getattr(args, name) is not None:
+            p.error(f"--{name.replace('_', '-')} is for --backend grpc (give an https:// --base-url instead)")
+    if args.token_ids:
+        p.error("--token-ids needs --backend grpc: the vocabulary size comes from the daemon")
+    if importlib.util.find_spec("openai") is None:
+        p.error("--backend openai needs the openai package (pip install openai, or the dev extra)")
 
 
 def parse_rate(text: str) -> float:
@@ -131,13 +154,6 @@ def parse_slo(text: str) -> tuple[str, float]:
 
 
 # --- workload ------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Request:
-    prompt: str | list[int]
-    prompt_len: int  # an estimate until the daemon's usage says
-    output_len: int
-
 
 def synthetic_requests(n: int, args: argparse.Namespace, vocab_size: int, rng: np.random.Generator) -> list[Request]:
     input_lens = uniform_lengths(args.input_len, args.range_ratio, n, rng)
@@ -185,51 +201,7 @@ def arrival_intervals(n: int, rate: float, burstiness: float, rng: np.random.Gen
 
 # --- running -------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Record:
-    """One request as the client saw it; times in seconds from sending it."""
-    prompt_tokens: int
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    ttft: float = 0.0
-    e2e: float = 0.0
-    itl: list[float] = field(default_factory=list)  # one entry per token after the first message's
-    error: str | None = None  # the status code's name
-
-    @property
-    def tpot(self) -> float:
-        # The first token's time is TTFT; a one-token answer has no time per further token.
-        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
-
-
-async def send(client: AsyncClient, request: Request, args: argparse.Namespace) -> Record:
-    record = Record(prompt_tokens=request.prompt_len)
-    params = dict(max_tokens=request.output_len, temperature=args.temperature, ignore_eos=args.ignore_eos)
-    if args.chat:
-        params["chat"] = [{"role": "user", "content": request.prompt}]
-    else:
-        params["prompt"] = request.prompt
-    start = last = time.perf_counter()
-    try:
-        async for response in client.stream(**params):
-            now, num_tokens = time.perf_counter(), len(response.token_ids)
-            if num_tokens:
-                if record.output_tokens:
-                    # A message carries several tokens when the client falls behind; each gets its share of the gap.
-                    record.itl += [(now - last) / num_tokens] * num_tokens
-                else:
-                    record.ttft = now - start
-                last = now
-                record.output_tokens += num_tokens
-            if response.HasField("usage"):
-                record.prompt_tokens, record.cached_tokens = response.usage.prompt_tokens, response.usage.cached_tokens
-        record.e2e = time.perf_counter() - start
-    except grpc.aio.AioRpcError as exc:
-        record.error = exc.code().name
-    return record
-
-
-async def run_pass(client: AsyncClient, requests: list[Request], intervals: np.ndarray, args: argparse.Namespace,
+async def run_pass(backend, requests: list[Request], intervals: np.ndarray, args: argparse.Namespace,
                    desc: str) -> tuple[list[Record], float]:
     """Sends request i at the sum of intervals[1..i] (the first at once); returns the records and the seconds
     from the first send to the last answer."""
@@ -238,7 +210,7 @@ async def run_pass(client: AsyncClient, requests: list[Request], intervals: np.n
 
     async def one(request: Request) -> Record:
         async with slots or contextlib.nullcontext():
-            record = await send(client, request, args)
+            record = await backend.send(request)
         bar.update(1)
         return record
 
@@ -304,36 +276,36 @@ async def run(args: argparse.Namespace) -> dict:
     machine = machine_facts(python=platform.python_version())
     slos = dict(args.goodput) if args.goodput else None
     rates = args.sweep or [args.request_rate]
-    async with AsyncClient(args.address, api_key=args.api_key, tls_ca_file=args.tls_ca_file,
-                           tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
-                           timeout=args.timeout) as client:
-        if (status := await client.health(READINESS_SERVICE)) != "SERVING":
-            raise ValueError(f"the daemon at {args.address} is {status}, not SERVING")
-        info = await client.model_info()
+    backend = open_backend(args)
+    try:
+        facts = await backend.facts()
 
         def workload(n: int, rng: np.random.Generator) -> list[Request]:
             if args.dataset == "jsonl":
                 return jsonl_requests(args.dataset_path, n, args.output_len)
-            return synthetic_requests(n, args, info.vocab_size, rng)
+            return synthetic_requests(n, args, facts.vocab_size, rng)
 
         if args.warmup_requests:
             warmup = workload(args.warmup_requests, np.random.default_rng([args.seed, 0]))
-            await run_pass(client, warmup, np.zeros(len(warmup)), args, "warm-up")
+            await run_pass(backend, warmup, np.zeros(len(warmup)), args, "warm-up")
         passes = []
         for number, rate in enumerate(rates, 1):
             # Fresh synthetic prompts per pass, so the prefix cache does not carry one pass into the next.
             rng = np.random.default_rng([args.seed, number])
             requests = workload(args.num_requests, rng)
             intervals = arrival_intervals(len(requests), rate, args.burstiness, rng)
-            records, duration = await run_pass(client, requests, intervals, args, f"rate {rate_label(rate)}")
+            records, duration = await run_pass(backend, requests, intervals, args, f"rate {rate_label(rate)}")
             passes.append(dict(request_rate=rate_label(rate), **summarize(records, duration, slos)))
+    finally:
+        await backend.close()
     workload_facts = {name: getattr(args, name) for name in (
         "dataset", "input_len", "output_len", "range_ratio", "token_ids", "chat", "ignore_eos", "temperature",
         "num_requests", "warmup_requests", "burstiness", "max_concurrency", "seed")}
     workload_facts.update(dataset_path=str(args.dataset_path) if args.dataset_path else None, goodput_slos_ms=slos)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return dict(machine=machine, server=dict(address=args.address, model=info.model, max_model_len=info.max_model_len),
-                workload=workload_facts, note=args.note, passes=passes)
+    server = dict(backend=backend.name, address=backend.endpoint, model=facts.model,
+                  max_model_len=facts.max_model_len)
+    return dict(machine=machine, server=server, workload=workload_facts, note=args.note, passes=passes)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -341,10 +313,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     name = prog or "server.loadgen.load"
     try:
         result = asyncio.run(run(args))
-    except grpc.RpcError as exc:
-        print(f"{name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except ServerError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:  # a bad dataset file, unreadable TLS files, a daemon not ready
+    except (ValueError, OSError) as exc:  # a bad dataset file, unreadable TLS files, a server not ready
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     write_outputs(result, args)

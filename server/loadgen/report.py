@@ -21,7 +21,7 @@ def to_markdown(result: dict) -> str:
     arrivals = "Poisson arrivals" if w["burstiness"] == 1 else f"gamma arrivals (burstiness {w['burstiness']})"
     lines = ["# Serving load", "",
              f"{m['date']} · {m['cpu']} · {m['logical_cores']} cores · load average (start → end) {load} · "
-             f"daemon {s['address']} · model {s['model']}", "",
+             f"{s['backend']} {s['address']} · model {s['model']}", "",
              f"{w['num_requests']} requests per rate (+{w['warmup_requests']} warm-up) · {dataset} · "
              f"{'chat' if w['chat'] else 'plain'} · {'EOS ignored' if w['ignore_eos'] else 'stops at EOS'} · "
              f"temperature {w['temperature']} · {arrivals} · max concurrency {w['max_concurrency'] or 'none'} · "
