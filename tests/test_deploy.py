@@ -15,6 +15,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from functools import cache
 from importlib.metadata import entry_points
@@ -78,9 +80,21 @@ def keda_variant(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def builds(keda_variant) -> dict[str, tuple[dict, ...]]:
+def gateway_variant(tmp_path_factory) -> Path:
+    """The base with components/gateway added, as the README says to add it to an overlay."""
+    directory = tmp_path_factory.mktemp("gateway-overlay")
+    k8s = os.path.relpath(K8S, directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: beastserve\n"
+        f"resources: [{k8s}/base]\ncomponents: [{k8s}/components/gateway]\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def builds(keda_variant, gateway_variant) -> dict[str, tuple[dict, ...]]:
     return {"base": kustomize(K8S / "base"), "overlays/gpu": kustomize(K8S / "overlays/gpu"),
-            "overlays/gpu+keda": kustomize(keda_variant)}
+            "overlays/gpu+keda": kustomize(keda_variant), "base+gateway": kustomize(gateway_variant),
+            "inference-extension": kustomize(K8S / "inference-extension")}
 
 
 def one(docs, kind: str, name: str | None = None) -> dict:
@@ -125,6 +139,15 @@ CRD_SPECS = {
         triggers={"type": "array", "minItems": 1, "items": _closed(
             ["type", "metadata"], type=STR, name=STR, metricType={"enum": ["AverageValue", "Value", "Utilization"]},
             metadata={"type": "object", "additionalProperties": STR})}),
+    # inference.networking.k8s.io/v1, the Gateway API Inference Extension's GA API (api/v1/inferencepool_types.go).
+    ("inference.networking.k8s.io/v1", "InferencePool"): _closed(
+        ["selector", "targetPorts", "endpointPickerRef"],
+        selector=_closed(["matchLabels"], matchLabels={"type": "object", "additionalProperties": STR}),
+        targetPorts={"type": "array", "minItems": 1, "maxItems": 1, "items": _closed(
+            ["number"], number={"type": "integer", "minimum": 1, "maximum": 65535})},
+        endpointPickerRef=_closed(
+            ["name"], group=STR, kind=STR, name=STR, failureMode={"enum": ["FailOpen", "FailClose"]},
+            port=_closed(["number"], number={"type": "integer", "minimum": 1, "maximum": 65535}))),
 }
 
 
@@ -156,7 +179,8 @@ def test_every_built_manifest_validates_against_the_kubernetes_schemas(builds, v
                               f"{'.'.join(map(str, e.absolute_path))}: {e.message}")
     assert not errors, f"invalid against Kubernetes {version}:\n" + "\n".join(errors)
     assert kinds >= {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-                     "ServiceMonitor", "ScaledObject", "Namespace", "PersistentVolumeClaim"}
+                     "ServiceMonitor", "ScaledObject", "Namespace", "PersistentVolumeClaim", "ServiceAccount",
+                     "Role", "RoleBinding", "InferencePool"}
 
 
 def test_custom_resource_schemas_refuse_a_misspelt_field():
@@ -174,8 +198,11 @@ def test_every_manifest_file_is_part_of_a_kustomization():
             referenced.add((kustomization.parent / entry).resolve())
         for generator in spec.get("configMapGenerator", []):
             referenced.update((kustomization.parent / env).resolve() for env in generator.get("envs", []))
+    # Not manifests: prometheus-adapter's rules and the endpoint picker's flags (Helm values), each checked
+    # by its own test below.
+    not_manifests = {"prometheus-adapter-rules.yaml", "epp-flags.yaml"}
     loose = [p for p in K8S.rglob("*") if p.is_file() and p.name != "kustomization.yaml"
-             and p.name != "prometheus-adapter-rules.yaml" and p.resolve() not in referenced]
+             and p.name not in not_manifests and p.resolve() not in referenced]
     assert not loose, f"not built by any kustomization, so never validated: {loose}"
 
 
@@ -439,3 +466,180 @@ def test_alerts_cover_the_failure_modes():
                                           "BeastserveHighFailureRate", "BeastserveQueueGrowing",
                                           "BeastserveNoReplicaReady"}
     assert all(r["labels"]["severity"] in ("warning", "critical") for r in rules)
+
+
+# --- The gateway in front, and the inference extension's endpoint picker -----------------------------
+
+SMG_PIN = "smg==1.13.0"
+
+
+def gateway_container(docs) -> dict:
+    (container,) = one(docs, "Deployment", "beastserve-gateway")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def smg_args(container: dict) -> argparse.Namespace:
+    """The container's args as smg's own launcher parses them, $(VAR)s expanded from the container's env."""
+    from smg.router_args import RouterArgs
+
+    env = {e["name"]: "namespace-of-the-pod" for e in container.get("env", [])
+           if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace"}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    assert args[0] == "launch", "the image's ENTRYPOINT is smg; its args start with the subcommand"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    RouterArgs.add_cli_args(parser)
+    return parser.parse_args(args[1:])
+
+
+def test_gateway_discovers_the_daemon_pods_on_their_grpc_port(builds):
+    docs = builds["base+gateway"]
+    args, config = smg_args(gateway_container(docs)), config_of(docs)
+    daemon_pod_labels = one(docs, "Deployment", "beastserve")["spec"]["template"]["metadata"]["labels"]
+    gateway_pod_labels = one(docs, "Deployment", "beastserve-gateway")["spec"]["template"]["metadata"]["labels"]
+    selector = dict(s.split("=", 1) for s in args.selector)
+    assert args.service_discovery and selector.items() <= daemon_pod_labels.items()
+    assert not selector.items() <= gateway_pod_labels.items(), "the gateway would discover itself"
+    assert args.service_discovery_port == config.port
+    assert args.service_discovery_namespace == "namespace-of-the-pod", "its own namespace, which the Role covers"
+    assert args.backend == "vllm" and args.policy == "cache_aware"
+    # The daemons' Service and ServiceMonitor keep selecting the daemon pods only.
+    for name in ("beastserve", "beastserve-headless"):
+        assert not one(docs, "Service", name)["spec"]["selector"].items() <= gateway_pod_labels.items()
+
+
+def test_gateway_role_grants_exactly_pod_discovery_in_its_namespace(builds):
+    docs = builds["base+gateway"]
+    pod = one(docs, "Deployment", "beastserve-gateway")["spec"]["template"]["spec"]
+    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": "beastserve"}]
+    one(docs, "ServiceAccount", pod["serviceAccountName"])
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def test_gateway_service_and_probes_use_its_ports(builds):
+    docs = builds["base+gateway"]
+    container, args = gateway_container(docs), smg_args(gateway_container(docs))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": args.port, "metrics": args.prometheus_port}
+    assert args.host == "0.0.0.0" and args.prometheus_host == "0.0.0.0"
+    service = one(docs, "Service", "beastserve-gateway")
+    pod_labels = one(docs, "Deployment", "beastserve-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+    probes = {kind: container[kind]["httpGet"] for kind in ("livenessProbe", "readinessProbe")}
+    assert probes == {"livenessProbe": {"path": "/liveness", "port": "http"},
+                      "readinessProbe": {"path": "/readiness", "port": "http"}}
+    pod = one(docs, "Deployment", "beastserve-gateway")["spec"]["template"]["spec"]
+    daemon_pod = one(docs, "Deployment", "beastserve")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == daemon_pod["securityContext"]
+    assert container["securityContext"] == container_of(docs)["securityContext"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + args.shutdown_grace_period_secs
+
+
+def smg_binary() -> str:
+    found = shutil.which("smg", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if not found:
+        pytest.fail("smg (the gateway) not found on PATH or in the venv; run `make install-dev`")
+    return found
+
+
+@pytest.fixture(scope="module")
+def live_gateway(tmp_path_factory):
+    """The real smg on loopback, with one gRPC worker URL where nothing listens: its HTTP port."""
+    from tests.daemon import free_port
+
+    port, log_path = free_port(), tmp_path_factory.mktemp("gateway") / "smg.log"
+    cmd = [smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+           "--prometheus-port", str(free_port()), "--backend", "vllm", "--shutdown-grace-period-secs", "1",
+           "--worker-urls", f"grpc://127.0.0.1:{free_port()}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/liveness", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert proc.poll() is None, f"smg exited with {proc.returncode}:\n{log_path.read_text()}"
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def http_status(url: str) -> int:
+    try:
+        return urllib.request.urlopen(url, timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_gateway_probes_hit_paths_the_real_gateway_serves(builds, live_gateway):
+    container = gateway_container(builds["base+gateway"])
+    base = f"http://127.0.0.1:{live_gateway}"
+    assert http_status(base + container["livenessProbe"]["httpGet"]["path"]) == 200
+    # Without a healthy worker readiness refuses, so a gateway that reaches no daemon takes no traffic.
+    assert http_status(base + container["readinessProbe"]["httpGet"]["path"]) == 503
+    assert http_status(base + "/no-such-probe") == 404, "an unknown path is refused: the 200 above means something"
+
+
+def test_gateway_image_runs_the_pinned_smg_as_the_pods_user(builds):
+    by_key = {}
+    for key, args in dockerfile(DEPLOY / "Dockerfile.gateway"):
+        by_key.setdefault(key, []).append(args)
+    arg = dict(a.split("=", 1) for a in by_key["ARG"] if "=" in a)
+    installs = " ".join(by_key["RUN"]).replace("${SMG_VERSION}", arg["SMG_VERSION"])
+    assert f'pip install "{SMG_PIN}"' in installs
+    assert f'"{SMG_PIN}"' in (ROOT / "pyproject.toml").read_text(), "the image runs what the tests run"
+    assert json.loads(by_key["ENTRYPOINT"][-1]) == ["smg"]
+    docs = builds["base+gateway"]
+    ports = {p["containerPort"] for p in gateway_container(docs)["ports"]}
+    assert {int(p) for args in by_key["EXPOSE"] for p in args.split()} == ports
+    user = by_key["USER"][-1].split(":")[0]
+    run_as = one(docs, "Deployment", "beastserve-gateway")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    assert user == str(run_as) and user not in ("root", "0")
+    assert "/liveness" in by_key["HEALTHCHECK"][-1]
+    # Nothing of the repository goes in, so the build context sends nothing.
+    assert not [a for k, a in dockerfile(DEPLOY / "Dockerfile.gateway") if k in ("COPY", "ADD")]
+    ignore = [line for line in (DEPLOY / "Dockerfile.gateway.dockerignore").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert ignore == ["*"]
+
+
+def test_inference_pool_selects_the_daemon_pods_on_their_grpc_port(builds):
+    pool = one(builds["inference-extension"], "InferencePool")
+    docs = builds["overlays/gpu"]
+    pod_labels = one(docs, "Deployment", "beastserve")["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pool["spec"]["targetPorts"] == [{"number": config_of(docs).port}]
+    assert pool["metadata"]["namespace"] == one(docs, "Namespace")["metadata"]["name"]
+
+
+def test_endpoint_picker_reads_metrics_the_daemon_exports(builds, exported_names):
+    from server.metrics import METRIC_NAMES
+
+    flags = load_yaml(K8S / "inference-extension/epp-flags.yaml")["inferenceExtension"]["flags"]
+    config = config_of(builds["overlays/gpu"])
+    assert flags["model-server-metrics-port"] == config.metrics_port
+    assert flags["model-server-metrics-path"] == "/metrics"
+    mapping = {key: flags[key] for key in ("total-queued-requests-metric", "total-running-requests-metric",
+                                           "kv-cache-usage-percentage-metric")}
+    assert mapping == {"total-queued-requests-metric": "beastserve_num_requests_waiting",
+                       "total-running-requests-metric": "beastserve_num_requests_running",
+                       "kv-cache-usage-percentage-metric": "beastserve_kv_cache_usage_perc"}
+    for name in mapping.values():
+        (selected,) = selector_names(name)
+        assert selected in METRIC_NAMES and selected in exported_names, selected
+    # Metrics the daemon has no equivalent of are turned off, not left at vLLM's names.
+    assert flags["lora-info-metric"] == "" and flags["cache-info-metric"] == ""
