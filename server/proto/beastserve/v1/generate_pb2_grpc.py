@@ -84,7 +84,7 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """End requests early; their calls finish with finish_reason CANCELLED.
+        """End requests early; their calls finish with finish_reason ABORT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
