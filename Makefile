@@ -9,7 +9,7 @@ MODEL ?= default
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install install-dev deploy-tools serve test test-slow lint bench proto clean
+.PHONY: install install-dev deploy-tools serve gateway test test-slow lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ deploy-tools: $(VENV)/.installed
 
 serve: install
 	$(VENV)/bin/beastserve serve --model $(MODEL)
+
+# The OpenAI API on http://127.0.0.1:8000/v1: the smg gateway in front of REPLICAS daemons (deploy/local-gateway.sh).
+REPLICAS ?= 1
+gateway: install-dev
+	MODEL=$(MODEL) REPLICAS=$(REPLICAS) BIN=$(VENV)/bin bash deploy/local-gateway.sh
 
 test: install-dev deploy-tools
 	$(PY) -m pytest -q
