@@ -52,11 +52,13 @@ class LLM:
         results, streams = [], []
         for ids, p in zip(token_ids, params):
             stream = self.engine.add_request(None, p, prompt_token_ids=ids)
-            results.append(CompletionOutput(stream.request_id, ids))
+            completions = [CompletionOutput(stream.request_id, ids, index=i) for i in range(p.n)]
+            completions[0].outputs = completions
+            results.append(completions[0])
             streams.append(stream)
         while not all(s.finished for s in streams):
             self.engine.step()
         for result, stream in zip(results, streams):
             while (delta := stream.get_nowait()) is not None:
-                result.add(delta)
+                result.outputs[delta.index].add(delta)
         return results

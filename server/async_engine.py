@@ -78,7 +78,7 @@ class AsyncEngine:
                                  f"{self.max_queue_size}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        timer = _TokenTimer(self.metrics)
+        timer = _TokenTimer(self.metrics, params.n)
 
         def on_output(output: RequestOutput) -> None:  # engine thread
             timer.observe(output)
@@ -91,13 +91,14 @@ class AsyncEngine:
             raise EngineDeadError(str(exc)) from None
         self._live[request_id] = timer
         self._wake.set()
-        finished = False
+        finished, unfinished = False, params.n  # done when all n completions are
         try:
             while not finished:
                 output = await queue.get()
                 if output.error is not None:
                     raise EngineDeadError(output.error)
-                finished = output.finished
+                unfinished -= output.finished
+                finished = unfinished == 0
                 yield output
         finally:
             self._live.pop(request_id, None)
@@ -234,11 +235,12 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
 class _TokenTimer:
     """Per-request latency metrics, observed in the engine thread as outputs are produced."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, num_completions: int = 1):
         self.metrics = metrics
         self.last = time.monotonic()
         self.seen_first = False
         self.abandoned = False  # its ending is counted by whoever gave it up
+        self.unfinished = num_completions  # a request ends, and is counted, with its last completion
 
     def observe(self, output: RequestOutput) -> None:
         if self.metrics is None:
@@ -249,7 +251,8 @@ class _TokenTimer:
                 self.metrics.record_inter_token(now - self.last, len(output.token_ids))
             self.seen_first = True
             self.last = now
-        if output.finished and output.metrics is not None and output.error is None and not self.abandoned:
+        self.unfinished -= output.finished
+        if self.unfinished == 0 and output.metrics is not None and output.error is None and not self.abandoned:
             m = output.metrics
             self.metrics.record_finished(output.finish_reason, m.queue_s, m.ttft_s if self.seen_first else None,
                                          m.e2e_s)

@@ -125,6 +125,11 @@ class Response:
     def finish_reason(self) -> str | None:
         return finish_reason_name(self.proto.finish_reason)
 
+    @property
+    def choices(self) -> list[Response]:
+        """With n > 1 (unary): each completion, in index order; else the answer itself."""
+        return [Response(c) for c in self.proto.choices] or [self]
+
     def __getattr__(self, name: str):
         return getattr(self.proto, name)
 

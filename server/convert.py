@@ -18,7 +18,8 @@ _FIELD_PATHS = {
     "temperature": "sampling.temperature", "top_p": "sampling.top_p", "top_k": "sampling.top_k",
     "min_p": "sampling.min_p", "repetition_penalty": "sampling.repetition_penalty",
     "frequency_penalty": "sampling.frequency_penalty", "presence_penalty": "sampling.presence_penalty",
-    "seed": "sampling.seed", "max_tokens": "stopping.max_tokens", "min_tokens": "stopping.min_tokens",
+    "seed": "sampling.seed", "n": "sampling.n", "max_tokens": "stopping.max_tokens",
+    "min_tokens": "stopping.min_tokens",
     "stop": "stopping.stop", "stop_token_ids": "stopping.stop_token_ids", "logprobs": "output.logprobs",
     "prompt": "input",
 }
@@ -96,7 +97,7 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     s, stop, out = request.sampling, request.stopping, request.output
     kwargs = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-                 "presence_penalty", "seed"):
+                 "presence_penalty", "seed", "n"):
         if s.HasField(name):
             value = getattr(s, name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -130,9 +131,18 @@ def finish_reason_name(value: int) -> str | None:
         "FINISH_REASON_").lower()
 
 
+def to_unary_response(request_id: str, outputs: list[RequestOutput], n: int) -> pb.GenerateResponse:
+    """The whole answer: for n > 1, each completion in `choices`, in index order."""
+    if n == 1:
+        return to_response(request_id, outputs)
+    return pb.GenerateResponse(request_id=request_id, choices=[
+        to_response(request_id, [o for o in outputs if o.index == i]) for i in range(n)])
+
+
 def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateResponse:
-    """One response for one or more consecutive deltas (one when streaming, all of them for unary)."""
-    response = pb.GenerateResponse(request_id=request_id)
+    """One response for one or more consecutive deltas of one completion (one when streaming, all of them for
+    unary)."""
+    response = pb.GenerateResponse(request_id=request_id, index=outputs[-1].index)
     for output in outputs:
         response.token_ids.extend(output.token_ids)
         response.text += output.text

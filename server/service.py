@@ -18,6 +18,7 @@ from server.convert import (
     speculative_options,
     to_engine_inputs,
     to_response,
+    to_unary_response,
 )
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
@@ -29,7 +30,7 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         request_id = _request_id(request, context)
         outputs = [o async for o in self._run(request, request_id, context)]
-        return to_response(request_id, outputs)
+        return to_unary_response(request_id, outputs, request.sampling.n or 1)
 
     async def GenerateStream(self, request, context):
         request_id = _request_id(request, context)

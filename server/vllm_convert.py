@@ -14,8 +14,6 @@ from scheduler.io.inputs import InputProcessor
 from scheduler.io.outputs import RequestOutput
 from server.convert import InvalidArgument
 
-MAX_N = 1  # parallel samples: one completion per request for now
-
 # What the engine supports of SamplingParams, field by field (proto name -> SamplingParams name).
 _PLAIN = ("min_p", "frequency_penalty", "presence_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
           "skip_special_tokens")
@@ -32,7 +30,7 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
     kwargs.update(temperature=s.temperature if s.HasField("temperature") else 1.0, top_p=s.top_p or 1.0,
                   top_k=s.top_k, repetition_penalty=s.repetition_penalty or 1.0,
                   max_tokens=s.max_tokens if s.HasField("max_tokens") else None, stop=list(s.stop),
-                  stop_token_ids=list(s.stop_token_ids), seed=s.seed if s.HasField("seed") else None)
+                  stop_token_ids=list(s.stop_token_ids), seed=s.seed if s.HasField("seed") else None, n=s.n or 1)
     logprobs = s.logprobs if s.HasField("logprobs") else -1
     if logprobs < -1 or logprobs == -1 and s.HasField("logprobs"):
         raise InvalidArgument(f"sampling_params.logprobs: the whole vocabulary's logprobs (-1) are not served; "
@@ -49,8 +47,6 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
 
 def refuse_unsupported(request: vpb.GenerateRequest) -> None:
     s = request.sampling_params
-    if s.n > MAX_N:
-        raise InvalidArgument(f"sampling_params.n: at most {MAX_N} completion per request is served, got {s.n}")
     if s.HasField("prompt_logprobs"):
         raise InvalidArgument("sampling_params.prompt_logprobs: prompt logprobs are not served")
     if s.logit_bias:
@@ -98,13 +94,28 @@ def _field_error(exc: ValueError) -> InvalidArgument:
     return InvalidArgument(message)
 
 
-class ResponseBuilder:
-    """Turns one request's engine outputs into the protocol's messages: a chunk per delta when streaming, and
-    the GenerateComplete at the end (holding every output token when not streaming)."""
+class Responses:
+    """One request's engine outputs as the protocol's messages, each completion (of n) on its own index."""
 
     def __init__(self, stream: bool, logprobs: int):
+        self.stream, self.logprobs = stream, logprobs
+        self.completions: dict[int, ResponseBuilder] = {}
+
+    def add(self, output: RequestOutput) -> list[vpb.GenerateResponse]:
+        builder = self.completions.get(output.index)
+        if builder is None:
+            builder = self.completions[output.index] = ResponseBuilder(self.stream, self.logprobs, output.index)
+        return builder.add(output)
+
+
+class ResponseBuilder:
+    """Turns one completion's engine outputs into the protocol's messages: a chunk per delta when streaming, and
+    the GenerateComplete at the end (holding every output token when not streaming)."""
+
+    def __init__(self, stream: bool, logprobs: int, index: int = 0):
         self.stream = stream
         self.logprobs = logprobs
+        self.index = index
         self.output_ids: list[int] = []
         self.lp = vpb.OutputLogProbs()
 
@@ -117,7 +128,7 @@ class ResponseBuilder:
         if self.stream and output.token_ids:
             chunk = vpb.GenerateStreamChunk(token_ids=output.token_ids, prompt_tokens=output.num_prompt_tokens,
                                             completion_tokens=len(self.output_ids),
-                                            cached_tokens=output.num_cached_tokens)
+                                            cached_tokens=output.num_cached_tokens, index=self.index)
             if delta_lp is not None:
                 chunk.output_logprobs.CopyFrom(delta_lp)
             messages.append(vpb.GenerateResponse(chunk=chunk))
@@ -129,7 +140,7 @@ class ResponseBuilder:
         complete = vpb.GenerateComplete(
             output_ids=[] if self.stream else self.output_ids, finish_reason=last.finish_reason,
             prompt_tokens=last.num_prompt_tokens, completion_tokens=len(self.output_ids),
-            cached_tokens=last.num_cached_tokens)
+            cached_tokens=last.num_cached_tokens, index=self.index)
         if isinstance(last.stop_reason, str):
             complete.matched_stop_str = last.stop_reason
         elif last.stop_reason is not None:

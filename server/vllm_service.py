@@ -25,7 +25,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 from server.calls import EngineCalls, ServerState
 from server.config import served_name
 from server.convert import InvalidArgument
-from server.vllm_convert import ResponseBuilder, to_engine_inputs
+from server.vllm_convert import Responses, to_engine_inputs
 
 SERVICE_NAME = vpb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 SERVER_TYPE = "vllm-grpc"  # what gateways expect of a worker speaking this protocol
@@ -47,10 +47,10 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
             token_ids, params, logprobs = to_engine_inputs(request, engine.engine.inputs)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        builder = ResponseBuilder(request.stream, logprobs)
+        responses = Responses(request.stream, logprobs)
         request_id = request.request_id or uuid.uuid4().hex
         async for output in self.run(context, token_ids, params, request_id):
-            for message in builder.add(output):
+            for message in responses.add(output):
                 yield message
 
     async def Embed(self, request, context):

@@ -107,8 +107,16 @@ def test_a_stop_string_cuts_the_answer_there(sdk, direct):
 
 def test_a_refused_field_is_http_400_with_the_daemons_message(sdk):
     with pytest.raises(openai.BadRequestError) as info:
-        sdk.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=4, n=2)
-    assert "sampling_params.n: at most 1 completion per request is served, got 2" in str(info.value)
+        sdk.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=4, n=17)
+    assert "sampling_params.n: n must be an integer in [1, 16], got 17" in str(info.value)
+
+
+def test_n_completions_come_back_as_choices(sdk, direct):
+    want = direct.generate(PROMPTS[0], max_tokens=8, temperature=0).text
+    out = sdk.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=8, temperature=0, n=3)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2] and [c.text for c in out.choices] == [want] * 3
+    sampled = sdk.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=8, n=3, seed=5)
+    assert len({c.text for c in sampled.choices}) > 1
 
 
 def test_a_client_gone_mid_stream_frees_its_kv_blocks_in_the_daemon(sdk, direct):

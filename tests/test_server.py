@@ -131,6 +131,7 @@ INVALID = [
     (dict(text="x", sampling=pb.SamplingParams(temperature=float("nan"))), "sampling.temperature"),
     (dict(text="x", sampling=pb.SamplingParams(top_p=0)), "sampling.top_p"),
     (dict(text="x", sampling=pb.SamplingParams(seed=-1)), "sampling.seed"),
+    (dict(text="x", sampling=pb.SamplingParams(n=17)), "sampling.n"),
     (dict(text="x", sampling=pb.SamplingParams(top_p=1.5)), "sampling.top_p"),
     (dict(text="x", sampling=pb.SamplingParams(top_k=-2)), "sampling.top_k"),
     (dict(text="x", sampling=pb.SamplingParams(min_p=3)), "sampling.min_p"),
@@ -148,6 +149,21 @@ INVALID = [
     (dict(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="")])), "chat.messages[0].content"),
     (dict(text="word " * 600), "max_model_len"),
 ]
+
+
+def test_n_completions_stream_on_their_index_and_come_whole_as_choices(stub, offline):
+    want = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8))[0]
+    request = greedy_request(PROMPTS[0], max_tokens=8)
+    request.sampling.n = 3
+    chunks = list(stub.GenerateStream(request))
+    for index in range(3):
+        mine = [c for c in chunks if c.index == index]
+        assert [t for c in mine for t in c.token_ids] == want.token_ids and "".join(c.text for c in mine) == want.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [pb.FINISH_REASON_LENGTH]
+    whole = stub.Generate(request)
+    assert [c.index for c in whole.choices] == [0, 1, 2] and not whole.token_ids
+    assert all(list(c.token_ids) == want.token_ids and c.usage.completion_tokens == 8 for c in whole.choices)
+    wait_pool_idle(stub)
 
 
 @pytest.mark.parametrize("fields, named", INVALID, ids=[n for _, n in INVALID])

@@ -105,6 +105,19 @@ def test_generate_whole_and_streamed_equal_the_offline_engine(engine, offline):
     assert chunks[-1]["completion_tokens"] == 8 and last["finish_reason"] == "length"
 
 
+def test_n_completions_arrive_each_on_its_index(engine, offline):
+    prompt = [31, 32, 33, 34]
+    want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].token_ids
+    messages = engine.call("Generate", generate(prompt, stream=True, n=3))
+    for index in range(3):
+        mine = [m for m in messages if m.get("chunk", m.get("complete", {})).get("index", 0) == index]
+        assert [t for m in mine if "chunk" in m for t in m["chunk"]["token_ids"]] == want  # greedy: all alike
+        assert [m["complete"]["finish_reason"] for m in mine if "complete" in m] == ["length"]
+    whole = engine.call("Generate", generate(prompt, n=3))
+    assert sorted(m["complete"].get("index", 0) for m in whole) == [0, 1, 2]
+    assert all(m["complete"]["output_ids"] == want for m in whole)
+
+
 def test_text_input_is_tokenized_by_the_daemon(engine, offline):
     want = offline.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=4))[0]
     request = {"text": "Hello there", "sampling_params": {"temperature": 0, "max_tokens": 4}}
@@ -207,7 +220,7 @@ def test_what_is_not_served_says_so(engine, method, request_):
 
 
 BAD = [
-    ({"sampling_params": {"n": 2}}, "sampling_params.n"),
+    ({"sampling_params": {"n": 17}}, "sampling_params.n"),
     ({"sampling_params": {"prompt_logprobs": 1}}, "sampling_params.prompt_logprobs"),
     ({"sampling_params": {"logit_bias": {"5": 2.0}}}, "sampling_params.logit_bias"),
     ({"sampling_params": {"json_schema": "{}"}}, "sampling_params.json_schema"),

@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -81,8 +82,10 @@ class Engine:
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
-        self._live: dict[str, _Live] = {}
-        self._pending_add: list[_Live] = []
+        self._live: dict[str, _Live] = {}  # by each sequence's own id
+        self._groups: dict[str, list[_Live]] = {}  # a request's unfinished completions, by the request's id
+        self._forks: dict[str, tuple[int, list[_Live]]] = {}  # completions waiting to share the first's prompt
+        self._pending_add: list[list[_Live]] = []
         self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
         self._failed: str | None = None
         self._lock = threading.Lock()
@@ -107,31 +110,38 @@ class Engine:
         max_total = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
         if max_draft_tokens is not None and (not isinstance(max_draft_tokens, int) or max_draft_tokens < 0):
             raise ValueError(f"max_draft_tokens must be an integer >= 0, got {max_draft_tokens!r}")
-        request = Request(request_id, list(token_ids), params, self.eos_token_ids, priority,
-                          max_total_tokens=max_total, speculative=speculative is not False,
-                          max_draft_tokens=max_draft_tokens)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params) \
-            if self.tokenizer is not None else None
-        if params.seed is not None and not params.greedy:
-            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        live = _Live(request, RequestStream(request_id, on_output), detokenizer)
+        stream = RequestStream(request_id, on_output, params.n)
+        lives = []
+        for index in range(params.n):
+            # Completion i of n is a sequence of its own, with its own random stream (seed + i when seeded).
+            own = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None
+                                                       else params.seed + index)
+            request = Request(request_id if params.n == 1 else f"{request_id}#{index}", list(token_ids), own,
+                              self.eos_token_ids, priority, max_total_tokens=max_total,
+                              speculative=speculative is not False, max_draft_tokens=max_draft_tokens,
+                              output_id=request_id, index=index)
+            if own.seed is not None and not own.greedy:
+                request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own) \
+                if self.tokenizer is not None else None
+            lives.append(_Live(request, stream, detokenizer))
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
-            if request_id in self._live or any(p.request.request_id == request_id for p in self._pending_add):
+            if request_id in self._groups or any(g[0].request.output_id == request_id for g in self._pending_add):
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            self._pending_add.append(live)
-        return live.stream
+            self._pending_add.append(lives)
+        return stream
 
     def abort(self, request_id: str) -> bool:
         """End a request early (finish_reason "abort"); its KV blocks are freed at the next step.
         Returns whether a live request had that id; a later request reusing the id is unaffected."""
         with self._lock:
-            live = self._live.get(request_id) or next(
-                (p for p in self._pending_add if p.request.request_id == request_id), None)
-            if live is not None:
-                self._pending_abort.append(live.request)
-            return live is not None
+            group = self._groups.get(request_id) or next(
+                (g for g in self._pending_add if g[0].request.output_id == request_id), None)
+            if group is not None:
+                self._pending_abort += [live.request for live in group]  # all n completions end
+            return group is not None
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -143,13 +153,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self._pending_add)
+        return len(self.scheduler.waiting) + sum(len(g) for g in self._pending_add)
 
     @property
     def num_waiting_prompt_tokens(self) -> int:
         """Prompt tokens of the requests not started yet: the queued work a load-aware router weighs."""
         with self._lock:
-            pending = [live.request for live in self._pending_add]
+            pending = [live.request for group in self._pending_add for live in group]
         return sum(r.num_prompt_tokens for r in [*list(self.scheduler.waiting), *pending]
                    if r.num_computed_tokens == 0)
 
@@ -166,6 +176,7 @@ class Engine:
         results = self.executor.execute(batch) if batch else []
         now = time.monotonic()
         outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
+        self._release_forks()
         self.last_step_stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
@@ -177,11 +188,36 @@ class Engine:
             accepted_per_position=_per_position(results, accepted=True),
             verified_per_position=_per_position(results, accepted=False))
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start)
-        for output in outputs:
-            self._live[output.request_id].stream.put(output)
+        for live, output in outputs:
+            live.stream.put(output)
             if output.finished:
-                del self._live[output.request_id]
-        return outputs
+                self._forget(live)
+        return [output for _, output in outputs]
+
+    def _forget(self, live: _Live) -> None:
+        request = live.request
+        del self._live[request.request_id]
+        group = self._groups[request.output_id]
+        group.remove(live)
+        if not group:
+            del self._groups[request.output_id]
+
+    def _release_forks(self) -> None:
+        """A prompt's later completions start once the first has computed the prompt's full blocks, which they then
+        share instead of computing again; each computes only the prompt's last, partial block itself."""
+        for parent_id, (num_blocks, lives) in list(self._forks.items()):
+            parent = self._live.get(parent_id)
+            shared = num_blocks * self.pool.block_size
+            if parent is not None and (parent.request.num_computed_tokens < shared
+                                       or self.pool.num_held_tokens(parent.request) < shared):
+                continue  # not computed yet, or preempted (its blocks freed) and computing them again
+            del self._forks[parent_id]
+            for live in lives:
+                if live.request.is_finished:  # aborted while it waited
+                    continue
+                if parent is not None:
+                    self.pool.fork(parent.request, live.request, num_blocks)
+                self.scheduler.add(live.request)
 
     def _decodes_ahead(self) -> int:
         """Decoding sequences the next step is likely to carry."""
@@ -196,24 +232,40 @@ class Engine:
         """After a fault: end every request with `error` set. The engine is not stepped again."""
         with self._lock:
             self._failed = error
-            lives = list(self._live.values()) + self._pending_add
+            lives = list(self._live.values()) + [live for group in self._pending_add for live in group]
             self._pending_add = []
         self._live.clear()
+        self._groups.clear()
+        self._forks.clear()
         for live in lives:
-            live.stream.put(RequestOutput(live.request.request_id, [], "", finished=True, finish_reason="abort",
-                                          error=error))
+            live.stream.put(RequestOutput(live.request.output_id, [], "", finished=True, finish_reason="abort",
+                                          error=error, index=live.request.index))
 
-    def _take_pending(self) -> list[RequestOutput]:
-        with self._lock:  # abort() must find each request in _pending_add or _live, never in between
+    def _take_pending(self) -> list[tuple[_Live, RequestOutput]]:
+        with self._lock:  # abort() must find each request in _pending_add or _groups, never in between
             added, self._pending_add = self._pending_add, []
-            for live in added:
-                self._live[live.request.request_id] = live
+            for group in added:
+                self._groups[group[0].request.output_id] = list(group)
+                for live in group:
+                    self._live[live.request.request_id] = live
             aborted, self._pending_abort = self._pending_abort, []
-        for live in added:
-            self.scheduler.add(live.request)
-        return [self._finish(self._live[r.request_id], FinishReason.ABORT) for r in aborted if not r.is_finished]
+        for first, *rest in added:
+            self.scheduler.add(first.request)
+            # What the later completions can share: the prompt's full blocks, but for the one holding the last token.
+            num_blocks = (first.request.num_prompt_tokens - 1) // self.pool.block_size
+            if rest and num_blocks:
+                self._forks[first.request.request_id] = (num_blocks, rest)
+            else:
+                for live in rest:
+                    self.scheduler.add(live.request)
+        outputs = []
+        for request in aborted:
+            if not request.is_finished:
+                live = self._live[request.request_id]
+                outputs.append((live, self._finish(live, FinishReason.ABORT)))
+        return outputs
 
-    def _append(self, live: _Live, result: StepResult, now: float) -> RequestOutput:
+    def _append(self, live: _Live, result: StepResult, now: float) -> tuple[_Live, RequestOutput]:
         """Check the step's new tokens (already on the request) one by one for a stop."""
         request = live.request
         if request.first_token_time is None:
@@ -228,7 +280,7 @@ class Engine:
             for lp in result.logprobs[:request.num_output_tokens - first]:
                 lp.top = lp.top[:request.params.logprobs]
                 live.logprobs.append(lp)
-        return self._finish(live, reason) if reason is not None else self._delta(live)
+        return live, self._finish(live, reason) if reason is not None else self._delta(live)
 
     def _finish(self, live: _Live, reason: FinishReason) -> RequestOutput:
         request = live.request
@@ -250,9 +302,9 @@ class Engine:
         new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
         live.num_sent_tokens = request.num_output_tokens
         text = live.detokenizer.take_delta(request.is_finished) if live.detokenizer is not None else ""
-        return RequestOutput(request.request_id, new_ids, text, new_logprobs,
+        return RequestOutput(request.output_id, new_ids, text, new_logprobs,
                              num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
-                             num_cached_tokens=request.num_cached_tokens)
+                             num_cached_tokens=request.num_cached_tokens, index=request.index)
 
 
 def _per_position(results: list[StepResult], accepted: bool) -> list[int]:

@@ -100,6 +100,20 @@ class BlockPool:
             held.append(block)
         return True
 
+    def fork(self, parent: Request, child: Request, num_blocks: int) -> None:
+        """The child holds the parent's first num_blocks blocks too (computed and full), sharing them: one copy of a
+        prompt for all its completions. The child computes the rest itself."""
+        assert child.request_id not in self.req_blocks
+        blocks = self.req_blocks[parent.request_id][:num_blocks]
+        for block in blocks:
+            self._take(block)
+        self.req_blocks[child.request_id] = list(blocks)
+        self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, [])[:num_blocks])
+
+    def num_held_tokens(self, request: Request) -> int:
+        """Tokens the blocks a request holds can take (a forked request holds its shared prompt blocks early)."""
+        return len(self.req_blocks.get(request.request_id, ())) * self.block_size
+
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the blocks that computing up to num_computed_tokens has filled."""
         if not self.enable_prefix_caching:

@@ -48,10 +48,14 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     generator: Any = None  # a seeded request's torch.Generator, on the engine's device
+    # One of a prompt's n completions: the id its outputs carry (the request's own when n = 1), and its index.
+    output_id: str = ""
+    index: int = 0
 
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        self.output_id = self.output_id or self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:

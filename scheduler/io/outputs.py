@@ -62,11 +62,13 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None  # on the last output
     error: str | None = None  # set when the engine failed the request
+    index: int = 0  # which of the request's n completions this is about
 
 
 @dataclass
 class CompletionOutput:
-    """A whole answer, as `LLM.generate` returns it."""
+    """A whole answer, as `LLM.generate` returns it: the first completion's text, tokens and finish reason, and
+    in `.outputs` all n completions of the prompt (itself first), in index order."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -77,6 +79,12 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    index: int = 0
+    outputs: list[CompletionOutput] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            self.outputs = [self]
 
     def add(self, delta: RequestOutput) -> None:
         self.text += delta.text
@@ -92,14 +100,17 @@ class RequestStream:
     """A request's outputs in order. Thread-safe; `on_output` (if set) runs in the engine's thread
     after each put, so an asyncio server can hop the output onto its loop."""
 
-    def __init__(self, request_id: str, on_output: Callable[[RequestOutput], None] | None = None):
+    def __init__(self, request_id: str, on_output: Callable[[RequestOutput], None] | None = None,
+                 num_completions: int = 1):
         self.request_id = request_id
         self.on_output = on_output
         self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        self.finished = False
+        self.num_unfinished = num_completions
+        self.finished = False  # every completion has finished
 
     def put(self, output: RequestOutput) -> None:
-        self.finished = output.finished
+        self.num_unfinished -= output.finished
+        self.finished = self.num_unfinished == 0
         self._queue.put(output)
         if self.on_output is not None:
             self.on_output(output)

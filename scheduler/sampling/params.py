@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_N = 16  # parallel samples of one prompt
 
 
 def _check(ok: bool, message: str) -> None:
@@ -38,6 +39,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int = 0  # top-n alternatives besides the chosen token; 0 = off
     skip_special_tokens: bool = True
+    n: int = 1  # completions of the prompt, sharing its KV blocks; completion i draws with seed + i
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +69,7 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold integers >= 0, got {self.stop_token_ids!r}")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
