@@ -100,7 +100,7 @@ class Engine:
         max_draft_tokens turn speculation off for this request or cap its depth."""
         params = params or SamplingParams()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.inputs.tokenize(prompt)
-        self.inputs.validate(token_ids, params)
+        token_ids = self.inputs.prepare(token_ids, params)
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
