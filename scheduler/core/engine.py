@@ -42,6 +42,7 @@ class _Live:
         self.detokenizer = detokenizer
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
+        self.prompt_logprobs_sent = request.prompt_logprobs is None
 
 
 class Engine:
@@ -250,7 +251,10 @@ class Engine:
         new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
         live.num_sent_tokens = request.num_output_tokens
         text = live.detokenizer.take_delta(request.is_finished) if live.detokenizer is not None else ""
-        return RequestOutput(request.request_id, new_ids, text, new_logprobs,
+        prompt_logprobs = None
+        if not live.prompt_logprobs_sent and not request.needs_prompt_logprobs:  # an abort mid-prompt sends none
+            prompt_logprobs, live.prompt_logprobs_sent = request.prompt_logprobs, True
+        return RequestOutput(request.request_id, new_ids, text, new_logprobs, prompt_logprobs,
                              num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
                              num_cached_tokens=request.num_cached_tokens)
 

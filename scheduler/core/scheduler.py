@@ -110,7 +110,8 @@ class Scheduler:
         self.waiting.sort(key=lambda r: self._rank(r, now))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            cached = self.pool.find_cached_prefix(request)
+            # Prompt logprobs need the logits of every prompt position: a cached prefix has none.
+            cached = [] if request.needs_prompt_logprobs else self.pool.find_cached_prefix(request)
             num_cached = len(cached) * self.pool.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.pool.allocate(request, num_cached + num_new, cached):
