@@ -22,15 +22,15 @@ def hf_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def assert_prompt_logprobs(model, prompt: list[int], entries, num_top: int = NUM_TOP) -> None:
+def assert_prompt_logprobs(model, prompt: list[int], entries, num_top: int = NUM_TOP, tolerance: float = 1e-4) -> None:
     reference = hf_prompt_logprobs(model, prompt)
     assert len(entries) == len(prompt) and entries[0] is None
     for i, entry in enumerate(entries[1:], start=1):
         assert entry.token_id == prompt[i]
-        assert abs(entry.logprob - reference[i - 1, prompt[i]].item()) < 1e-4, i
+        assert abs(entry.logprob - reference[i - 1, prompt[i]].item()) < tolerance, i
         top = reference[i - 1].topk(num_top)
         assert [t for t, _ in entry.top] == top.indices.tolist(), i
-        assert all(abs(v - w) < 1e-4 for (_, v), w in zip(entry.top, top.values.tolist())), i
+        assert all(abs(v - w) < tolerance for (_, v), w in zip(entry.top, top.values.tolist())), i
 
 
 def prompts_of(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
