@@ -47,8 +47,8 @@ class LLM:
             params = [params or SamplingParams()] * len(token_ids)
         if len(params) != len(token_ids):
             raise ValueError(f"params: got {len(params)} for {len(token_ids)} prompts")
-        for ids, p in zip(token_ids, params):
-            self.engine.inputs.validate(ids, p)  # all or nothing: refuse before queueing any
+        # All or nothing: refuse before queueing any.
+        token_ids = [self.engine.inputs.prepare(ids, p) for ids, p in zip(token_ids, params)]
         results, streams = [], []
         for ids, p in zip(token_ids, params):
             stream = self.engine.add_request(None, p, prompt_token_ids=ids)

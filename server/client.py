@@ -27,6 +27,8 @@ _FIELDS = {field.name: (section, field)
            for field in pb.GenerateRequest.DESCRIPTOR.fields_by_name[section].message_type.fields}
 # SpeculativeOptions.enabled reads better as `speculative=True`.
 _FIELDS["speculative"] = _FIELDS.pop("enabled")
+# A field of the request itself, not of a section.
+_FIELDS["truncate_prompt_tokens"] = (None, pb.GenerateRequest.DESCRIPTOR.fields_by_name["truncate_prompt_tokens"])
 _SAMPLING_PARAMS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -40,8 +42,9 @@ def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict]
 
     `prompt` is text or token ids; `chat` is a list of {"role", "content"} messages (give one of the two).
     `more` takes any other field of SamplingParams, StoppingCriteria, OutputOptions or SpeculativeOptions
-    by its proto name (`repetition_penalty`, `skip_special_tokens`, `max_draft_tokens`, ...), with
-    `speculative` for SpeculativeOptions.enabled.
+    by its proto name (`repetition_penalty`, `logit_bias` as a {token_id: bias} dict, `prompt_logprobs`,
+    `skip_special_tokens`, `max_draft_tokens`, ...), with `speculative` for SpeculativeOptions.enabled, and
+    `truncate_prompt_tokens`.
     """
     if not (isinstance(priority, int) and -2**31 <= priority < 2**31):
         raise ValueError(f"priority: must be an integer in [-2**31, 2**31), got {priority!r}")
@@ -69,14 +72,17 @@ def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict]
         # Leave unset what was not given: an optional field stays absent, so the server's default applies.
         if value is None or (not field.has_presence and value == field.default_value):
             continue
-        target = getattr(request, section)
+        target = getattr(request, section) if section is not None else request
         try:
-            if field.is_repeated:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                getattr(target, field.name).update(value)
+            elif field.is_repeated:
                 getattr(target, field.name).extend([value] if isinstance(value, str) else value)
             else:
                 setattr(target, field.name, value)
         except (ValueError, TypeError) as exc:  # protobuf's own words ("Value out of range: -5") name no field
-            raise ValueError(f"{section}.{field.name}: {value!r} is not a valid value ({exc})") from None
+            where = f"{section}.{field.name}" if section is not None else field.name
+            raise ValueError(f"{where}: {value!r} is not a valid value ({exc})") from None
     check_request(request)
     return request
 

@@ -21,7 +21,8 @@ _FIELD_PATHS = {
     "seed": "sampling.seed", "n": "sampling.n", "max_tokens": "stopping.max_tokens",
     "min_tokens": "stopping.min_tokens",
     "stop": "stopping.stop", "stop_token_ids": "stopping.stop_token_ids", "logprobs": "output.logprobs",
-    "prompt": "input",
+    "logit_bias": "sampling.logit_bias", "prompt_logprobs": "output.prompt_logprobs",
+    "truncate_prompt_tokens": "truncate_prompt_tokens", "prompt": "input",
 }
 
 
@@ -41,8 +42,7 @@ def to_engine_inputs(request: pb.GenerateRequest, inputs: InputProcessor) -> tup
     """Validate a request once, at the edge. Raises InvalidArgument naming the field."""
     params = check_request(request)
     try:
-        token_ids = prompt_token_ids(request, inputs)
-        inputs.validate(token_ids, params)
+        token_ids = inputs.prepare(prompt_token_ids(request, inputs), params)
     except InvalidArgument:
         raise
     except ValueError as exc:
@@ -108,6 +108,11 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         raise InvalidArgument(f"stopping.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")
     if any(len(s_) > MAX_STOP_STRING_CHARS for s_ in stop.stop):
         raise InvalidArgument(f"stopping.stop: each stop string must be at most {MAX_STOP_STRING_CHARS} characters")
+    if out.HasField("prompt_logprobs"):
+        kwargs["prompt_logprobs"] = out.prompt_logprobs
+    if request.HasField("truncate_prompt_tokens"):
+        kwargs["truncate_prompt_tokens"] = request.truncate_prompt_tokens
+    kwargs["logit_bias"] = dict(s.logit_bias)
     return SamplingParams(
         **kwargs, min_tokens=stop.min_tokens, stop=list(stop.stop), stop_token_ids=list(stop.stop_token_ids),
         ignore_eos=stop.ignore_eos, include_stop_str_in_output=stop.include_stop_str_in_output,
@@ -119,6 +124,11 @@ def speculative_options(request: pb.GenerateRequest) -> dict:
     spec = request.speculative
     return {"speculative": spec.enabled if spec.HasField("enabled") else None,
             "max_draft_tokens": spec.max_draft_tokens if spec.HasField("max_draft_tokens") else None}
+
+
+def _token_logprob(lp) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
 # The offline API's words (FinishReason in scheduler/core/request.py) are the proto's and the metrics label's.
@@ -146,10 +156,9 @@ def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateRes
     for output in outputs:
         response.token_ids.extend(output.token_ids)
         response.text += output.text
-        for lp in output.logprobs or ():
-            response.logprobs.append(pb.TokenLogprob(
-                token_id=lp.token_id, logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+        response.logprobs.extend(_token_logprob(lp) for lp in output.logprobs or ())
+        response.prompt_logprobs.extend(pb.PromptLogprob(logprob=_token_logprob(lp) if lp is not None else None)
+                                        for lp in output.prompt_logprobs or ())
     last = outputs[-1]
     if last.finished:
         response.finish_reason = _FINISH[last.finish_reason]

@@ -36,10 +36,17 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
         raise InvalidArgument(f"sampling_params.logprobs: the whole vocabulary's logprobs (-1) are not served; "
                               f"ask for at most 20, got {logprobs}")
     kwargs["logprobs"] = max(logprobs, 1) if logprobs >= 0 else 0
+    if s.HasField("prompt_logprobs"):
+        if s.prompt_logprobs == -1:
+            raise InvalidArgument("sampling_params.prompt_logprobs: the whole vocabulary's logprobs (-1) are not "
+                                  "served; ask for at most 20")
+        kwargs["prompt_logprobs"] = s.prompt_logprobs
+    if s.HasField("truncate_prompt_tokens"):
+        kwargs["truncate_prompt_tokens"] = s.truncate_prompt_tokens
+    kwargs["logit_bias"] = dict(s.logit_bias)
     try:
         params = SamplingParams(**kwargs)
-        token_ids = prompt_token_ids(request, inputs)
-        inputs.validate(token_ids, params)
+        token_ids = inputs.prepare(prompt_token_ids(request, inputs), params)
     except ValueError as exc:
         raise _field_error(exc) from None
     return token_ids, params, logprobs
@@ -47,10 +54,6 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
 
 def refuse_unsupported(request: vpb.GenerateRequest) -> None:
     s = request.sampling_params
-    if s.HasField("prompt_logprobs"):
-        raise InvalidArgument("sampling_params.prompt_logprobs: prompt logprobs are not served")
-    if s.logit_bias:
-        raise InvalidArgument("sampling_params.logit_bias: logit bias is not served")
     constraint = s.WhichOneof("constraint")
     if constraint is not None:
         raise InvalidArgument(f"sampling_params.{constraint}: structured output is not served")
@@ -73,15 +76,7 @@ def prompt_token_ids(request: vpb.GenerateRequest, inputs: InputProcessor) -> li
         token_ids = list(request.tokenized.input_ids)
         if not token_ids:
             raise InvalidArgument("tokenized.input_ids: the prompt must not be empty")
-    s = request.sampling_params
-    if s.HasField("truncate_prompt_tokens"):
-        keep = s.truncate_prompt_tokens
-        if keep == -1:
-            keep = inputs.max_model_len - 1  # vLLM's "the model's most"
-        if keep < 1:
-            raise InvalidArgument(f"sampling_params.truncate_prompt_tokens: must be -1 or >= 1, got {keep}")
-        token_ids = token_ids[-keep:]
-    return token_ids
+    return token_ids  # truncate_prompt_tokens is the engine's (InputProcessor.prepare)
 
 
 def _field_error(exc: ValueError) -> InvalidArgument:
@@ -97,30 +92,36 @@ def _field_error(exc: ValueError) -> InvalidArgument:
 class Responses:
     """One request's engine outputs as the protocol's messages, each completion (of n) on its own index."""
 
-    def __init__(self, stream: bool, logprobs: int):
-        self.stream, self.logprobs = stream, logprobs
+    def __init__(self, stream: bool, logprobs: int, prompt_token_ids: list[int] = ()):
+        self.stream, self.logprobs, self.prompt_token_ids = stream, logprobs, list(prompt_token_ids)
         self.completions: dict[int, ResponseBuilder] = {}
 
     def add(self, output: RequestOutput) -> list[vpb.GenerateResponse]:
         builder = self.completions.get(output.index)
         if builder is None:
-            builder = self.completions[output.index] = ResponseBuilder(self.stream, self.logprobs, output.index)
+            builder = self.completions[output.index] = ResponseBuilder(self.stream, self.logprobs,
+                                                                       self.prompt_token_ids, output.index)
         return builder.add(output)
 
 
 class ResponseBuilder:
     """Turns one completion's engine outputs into the protocol's messages: a chunk per delta when streaming, and
-    the GenerateComplete at the end (holding every output token when not streaming)."""
+    the GenerateComplete at the end (holding every output token when not streaming). Prompt logprobs, like
+    output logprobs, go in the chunks when streaming (the first one) and in the GenerateComplete when not."""
 
-    def __init__(self, stream: bool, logprobs: int, index: int = 0):
+    def __init__(self, stream: bool, logprobs: int, prompt_token_ids: list[int] = (), index: int = 0):
         self.stream = stream
+        self.prompt_token_ids = list(prompt_token_ids)
         self.logprobs = logprobs
         self.index = index
         self.output_ids: list[int] = []
         self.lp = vpb.OutputLogProbs()
+        self.input_lp: vpb.InputLogProbs | None = None
 
     def add(self, output: RequestOutput) -> list[vpb.GenerateResponse]:
         delta_lp = self._logprobs(output)
+        if output.prompt_logprobs is not None:
+            self.input_lp = input_logprobs(self.prompt_token_ids, output.prompt_logprobs)
         self.output_ids += output.token_ids
         if delta_lp is not None and not self.stream:
             self.lp.MergeFrom(delta_lp)
@@ -131,6 +132,8 @@ class ResponseBuilder:
                                             cached_tokens=output.num_cached_tokens, index=self.index)
             if delta_lp is not None:
                 chunk.output_logprobs.CopyFrom(delta_lp)
+            if output.prompt_logprobs is not None:
+                chunk.input_logprobs.CopyFrom(self.input_lp)
             messages.append(vpb.GenerateResponse(chunk=chunk))
         if output.finished:
             messages.append(vpb.GenerateResponse(complete=self._complete(output)))
@@ -150,6 +153,8 @@ class ResponseBuilder:
             complete.spec_accepted_tokens = last.metrics.accepted_tokens
         if self.logprobs >= 0 and not self.stream:
             complete.output_logprobs.CopyFrom(self.lp)
+        if self.input_lp is not None and not self.stream:
+            complete.input_logprobs.CopyFrom(self.input_lp)
         return complete
 
     def _logprobs(self, output: RequestOutput) -> vpb.OutputLogProbs | None:
@@ -160,3 +165,17 @@ class ResponseBuilder:
             top_logprobs=[vpb.TopLogProbs(values=[v for _, v in lp.top[:self.logprobs]],
                                           token_ids=[t for t, _ in lp.top[:self.logprobs]])
                           for lp in output.logprobs])
+
+
+def input_logprobs(prompt_token_ids: list[int], entries: list) -> vpb.InputLogProbs:
+    """The protocol's prompt logprobs: the first token's value unset (it has no context), as vLLM sends them."""
+    message = vpb.InputLogProbs(token_ids=prompt_token_ids)
+    for lp in entries:
+        if lp is None:
+            message.token_logprobs.append(vpb.InputTokenLogProb())
+            message.top_logprobs.append(vpb.TopLogProbs())
+        else:
+            message.token_logprobs.append(vpb.InputTokenLogProb(value=lp.logprob))
+            top_ids, top_values = zip(*lp.top) if lp.top else ((), ())
+            message.top_logprobs.append(vpb.TopLogProbs(values=top_values, token_ids=top_ids))
+    return message

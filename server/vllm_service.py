@@ -47,7 +47,7 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
             token_ids, params, logprobs = to_engine_inputs(request, engine.engine.inputs)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        responses = Responses(request.stream, logprobs)
+        responses = Responses(request.stream, logprobs, token_ids)
         request_id = request.request_id or uuid.uuid4().hex
         async for output in self.run(context, token_ids, params, request_id):
             for message in responses.add(output):

@@ -121,6 +121,24 @@ def test_request_sets_only_the_fields_given():
     assert request.priority == -1
 
 
+def test_request_takes_logit_bias_prompt_logprobs_and_truncation():
+    request = build_request([5, 6, 7], logit_bias={3: -100, 9: 2.5}, prompt_logprobs=0, truncate_prompt_tokens=2)
+    assert dict(request.sampling.logit_bias) == {3: -100.0, 9: 2.5}
+    assert request.output.HasField("prompt_logprobs") and request.output.prompt_logprobs == 0  # asked, not unset
+    assert request.HasField("truncate_prompt_tokens") and request.truncate_prompt_tokens == 2
+    plain = build_request([5])
+    assert not plain.output.HasField("prompt_logprobs") and not plain.HasField("truncate_prompt_tokens")
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(logit_bias={3: 101.0}), "sampling.logit_bias"), (dict(logit_bias={-3: 1.0}), "sampling.logit_bias"),
+    (dict(prompt_logprobs=21), "output.prompt_logprobs"), (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=2**40), "truncate_prompt_tokens")])
+def test_request_refuses_bad_new_fields_naming_them(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        build_request("hi", **kwargs)
+
+
 def test_request_takes_chat_and_rejects_bad_input():
     request = build_request(chat=[{"role": "user", "content": "hi"}], request_id="r1")
     assert request.WhichOneof("input") == "chat" and request.chat.messages[0].role == "user"

@@ -49,3 +49,24 @@ def test_cuda_speculative_greedy_matches_hf(tiny_model_dir, mode):
                                                          ignore_eos=True))
     assert all(len(o.token_ids) == 16 for o in sampled)
     assert_pool_idle(engine)
+
+
+def test_cuda_prompt_logprobs_and_logit_bias_match_the_cpu_rules(tiny_model_dir):
+    """Fused kernels and CUDA graphs: prompt logprobs of chunked prompts equal HF's, and logit_bias holds
+    under n-gram speculation."""
+    from tests.test_logit_bias import hf_biased_greedy
+    from tests.test_prompt_options import assert_prompt_logprobs
+
+    path, model = tiny_model_dir
+    prompts = random_prompts(model.config.vocab_size, lengths=(1, 9, 40, 100)) + [[3, 4, 5, 6] * 10]
+    engine = Engine(model=str(path), device="cuda", dtype="float32", speculative="ngram", adaptive_speculation=False,
+                    max_num_batched_tokens=32, kv_cache_bytes=16 * 2 * 8192)
+    asking = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=16, prompt_logprobs=3),
+                        arrive_every=1)
+    for prompt, out in zip(prompts, asking):
+        assert_prompt_logprobs(model, prompt, out.prompt_logprobs, tolerance=1e-3)
+    bias = {asking[2].token_ids[0]: -100.0, 7: 3.0}
+    biased = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24, logit_bias=bias))
+    assert [o.token_ids for o in biased] == [hf_biased_greedy(model, p, bias) for p in prompts]
+    assert sum(o.metrics.accepted_tokens for o in biased) > 0
+    assert_pool_idle(engine)

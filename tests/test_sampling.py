@@ -301,3 +301,49 @@ def test_repeated_rows_equal_rows_built_one_per_position(device):
     assert (rows.max_top_k, rows.all_greedy, rows.any_greedy, rows.any_top_p) == (3, False, True, True)
     many = torch.tensor([QUARTERS_LOGITS] * 6, device=device)
     assert torch.equal(Sampler().compute_probs(many.clone(), rows), Sampler().compute_probs(many.clone(), expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_minus_100_bans_the_greedy_pick_and_plus_100_forces_one(device):
+    logits = torch.tensor([QUARTERS_LOGITS] * 3, device=device)
+    params = [SamplingParams(temperature=0, logit_bias={0: -100}), SamplingParams(temperature=0, logit_bias={3: 100}),
+              SamplingParams(temperature=0)]
+    out = Sampler()(logits, make_batch(params, logits.tolist(), device=device))
+    assert out.token_ids.tolist() == [1, 3, 0]
+    probs = Sampler().compute_probs(logits[:2], make_batch(params[:2], logits.tolist()[:2], device=device))
+    assert probs.argmax(dim=-1).tolist() == [1, 3]
+
+
+def test_logit_bias_shifts_the_distribution_before_temperature():
+    bias = {1: 2.0, 2: -1.5}
+    biased = [x + bias.get(i, 0.0) for i, x in enumerate(QUARTERS_LOGITS)]
+    assert_probs(probs_of(QUARTERS_LOGITS, temperature=0.5, logit_bias=bias),
+                 softmax_over([x / 0.5 for x in biased], range(4)))
+
+
+def test_logprobs_ignore_logit_bias():
+    logits = torch.tensor([QUARTERS_LOGITS])
+    params = [SamplingParams(temperature=0, logprobs=2, logit_bias={3: 100})]
+    out = Sampler()(logits, make_batch(params, logits.tolist()))
+    assert out.token_ids.tolist() == [3]
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, dim=-1)[:, 3])
+
+
+def test_repeated_rows_keep_each_rows_logit_bias():
+    params = [SamplingParams(temperature=0.7, logit_bias={2: 3.0}), SamplingParams(temperature=1.0)]
+    per_request = make_batch(params, [QUARTERS_LOGITS] * 2)
+    rows = per_request.repeat_rows([2, 1])
+    expected = make_batch([params[0], params[0], params[1]], [QUARTERS_LOGITS] * 3)
+    many = torch.tensor([QUARTERS_LOGITS] * 3)
+    assert torch.equal(Sampler().compute_probs(many.clone(), rows), Sampler().compute_probs(many.clone(), expected))
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(logit_bias={5: 101.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias"), (dict(logit_bias=[1, 2]), "logit_bias"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens")])
+def test_bad_new_params_name_their_field(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        SamplingParams(**kwargs)

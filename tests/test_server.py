@@ -148,6 +148,12 @@ INVALID = [
     (dict(chat=pb.Chat(messages=[pb.ChatMessage(role="wizard", content="hi")])), "chat.messages[0].role"),
     (dict(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="")])), "chat.messages[0].content"),
     (dict(text="word " * 600), "max_model_len"),
+    (dict(text="x", sampling=pb.SamplingParams(logit_bias={5: 100.5})), "sampling.logit_bias"),
+    (dict(text="x", sampling=pb.SamplingParams(logit_bias={5: float("nan")})), "sampling.logit_bias"),
+    (dict(text="x", sampling=pb.SamplingParams(logit_bias={10**6: 1.0})), "sampling.logit_bias"),
+    (dict(text="x", output=pb.OutputOptions(prompt_logprobs=21)), "output.prompt_logprobs"),
+    (dict(text="x", truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(text="x", truncate_prompt_tokens=-2), "truncate_prompt_tokens"),
 ]
 
 
@@ -211,6 +217,26 @@ def test_logprobs_and_stop_strings_reach_the_client(stub, offline):
     assert resp.finish_reason == pb.FINISH_REASON_STOP and resp.stop_string == stop
     assert resp.text == base.text[:base.text.index(stop)]
     assert len(resp.logprobs) == len(resp.token_ids) and all(len(lp.top) == 2 for lp in resp.logprobs)
+
+
+def test_logit_bias_prompt_logprobs_and_truncation_reach_the_client(stub, offline):
+    prompt = offline.tokenizer.encode("The quick brown fox jumps over the lazy dog and runs away")
+    plain = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].token_ids
+    params = SamplingParams(temperature=0, max_tokens=8, logit_bias={plain[0]: -100.0}, prompt_logprobs=2,
+                            truncate_prompt_tokens=6)
+    want = offline.generate(prompt, params)[0]
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(
+        temperature=0, logit_bias={plain[0]: -100.0}), stopping=pb.StoppingCriteria(max_tokens=8),
+        output=pb.OutputOptions(prompt_logprobs=2), truncate_prompt_tokens=6)
+    for responses in ([stub.Generate(request)], list(stub.GenerateStream(request))):
+        assert [t for r in responses for t in r.token_ids] == want.token_ids and plain[0] not in want.token_ids
+        entries = responses[0].prompt_logprobs
+        assert all(not r.prompt_logprobs for r in responses[1:]) and responses[-1].usage.prompt_tokens == 6
+        assert len(entries) == 6 and not entries[0].HasField("logprob")
+        for entry, expected in zip(entries[1:], want.prompt_logprobs[1:]):
+            assert entry.logprob.token_id == expected.token_id
+            assert entry.logprob.logprob == pytest.approx(expected.logprob, abs=1e-5)
+            assert [t.token_id for t in entry.logprob.top] == [t for t, _ in expected.top]
 
 
 def test_health_and_reflection(daemon):

@@ -148,6 +148,34 @@ def test_truncate_prompt_tokens_keeps_the_last_ones(engine, offline):
     assert whole["complete"]["prompt_tokens"] == 8 and whole["complete"]["output_ids"] == want.token_ids
 
 
+def test_logit_bias_steers_greedy_decoding(engine, offline):
+    prompt = [31, 32, 33]
+    plain = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].token_ids
+    bias = {plain[0]: -100.0, 77: 3.0}
+    want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8, logit_bias=bias))[0].token_ids
+    assert want != plain
+    (whole,) = engine.call("Generate", generate(prompt, logit_bias={str(t): b for t, b in bias.items()}))
+    assert whole["complete"]["output_ids"] == want
+    (forced,) = engine.call("Generate", generate(prompt, logit_bias={"42": 100.0}))
+    assert forced["complete"]["output_ids"] == [42] * 8
+
+
+def test_prompt_logprobs_come_in_the_first_chunk_and_the_complete_answer(engine, offline):
+    prompt = list(range(40, 70))
+    want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2))[0]
+    (whole,) = engine.call("Generate", generate(prompt, max_tokens=4, prompt_logprobs=2))
+    lp = whole["complete"]["input_logprobs"]
+    assert lp["token_ids"] == prompt and lp["token_logprobs"][0] == {} and lp["top_logprobs"][0] == {}
+    for entry, value, top in zip(want.prompt_logprobs[1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert value["value"] == pytest.approx(entry.logprob, abs=1e-5)
+        assert top["token_ids"] == [t for t, _ in entry.top] and len(top["values"]) == 2
+    messages = engine.call("Generate", generate(prompt, stream=True, max_tokens=4, prompt_logprobs=2))
+    chunks = [m["chunk"] for m in messages[:-1]]
+    assert chunks[0]["input_logprobs"] == lp and all("input_logprobs" not in c for c in chunks[1:])
+    (only_own,) = engine.call("Generate", generate(prompt, max_tokens=1, prompt_logprobs=0))
+    assert all(not top for top in only_own["complete"]["input_logprobs"]["top_logprobs"])
+
+
 def test_abort_ends_a_running_request(engine):
     call = engine.stream("Generate", {**generate([7, 8, 9], stream=True, max_tokens=400, ignore_eos=True),
                                       "request_id": "to-abort"})
@@ -221,8 +249,11 @@ def test_what_is_not_served_says_so(engine, method, request_):
 
 BAD = [
     ({"sampling_params": {"n": 17}}, "sampling_params.n"),
-    ({"sampling_params": {"prompt_logprobs": 1}}, "sampling_params.prompt_logprobs"),
-    ({"sampling_params": {"logit_bias": {"5": 2.0}}}, "sampling_params.logit_bias"),
+    ({"sampling_params": {"prompt_logprobs": -1}}, "sampling_params.prompt_logprobs"),
+    ({"sampling_params": {"prompt_logprobs": 21}}, "sampling_params.prompt_logprobs"),
+    ({"sampling_params": {"logit_bias": {"5": 200.0}}}, "sampling_params.logit_bias"),
+    ({"sampling_params": {"logit_bias": {"-5": 1.0}}}, "sampling_params.logit_bias"),
+    ({"sampling_params": {"logit_bias": {"1000000": 1.0}}}, "sampling_params.logit_bias"),
     ({"sampling_params": {"json_schema": "{}"}}, "sampling_params.json_schema"),
     ({"sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
     ({"sampling_params": {"choice": {"choices": ["a"]}}}, "sampling_params.choice"),

@@ -43,6 +43,7 @@ class _Live:
         self.detokenizer = detokenizer
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
+        self.prompt_logprobs_sent = request.prompt_logprobs is None
 
 
 class Engine:
@@ -103,7 +104,7 @@ class Engine:
         max_draft_tokens turn speculation off for this request or cap its depth."""
         params = params or SamplingParams()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.inputs.tokenize(prompt)
-        self.inputs.validate(token_ids, params)
+        token_ids = self.inputs.prepare(token_ids, params)
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -114,8 +115,10 @@ class Engine:
         lives = []
         for index in range(params.n):
             # Completion i of n is a sequence of its own, with its own random stream (seed + i when seeded).
-            own = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None
-                                                       else params.seed + index)
+            # The prompt's logprobs are the same for all: the first completion reports them.
+            own = params if params.n == 1 else replace(
+                params, n=1, seed=None if params.seed is None else params.seed + index,
+                prompt_logprobs=params.prompt_logprobs if index == 0 else None)
             request = Request(request_id if params.n == 1 else f"{request_id}#{index}", list(token_ids), own,
                               self.eos_token_ids, priority, max_total_tokens=max_total,
                               speculative=speculative is not False, max_draft_tokens=max_draft_tokens,
@@ -302,7 +305,10 @@ class Engine:
         new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
         live.num_sent_tokens = request.num_output_tokens
         text = live.detokenizer.take_delta(request.is_finished) if live.detokenizer is not None else ""
-        return RequestOutput(request.output_id, new_ids, text, new_logprobs,
+        prompt_logprobs = None
+        if not live.prompt_logprobs_sent and not request.needs_prompt_logprobs:  # an abort mid-prompt sends none
+            prompt_logprobs, live.prompt_logprobs_sent = request.prompt_logprobs, True
+        return RequestOutput(request.output_id, new_ids, text, new_logprobs, prompt_logprobs,
                              num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
                              num_cached_tokens=request.num_cached_tokens, index=request.index)
 

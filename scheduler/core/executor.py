@@ -12,6 +12,7 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest
 from scheduler.io.outputs import TokenLogprob
+from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, logprobs_of
 from scheduler.speculative.speculator import Speculator
@@ -51,12 +52,16 @@ class StepExecutor:
         proposal = self.speculator.propose(spec, self.pool) if spec else None
         drafts = proposal.device_drafts if proposal is not None else None
         rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
-        items = [self._item(s, rows.get(id(s), -1)) for s in batch]
+        prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch]
+        items = [self._item(s, rows.get(id(s), -1), first if count else None)
+                 for s, (first, count) in zip(batch, prompt_rows)]
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
         else:
             logits = self.runner.forward(items, device_tokens=drafts)
+        if any(count for _, count in prompt_rows):
+            logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         sampled = [s for s in batch if s.samples]
         for s in batch:
             s.request.num_computed_tokens += s.num_new_tokens
@@ -72,11 +77,14 @@ class StepExecutor:
             self.pool.cache_full_blocks(s.request, s.request.num_computed_tokens)
         return results
 
-    def _item(self, s: ScheduledRequest, device_row: int = -1) -> ForwardItem:
+    def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
+        """first_logit: the position from which on every token's logits are wanted (prompt logprobs)."""
         request = s.request
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start:start + s.num_new_tokens] + s.draft_token_ids
         num_logits = 1 + len(s.draft_token_ids) if s.samples else 0
+        if first_logit is not None:
+            num_logits = max(num_logits, start + s.num_new_tokens - first_logit)
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            len(s.draft_token_ids) if device_row >= 0 else 0)
 
@@ -126,6 +134,22 @@ class StepExecutor:
             results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
             row += 1 + len(s.draft_token_ids)
         return results
+
+
+def _take_prompt_logprobs(batch: list[ScheduledRequest], items: list[ForwardItem], prompt_rows: list[tuple[int, int]],
+                          logits: torch.Tensor, hidden: torch.Tensor | None):
+    """Collect the prompt logprobs of the items that asked for them, and return the logits (and hidden states)
+    of the sampled rows alone, as a step without prompt logprobs has them."""
+    row_starts, keep, start = [], [], 0
+    for item, (_, count) in zip(items, prompt_rows):
+        row_starts.append(start)
+        keep.extend(range(start + count, start + item.num_logits))
+        start += item.num_logits
+    asking = [i for i, (_, count) in enumerate(prompt_rows) if count]
+    prompt_logprobs.collect(logits, [row_starts[i] for i in asking], [batch[i].request for i in asking],
+                            [prompt_rows[i] for i in asking])
+    keep = torch.tensor(keep, dtype=torch.long, device=logits.device)
+    return logits[keep], hidden[keep] if hidden is not None else None
 
 
 def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: torch.Tensor | None):

@@ -51,11 +51,15 @@ class Request:
     # One of a prompt's n completions: the id its outputs carry (the request's own when n = 1), and its index.
     output_id: str = ""
     index: int = 0
-
+    # Collected as the prompt is computed, when params.prompt_logprobs asks: one TokenLogprob (or None, for
+    # the first token) per prompt token; complete once it holds num_prompt_tokens entries.
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         self.output_id = self.output_id or self.request_id
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -68,6 +72,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Still collecting prompt logprobs: its prompt must be computed, not taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -110,9 +110,10 @@ class Scheduler:
         self.waiting.sort(key=lambda r: self._rank(r, now))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            # A forked completion already holds its prompt's shared blocks; any other request looks in the cache.
+            # A forked completion already holds its prompt's shared blocks; any other request looks in the cache,
+            # but for one collecting prompt logprobs, which need the logits of every prompt position.
             num_cached = self.pool.num_held_tokens(request)
-            cached = [] if num_cached else self.pool.find_cached_prefix(request)
+            cached = [] if num_cached or request.needs_prompt_logprobs else self.pool.find_cached_prefix(request)
             num_cached = num_cached or len(cached) * self.pool.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.pool.allocate(request, num_cached + num_new, cached):

@@ -38,6 +38,17 @@ class InputProcessor:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 
+    def prepare(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt the engine runs: truncated as params.truncate_prompt_tokens asks, then validated.
+        Preparing a prepared prompt again changes nothing."""
+        token_ids = list(token_ids)
+        keep = params.truncate_prompt_tokens
+        if keep is not None:
+            keep = self.max_model_len - 1 if keep == -1 else keep  # -1: the most that leaves room to generate
+            token_ids = token_ids[-keep:]
+        self.validate(token_ids, params)
+        return token_ids
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("prompt must not be empty")
@@ -47,6 +58,9 @@ class InputProcessor:
         bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
+        bad = next((t for t in params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which must leave room for at least one generated token")

@@ -54,6 +54,8 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None
+    # With the first output, when asked: one entry per prompt token, the first None (it has no context).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string matched; None for EOS
@@ -75,6 +77,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # from the model's raw distribution, first None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
@@ -91,6 +94,8 @@ class CompletionOutput:
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
             self.num_cached_tokens, self.metrics = delta.num_cached_tokens, delta.metrics

@@ -30,6 +30,10 @@ class SamplingBatch:
     prompt_token_ids: torch.Tensor | None  # [N, max_prompt_len] int64; only for repetition penalty
     output_token_ids: torch.Tensor | None  # [N, max_output_len] int64; only for any penalty
     blocked_token_ids: torch.Tensor | None  # [N, max_blocked] int64; logits forced to -inf
+    # logit_bias as [N, max_biased] token ids and biases, padded with (0, 0.0) so a scatter_add of the
+    # padding changes nothing; None when no row has any.
+    bias_token_ids: torch.Tensor | None
+    bias_values: torch.Tensor | None
     generators: list[torch.Generator | None]  # per row; on the logits' device
     seeded_rows: list[int]  # rows that draw their noise from their own generator (greedy rows excluded)
     vocab_size: int
@@ -65,6 +69,7 @@ class SamplingBatch:
         temperature, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty = floats.unbind(0)
         is_greedy = temperature == 0
         greedy_rows = [p.greedy for p in params]
+        bias_token_ids, bias_values = _bias(params, device) if any(p.logit_bias for p in params) else (None, None)
         return cls(
             temperature=temperature.masked_fill(is_greedy, 1.0),
             is_greedy=is_greedy,
@@ -77,6 +82,8 @@ class SamplingBatch:
             prompt_token_ids=_pad(prompt_token_ids, vocab_size, device) if any_repetition_penalty else None,
             output_token_ids=_pad(output_token_ids, vocab_size, device) if any_penalty else None,
             blocked_token_ids=_pad(blocked_token_ids, vocab_size, device) if any(blocked_token_ids) else None,
+            bias_token_ids=bias_token_ids,
+            bias_values=bias_values,
             generators=list(generators),
             seeded_rows=[row for row, gen in enumerate(generators) if gen is not None and not greedy_rows[row]],
             vocab_size=vocab_size,
@@ -101,8 +108,15 @@ class SamplingBatch:
                           self.temperature.device)
         per_row = {name: getattr(self, name)[index] for name in (
             "temperature", "is_greedy", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-            "presence_penalty")}
+            "presence_penalty") + (("bias_token_ids", "bias_values") if self.bias_token_ids is not None else ())}
         return dataclasses.replace(self, **per_row, generators=[None] * len(index), seeded_rows=[])
+
+
+def _bias(params: list[SamplingParams], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p.logit_bias) for p in params)
+    token_ids = [list(p.logit_bias) + [0] * (width - len(p.logit_bias)) for p in params]
+    values = [list(p.logit_bias.values()) + [0.0] * (width - len(p.logit_bias)) for p in params]
+    return to_device(token_ids, torch.int64, device), to_device(values, torch.float32, device)
 
 
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 MAX_N = 16  # parallel samples of one prompt
+MAX_LOGIT_BIAS = 100.0
 
 
 def _check(ok: bool, message: str) -> None:
@@ -40,6 +41,10 @@ class SamplingParams:
     logprobs: int = 0  # top-n alternatives besides the chosen token; 0 = off
     skip_special_tokens: bool = True
     n: int = 1  # completions of the prompt, sharing its KV blocks; completion i draws with seed + i
+    # {token_id: bias in [-100, 100]} added to the logits before sampling (not to the logprobs reported).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: int | None = None  # top-n alternatives per prompt token; None = off, 0 = the token's own only
+    truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens; -1 = as many as the model takes
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,10 +77,28 @@ class SamplingParams:
         _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        self.logit_bias = _logit_bias(self.logit_bias)
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        _check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens)
+                                                       and (self.truncate_prompt_tokens >= 1
+                                                            or self.truncate_prompt_tokens == -1)),
+               f"truncate_prompt_tokens must be -1 or >= 1, got {self.truncate_prompt_tokens!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    _check(isinstance(bias, dict), f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+    for token_id, value in bias.items():
+        _check(_is_int(token_id) and token_id >= 0, f"logit_bias: token id {token_id!r} must be an integer >= 0")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+               and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS,
+               f"logit_bias: the bias of token {token_id} must be in [-100, 100], got {value!r}")
+    return {token_id: float(value) for token_id, value in bias.items()}
 
 
 def _is_int(value) -> bool:

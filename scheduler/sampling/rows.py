@@ -16,9 +16,10 @@ def has_penalty(params: SamplingParams) -> bool:
 
 
 def plain_greedy(request: Request) -> bool:
-    """Greedy, and nothing changes the logits it takes the argmax of (penalties, tokens blocked by
-    min_tokens): its next token is the argmax of the raw logits, and so is every verified one."""
-    return request.params.greedy and not has_penalty(request.params) and not blocked_ids(
+    """Greedy, and nothing changes the logits it takes the argmax of (penalties, logit_bias, tokens
+    blocked by min_tokens): its next token is the argmax of the raw logits, and so is every verified one."""
+    params = request.params
+    return params.greedy and not has_penalty(params) and not params.logit_bias and not blocked_ids(
         request, request.num_output_tokens)
 
 

@@ -21,7 +21,8 @@ class Sampler:
     """Picks one token per row: argmax for greedy rows, an exponential-race draw for the rest.
 
     Logprobs (chosen token and top-n) come from log_softmax of the RAW logits, before
-    blocked tokens, penalties, temperature or any truncation, as vLLM returns by default.
+    logit_bias, blocked tokens, penalties, temperature or any truncation, as vLLM returns by
+    default: they are the model's own distribution, whatever the request asks of sampling.
     Rows with a generator draw their noise from it alone, so a seeded request gets the same
     tokens whatever else shares the batch. The rest draw from `generator` (global RNG if None),
     which must live on the logits' device. No call syncs with the host.
@@ -74,6 +75,8 @@ def _penalised_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     # A float32 copy: the caller's logits stay raw for logprobs, and the steps below work in place.
     logits = logits.to(torch.float32, copy=True)
     vocab_size = batch.vocab_size
+    if batch.bias_token_ids is not None:
+        logits.scatter_add_(1, batch.bias_token_ids, batch.bias_values)
     if batch.blocked_token_ids is not None:
         logits.masked_fill_(_token_mask(batch.blocked_token_ids, vocab_size), float("-inf"))
     if batch.output_token_ids is None:
