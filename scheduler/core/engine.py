@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
@@ -26,6 +27,8 @@ from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
+from scheduler.structured.compiler import GrammarCompiler, check_grammar
+from scheduler.structured.guide import Guide
 from scheduler.worker.memory import plan_kv_cache
 from scheduler.worker.models import load_model
 from scheduler.worker.runner import ModelRunner
@@ -36,10 +39,11 @@ log = logging.getLogger(__name__)
 class _Live:
     """Engine-side companions of a request: its stream and detokenizer."""
 
-    def __init__(self, request: Request, stream: RequestStream, detokenizer):
+    def __init__(self, request: Request, stream: RequestStream, detokenizer, grammar: Future | None = None):
         self.request = request
         self.stream = stream
         self.detokenizer = detokenizer
+        self.grammar = grammar  # the compiled grammar of a structured request, until it is ready
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
 
@@ -81,6 +85,9 @@ class Engine:
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) \
+            if self.tokenizer is not None else None
+        self._compiling: list[_Live] = []  # structured requests waiting for their grammar, in arrival order
         self._live: dict[str, _Live] = {}
         self._pending_add: list[_Live] = []
         self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
@@ -114,7 +121,8 @@ class Engine:
             if self.tokenizer is not None else None
         if params.seed is not None and not params.greedy:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        live = _Live(request, RequestStream(request_id, on_output), detokenizer)
+        grammar = self._grammar(params)
+        live = _Live(request, RequestStream(request_id, on_output), detokenizer, grammar)
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
@@ -122,6 +130,17 @@ class Engine:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._pending_add.append(live)
         return live.stream
+
+    def _grammar(self, params: SamplingParams) -> Future | None:
+        """Parse a structured request's grammar now (a bad one is a ValueError naming the field) and start
+        compiling it in the background."""
+        so = params.structured_outputs
+        if so is None:
+            return None
+        if self.grammars is None:
+            raise ValueError(f"structured_outputs.{so.kind}: needs a tokenizer; this model has none")
+        check_grammar(so)
+        return self.grammars.submit(so)
 
     def abort(self, request_id: str) -> bool:
         """End a request early (finish_reason "abort"); its KV blocks are freed at the next step.
@@ -143,13 +162,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self._pending_add)
+        return len(self.scheduler.waiting) + len(self._pending_add) + len(self._compiling)
 
     @property
     def num_waiting_prompt_tokens(self) -> int:
         """Prompt tokens of the requests not started yet: the queued work a load-aware router weighs."""
         with self._lock:
-            pending = [live.request for live in self._pending_add]
+            pending = [live.request for live in self._pending_add + self._compiling]
         return sum(r.num_prompt_tokens for r in [*list(self.scheduler.waiting), *pending]
                    if r.num_computed_tokens == 0)
 
@@ -158,12 +177,15 @@ class Engine:
         start = time.perf_counter()
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
+        outputs += self._admit_compiled()
         spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead())
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
                                 < s.request.num_prompt_tokens)
         results = self.executor.execute(batch) if batch else []
+        if not batch and self._compiling:  # nothing to run until a grammar is ready: wait for one, briefly
+            wait([live.grammar for live in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
         now = time.monotonic()
         outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
         self.last_step_stats = StepStats(
@@ -210,8 +232,32 @@ class Engine:
                 self._live[live.request.request_id] = live
             aborted, self._pending_abort = self._pending_abort, []
         for live in added:
-            self.scheduler.add(live.request)
+            if live.grammar is not None:
+                self._compiling.append(live)
+            else:
+                self.scheduler.add(live.request)
         return [self._finish(self._live[r.request_id], FinishReason.ABORT) for r in aborted if not r.is_finished]
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the structured requests whose grammars are ready; one whose grammar failed ends with the error."""
+        outputs, still = [], []
+        for live in self._compiling:
+            request = live.request
+            if request.is_finished:  # aborted while compiling
+                continue
+            if not live.grammar.done():
+                still.append(live)
+                continue
+            error = live.grammar.exception()
+            if error is None:
+                request.guide = Guide(live.grammar.result())
+                self.scheduler.add(request)
+                continue
+            output = self._finish(live, FinishReason.ABORT)
+            output.error = f"structured_outputs.{request.params.structured_outputs.kind}: {error}"
+            outputs.append(output)
+        self._compiling = still
+        return outputs
 
     def _append(self, live: _Live, result: StepResult, now: float) -> RequestOutput:
         """Check the step's new tokens (already on the request) one by one for a stop."""

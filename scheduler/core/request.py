@@ -48,6 +48,7 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     generator: Any = None  # a seeded request's torch.Generator, on the engine's device
+    guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
 
 
     def __post_init__(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from scheduler.sampling.structured import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -38,6 +40,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int = 0  # top-n alternatives besides the chosen token; 0 = off
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match a grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +72,10 @@ class SamplingParams:
                f"stop_token_ids must hold integers >= 0, got {self.stop_token_ids!r}")
         _check(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
 
     @property
     def greedy(self) -> bool:
