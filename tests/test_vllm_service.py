@@ -135,6 +135,14 @@ def test_truncate_prompt_tokens_keeps_the_last_ones(engine, offline):
     assert whole["complete"]["prompt_tokens"] == 8 and whole["complete"]["output_ids"] == want.token_ids
 
 
+def test_a_choice_constraint_is_served(engine, default_tokenizer):
+    choices = ["alpha", "beta gamma"]
+    (whole,) = engine.call("Generate", generate([11, 12, 13], max_tokens=16, choice={"choices": choices}))
+    complete = whole["complete"]
+    text = default_tokenizer.decode([int(t) for t in complete["output_ids"]], skip_special_tokens=True)
+    assert text in choices and complete["finish_reason"] == "stop"
+
+
 def test_abort_ends_a_running_request(engine):
     call = engine.stream("Generate", {**generate([7, 8, 9], stream=True, max_tokens=400, ignore_eos=True),
                                       "request_id": "to-abort"})
@@ -210,10 +218,12 @@ BAD = [
     ({"sampling_params": {"n": 2}}, "sampling_params.n"),
     ({"sampling_params": {"prompt_logprobs": 1}}, "sampling_params.prompt_logprobs"),
     ({"sampling_params": {"logit_bias": {"5": 2.0}}}, "sampling_params.logit_bias"),
-    ({"sampling_params": {"json_schema": "{}"}}, "sampling_params.json_schema"),
-    ({"sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
-    ({"sampling_params": {"choice": {"choices": ["a"]}}}, "sampling_params.choice"),
-    ({"sampling_params": {"json_object": True}}, "sampling_params.json_object"),
+    ({"sampling_params": {"json_schema": "{not json"}}, "sampling_params.json_schema"),
+    ({"sampling_params": {"json_schema": '{"type": "frog"}'}}, "sampling_params.json_schema"),
+    ({"sampling_params": {"regex": "(a"}}, "sampling_params.regex"),
+    ({"sampling_params": {"grammar": "root ::= missing"}}, "sampling_params.grammar"),
+    ({"sampling_params": {"choice": {"choices": []}}}, "sampling_params.choice"),
+    ({"sampling_params": {"structural_tag": "{}"}}, "sampling_params.structural_tag"),
     ({"sampling_params": {"logprobs": -1}}, "sampling_params.logprobs"),
     ({"sampling_params": {"logprobs": 50}}, "sampling_params.logprobs"),
     ({"sampling_params": {"top_p": 1.5}}, "sampling_params.top_p"),
