@@ -87,7 +87,8 @@ class TokenMasks:
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
-            return host.clone()  # the buffer is refilled next step
+            return host  # the sampler is done with it before the next step refills it
+        # The copy is done before the next step refills the buffer: every step waits for its sampled tokens.
         return host.to(self.device, non_blocking=True)
 
     def for_requests(self, guides: list[Guide | None]) -> torch.Tensor:
