@@ -207,3 +207,10 @@ BAD = [
 def test_bad_constraints_are_refused_naming_the_field(fields, named):
     with pytest.raises(ValueError, match=f"^{re.escape(named)}: "):
         check_grammar(StructuredOutputsParams(**fields))
+
+
+def test_a_completed_grammar_stops_the_request_even_with_ignore_eos(llms):
+    so = StructuredOutputsParams(choice=["yes", "no"])
+    (out,) = llms("off").chat([chat("Yes or no?")], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                                   structured_outputs=so))
+    assert out.finish_reason == "stop" and out.text in ("yes", "no")
