@@ -16,6 +16,7 @@ _EXPORTS = {
     "RequestOutput": "scheduler.io.outputs",
     "RequestStream": "scheduler.io.outputs",
     "SamplingParams": "scheduler.sampling.params",
+    "StructuredOutputsParams": "scheduler.sampling.structured",
     "TokenLogprob": "scheduler.io.outputs",
 }
 

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.sampling.params import SamplingParams
+from scheduler.sampling.structured import StructuredOutputsParams
 from server.convert import check_request, field_error, finish_reason_name
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc
@@ -37,14 +38,15 @@ def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict]
                   top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
                   seed: int | None = None, stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
                   ignore_eos: bool = False, min_tokens: int = 0, logprobs: int = 0, priority: int = 0,
-                  **more) -> pb.GenerateRequest:
+                  structured_outputs: StructuredOutputsParams | dict | None = None, **more) -> pb.GenerateRequest:
     """A GenerateRequest holding only what was given; the server's defaults fill the rest.
 
     `prompt` is text or token ids; `chat` is a list of {"role", "content"} messages (give one of the two).
     `more` takes any other field of SamplingParams, StoppingCriteria, OutputOptions or SpeculativeOptions
     by its proto name (`repetition_penalty`, `logit_bias` as a {token_id: bias} dict, `prompt_logprobs`,
     `skip_special_tokens`, `max_draft_tokens`, ...), with `speculative` for SpeculativeOptions.enabled, and
-    `truncate_prompt_tokens`.
+    `truncate_prompt_tokens`. `structured_outputs` constrains the output: a StructuredOutputsParams or its
+    fields as a dict, e.g. {"json": schema} or {"choice": ["yes", "no"]}.
     """
     if not (isinstance(priority, int) and -2**31 <= priority < 2**31):
         raise ValueError(f"priority: must be an integer in [-2**31, 2**31), got {priority!r}")
@@ -83,8 +85,23 @@ def build_request(prompt: str | Sequence[int] | None = None, *, chat: list[dict]
         except (ValueError, TypeError) as exc:  # protobuf's own words ("Value out of range: -5") name no field
             where = f"{section}.{field.name}" if section is not None else field.name
             raise ValueError(f"{where}: {value!r} is not a valid value ({exc})") from None
+    if structured_outputs is not None:
+        request.structured_outputs.CopyFrom(structured_outputs_proto(structured_outputs))
     check_request(request)
     return request
+
+
+def structured_outputs_proto(so: StructuredOutputsParams | dict) -> pb.StructuredOutputs:
+    try:
+        so = StructuredOutputsParams(**so) if isinstance(so, dict) else so
+    except TypeError as exc:  # an unknown key
+        raise ValueError(f"structured_outputs: {exc}") from None
+    if not isinstance(so, StructuredOutputsParams):
+        raise ValueError(f"structured_outputs: must be a StructuredOutputsParams or a dict, got {so!r}")
+    kind = so.kind
+    if kind == "choice":
+        return pb.StructuredOutputs(choice=pb.Choices(choices=so.choice))
+    return pb.StructuredOutputs(**{kind: getattr(so, kind)})
 
 
 def chat_proto(messages: list[dict]) -> pb.Chat:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from scheduler import SamplingParams
+from scheduler import SamplingParams, StructuredOutputsParams
 from scheduler.io.inputs import InputProcessor
 from scheduler.io.outputs import RequestOutput
 from server.proto.beastserve.v1 import generate_pb2 as pb
@@ -43,6 +43,10 @@ def to_engine_inputs(request: pb.GenerateRequest, inputs: InputProcessor) -> tup
     params = check_request(request)
     try:
         token_ids = inputs.prepare(prompt_token_ids(request, inputs), params)
+        if params.structured_outputs is not None:
+            from scheduler.structured.compiler import check_grammar  # the grammar library: server side only
+
+            check_grammar(params.structured_outputs)
     except InvalidArgument:
         raise
     except ValueError as exc:
@@ -114,10 +118,25 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         kwargs["truncate_prompt_tokens"] = request.truncate_prompt_tokens
     kwargs["logit_bias"] = dict(s.logit_bias)
     return SamplingParams(
-        **kwargs, min_tokens=stop.min_tokens, stop=list(stop.stop), stop_token_ids=list(stop.stop_token_ids),
+        **kwargs, structured_outputs=structured_outputs(request), min_tokens=stop.min_tokens, stop=list(stop.stop),
+        stop_token_ids=list(stop.stop_token_ids),
         ignore_eos=stop.ignore_eos, include_stop_str_in_output=stop.include_stop_str_in_output,
         logprobs=out.logprobs, skip_special_tokens=out.skip_special_tokens if out.HasField("skip_special_tokens")
         else True)
+
+
+def structured_outputs(request: pb.GenerateRequest) -> StructuredOutputsParams | None:
+    """The request's constraint, checked for form (the grammar itself is parsed by the server)."""
+    if not request.HasField("structured_outputs"):
+        return None
+    so = request.structured_outputs
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("structured_outputs: set one of json, json_object, regex, choice or grammar")
+    if kind == "json_object" and not so.json_object:
+        raise InvalidArgument("structured_outputs.json_object: must be true when set")
+    value = list(so.choice.choices) if kind == "choice" else getattr(so, kind)
+    return StructuredOutputsParams(**{kind: value})
 
 
 def speculative_options(request: pb.GenerateRequest) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
-from scheduler import SamplingParams
+from scheduler import SamplingParams, StructuredOutputsParams
 from scheduler.io.inputs import InputProcessor
 from scheduler.io.outputs import RequestOutput
 from server.convert import InvalidArgument
@@ -17,7 +17,9 @@ from server.convert import InvalidArgument
 # What the engine supports of SamplingParams, field by field (proto name -> SamplingParams name).
 _PLAIN = ("min_p", "frequency_penalty", "presence_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
           "skip_special_tokens")
-_CONSTRAINTS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
+# The protocol's constraints by our names (StructuredOutputsParams); structural_tag is not served.
+_CONSTRAINTS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "json_object": "json_object",
+                "choice": "choice"}
 
 
 def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams, int]:
@@ -44,6 +46,7 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
     if s.HasField("truncate_prompt_tokens"):
         kwargs["truncate_prompt_tokens"] = s.truncate_prompt_tokens
     kwargs["logit_bias"] = dict(s.logit_bias)
+    kwargs["structured_outputs"] = structured_outputs(s)
     try:
         params = SamplingParams(**kwargs)
         token_ids = inputs.prepare(prompt_token_ids(request, inputs), params)
@@ -54,9 +57,9 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
 
 def refuse_unsupported(request: vpb.GenerateRequest) -> None:
     s = request.sampling_params
-    constraint = s.WhichOneof("constraint")
-    if constraint is not None:
-        raise InvalidArgument(f"sampling_params.{constraint}: structured output is not served")
+    if s.WhichOneof("constraint") == "structural_tag":
+        raise InvalidArgument("sampling_params.structural_tag: structural tags are not served; use json_schema, "
+                              "regex, grammar, json_object or choice")
     for name in ("mm_inputs", "media_refs", "kv_transfer_params", "kv_transfer_params_json"):
         if request.HasField(name):
             raise InvalidArgument(f"{name}: not served (a text-only engine, without disaggregated prefill)")
@@ -64,6 +67,24 @@ def refuse_unsupported(request: vpb.GenerateRequest) -> None:
         raise InvalidArgument("extra_mm_inputs: not served (a text-only engine)")
     if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
         raise InvalidArgument(f"data_parallel_rank: this worker has one rank (0), got {request.data_parallel_rank}")
+
+
+def structured_outputs(s: vpb.SamplingParams) -> StructuredOutputsParams | None:
+    """The constraint, its grammar parsed here (the gateway sends json_object as json_schema
+    '{"type":"object"}', which is served as that schema)."""
+    from scheduler.structured.compiler import check_grammar  # the grammar library: server side only
+
+    constraint = s.WhichOneof("constraint")
+    if constraint is None or (constraint == "json_object" and not s.json_object):  # false: unconstrained
+        return None
+    value = list(s.choice.choices) if constraint == "choice" else getattr(s, constraint)
+    try:
+        so = StructuredOutputsParams(**{_CONSTRAINTS[constraint]: value})
+        check_grammar(so)
+    except ValueError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        raise InvalidArgument(f"sampling_params.{constraint}: {reason}") from None
+    return so
 
 
 def prompt_token_ids(request: vpb.GenerateRequest, inputs: InputProcessor) -> list[int]:

@@ -176,6 +176,14 @@ def test_prompt_logprobs_come_in_the_first_chunk_and_the_complete_answer(engine,
     assert all(not top for top in only_own["complete"]["input_logprobs"]["top_logprobs"])
 
 
+def test_a_choice_constraint_is_served(engine, default_tokenizer):
+    choices = ["alpha", "beta gamma"]
+    (whole,) = engine.call("Generate", generate([11, 12, 13], max_tokens=16, choice={"choices": choices}))
+    complete = whole["complete"]
+    text = default_tokenizer.decode([int(t) for t in complete["output_ids"]], skip_special_tokens=True)
+    assert text in choices and complete["finish_reason"] == "stop"
+
+
 def test_abort_ends_a_running_request(engine):
     call = engine.stream("Generate", {**generate([7, 8, 9], stream=True, max_tokens=400, ignore_eos=True),
                                       "request_id": "to-abort"})
@@ -254,10 +262,12 @@ BAD = [
     ({"sampling_params": {"logit_bias": {"5": 200.0}}}, "sampling_params.logit_bias"),
     ({"sampling_params": {"logit_bias": {"-5": 1.0}}}, "sampling_params.logit_bias"),
     ({"sampling_params": {"logit_bias": {"1000000": 1.0}}}, "sampling_params.logit_bias"),
-    ({"sampling_params": {"json_schema": "{}"}}, "sampling_params.json_schema"),
-    ({"sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
-    ({"sampling_params": {"choice": {"choices": ["a"]}}}, "sampling_params.choice"),
-    ({"sampling_params": {"json_object": True}}, "sampling_params.json_object"),
+    ({"sampling_params": {"json_schema": "{not json"}}, "sampling_params.json_schema"),
+    ({"sampling_params": {"json_schema": '{"type": "frog"}'}}, "sampling_params.json_schema"),
+    ({"sampling_params": {"regex": "(a"}}, "sampling_params.regex"),
+    ({"sampling_params": {"grammar": "root ::= missing"}}, "sampling_params.grammar"),
+    ({"sampling_params": {"choice": {"choices": []}}}, "sampling_params.choice"),
+    ({"sampling_params": {"structural_tag": "{}"}}, "sampling_params.structural_tag"),
     ({"sampling_params": {"logprobs": -1}}, "sampling_params.logprobs"),
     ({"sampling_params": {"logprobs": 50}}, "sampling_params.logprobs"),
     ({"sampling_params": {"top_p": 1.5}}, "sampling_params.top_p"),

@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 
 import torch
@@ -27,6 +28,8 @@ from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
+from scheduler.structured.compiler import GrammarCompiler, check_grammar
+from scheduler.structured.guide import Guide
 from scheduler.worker.memory import plan_kv_cache
 from scheduler.worker.models import load_model
 from scheduler.worker.runner import ModelRunner
@@ -37,10 +40,11 @@ log = logging.getLogger(__name__)
 class _Live:
     """Engine-side companions of a request: its stream and detokenizer."""
 
-    def __init__(self, request: Request, stream: RequestStream, detokenizer):
+    def __init__(self, request: Request, stream: RequestStream, detokenizer, grammar: Future | None = None):
         self.request = request
         self.stream = stream
         self.detokenizer = detokenizer
+        self.grammar = grammar  # the compiled grammar of a structured request, until it is ready
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
         self.prompt_logprobs_sent = request.prompt_logprobs is None
@@ -83,6 +87,9 @@ class Engine:
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) \
+            if self.tokenizer is not None else None
+        self._compiling: list[list[_Live]] = []  # structured requests waiting for their grammar, in arrival order
         self._live: dict[str, _Live] = {}  # by each sequence's own id
         self._groups: dict[str, list[_Live]] = {}  # a request's unfinished completions, by the request's id
         self._forks: dict[str, tuple[int, list[_Live]]] = {}  # completions waiting to share the first's prompt
@@ -112,6 +119,7 @@ class Engine:
         if max_draft_tokens is not None and (not isinstance(max_draft_tokens, int) or max_draft_tokens < 0):
             raise ValueError(f"max_draft_tokens must be an integer >= 0, got {max_draft_tokens!r}")
         stream = RequestStream(request_id, on_output, params.n)
+        grammar = self._grammar(params)  # compiled once, each completion matching it on its own
         lives = []
         for index in range(params.n):
             # Completion i of n is a sequence of its own, with its own random stream (seed + i when seeded).
@@ -127,7 +135,7 @@ class Engine:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own) \
                 if self.tokenizer is not None else None
-            lives.append(_Live(request, stream, detokenizer))
+            lives.append(_Live(request, stream, detokenizer, grammar))
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
@@ -135,6 +143,17 @@ class Engine:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._pending_add.append(lives)
         return stream
+
+    def _grammar(self, params: SamplingParams) -> Future | None:
+        """Parse a structured request's grammar now (a bad one is a ValueError naming the field) and start
+        compiling it in the background."""
+        so = params.structured_outputs
+        if so is None:
+            return None
+        if self.grammars is None:
+            raise ValueError(f"structured_outputs.{so.kind}: needs a tokenizer; this model has none")
+        check_grammar(so)
+        return self.grammars.submit(so)
 
     def abort(self, request_id: str) -> bool:
         """End a request early (finish_reason "abort"); its KV blocks are freed at the next step.
@@ -156,13 +175,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + sum(len(g) for g in self._pending_add)
+        return len(self.scheduler.waiting) + sum(len(g) for g in self._pending_add + self._compiling)
 
     @property
     def num_waiting_prompt_tokens(self) -> int:
         """Prompt tokens of the requests not started yet: the queued work a load-aware router weighs."""
         with self._lock:
-            pending = [live.request for group in self._pending_add for live in group]
+            pending = [live.request for group in self._pending_add + self._compiling for live in group]
         return sum(r.num_prompt_tokens for r in [*list(self.scheduler.waiting), *pending]
                    if r.num_computed_tokens == 0)
 
@@ -171,9 +190,12 @@ class Engine:
         start = time.perf_counter()
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
+        outputs += self._admit_compiled()
         spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead())
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
+        if not batch and self._compiling:  # nothing to run until a grammar is ready: wait for one, briefly
+            wait([group[0].grammar for group in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
                                 < s.request.num_prompt_tokens)
         results = self.executor.execute(batch) if batch else []
@@ -240,6 +262,7 @@ class Engine:
         self._live.clear()
         self._groups.clear()
         self._forks.clear()
+        self._compiling.clear()
         for live in lives:
             live.stream.put(RequestOutput(live.request.output_id, [], "", finished=True, finish_reason="abort",
                                           error=error, index=live.request.index))
@@ -252,20 +275,52 @@ class Engine:
                 for live in group:
                     self._live[live.request.request_id] = live
             aborted, self._pending_abort = self._pending_abort, []
-        for first, *rest in added:
-            self.scheduler.add(first.request)
-            # What the later completions can share: the prompt's full blocks, but for the one holding the last token.
-            num_blocks = (first.request.num_prompt_tokens - 1) // self.pool.block_size
-            if rest and num_blocks:
-                self._forks[first.request.request_id] = (num_blocks, rest)
+        for group in added:
+            if group[0].grammar is not None:
+                self._compiling.append(group)
             else:
-                for live in rest:
-                    self.scheduler.add(live.request)
+                self._queue(group)
         outputs = []
         for request in aborted:
             if not request.is_finished:
                 live = self._live[request.request_id]
                 outputs.append((live, self._finish(live, FinishReason.ABORT)))
+        return outputs
+
+    def _queue(self, group: list[_Live]) -> None:
+        """Into the scheduler: the first completion now; the others once it has computed the prompt's full blocks,
+        which they then share (all but the block holding the last token)."""
+        first, *rest = group
+        self.scheduler.add(first.request)
+        num_blocks = (first.request.num_prompt_tokens - 1) // self.pool.block_size
+        if rest and num_blocks:
+            self._forks[first.request.request_id] = (num_blocks, rest)
+        else:
+            for live in rest:
+                self.scheduler.add(live.request)
+
+    def _admit_compiled(self) -> list[tuple[_Live, RequestOutput]]:
+        """Queue the structured requests whose grammars are ready; one whose grammar failed ends with the error."""
+        outputs, still = [], []
+        for group in self._compiling:
+            group = [live for live in group if not live.request.is_finished]  # aborted while compiling
+            if not group:
+                continue
+            grammar = group[0].grammar
+            if not grammar.done():
+                still.append(group)
+                continue
+            error = grammar.exception()
+            if error is None:
+                for live in group:
+                    live.request.guide = Guide(grammar.result())
+                self._queue(group)
+                continue
+            for live in group:
+                output = self._finish(live, FinishReason.ABORT)
+                output.error = f"structured_outputs.{live.request.params.structured_outputs.kind}: {error}"
+                outputs.append((live, output))
+        self._compiling = still
         return outputs
 
     def _append(self, live: _Live, result: StepResult, now: float) -> tuple[_Live, RequestOutput]:

@@ -16,6 +16,7 @@ from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, logprobs_of
 from scheduler.speculative.speculator import Speculator
+from scheduler.structured.guide import TokenMasks
 from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
@@ -36,6 +37,7 @@ class StepExecutor:
         self.speculator = speculator
         self.vocab_size = runner.model.config.vocab_size
         self.device = runner.device
+        self.masks = TokenMasks(self.vocab_size, self.device)
 
     def plan(self, num_decodes: int, prefill: bool) -> int:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
@@ -90,18 +92,25 @@ class StepExecutor:
 
     @staticmethod
     def _greedy_verify(sampled: list[ScheduledRequest]) -> bool:
-        return all(plain_greedy(s.request) for s in sampled)
+        return all(plain_greedy(s.request) and s.request.guide is None for s in sampled)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> list[StepResult]:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        if all(plain_greedy(r) and not r.params.logprobs for r in requests):
+        guides = [r.guide for r in requests]
+        if all(plain_greedy(r) and not r.params.logprobs and g is None for r, g in zip(requests, guides)):
             return [_append_one(r, token) for r, token in zip(requests, logits.argmax(dim=-1).tolist())]
-        out = self.sampler(logits, sampling_rows(requests, self.vocab_size, self.device))
+        rows = sampling_rows(requests, self.vocab_size, self.device)
+        if any(g is not None for g in guides):
+            rows.token_bitmask = self.masks.for_requests(guides)
+        out = self.sampler(logits, rows)
         token_ids = out.token_ids.tolist()
         logprobs = _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids) \
             if out.logprobs is not None else [None] * len(requests)
+        for guide, token in zip(guides, token_ids):
+            if guide is not None:
+                guide.accept([token])
         return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)]
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
@@ -119,8 +128,12 @@ class StepExecutor:
                 rows = sampling_rows(requests, self.vocab_size, self.device, [s.draft_token_ids for s in sampled])
             else:  # every verified position samples as its request does: the rows are copied on the device
                 rows = per_request.repeat_rows([1 + len(s.draft_token_ids) for s in sampled])
+            walked = self._draft_masks(rows, sampled)
             target_probs = self.sampler.compute_probs(logits, rows)
             num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs, per_request)
+            for s, w, n, token in zip(sampled, walked, num_accepted, next_tokens):
+                if s.request.guide is not None:
+                    s.request.guide.settle(w, n, token)
         wants_logprobs = max(r.params.logprobs for r in requests)
         results, row = [], 0
         for s, n, token in zip(sampled, num_accepted, next_tokens):
@@ -134,6 +147,21 @@ class StepExecutor:
             results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
             row += 1 + len(s.draft_token_ids)
         return results
+
+    def _draft_masks(self, rows, sampled: list[ScheduledRequest]) -> list[int]:
+        """The grammar masks of every verified position (masked verification); how many drafts each guide
+        walked through, to roll back after verification."""
+        walked = [0] * len(sampled)
+        if all(s.request.guide is None for s in sampled):
+            return walked
+        host = self.masks.rows(sum(1 + len(s.draft_token_ids) for s in sampled))
+        row = 0
+        for j, s in enumerate(sampled):
+            if s.request.guide is not None:
+                walked[j] = s.request.guide.fill_drafts(s.draft_token_ids, host, row)
+            row += 1 + len(s.draft_token_ids)
+        rows.token_bitmask = self.masks.to_device(host)
+        return walked
 
 
 def _take_prompt_logprobs(batch: list[ScheduledRequest], items: list[ForwardItem], prompt_rows: list[tuple[int, int]],

@@ -54,6 +54,8 @@ class Request:
     # Collected as the prompt is computed, when params.prompt_logprobs asks: one TokenLogprob (or None, for
     # the first token) per prompt token; complete once it holds num_prompt_tokens entries.
     prompt_logprobs: list | None = None
+    guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
+
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

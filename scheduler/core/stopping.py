@@ -1,5 +1,5 @@
-"""When a request stops: EOS, stop token ids, stop strings, the length cap, and min_tokens, which
-holds all but the length cap back. The engine checks each new token here, the sampler blocks what
+"""When a request stops: EOS, stop token ids, stop strings, the length cap, a completed grammar, and
+min_tokens, which holds all but the length cap back. The engine checks each new token here, the sampler blocks what
 would stop a request too early, and the detokenizer asks before matching stop strings."""
 
 from __future__ import annotations
@@ -40,12 +40,17 @@ def first_stop(request: Request, new_token_ids: list[int], detokenizer=None) -> 
     detokenizer (which matches stop strings): (output length at the stop, reason, what matched), or
     None. Tokens past the stop (speculation may run past one) are not fed."""
     first = request.num_output_tokens - len(new_token_ids)
+    guide = request.guide
     for count, token_id in enumerate(new_token_ids, start=first + 1):
+        if guide is not None and guide.end is not None and count > guide.end:
+            return count - 1, FinishReason.STOP, None  # the grammar refused this token: it is not output
         reason, stop_reason = check_stop(request, token_id, count)
         if detokenizer is not None:
             stop_str = detokenizer.add_tokens([token_id], count)
             if stop_str is not None and reason != FinishReason.STOP:
                 reason, stop_reason = FinishReason.STOP, stop_str
+        if reason is None and guide is not None and guide.end == count:
+            reason = FinishReason.STOP  # the grammar is complete (its stop token, even with ignore_eos)
         if reason is not None:
             return count, reason, stop_reason
     return None

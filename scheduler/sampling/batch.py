@@ -46,6 +46,9 @@ class SamplingBatch:
     any_min_p: bool
     any_repetition_penalty: bool
     any_frequency_presence_penalty: bool
+    # [N, ceil(V / 32)] int32 on the device, bit set = allowed (xgrammar's layout); rows without a grammar
+    # allow all. Set by the step executor when any row is constrained.
+    token_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
@@ -104,6 +107,7 @@ class SamplingBatch:
         request whose drafts are being checked. Only for rows whose sampling does not depend on the
         tokens before them (no penalties, nothing blocked), which share every tensor here."""
         assert self.prompt_token_ids is None and self.output_token_ids is None and self.blocked_token_ids is None
+        assert self.token_bitmask is None
         index = to_device([row for row, n in enumerate(repeats) for _ in range(n)], torch.int64,
                           self.temperature.device)
         per_row = {name: getattr(self, name)[index] for name in (

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from scheduler.sampling.structured import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 MAX_N = 16  # parallel samples of one prompt
 MAX_LOGIT_BIAS = 100.0
@@ -45,6 +47,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     prompt_logprobs: int | None = None  # top-n alternatives per prompt token; None = off, 0 = the token's own only
     truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens; -1 = as many as the model takes
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match a grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,6 +88,10 @@ class SamplingParams:
                                                        and (self.truncate_prompt_tokens >= 1
                                                             or self.truncate_prompt_tokens == -1)),
                f"truncate_prompt_tokens must be -1 or >= 1, got {self.truncate_prompt_tokens!r}")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -25,8 +25,10 @@ def plain_greedy(request: Request) -> bool:
 
 def positions_differ(request: Request) -> bool:
     """Whether a verified position samples differently from the request's own row: penalties see
-    the drafts before it, and min_tokens may block stops at some positions only."""
-    return has_penalty(request.params) or bool(blocked_ids(request, request.num_output_tokens))
+    the drafts before it, min_tokens may block stops at some positions only, and a grammar allows what
+    follows the drafts before it."""
+    return request.guide is not None or has_penalty(request.params) or bool(
+        blocked_ids(request, request.num_output_tokens))
 
 
 def sampling_rows(requests: list[Request], vocab_size: int, device: torch.device,

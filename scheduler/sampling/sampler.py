@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from scheduler.sampling.batch import SamplingBatch
+from scheduler.structured.guide import apply_token_bitmask
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Sampler:
     """Picks one token per row: argmax for greedy rows, an exponential-race draw for the rest.
 
     Logprobs (chosen token and top-n) come from log_softmax of the RAW logits, before
-    logit_bias, blocked tokens, penalties, temperature or any truncation, as vLLM returns by
+    logit_bias, blocked tokens, grammar masks, penalties, temperature or any truncation, as vLLM returns by
     default: they are the model's own distribution, whatever the request asks of sampling.
     Rows with a generator draw their noise from it alone, so a seeded request gets the same
     tokens whatever else shares the batch. The rest draw from `generator` (global RNG if None),
@@ -79,6 +80,8 @@ def _penalised_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
         logits.scatter_add_(1, batch.bias_token_ids, batch.bias_values)
     if batch.blocked_token_ids is not None:
         logits.masked_fill_(_token_mask(batch.blocked_token_ids, vocab_size), float("-inf"))
+    if batch.token_bitmask is not None:
+        apply_token_bitmask(logits, batch.token_bitmask)
     if batch.output_token_ids is None:
         return logits
     output_counts = _token_counts(batch.output_token_ids, vocab_size)

@@ -1,0 +1,76 @@
+"""What a request's output must match: a JSON schema, any JSON object, a regex, one of several strings, or an
+EBNF grammar. Checked here for form only (no grammar library is imported, so clients stay light); the engine
+parses the grammar itself when the request arrives (scheduler/structured/compiler.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_CHOICES = 1024
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of the fields. `json` is a schema, as a dict or its JSON text. Errors name the field as
+    `structured_outputs.<field>`."""
+
+    json: Any = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs: give exactly one of {', '.join(KINDS)}, got "
+                             f"{', '.join(given) if given else 'none'}")
+        if self.json is not None:
+            self.json = _schema_text(self.json)
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object: must be a bool, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ValueError(f"structured_outputs.{name}: must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+            if not self.choice or len(self.choice) > MAX_CHOICES:
+                raise ValueError(f"structured_outputs.choice: must hold 1 to {MAX_CHOICES} strings, "
+                                 f"got {len(self.choice)}")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice: must hold non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the compiled grammar is cached by: (kind, text)."""
+        kind = self.kind
+        if kind == "json_object":
+            return kind, ""
+        if kind == "choice":
+            return kind, json.dumps(self.choice)
+        return kind, getattr(self, kind)
+
+
+def _schema_text(schema: Any) -> str:
+    if isinstance(schema, str):
+        try:
+            parsed = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"structured_outputs.json: not valid JSON ({exc})") from None
+    else:
+        parsed = schema
+        try:
+            schema = json.dumps(schema)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"structured_outputs.json: not JSON-serialisable ({exc})") from None
+    if not isinstance(parsed, (dict, bool)):
+        raise ValueError(f"structured_outputs.json: a schema is a JSON object, got {type(parsed).__name__}")
+    return schema

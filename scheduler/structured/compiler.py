@@ -1,0 +1,95 @@
+"""Grammars for structured output, parsed when a request arrives and compiled off the step loop.
+
+xgrammar is the grammar library: it is what vLLM and SGLang use by default, its token masks are fast to build
+(a precomputed cache of context-independent tokens), and its matcher rolls back natively, which verifying
+speculative drafts needs. Compiling builds that per-vocabulary cache, so it runs in a thread pool; a compiled
+grammar is cached by (kind, text), and a request waits in the engine's queue (not in a step) until its grammar
+is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from scheduler.sampling.structured import StructuredOutputsParams
+
+# Compact JSON: with any whitespace allowed, a small model can write newlines forever inside a valid object.
+_ANY_WHITESPACE = False
+
+
+def check_grammar(so: StructuredOutputsParams) -> None:
+    """Parse the grammar (no vocabulary needed, so cheap): a bad schema, regex or EBNF is a ValueError naming
+    the field."""
+    import xgrammar as xgr
+
+    kind, text = so.key
+    try:
+        if kind == "json":
+            xgr.Grammar.from_json_schema(text, any_whitespace=_ANY_WHITESPACE)
+        elif kind == "regex":
+            xgr.Grammar.from_regex(text)
+        elif kind in ("grammar", "choice"):
+            xgr.Grammar.from_ebnf(_ebnf(kind, text))
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"structured_outputs.{kind}: {_reason(exc)}") from None
+
+
+class GrammarCompiler:
+    """Compiles grammars for one tokenizer and vocabulary in background threads; cached by (kind, text).
+    Thread-safe. The tokenizer's tables are built on the first compile, so an engine that never sees a
+    structured request never pays for them."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...], max_workers: int = 1):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="grammar")
+        self._compiler = None
+        self._cache: dict[tuple[str, str], Future] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, so: StructuredOutputsParams) -> Future:
+        """A future of the xgrammar CompiledGrammar; one compile per distinct grammar."""
+        key = so.key
+        with self._lock:
+            future = self._cache.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._cache[key] = self._pool.submit(self._compile, *key)
+            return future
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compile(self, kind: str, text: str):
+        import xgrammar as xgr
+
+        if self._compiler is None:  # only this pool's threads get here; one of them builds it
+            with self._lock:
+                if self._compiler is None:
+                    info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                              stop_token_ids=self.stop_token_ids)
+                    self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        if kind == "json":
+            return self._compiler.compile_json_schema(text, any_whitespace=_ANY_WHITESPACE)
+        if kind == "json_object":
+            return self._compiler.compile_builtin_json_grammar()
+        if kind == "regex":
+            return self._compiler.compile_regex(text)
+        return self._compiler.compile_grammar(_ebnf(kind, text))
+
+
+def _ebnf(kind: str, text: str) -> str:
+    if kind == "grammar":
+        return text
+    # One string literal per choice; JSON's escapes are EBNF's.
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text))
+
+
+def _reason(exc: Exception) -> str:
+    # xgrammar's messages start with "[time] /path/file.cc:line: "; keep what follows.
+    message = str(exc).strip()
+    if message.startswith("[") and ": " in message:
+        message = message.split(": ", 1)[1] if ".cc:" in message.split(": ", 1)[0] else message
+    return message
