@@ -59,6 +59,10 @@ def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dic
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="the model (default: default); a directory with a config and "
+                   "a tokenizer runs with --load-format dummy where its weights are not at hand")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights of the "
+                   "model's shape (step time does not depend on their values; the grammar keeps outputs valid)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-requests", type=int, default=64)
@@ -71,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     facts = machine.machine_facts(torch=torch.__version__)
-    llm = LLM("default", device=args.device, dtype=args.dtype, max_num_seqs=max(args.num_requests, 1),
-              max_num_batched_tokens=4096)
+    llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+              max_num_seqs=max(args.num_requests, 1), max_num_batched_tokens=4096)
     rng = random.Random(args.seed)
     prompt = llm.engine.inputs.render_chat([{"role": "user", "content": "List some records as JSON."}])
     prompts = [prompt] * args.num_requests
@@ -94,7 +98,8 @@ def main(argv=None) -> None:
     base = results["unconstrained_greedy"]["median_step_ms"]
     constrained = results["json_schema_greedy"]["median_step_ms"]
     report = {
-        "device": str(llm.engine.device), "num_requests": n, "output_len": length,
+        "device": str(llm.engine.device), "model": args.model, "load_format": args.load_format,
+        "dtype": str(llm.engine.dtype), "num_requests": n, "output_len": length,
         "compile_s_all_schemas": round(compile_s, 3), "results": results,
         "json_over_unconstrained_step": round(constrained / base, 3) if base and constrained else None,
         **facts,

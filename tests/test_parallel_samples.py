@@ -104,3 +104,15 @@ def test_preemption_keeps_the_siblings_shared_blocks_and_the_answers(tiny_model_
 def test_n_out_of_range_names_the_field(n):
     with pytest.raises(ValueError, match=r"^n must be an integer in \[1, 16\]"):
         SamplingParams(n=n)
+
+
+def test_each_of_n_completions_matches_the_grammar_on_its_own(tiny_text_model_dir):
+    from scheduler import StructuredOutputsParams
+
+    llm = LLM(str(tiny_text_model_dir[0]))
+    choices = ["yes", "no", "maybe later"]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=8, n=6,
+                            structured_outputs=StructuredOutputsParams(choice=choices))
+    (result,) = llm.generate(["Answer:"], params)
+    assert len(result.outputs) == 6 and all(c.text in choices and c.finish_reason == "stop" for c in result.outputs)
+    assert_pool_idle(llm.engine)
