@@ -9,11 +9,12 @@ from scheduler import LLM, Engine, SamplingParams
 from tests.helpers import assert_pool_idle
 
 PROMPT = list(range(3, 68))  # 65 tokens: four full blocks of 16 and one token more
+KV = 64 << 20  # a KV cache of its own size, so several engines fit one GPU where these tests run on one
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return LLM(str(tiny_model_dir[0]), max_num_batched_tokens=128)
+    return LLM(str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=KV)
 
 
 def texts(result) -> list[list[int]]:
@@ -42,7 +43,7 @@ def test_seeded_completions_are_reproducible_differ_and_each_is_its_seed_plus_in
 
 
 def test_the_prompt_is_held_once_not_n_times(tiny_model_dir):
-    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=128)
+    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=KV)
     stream = engine.add_request(None, SamplingParams(temperature=1.0, max_tokens=40, n=4, seed=1),
                                 prompt_token_ids=PROMPT)
     for _ in range(4):
@@ -59,7 +60,7 @@ def test_the_prompt_is_held_once_not_n_times(tiny_model_dir):
 
 
 def test_abort_ends_all_n_and_returns_every_block(tiny_model_dir):
-    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=128)
+    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=KV)
     stream = engine.add_request(None, SamplingParams(temperature=1.0, max_tokens=400, n=4, ignore_eos=True),
                                 prompt_token_ids=PROMPT, request_id="many")
     for _ in range(3):
@@ -75,7 +76,8 @@ def test_abort_ends_all_n_and_returns_every_block(tiny_model_dir):
 
 
 def test_abort_before_the_siblings_start_ends_them_too(tiny_model_dir):
-    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=16)  # the prompt takes five steps
+    # A 16-token step budget: the prompt takes five steps.
+    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=16, kv_cache_bytes=KV)
     stream = engine.add_request(None, SamplingParams(temperature=0, max_tokens=4, n=3), prompt_token_ids=PROMPT,
                                 request_id="early")
     engine.step()
@@ -86,7 +88,7 @@ def test_abort_before_the_siblings_start_ends_them_too(tiny_model_dir):
 
 
 def test_preemption_keeps_the_siblings_shared_blocks_and_the_answers(tiny_model_dir):
-    roomy = LLM(str(tiny_model_dir[0]), max_num_batched_tokens=128)
+    roomy = LLM(str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=KV)
     block_bytes = 2 * 2 * 2 * 16 * 4 * 16  # layers x (k, v) x kv heads x head dim x fp32 x tokens
     tight = LLM(str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=24 * block_bytes)
     params = [SamplingParams(temperature=0, max_tokens=60, n=3, ignore_eos=True),
@@ -109,7 +111,7 @@ def test_n_out_of_range_names_the_field(n):
 def test_each_of_n_completions_matches_the_grammar_on_its_own(tiny_text_model_dir):
     from scheduler import StructuredOutputsParams
 
-    llm = LLM(str(tiny_text_model_dir[0]))
+    llm = LLM(str(tiny_text_model_dir[0]), kv_cache_bytes=KV)
     choices = ["yes", "no", "maybe later"]
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=8, n=6,
                             structured_outputs=StructuredOutputsParams(choice=choices))
