@@ -109,11 +109,13 @@ class AsyncEngine:
 
     async def run_in_engine_thread(self, fn: Callable):
         """fn() between two steps (or at once when idle), in the engine's thread, which owns the engine's state."""
-        loop = asyncio.get_running_loop()
+        return await self._call_soon(fn, asyncio.get_running_loop())
+
+    def _call_soon(self, fn: Callable, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         future = loop.create_future()
         self._calls.append((fn, loop, future))
         self._wake.set()
-        return await future
+        return future
 
     async def follow_kv_cache(self) -> AsyncIterator[list]:
         """The prefix cache's events (kv_cache.BlockStored, BlockRemoved, CacheCleared), a list per engine step
@@ -122,13 +124,12 @@ class AsyncEngine:
         follower = (loop, queue)
 
         def start() -> list:
-            pool = self.engine.pool
-            contents = pool.record_events(True) if not self._kv_followers else []
-            if self._kv_followers:  # already recording: flush what others have not seen yet, then take a snapshot
+            if self._kv_followers:  # already recording: the others get what they have not seen yet
                 self._publish_kv_events()
-                contents = [("stored", h, b.parent_hash, b.token_ids) for h, b in pool.cached_blocks.items()]
+            else:
+                self.engine.pool.record_events(True)
             self._kv_followers.append(follower)
-            return contents
+            return self.engine.pool.cached_contents()
 
         def stop() -> None:
             self._kv_followers.remove(follower)
@@ -141,8 +142,7 @@ class AsyncEngine:
                 yield await queue.get()
         finally:
             if self.alive:
-                self._calls.append((stop, loop, loop.create_future()))
-                self._wake.set()
+                self._call_soon(stop, loop)  # not awaited: the subscriber may already be gone
 
     def _publish_kv_events(self) -> None:
         events = self.engine.pool.take_events()

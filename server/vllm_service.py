@@ -30,7 +30,18 @@ from server.vllm_convert import Responses, to_engine_inputs
 SERVICE_NAME = vpb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 SERVER_TYPE = "vllm-grpc"  # what gateways expect of a worker speaking this protocol
 TOKENIZER_CHUNK_BYTES = 256 << 10
-VERSION = "beastserve-0.1.0"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"beastserve-{version('beastserve')}"
+    except PackageNotFoundError:  # run from a plain checkout
+        return "beastserve"
+
+
+VERSION = _version()
 
 
 class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):

@@ -321,7 +321,8 @@ def test_events_tell_a_follower_exactly_what_the_cache_holds():
     pool = BlockPool(num_blocks=4, block_size=2)
     before = make_request("before", [1, 2, 3, 4, 5])
     admit(pool, before)
-    contents = pool.record_events(True)  # a follower joins: the cache so far, each block after its parent
+    pool.record_events(True)  # a follower joins: the cache so far, each block after its parent, then events
+    contents = pool.cached_contents()
     assert [(e[0], e[3]) for e in contents] == [("stored", (1, 2)), ("stored", (3, 4))]
     assert contents[1][2] == contents[0][1] and contents[0][2] is None
     pool.free(before)

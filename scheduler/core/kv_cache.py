@@ -123,13 +123,14 @@ class BlockPool:
         tokens = request.all_token_ids
         for i in range(len(hashes), num_computed_tokens // self.block_size):
             parent = hashes[-1] if hashes else None
-            block_hash = _block_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            block_hash = _block_hash(parent, chunk)
             hashes.append(block_hash)
             block = blocks[i]
             if block.block_hash is None and block_hash not in self.cached_blocks:
                 block.block_hash = block_hash
                 block.parent_hash = parent
-                block.token_ids = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+                block.token_ids = chunk
                 self.cached_blocks[block_hash] = block
                 if self.events is not None:
                     self.events.append(("stored", block_hash, parent, block.token_ids))
@@ -174,11 +175,14 @@ class BlockPool:
             block.block_hash = None
         return block
 
-    def record_events(self, on: bool) -> list[BlockStored]:
-        """Start (or stop) recording what the cache does. Starting returns the cache's contents as stored events,
-        each block after the one before it, so a follower that starts from them misses nothing."""
+    def record_events(self, on: bool) -> None:
+        """Start (or stop) recording what the cache does, from now on (see cached_contents for what it holds)."""
         self.events = [] if on else None
-        return [("stored", h, b.parent_hash, b.token_ids) for h, b in self.cached_blocks.items()] if on else []
+
+    def cached_contents(self) -> list[BlockStored]:
+        """The cache's contents as stored events, each block after the one before it, so a follower that starts
+        from them (and the events recorded after) misses nothing."""
+        return [("stored", h, b.parent_hash, b.token_ids) for h, b in self.cached_blocks.items()]
 
     def take_events(self) -> list:
         """The events recorded since the last call."""
@@ -186,5 +190,5 @@ class BlockPool:
         return events or []
 
 
-def _block_hash(parent: int | None, tokens: list[int]) -> int:
-    return hash((parent, tuple(tokens)))
+def _block_hash(parent: int | None, tokens: list[int] | tuple[int, ...]) -> int:
+    return hash((parent, tuple(tokens)))  # tuple() of a tuple is the tuple itself: no copy
