@@ -57,9 +57,13 @@ class EngineConfig:
                                         "(else always --num-speculative-tokens)")
     ngram_min: int = option(2, "n-gram proposer: shortest tail to look up")
     ngram_max: int = option(4, "n-gram proposer: longest tail to look up")
+    tensor_parallel_size: int = option(1, "shard the model across this many devices (GPUs of this host; on the "
+                                       "CPU, processes), one worker process per rank beyond the first")
+    distributed_timeout_s: float = option(60.0, "tensor parallelism: a collective that waits this long for a rank "
+                                          "fails the engine (the daemon uses at most --stall-timeout)")
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -67,6 +71,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative != "off" and self.speculative not in PROPOSERS:

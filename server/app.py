@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import signal
+from dataclasses import replace
 
 import grpc
 import prometheus_client
@@ -115,7 +116,9 @@ class Daemon:
         config = self.config
         phases = Phases()
         with phases("engine"):
-            engine = await asyncio.to_thread(Engine, config.engine)
+            # A collective waiting on a lost tensor-parallel rank fails within the stall timeout.
+            timeout = min(config.engine.distributed_timeout_s, config.stall_timeout)
+            engine = await asyncio.to_thread(Engine, replace(config.engine, distributed_timeout_s=timeout))
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)

@@ -56,6 +56,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     @property
     def alive(self) -> bool:
@@ -183,6 +184,8 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._run_calls()
                 if not self.engine.has_unfinished():
+                    if (fault := self.engine.fault()) is not None:  # a tensor-parallel rank died while idle
+                        raise RuntimeError(f"tensor parallelism: {fault}")
                     self.last_progress = time.monotonic()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()

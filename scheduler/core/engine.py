@@ -31,7 +31,7 @@ from scheduler.speculative.speculator import Speculator, build_proposer
 from scheduler.structured.compiler import GrammarCompiler, check_grammar
 from scheduler.structured.guide import Guide
 from scheduler.worker.memory import plan_kv_cache
-from scheduler.worker.models import load_model
+from scheduler.worker.ranks import LeaderRunner, Ranks, load_target
 from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,19 @@ class _Live:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         config = config or EngineConfig(**kwargs)
+        # Tensor parallelism: the other ranks start loading their shards while this process loads its own.
+        self.ranks = Ranks(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self._build(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
-        target = load_model(config.model, config.tokenizer, config.load_format, self.dtype, self.device,
-                            config.max_model_len, config.cache_dir)
+        target = load_target(config, self.dtype, self.device, self.ranks)
         self.model_config, self.tokenizer, self.model = target.config, target.tokenizer, target.model
         self.sampler = Sampler()
         proposer = build_proposer(ProposerContext(config, target, self.sampler, self.dtype, self.device))
@@ -72,7 +80,9 @@ class Engine:
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)", plan.num_blocks, config.block_size,
                  plan.num_blocks * config.block_size, plan.num_bytes / 2**20)
         self.pool = BlockPool(plan.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, self.dtype, self.device) \
+            if self.ranks is None else LeaderRunner(self.ranks, self.model, plan.num_blocks, config.block_size,
+                                                    self.dtype, self.device)
         self.scheduler = Scheduler(self.pool, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.priority_aging_s)
         self.speculator = None
@@ -252,6 +262,15 @@ class Engine:
         """Whether the next step is likely to carry prompt chunks (a waiting or part-prefilled request)."""
         return bool(self.scheduler.waiting) or any(r.num_tokens - r.num_computed_tokens > 1
                                                    for r in self.scheduler.running)
+
+    def fault(self) -> str | None:
+        """Why the engine cannot step any more though no step has failed yet (a tensor-parallel rank gone)."""
+        return self.ranks.fault() if self.ranks is not None else None
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor parallelism); the engine is not stepped again."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def fail_all(self, error: str) -> None:
         """After a fault: end every request with `error` set. The engine is not stepped again."""

@@ -18,9 +18,11 @@ class KVCachePlan:
 
 def plan_kv_cache(config: EngineConfig, model_configs: list, dtype: torch.dtype, device: torch.device) -> KVCachePlan:
     """Call after the weights are on the device, so free memory already excludes them. With a
-    draft model, each block holds the target's and the draft's KV for the same tokens."""
+    draft model, each block holds the target's and the draft's KV for the same tokens. Under tensor
+    parallelism, the blocks of rank 0: the target's share of the KV heads, and the whole draft's."""
     model_config = model_configs[0]
-    per_block = sum(kv_bytes_per_block(c, config.block_size, dtype) for c in model_configs)
+    per_block = kv_bytes_per_block(model_config, config.block_size, dtype, config.tensor_parallel_size)
+    per_block += sum(kv_bytes_per_block(c, config.block_size, dtype) for c in model_configs[1:])
     budget = config.kv_cache_bytes
     if budget is None:
         budget = _cuda_budget(config, model_config, device) if device.type == "cuda" else DEFAULT_CPU_KV_CACHE_BYTES

@@ -22,14 +22,17 @@ from scheduler.worker.packing import (
     logits_indices,
     positions_and_slots,
 )
+from scheduler.worker.parallel import max_kv_heads
 
 __all__ = ["ForwardItem", "ModelRunner", "fused_kernels_available", "kv_bytes_per_block"]
 
 log = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config)
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of one block of this model's KV cache; under tensor parallelism, one rank's share."""
+    kv_heads = max_kv_heads(config, tp_size)
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim(config)
     return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
 
 
@@ -57,7 +60,7 @@ class ModelRunner:
     def __init__(self, model: CausalLMModel, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
         config = model.config
-        shape = (num_blocks, block_size, config.num_key_value_heads, head_dim(config))
+        shape = (num_blocks, block_size, model.kv_heads, head_dim(config))
         self.model = model
         self.block_size = block_size
         self.device = device

@@ -39,8 +39,12 @@ def target_fingerprint(model) -> str:
     model: the attribute names are the same). Rounding between float formats never flips a sign, so an
     fp32 target on CPU and a bf16 or fp16 one on GPU agree, while two different trainings differ in
     millions of signs."""
+    return vocab_fingerprint(model.model.embed_tokens.weight, model.lm_head.weight)
+
+
+def vocab_fingerprint(embed: torch.Tensor, head: torch.Tensor) -> str:
     digest = hashlib.sha256()
-    for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+    for weight in (embed, head):
         digest.update(str(tuple(weight.shape)).encode())
         digest.update(np.packbits(torch.signbit(weight.detach()).cpu().numpy()).tobytes())
     return digest.hexdigest()
@@ -75,15 +79,15 @@ def load_compact(path, target, dtype: torch.dtype, device: torch.device):
     from safetensors.torch import load_file
 
     manifest = read_manifest(path)
-    found = target_fingerprint(target.model)
+    embed, head = target.vocab_weights()
+    found = vocab_fingerprint(embed, head)
     if manifest.get("target_fingerprint") != found:
         raise ValueError(f"made for another target: {path} was distilled from {manifest.get('target', '?')!r} "
                          f"(fingerprint {str(manifest.get('target_fingerprint'))[:16]}), this target's fingerprint "
                          f"is {found[:16]}")
     config = load_config(resolve_model(str(path)))
     state = load_file(str(Path(path) / LAYERS_FILE))
-    state["model.embed_tokens.weight"] = target.model.model.embed_tokens.weight
-    state["lm_head.weight"] = target.model.lm_head.weight
+    state["model.embed_tokens.weight"], state["lm_head.weight"] = embed, head
     max_positions = min(context_length(config, None), target.max_positions)
     return LoadedModel(config, None, model_from_state_dict(config, state, dtype, device, max_positions), max_positions)
 
@@ -112,7 +116,7 @@ def shipped_draft_for(target) -> Path | None:
     """The draft shipped with beastserve that was made for this target, if any."""
     if not SHIPPED_DRAFTS.is_dir():
         return None
-    found = target_fingerprint(target.model)
+    found = vocab_fingerprint(*target.vocab_weights())
     for path in sorted(SHIPPED_DRAFTS.iterdir()):
         if is_compact(path) and read_manifest(path).get("target_fingerprint") == found:
             return path

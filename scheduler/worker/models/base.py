@@ -17,8 +17,10 @@ class CausalLMModel(Protocol):
     config: object  # the transformers config
     fused_ops: object | None  # set once the model runs through the fused CUDA kernels
     vocab_ids: torch.Tensor | None  # the tokens a restricted LM head computes logits for, else None
+    tp: object  # its TensorParallel (scheduler/worker/parallel.py): rank, size and process group
+    kv_heads: int  # KV heads this rank computes and caches
 
-    def __init__(self, config, max_positions: int) -> None: ...
+    def __init__(self, config, max_positions: int, tp=...) -> None: ...
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                 meta) -> torch.Tensor:

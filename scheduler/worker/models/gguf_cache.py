@@ -59,10 +59,14 @@ class CacheEntry:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS
+
     def load_weights(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(self.path / WEIGHTS)
+        return load_file(self.weights_file)
 
     def write(self, config, tokenizer, state_dict: dict[str, torch.Tensor], source_name: str) -> None:
         """Write the entry in a sibling temporary directory, then rename it into place. When another

@@ -1,8 +1,9 @@
 """Our own forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) over a paged KV cache.
 
 Parameter names match the Hugging Face checkpoints, so a transformers state dict loads as is.
-Linear layers are laid out for later tensor parallelism: q/k/v and gate/up split by heads or
-columns, o_proj and down_proj by rows, one all-reduce after each of the latter.
+Under tensor parallelism (scheduler/worker/parallel.py) each rank builds the same modules at its
+shard's sizes: q/k/v and gate/up split by heads or columns, o_proj and down_proj by rows with one
+all-reduce after each, the embedding and LM head by vocabulary rows.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from torch import nn
 
 from scheduler.worker.attention import AttentionMetadata, paged_attention, write_kv
 from scheduler.worker.models.base import head_dim
+from scheduler.worker.parallel import (
+    SINGLE,
+    ParallelLMHead,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    local_heads,
+)
 
 
 class RMSNorm(nn.Module):
@@ -74,10 +83,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, qk_norm: bool):
+    def __init__(self, config, qk_norm: bool, tp: TensorParallel):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = local_heads(config, tp)
         self.head_dim = head_dim(config)
         self.scale = self.head_dim**-0.5
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
@@ -85,8 +93,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=getattr(config, "attention_bias", False)
-                                and config.model_type != "qwen2")
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, hidden, getattr(config, "attention_bias", False)
+                                        and config.model_type != "qwen2", tp)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
@@ -124,12 +132,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        share = config.intermediate_size // tp.size
+        self.gate_proj = nn.Linear(config.hidden_size, share, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, share, bias=bias)
+        self.down_proj = RowParallelLinear(share, config.hidden_size, bias, tp)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -155,12 +164,12 @@ def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, qk_norm: bool):
+    def __init__(self, config, qk_norm: bool, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, qk_norm)
+        self.self_attn = Attention(config, qk_norm, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, positions, rotary, kv_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
@@ -168,13 +177,12 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config, max_positions: int, qk_norm: bool):
+    def __init__(self, config, max_positions: int, qk_norm: bool, tp: TensorParallel):
         super().__init__()
         # No random init: the loader assigns the checkpoint's table (or a seeded dummy one), and on the meta
         # device Embedding's own normal_ would import torch._dynamo, half a second of every start.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, qk_norm) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, qk_norm, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
 
@@ -217,11 +225,13 @@ class _FusedOps:
 class CausalLM(nn.Module):
     """Token ids + paged-KV metadata in, hidden states out; logits only for the rows asked."""
 
-    def __init__(self, config, max_positions: int):
+    def __init__(self, config, max_positions: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = Backbone(config, max_positions, qk_norm=config.model_type == "qwen3")
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp
+        self.kv_heads = local_heads(config, tp)[1]  # KV heads this rank holds
+        self.model = Backbone(config, max_positions, qk_norm=config.model_type == "qwen3", tp=tp)
+        self.lm_head = ParallelLMHead(config, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fused_ops = None  # set by use_fused_kernels()

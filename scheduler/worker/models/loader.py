@@ -14,6 +14,7 @@ from scheduler.phases import Phases
 from scheduler.worker.models.base import CausalLMModel
 from scheduler.worker.models.gguf_cache import DISABLED, CacheEntry
 from scheduler.worker.models.registry import MODELS, model_class
+from scheduler.worker.parallel import SINGLE, TensorParallel, check_divisible, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -89,32 +90,52 @@ def load_tokenizer(source: ModelSource | str):
 
 
 def build_model(config, source: ModelSource | None, load_format: str, dtype: torch.dtype, device: torch.device,
-                max_positions: int) -> CausalLMModel:
-    """Our forward, with the checkpoint's weights (load_format="auto") or random ones ("dummy")."""
+                max_positions: int, tp: TensorParallel = SINGLE) -> CausalLMModel:
+    """Our forward, with the checkpoint's weights (load_format="auto") or random ones ("dummy"); under
+    tensor parallelism, this rank's shard of them."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     check_architecture(config)
+    check_divisible(config, tp.size)
     if load_format == "dummy":
         with torch.device(device):
-            model = model_class(config)(config, max_positions).to(dtype)
-        _init_dummy(model, config)
+            model = model_class(config)(config, max_positions, tp).to(dtype)
+        _init_dummy(model, config, max_positions)
         return model.eval()
     if source is None:
         raise ValueError("load_format='auto' needs a model path; pass load_format='dummy' for a bare config")
-    return model_from_state_dict(config, _checkpoint_state_dict(source, dtype), dtype, device, max_positions)
+    files = sorted(source.path.glob("*.safetensors")) if tp.size > 1 and source.path.is_dir() else []
+    state = _sharded_safetensors(files, config, tp) if files else _checkpoint_state_dict(source, dtype)
+    return model_from_state_dict(config, state, dtype, device, max_positions, tp)
 
 
-def model_from_state_dict(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                          max_positions: int) -> CausalLMModel:
-    """Our forward around the given tensors (Hugging Face names), every weight accounted for."""
+def model_from_state_dict(config, state_dict: dict, dtype: torch.dtype, device: torch.device,
+                          max_positions: int, tp: TensorParallel = SINGLE) -> CausalLMModel:
+    """Our forward around the given tensors (Hugging Face names), every weight accounted for. Under
+    tensor parallelism the tensors may be whole or already this rank's shards (or lazy slices)."""
     with torch.device("meta"):
-        model = model_class(config)(config, max_positions)
-    model.load_state_dict(state_dict, strict=False, assign=True)
+        model = model_class(config)(config, max_positions, tp)
+    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    state = {name: t if name in shapes and tuple(t.shape) == tuple(shapes[name]) else shard_of(name, t, config, tp)
+             for name, t in state_dict.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = type(model.model.rotary)(config, max_positions)  # buffers were on meta
     _check_loaded(model)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _sharded_safetensors(files: list[Path], config, tp: TensorParallel) -> dict[str, torch.Tensor]:
+    """This rank's shard of every tensor in the safetensors files, reading no more than the shard."""
+    from safetensors import safe_open
+
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                state[name] = shard_of(name, f.get_slice(name), config, tp).contiguous()
+    return state
 
 
 def _checkpoint_state_dict(source: ModelSource, dtype: torch.dtype, config=None) -> dict[str, torch.Tensor]:
@@ -132,16 +153,26 @@ def _check_loaded(model: CausalLMModel) -> None:
 
 
 @torch.no_grad()
-def _init_dummy(model: CausalLMModel, config) -> None:
+def _init_dummy(model: CausalLMModel, config, max_positions: int) -> None:
+    """Seeded random weights. A rank of a tensor-parallel model draws each whole tensor, as one process
+    would, and keeps its shard: tp=N holds the same model as tp=1."""
     std = getattr(config, "initializer_range", 0.02)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    tp = model.tp
+    if tp.size > 1:
+        with torch.device("meta"):
+            whole = dict(model_class(config)(config, max_positions).named_parameters())
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith("bias"):
             param.zero_()
-        else:
+        elif tp.size == 1:
             param.normal_(0.0, std, generator=gen)
+        else:
+            drawn = torch.empty(whole[name].shape, dtype=param.dtype, device=param.device).normal_(0.0, std,
+                                                                                                    generator=gen)
+            param.copy_(shard_of(name, drawn, config, tp))
 
 
 @dataclass
@@ -150,17 +181,32 @@ class LoadedModel:
     tokenizer: object | None
     model: CausalLMModel
     max_positions: int
+    full_vocab: tuple[torch.Tensor, torch.Tensor] | None = None  # set by gather_vocab()
+
+    def vocab_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole embedding table and LM head (what a compact draft borrows)."""
+        if self.full_vocab is not None:
+            return self.full_vocab
+        assert self.model.tp.size == 1, "a tensor-parallel model's vocabulary is gathered first (gather_vocab)"
+        return self.model.model.embed_tokens.weight, self.model.lm_head.weight
+
+    def gather_vocab(self) -> None:
+        """Gather the vocabulary-parallel embedding and LM head whole: every rank calls this together."""
+        embed, head = self.model.model.embed_tokens.weight, self.model.lm_head.weight
+        vocab, tp = self.config.vocab_size, self.model.tp
+        self.full_vocab = tp.all_gather_rows(embed)[:vocab], tp.all_gather_rows(head)[:vocab]
 
 
 def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtype, device: torch.device,
-               max_model_len: int | None, cache_dir: str | None = None) -> LoadedModel:
+               max_model_len: int | None, cache_dir: str | None = None, tp: TensorParallel = SINGLE) -> LoadedModel:
     """`model` is what EngineConfig.model accepts: "default", a path, or a config (dummy weights).
-    A GGUF file's parse is kept under `cache_dir` (None: the default place; "off": not kept)."""
+    A GGUF file's parse is kept under `cache_dir` (None: the default place; "off": not kept).
+    Under tensor parallelism, this rank's shard of the model."""
     if not isinstance(model, str):
         check_architecture(model)
         tok = load_tokenizer(tokenizer) if tokenizer else None
         max_positions = context_length(model, max_model_len)
-        return LoadedModel(model, tok, build_model(model, None, load_format, dtype, device, max_positions),
+        return LoadedModel(model, tok, build_model(model, None, load_format, dtype, device, max_positions, tp),
                            max_positions)
     phases = Phases()
     with phases("resolve"):
@@ -168,7 +214,7 @@ def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtyp
     name = source.path.stem if source.gguf_file else source.path.resolve().name
     log.info("loading %s from %s", name, source.path)
     if source.gguf_file and load_format == "auto" and cache_dir != DISABLED:
-        loaded = _load_cached_gguf(source, cache_dir, tokenizer, dtype, device, max_model_len, phases)
+        loaded = _load_cached_gguf(source, cache_dir, tokenizer, dtype, device, max_model_len, phases, tp)
     else:
         with phases("config"):
             config = load_config(source)
@@ -176,31 +222,35 @@ def load_model(model, tokenizer: str | None, load_format: str, dtype: torch.dtyp
             tok = load_tokenizer(tokenizer or source)
         max_positions = context_length(config, max_model_len)
         with phases("weights"):
-            loaded = LoadedModel(config, tok, build_model(config, source, load_format, dtype, device, max_positions),
-                                 max_positions)
+            loaded = LoadedModel(config, tok, build_model(config, source, load_format, dtype, device, max_positions,
+                                                          tp), max_positions)
     log.info("loaded %s in %.2f s: %s", name, phases.total, phases)
     return loaded
 
 
 def _load_cached_gguf(source: ModelSource, cache_dir: str | None, tokenizer: str | None, dtype: torch.dtype,
-                      device: torch.device, max_model_len: int | None, phases: Phases) -> LoadedModel:
+                      device: torch.device, max_model_len: int | None, phases: Phases,
+                      tp: TensorParallel = SINGLE) -> LoadedModel:
     """A GGUF model from its cache entry, after building the entry when there is none to trust."""
     with phases("hash"):
         entry = CacheEntry.for_file(cache_dir, source.path, dtype)
-    parsed = _read_entry(entry, source, tokenizer, phases) if entry.is_complete() else None
+    parsed = _read_entry(entry, source, tokenizer, phases, tp) if entry.is_complete() else None
     if parsed is None:
         if entry.path.exists():
             log.warning("model cache entry %s is incomplete or unreadable; rebuilding it", entry.path)
         parsed = _build_entry(entry, source, tokenizer, dtype, phases)
     config, tok, state_dict = parsed
+    check_divisible(config, tp.size)
     max_positions = context_length(config, max_model_len)
     with phases("to-device"):
-        model = model_from_state_dict(config, state_dict, dtype, device, max_positions)
+        model = model_from_state_dict(config, state_dict, dtype, device, max_positions, tp)
     return LoadedModel(config, tok, model, max_positions)
 
 
-def _read_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, phases: Phases):
-    """(config, tokenizer, weights) from the entry, or None when it cannot be read."""
+def _read_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, phases: Phases,
+                tp: TensorParallel = SINGLE):
+    """(config, tokenizer, weights) from the entry, or None when it cannot be read; under tensor
+    parallelism, only this rank's shard of the weights is read."""
     cached = ModelSource(str(entry.path))
     try:
         with phases("config"):
@@ -209,7 +259,9 @@ def _read_entry(entry: CacheEntry, source: ModelSource, tokenizer: str | None, p
         with phases("tokenizer"):
             tok = load_tokenizer(tokenizer or cached)
         with phases("weights"):
-            return config, tok, entry.load_weights()
+            check_divisible(config, tp.size)
+            weights = _sharded_safetensors([entry.weights_file], config, tp) if tp.size > 1 else entry.load_weights()
+            return config, tok, weights
     except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, the GGUF file is still there
         log.warning("model cache entry %s is unreadable (%s)", entry.path, exc)
         return None
