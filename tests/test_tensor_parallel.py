@@ -5,10 +5,12 @@ daemon's live requests with INTERNAL and ends the daemon within the stall timeou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,12 +22,13 @@ from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL_BLOCK_BYTES, hf_greedy, save_tiny_model, tiny_config
 from tests.daemon import Daemon
 from tests.helpers import assert_pool_idle, run_engine
-from tests.test_reliability import greedy, read_stream
+from tests.test_reliability import Outcome, greedy, read_stream
 from tests.test_server import wait_pool_idle
 
 MAX_TOKENS = 20
 TINY_BLOCK_BYTES = 2 * 2 * 2 * 16 * 4 * 16  # layers x (k, v) x kv heads x head dim x fp32 x tokens, one process
 STALL_TIMEOUT = 8
+LONG = 500  # output tokens of a request that is still running when the test acts (max_model_len 512)
 
 
 def _prompts() -> list[list[int]]:
@@ -141,7 +144,8 @@ def test_sharded_weights_hold_the_whole_model():
 
 
 def _worker_pids(daemon: Daemon) -> list[int]:
-    children = open(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read().split()
+    tasks = Path(f"/proc/{daemon.proc.pid}/task")
+    children = [pid for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
     return [int(pid) for pid in children
             if "scheduler.worker.ranks" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
 
@@ -162,7 +166,7 @@ def test_tp2_daemon_answers_and_a_deadline_returns_every_block(tp_daemon, tiny):
         reply = stub.Generate(greedy(prompts[2], MAX_TOKENS), timeout=60)
         assert list(reply.token_ids) == expected[2]
         with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(greedy(prompts[4], 4000), timeout=0.5)
+            stub.Generate(greedy(prompts[0], LONG), timeout=0.2)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_pool_idle(stub)
 
@@ -174,9 +178,11 @@ def test_a_lost_rank_fails_live_requests_internal_and_the_daemon_exits_nonzero(t
     async def run():
         channel = grpc.aio.insecure_channel(tp_daemon.address)
         stub = pb_grpc.GenerationStub(channel)
-        streams = [asyncio.ensure_future(read_stream(stub.GenerateStream(greedy([i + 1, 2], 3000), timeout=120)))
-                   for i in range(4)]
-        await asyncio.sleep(1.0)  # mid-way through their streams
+        outcomes = [Outcome() for _ in range(4)]
+        streams = [asyncio.ensure_future(read_stream(stub.GenerateStream(greedy([i + 1, 2], LONG), timeout=120), o))
+                   for i, o in enumerate(outcomes)]
+        while not all(o.tokens for o in outcomes):  # mid-way through their streams
+            await asyncio.sleep(0.01)
         os.kill(worker, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         lost_at = time.monotonic()
         outcomes = await asyncio.gather(*streams)
@@ -192,11 +198,12 @@ def test_a_lost_rank_fails_live_requests_internal_and_the_daemon_exits_nonzero(t
         assert time.monotonic() - lost_at < STALL_TIMEOUT + 5
         assert "rank 1" in tp_daemon.log()
     finally:
-        if fault == "hung":
-            os.kill(worker, signal.SIGKILL)
+        if fault == "hung":  # the daemon kills its workers as it exits; this one must not outlive a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
 
 
-def test_an_idle_daemon_whose_rank_dies_stops_serving_and_exits_nonzero(tp_daemon):
+def test_an_idle_daemon_whose_rank_dies_exits_nonzero_naming_it(tp_daemon):
     (worker,) = _worker_pids(tp_daemon)
     os.kill(worker, signal.SIGKILL)
     assert tp_daemon.proc.wait(timeout=10) == 1
