@@ -36,6 +36,13 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in 64-byte-aligned memory. A file's tensors start where its header ends, 8-byte aligned;
+    the CPU's matmul kernels take other paths for such memory, and round differently than for the same
+    weights parsed fresh."""
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor
+
+
 @dataclass
 class CacheEntry:
     path: Path
@@ -66,7 +73,7 @@ class CacheEntry:
     def load_weights(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(self.weights_file)
+        return {name: aligned(t) for name, t in load_file(self.weights_file).items()}
 
     def write(self, config, tokenizer, state_dict: dict[str, torch.Tensor], source_name: str) -> None:
         """Write the entry in a sibling temporary directory, then rename it into place. When another

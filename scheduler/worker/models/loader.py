@@ -12,7 +12,7 @@ import torch
 import scheduler.worker.models.hub as hub
 from scheduler.phases import Phases
 from scheduler.worker.models.base import CausalLMModel
-from scheduler.worker.models.gguf_cache import DISABLED, CacheEntry
+from scheduler.worker.models.gguf_cache import DISABLED, CacheEntry, aligned
 from scheduler.worker.models.registry import MODELS, model_class
 from scheduler.worker.parallel import SINGLE, TensorParallel, check_divisible, shard_of
 
@@ -134,7 +134,7 @@ def _sharded_safetensors(files: list[Path], config, tp: TensorParallel) -> dict[
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                state[name] = shard_of(name, f.get_slice(name), config, tp).contiguous()
+                state[name] = aligned(shard_of(name, f.get_slice(name), config, tp).contiguous())
     return state
 
 
