@@ -144,10 +144,8 @@ def test_sharded_weights_hold_the_whole_model():
 
 
 def _worker_pids(daemon: Daemon) -> list[int]:
-    tasks = Path(f"/proc/{daemon.proc.pid}/task")
-    children = [pid for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
-    return [int(pid) for pid in children
-            if "scheduler.worker.ranks" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
+    return [pid for pid in _children(daemon.proc.pid)
+            if "scheduler.worker.ranks" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")]
 
 
 @pytest.fixture
@@ -208,3 +206,20 @@ def test_an_idle_daemon_whose_rank_dies_exits_nonzero_naming_it(tp_daemon):
     os.kill(worker, signal.SIGKILL)
     assert tp_daemon.proc.wait(timeout=10) == 1
     assert "rank 1 exited with code -9" in tp_daemon.log()
+
+
+def test_a_failed_start_raises_once_and_leaves_no_worker(tiny, tmp_path):
+    path, *_ = tiny
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
+    before = _children(os.getpid())
+    with pytest.raises(Exception, match="safetensors|header|incomplete|deserializ"):
+        Engine(model=str(broken), dtype="float32", tensor_parallel_size=2)
+    assert _children(os.getpid()) == before
+
+
+def _children(pid: int) -> set[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return {int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()}
