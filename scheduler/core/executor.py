@@ -1,6 +1,9 @@
 """One step's model work: draft (when speculating), one target forward over the mixed batch,
 then sampling or verification. Speculation is entered from here only: the depth before
-scheduling, drafts before the target's pass, verification after it, the step's time at its end."""
+scheduling, drafts before the target's pass, verification after it, the step's time at its end.
+
+A step runs one of two ways: `execute` returns its tokens on the host; `launch` leaves them on the
+device, where the next step's inputs read them, and `collect` brings them to the host later."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import torch
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest
+from scheduler.core.stopping import may_stop
 from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
-from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
-from scheduler.sampling.sampler import Sampler, logprobs_of
+from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ, sampling_rows
+from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks
 from scheduler.worker.runner import ForwardItem, ModelRunner
@@ -29,6 +33,42 @@ class StepResult:
     num_accepted: int = 0
 
 
+@dataclass
+class StepInFlight:
+    """A launched step whose sampled tokens the host has not read yet: row i of token_ids (on the
+    device) is requests[i]'s; `host` receives them, complete once `copied` (None on the CPU) is done."""
+
+    requests: list[Request]
+    rows: dict[Request, int]
+    token_ids: torch.Tensor
+    host: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
+class TokenCopies:
+    """Sampled tokens to the host, one non-blocking copy a step into pinned memory. Two buffers, used in
+    turn: a step's copy is under way while the host still reads the step before's."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(0, dtype=torch.long) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.turn = 0
+
+    def start(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        turn, self.turn = self.turn, 1 - self.turn
+        n = token_ids.shape[0]
+        if self.buffers[turn].shape[0] < n:
+            self.buffers[turn] = torch.empty(max(n, 2 * self.buffers[turn].shape[0]), dtype=torch.long,
+                                             pin_memory=self.cuda)
+        host = self.buffers[turn][:n]
+        host.copy_(token_ids, non_blocking=True)
+        event = self.events[turn]
+        if event is not None:
+            event.record()
+        return host, event
+
+
 class StepExecutor:
     def __init__(self, runner: ModelRunner, sampler: Sampler, pool: BlockPool, speculator: Speculator | None = None):
         self.runner = runner
@@ -38,6 +78,7 @@ class StepExecutor:
         self.vocab_size = runner.model.config.vocab_size
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
+        self.copies = TokenCopies(self.device)
 
     def plan(self, num_decodes: int, prefill: bool) -> int:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
@@ -65,8 +106,7 @@ class StepExecutor:
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         sampled = [s for s in batch if s.samples]
-        for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
+        _advance(batch)
         if any(s.draft_token_ids for s in sampled):
             target_ids = None
             if drafts is not None:  # one copy to the host brings the drafts and, if greedy, the target's picks
@@ -75,42 +115,97 @@ class StepExecutor:
             self.speculator.observe(sampled, [r.num_accepted for r in results], hidden)
         else:
             results = self._sample(logits, sampled)
-        for s in batch:
-            self.pool.cache_full_blocks(s.request, s.request.num_computed_tokens)
+        self._cache_blocks(batch)
         return results
 
+    @staticmethod
+    def can_overlap(batch: list[ScheduledRequest]) -> bool:
+        """Whether the step may be launched, its tokens left on the device for the next step and read by the
+        host a step later. Plain decoding and prefill overlap, greedy or sampled, seeded or not, with
+        logit_bias: the next step needs nothing of the host but the count of tokens. Steps that need the
+        host to know the tokens before the next one can be built run the synchronous way: drafts to verify
+        (verification's outcome sets the next positions, and n-gram lookups read the history), a grammar
+        (its next mask follows the token), penalties (they read the output history), min_tokens still
+        blocking stops (which tokens are blocked hangs on the exact count), and logprobs and prompt
+        logprobs (collected on the host). Chosen for each step: one such request makes its step synchronous."""
+        return all(not s.num_spec_slots and not s.request.needs_prompt_logprobs
+                   and (not s.samples or _samples_on_device(s.request)) for s in batch)
+
+    def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight:
+        """Run a step (can_overlap) without waiting for its tokens. The step before's, still in flight,
+        are its placeholders' inputs, read straight from the device."""
+        rows = previous.rows if previous is not None else {}
+        items = [self._item(s, rows.get(s.request, -1)) for s in batch]
+        logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        _advance(batch)
+        self._cache_blocks(batch)
+        requests = [s.request for s in batch if s.samples]
+        token_ids = self._draw(logits, requests).token_ids if requests else logits.new_empty(0, dtype=torch.long)
+        for request in requests:
+            request.num_placeholders += 1
+        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, token_ids,
+                            *self.copies.start(token_ids))
+
+    @staticmethod
+    def collect(step: StepInFlight) -> list[StepResult]:
+        """A launched step's tokens, appended to their requests: one wait and one read of the host copy. A
+        request that has ended since (a stop in the step before, an abort) takes none: never an extra token."""
+        if step.copied is not None:
+            step.copied.synchronize()
+        results = []
+        for request, token in zip(step.requests, step.host.tolist()):
+            request.num_placeholders -= 1
+            if not request.is_finished:
+                results.append(_append_one(request, token))
+        return results
+
+    def _cache_blocks(self, batch: list[ScheduledRequest]) -> None:
+        """Put the blocks the step filled into the prefix cache, up to the tokens the host knows."""
+        for s in batch:
+            self.pool.cache_full_blocks(s.request, min(s.request.num_computed_tokens, s.request.num_tokens))
+
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
-        """first_logit: the position from which on every token's logits are wanted (prompt logprobs)."""
+        """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
+        of the step in flight). first_logit: the position from which on every token's logits are wanted (prompt
+        logprobs)."""
         request = s.request
         start = request.num_computed_tokens
-        tokens = request.all_token_ids[start:start + s.num_new_tokens] + s.draft_token_ids
+        known = request.all_token_ids[start:start + s.num_new_tokens]
+        num_placeholders = s.num_new_tokens - len(known)
+        assert not (num_placeholders and s.draft_token_ids) and (device_row >= 0 or not num_placeholders)
+        tokens = known + [0] * num_placeholders + s.draft_token_ids
         num_logits = 1 + len(s.draft_token_ids) if s.samples else 0
         if first_logit is not None:
             num_logits = max(num_logits, start + s.num_new_tokens - first_logit)
+        num_device_tokens = (len(s.draft_token_ids) or num_placeholders) if device_row >= 0 else 0
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
-                           len(s.draft_token_ids) if device_row >= 0 else 0)
+                           num_device_tokens)
 
     @staticmethod
     def _greedy_verify(sampled: list[ScheduledRequest]) -> bool:
         return all(plain_greedy(s.request) and s.request.guide is None for s in sampled)
 
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it."""
+        guides = [r.guide for r in requests]
+        if all(plain_greedy(r) and not r.params.logprobs and g is None for r, g in zip(requests, guides)):
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        rows = sampling_rows(requests, self.vocab_size, self.device)
+        if any(g is not None for g in guides):
+            rows.token_bitmask = self.masks.for_requests(guides)
+        return self.sampler(logits, rows)
+
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> list[StepResult]:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        guides = [r.guide for r in requests]
-        if all(plain_greedy(r) and not r.params.logprobs and g is None for r, g in zip(requests, guides)):
-            return [_append_one(r, token) for r, token in zip(requests, logits.argmax(dim=-1).tolist())]
-        rows = sampling_rows(requests, self.vocab_size, self.device)
-        if any(g is not None for g in guides):
-            rows.token_bitmask = self.masks.for_requests(guides)
-        out = self.sampler(logits, rows)
+        out = self._draw(logits, requests)
         token_ids = out.token_ids.tolist()
         logprobs = _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids) \
             if out.logprobs is not None else [None] * len(requests)
-        for guide, token in zip(guides, token_ids):
-            if guide is not None:
-                guide.accept([token])
+        for request, token in zip(requests, token_ids):
+            if request.guide is not None:
+                request.guide.accept([token])
         return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)]
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
@@ -192,6 +287,19 @@ def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: to
         start = offset + r * width
         s.draft_token_ids = values[start:start + len(s.draft_token_ids)]
     return None if picks is None else values[:offset]
+
+
+def _advance(batch: list[ScheduledRequest]) -> None:
+    for s in batch:
+        s.request.num_computed_tokens += s.num_new_tokens
+
+
+def _samples_on_device(request: Request) -> bool:
+    """Whether the request's next token can be drawn, and the one after it prepared, without the host
+    knowing the tokens in flight (see StepExecutor.can_overlap)."""
+    params = request.params
+    return (request.guide is None and not params.logprobs and not has_penalty(params)
+            and may_stop(params, request.num_output_tokens))
 
 
 def _append_one(request: Request, token: int, logprob: TokenLogprob | None = None) -> StepResult:
