@@ -209,15 +209,30 @@ SPECULATION = {
 
 
 @pytest.mark.parametrize("mode", SPECULATION)
-def test_speculation_keeps_greedy_exact_with_overlap_on(tiny, mode):
-    path, _, prompts, expected = tiny
+@pytest.mark.parametrize("overlap", BOTH)
+def test_speculation_keeps_greedy_exact_and_its_steps_overlap(tiny, mode, overlap):
+    """Steps with drafts are verified before the next is scheduled, but their stop checks run while the next
+    runs: every step with work is launched before the host has finished the one before. Half the requests
+    end on a stop token, which a draft may run past."""
+    path, model, prompts, expected = tiny
     prompts = prompts + [[7, 8, 9, 10, 11] * 12]  # n-gram lookups find this one
-    expected = expected + [hf_greedy(tiny[1], prompts[-1], 24)]
-    eng = engine(path, True, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32, num_speculative_tokens=3,
+    expected = expected + [hf_greedy(model, prompts[-1], 24)]
+    params, wanted = [], []
+    for i, (m, want) in enumerate(zip(MAX_TOKENS + (24,), expected)):
+        stop = [want[len(want) // 2]] if i % 2 else []
+        params.append(greedy(m, stop_token_ids=stop))
+        wanted.append(want[:want.index(stop[0]) + 1] if stop else want)
+    eng = engine(path, overlap, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32, num_speculative_tokens=3,
                  **SPECULATION[mode](path))
-    outputs = run_engine(eng, prompts, [greedy(m) for m in MAX_TOKENS + (24,)], arrive_every=1)
-    assert [o.token_ids for o in outputs] == expected
-    assert sum(o.metrics.draft_tokens for o in outputs) > 0
+    steps = 0
+    streams = [eng.add_request(None, q, prompt_token_ids=p) for p, q in zip(prompts, params)]
+    while eng.has_unfinished():
+        eng.step()
+        steps += eng.last_step_stats.num_batched_tokens > 0
+    deltas = [list(iter(s.get_nowait, None)) for s in streams]
+    assert [[t for d in ds for t in d.token_ids] for ds in deltas] == wanted
+    assert sum(ds[-1].metrics.draft_tokens for ds in deltas) > 0
+    assert eng.num_overlapped_steps == (steps if overlap else 0)
     assert_pool_idle(eng)
 
 

@@ -19,6 +19,7 @@ from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
+from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks
 from scheduler.worker.runner import ForwardItem, ModelRunner
@@ -43,6 +44,18 @@ class StepInFlight:
     token_ids: torch.Tensor
     host: torch.Tensor
     copied: torch.cuda.Event | None
+
+
+@dataclass
+class Verification:
+    """A launched step with drafts (or one run the synchronous way): the target's logits, waiting to be
+    sampled or verified on the host."""
+
+    batch: list[ScheduledRequest]
+    spec: list[ScheduledRequest]
+    proposal: Proposal | None
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
 
 
 class TokenCopies:
@@ -91,6 +104,59 @@ class StepExecutor:
             self.speculator.observe_step(num_decodes, prefill, seconds)
 
     def execute(self, batch: list[ScheduledRequest]) -> list[StepResult]:
+        """Run a step and return its tokens, on the host."""
+        return self._finish(self._start(batch))
+
+    @staticmethod
+    def can_defer(batch: list[ScheduledRequest]) -> bool:
+        """Whether the step may be launched and its host work left for later, while the device runs it.
+
+        Plain decoding and prefill overlap fully, greedy or sampled, seeded or not, with logit_bias: the next
+        step needs nothing of the host but the count of tokens, so it is launched before the host has read
+        this one's (launch). A step with drafts overlaps in part: the next step's positions hang on how many
+        drafts are accepted, and drafting reads the token history, so its tokens reach the host before the
+        next step is scheduled, but their stop checks, detokenization and streaming wait until the next step
+        is launched. Requests that need the host to know every token before the next step is built make
+        their step synchronous: a grammar (its next mask follows the token), penalties (they read the output
+        history), min_tokens still blocking stops (which tokens are blocked hangs on the exact count), and
+        logprobs and prompt logprobs (collected on the host). The choice is made for each step."""
+        return all(not s.request.needs_prompt_logprobs and (not s.samples or _samples_on_device(s.request))
+                   for s in batch)
+
+    def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight | Verification:
+        """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
+        the device; the step before's, still in flight, are its placeholders' inputs, read from there."""
+        if any(s.num_spec_slots for s in batch):
+            assert previous is None, "drafts are made once the host knows every token"
+            return self._start(batch)
+        rows = previous.rows if previous is not None else {}
+        items = [self._item(s, rows.get(s.request, -1)) for s in batch]
+        logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        _advance(batch)
+        self._cache_blocks(batch)
+        requests = [s.request for s in batch if s.samples]
+        token_ids = self._draw(logits, requests).token_ids if requests else logits.new_empty(0, dtype=torch.long)
+        for request in requests:
+            request.num_placeholders += 1
+        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, token_ids,
+                            *self.copies.start(token_ids))
+
+    def collect(self, step: StepInFlight | Verification) -> list[StepResult]:
+        """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
+        step before, an abort) takes none: never an extra token."""
+        if isinstance(step, Verification):
+            return self._finish(step)
+        if step.copied is not None:
+            step.copied.synchronize()
+        results = []
+        for request, token in zip(step.requests, step.host.tolist()):  # the host copy, read once
+            request.num_placeholders -= 1
+            if not request.is_finished:
+                results.append(_append_one(request, token))
+        return results
+
+    def _start(self, batch: list[ScheduledRequest]) -> Verification:
+        """Drafts, then the target's pass; the logits wait in the Verification."""
         spec = [s for s in batch if s.num_spec_slots]
         proposal = self.speculator.propose(spec, self.pool) if spec else None
         drafts = proposal.device_drafts if proposal is not None else None
@@ -105,64 +171,28 @@ class StepExecutor:
             logits = self.runner.forward(items, device_tokens=drafts)
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
-        sampled = [s for s in batch if s.samples]
         _advance(batch)
+        return Verification(batch, spec, proposal, logits, hidden)
+
+    def _finish(self, step: Verification) -> list[StepResult]:
+        """Sample or verify; the requests that have ended since the step was launched take nothing."""
+        sampled = [s for s in step.batch if s.samples]
         if any(s.draft_token_ids for s in sampled):
             target_ids = None
-            if drafts is not None:  # one copy to the host brings the drafts and, if greedy, the target's picks
-                target_ids = _learn_drafts(spec, drafts, logits if self._greedy_verify(sampled) else None)
-            results = self._verify(logits, sampled, proposal.draft_probs, target_ids)
-            self.speculator.observe(sampled, [r.num_accepted for r in results], hidden)
+            if step.proposal.device_drafts is not None:  # one copy brings the drafts and, if greedy, the target's picks
+                target_ids = _learn_drafts(step.spec, step.proposal.device_drafts,
+                                           step.logits if self._greedy_verify(sampled) else None)
+            results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden)
         else:
-            results = self._sample(logits, sampled)
-        self._cache_blocks(batch)
-        return results
-
-    @staticmethod
-    def can_overlap(batch: list[ScheduledRequest]) -> bool:
-        """Whether the step may be launched, its tokens left on the device for the next step and read by the
-        host a step later. Plain decoding and prefill overlap, greedy or sampled, seeded or not, with
-        logit_bias: the next step needs nothing of the host but the count of tokens. Steps that need the
-        host to know the tokens before the next one can be built run the synchronous way: drafts to verify
-        (verification's outcome sets the next positions, and n-gram lookups read the history), a grammar
-        (its next mask follows the token), penalties (they read the output history), min_tokens still
-        blocking stops (which tokens are blocked hangs on the exact count), and logprobs and prompt
-        logprobs (collected on the host). Chosen for each step: one such request makes its step synchronous."""
-        return all(not s.num_spec_slots and not s.request.needs_prompt_logprobs
-                   and (not s.samples or _samples_on_device(s.request)) for s in batch)
-
-    def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight:
-        """Run a step (can_overlap) without waiting for its tokens. The step before's, still in flight,
-        are its placeholders' inputs, read straight from the device."""
-        rows = previous.rows if previous is not None else {}
-        items = [self._item(s, rows.get(s.request, -1)) for s in batch]
-        logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
-        _advance(batch)
-        self._cache_blocks(batch)
-        requests = [s.request for s in batch if s.samples]
-        token_ids = self._draw(logits, requests).token_ids if requests else logits.new_empty(0, dtype=torch.long)
-        for request in requests:
-            request.num_placeholders += 1
-        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, token_ids,
-                            *self.copies.start(token_ids))
-
-    @staticmethod
-    def collect(step: StepInFlight) -> list[StepResult]:
-        """A launched step's tokens, appended to their requests: one wait and one read of the host copy. A
-        request that has ended since (a stop in the step before, an abort) takes none: never an extra token."""
-        if step.copied is not None:
-            step.copied.synchronize()
-        results = []
-        for request, token in zip(step.requests, step.host.tolist()):
-            request.num_placeholders -= 1
-            if not request.is_finished:
-                results.append(_append_one(request, token))
+            results = self._sample(step.logits, sampled)
+        self._cache_blocks(step.batch)
         return results
 
     def _cache_blocks(self, batch: list[ScheduledRequest]) -> None:
         """Put the blocks the step filled into the prefix cache, up to the tokens the host knows."""
         for s in batch:
-            self.pool.cache_full_blocks(s.request, min(s.request.num_computed_tokens, s.request.num_tokens))
+            if not s.request.is_finished:
+                self.pool.cache_full_blocks(s.request, min(s.request.num_computed_tokens, s.request.num_tokens))
 
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
@@ -206,10 +236,11 @@ class StepExecutor:
         for request, token in zip(requests, token_ids):
             if request.guide is not None:
                 request.guide.accept([token])
-        return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)]
+        return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)
+                if not request.is_finished]
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
-                target_ids: list[int] | None = None) -> list[StepResult]:
+                target_ids: list[int] | None, hidden: torch.Tensor | None) -> list[StepResult]:
         requests = [s.request for s in sampled]
         if self._greedy_verify(sampled):
             # Greedy verification is an argmax comparison: one argmax over every verified position,
@@ -233,14 +264,16 @@ class StepExecutor:
         results, row = [], 0
         for s, n, token in zip(sampled, num_accepted, next_tokens):
             request = s.request
-            new_tokens = request.accept_drafts(s.draft_token_ids, n, token)
-            lps = None
-            if wants_logprobs and request.params.logprobs:
-                idx = torch.arange(row, row + len(new_tokens), device=logits.device)
-                chosen = torch.tensor(new_tokens, device=logits.device)
-                lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
-            results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
+            if not request.is_finished:
+                new_tokens = request.accept_drafts(s.draft_token_ids, n, token)
+                lps = None
+                if wants_logprobs and request.params.logprobs:
+                    idx = torch.arange(row, row + len(new_tokens), device=logits.device)
+                    chosen = torch.tensor(new_tokens, device=logits.device)
+                    lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
+                results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
             row += 1 + len(s.draft_token_ids)
+        self.speculator.observe(sampled, num_accepted, hidden)
         return results
 
     def _draft_masks(self, rows, sampled: list[ScheduledRequest]) -> list[int]:
@@ -296,7 +329,7 @@ def _advance(batch: list[ScheduledRequest]) -> None:
 
 def _samples_on_device(request: Request) -> bool:
     """Whether the request's next token can be drawn, and the one after it prepared, without the host
-    knowing the tokens in flight (see StepExecutor.can_overlap)."""
+    knowing the tokens in flight (see StepExecutor.can_defer)."""
     params = request.params
     return (request.guide is None and not params.logprobs and not has_penalty(params)
             and may_stop(params, request.num_output_tokens))

@@ -89,8 +89,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.num_placeholders and request.num_tokens_with_placeholders >= request.max_total_tokens:
-                i += 1  # its last token is in flight: nothing is left to compute
+            if 0 < request.max_total_tokens <= request.num_tokens_with_placeholders:
+                i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
             # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
             # allocated for it, and its id comes from the device.
