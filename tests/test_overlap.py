@@ -10,6 +10,7 @@ import pytest
 from scheduler import LLM, Engine, SamplingParams
 from tests.conftest import hf_greedy, save_tiny_model, tiny_config
 from tests.helpers import assert_pool_idle, run_engine
+from tests.test_parity import SCENARIOS  # one batch, continuous batching, chunked prefill, preemption
 
 PROMPT_LENS = (1, 5, 16, 17, 33, 64, 90)
 MAX_TOKENS = (24, 3, 1, 17, 9, 24, 12)
@@ -36,17 +37,6 @@ def engine(path, overlap: bool, **kwargs) -> Engine:
 def assert_overlapped(engine: Engine, overlap: bool) -> None:
     """The flag decides which loop ran: some steps overlapped when on, none when off."""
     assert (engine.num_overlapped_steps > 0) == overlap
-
-
-SCENARIOS = {
-    "mixed_batch": dict(engine={}, arrive_every=0),
-    "continuous_batching": dict(engine={}, arrive_every=2),
-    # 16-token steps: the 90-token prompt takes six of them.
-    "chunked_prefill": dict(engine=dict(max_num_batched_tokens=16), arrive_every=1),
-    # 12 blocks of 16 tokens: too few for every prompt at once, so sequences are preempted (some with a token in
-    # flight) and computed again.
-    "preemption": dict(engine=dict(kv_cache_bytes=12 * 8192, max_num_batched_tokens=64), arrive_every=0),
-}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -211,8 +211,7 @@ class Engine:
         spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead())
         # A step with drafts must be verified before the next is scheduled, and drafts are made from the host's
         # token history: such tokens come to the host now, their stop checks wait for this step's launch.
-        in_flight = self._in_flight
-        early = in_flight is not None and (spec_depth or isinstance(in_flight, Verification))
+        early = self._in_flight is not None and (spec_depth or isinstance(self._in_flight, Verification))
         results = self._collect() if early else []  # on their requests, not checked for stops yet
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
