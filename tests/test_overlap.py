@@ -159,8 +159,8 @@ def test_aborts_end_requests_at_the_next_step_with_what_was_sent(tiny, overlap):
 
 @pytest.mark.parametrize("overlap", BOTH)
 def test_requests_that_cannot_overlap_make_their_steps_synchronous_and_agree(tiny, overlap):
-    """Penalties, min_tokens, logprobs and prompt logprobs need the host to know every token: while such a
-    request runs, steps are synchronous; once they are done, the plain ones overlap again."""
+    """Penalties, min_tokens and prompt logprobs need the host to know every token: while such a request
+    runs, steps are synchronous; once they are done, the plain ones overlap again."""
     path, _, prompts, _ = tiny
     special = [greedy(6, repetition_penalty=1.3), greedy(6, min_tokens=4), greedy(6, logprobs=2),
                greedy(6, prompt_logprobs=1)]
@@ -172,6 +172,25 @@ def test_requests_that_cannot_overlap_make_their_steps_synchronous_and_agree(tin
     assert [len(o.logprobs) for o in outputs[2:3]] == [6] and outputs[3].prompt_logprobs is not None
     assert_overlapped(eng, overlap)
     assert eng.num_overlapped_steps < 20
+    assert_pool_idle(eng)
+
+
+def test_logprobs_travel_with_their_tokens_and_every_step_overlaps(tiny):
+    path, _, prompts, _ = tiny
+    params = [SamplingParams(temperature=[0, 1.0][i % 2], seed=i, max_tokens=m, logprobs=[1, 3, 0][i % 3],
+                             ignore_eos=True) for i, m in enumerate(MAX_TOKENS)]
+    eng = engine(path, True)
+    outputs, steps = [], 0
+    streams = [eng.add_request(None, q, prompt_token_ids=p) for p, q in zip(prompts, params)]
+    while eng.has_unfinished():
+        eng.step()
+        steps += eng.last_step_stats.num_batched_tokens > 0
+    assert eng.num_overlapped_steps == steps
+    for s in streams:
+        outputs.append([lp for d in iter(s.get_nowait, None) for lp in (d.logprobs or [])])
+    reference = run_engine(engine(path, False), prompts, params)
+    assert outputs == [o.logprobs or [] for o in reference]
+    assert [len(lps) for lps in outputs] == [m if q.logprobs else 0 for m, q in zip(MAX_TOKENS, params)]
     assert_pool_idle(eng)
 
 

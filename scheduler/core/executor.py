@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from scheduler.core.kv_cache import BlockPool
@@ -37,11 +38,13 @@ class StepResult:
 @dataclass
 class StepInFlight:
     """A launched step whose sampled tokens the host has not read yet: row i of token_ids (on the
-    device) is requests[i]'s; `host` receives them, complete once `copied` (None on the CPU) is done."""
+    device) is requests[i]'s; `host` receives them (with their logprobs, num_top a token, where asked),
+    complete once `copied` (None on the CPU) is done."""
 
     requests: list[Request]
     rows: dict[Request, int]
     token_ids: torch.Tensor
+    num_top: int | None
     host: torch.Tensor
     copied: torch.cuda.Event | None
 
@@ -59,8 +62,8 @@ class Verification:
 
 
 class TokenCopies:
-    """Sampled tokens to the host, one non-blocking copy a step into pinned memory. Two buffers, used in
-    turn: a step's copy is under way while the host still reads the step before's."""
+    """Sampled tokens (and logprobs) to the host, one non-blocking copy a step into pinned memory. Two
+    buffers, used in turn: a step's copy is under way while the host still reads the step before's."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -68,14 +71,15 @@ class TokenCopies:
         self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
         self.turn = 0
 
-    def start(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def start(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """values: int64, any shape."""
         turn, self.turn = self.turn, 1 - self.turn
-        n = token_ids.shape[0]
+        n = values.numel()
         if self.buffers[turn].shape[0] < n:
             self.buffers[turn] = torch.empty(max(n, 2 * self.buffers[turn].shape[0]), dtype=torch.long,
                                              pin_memory=self.cuda)
-        host = self.buffers[turn][:n]
-        host.copy_(token_ids, non_blocking=True)
+        host = self.buffers[turn][:n].view(values.shape)
+        host.copy_(values, non_blocking=True)
         event = self.events[turn]
         if event is not None:
             event.record()
@@ -119,7 +123,8 @@ class StepExecutor:
         is launched. Requests that need the host to know every token before the next step is built make
         their step synchronous: a grammar (its next mask follows the token), penalties (they read the output
         history), min_tokens still blocking stops (which tokens are blocked hangs on the exact count), and
-        logprobs and prompt logprobs (collected on the host). The choice is made for each step."""
+        prompt logprobs (collected on the host from the chunk's logits). Logprobs of sampled tokens travel
+        with them. The choice is made for each step."""
         return all(not s.request.needs_prompt_logprobs and (not s.samples or _samples_on_device(s.request))
                    for s in batch)
 
@@ -135,11 +140,13 @@ class StepExecutor:
         _advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
-        token_ids = self._draw(logits, requests).token_ids if requests else logits.new_empty(0, dtype=torch.long)
+        out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
+                                                                          None, None, None)
         for request in requests:
             request.num_placeholders += 1
-        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, token_ids,
-                            *self.copies.start(token_ids))
+        num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
+        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, out.token_ids, num_top,
+                            *self.copies.start(_packed(out)))
 
     def collect(self, step: StepInFlight | Verification) -> list[StepResult]:
         """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
@@ -148,11 +155,12 @@ class StepExecutor:
             return self._finish(step)
         if step.copied is not None:
             step.copied.synchronize()
+        token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
         results = []
-        for request, token in zip(step.requests, step.host.tolist()):  # the host copy, read once
+        for request, token, lp in zip(step.requests, token_ids, logprobs):
             request.num_placeholders -= 1
             if not request.is_finished:
-                results.append(_append_one(request, token))
+                results.append(_append_one(request, token, lp))
         return results
 
     def _start(self, batch: list[ScheduledRequest]) -> Verification:
@@ -331,8 +339,24 @@ def _samples_on_device(request: Request) -> bool:
     """Whether the request's next token can be drawn, and the one after it prepared, without the host
     knowing the tokens in flight (see StepExecutor.can_defer)."""
     params = request.params
-    return (request.guide is None and not params.logprobs and not has_penalty(params)
-            and may_stop(params, request.num_output_tokens))
+    return request.guide is None and not has_penalty(params) and may_stop(params, request.num_output_tokens)
+
+
+def _packed(out: SamplerOutput) -> torch.Tensor:
+    """The tokens, or [N, 2 + 2 * top] tokens, chosen logprobs, top logprobs and their ids: what the host
+    reads of a launched step, in one int64 tensor (logprobs as the bits of float64s), for one copy."""
+    if out.logprobs is None:
+        return out.token_ids
+    return torch.cat([out.token_ids.unsqueeze(1), out.logprobs.double().unsqueeze(1).view(torch.long),
+                      out.top_logprobs.double().view(torch.long), out.top_token_ids], dim=1)
+
+
+def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list]:
+    """_packed's tokens and, where it holds them, their TokenLogprobs (else Nones)."""
+    if num_top is None:
+        return host.tolist(), [None] * len(host)
+    values = host[:, 1:2 + num_top].view(np.float64)
+    return host[:, 0].tolist(), _logprob_lists(host[:, 0], values[:, 0], values[:, 1:], host[:, 2 + num_top:])
 
 
 def _append_one(request: Request, token: int, logprob: TokenLogprob | None = None) -> StepResult:
