@@ -159,8 +159,8 @@ def test_aborts_end_requests_at_the_next_step_with_what_was_sent(tiny, overlap):
 
 @pytest.mark.parametrize("overlap", BOTH)
 def test_requests_that_cannot_overlap_make_their_steps_synchronous_and_agree(tiny, overlap):
-    """Penalties, min_tokens and prompt logprobs need the host to know every token: while such a request
-    runs, steps are synchronous; once they are done, the plain ones overlap again."""
+    """Penalties and prompt logprobs need the host to know every token: while such a request runs, steps
+    are synchronous; once they are done, the plain ones overlap again."""
     path, _, prompts, _ = tiny
     special = [greedy(6, repetition_penalty=1.3), greedy(6, min_tokens=4), greedy(6, logprobs=2),
                greedy(6, prompt_logprobs=1)]
@@ -172,6 +172,25 @@ def test_requests_that_cannot_overlap_make_their_steps_synchronous_and_agree(tin
     assert [len(o.logprobs) for o in outputs[2:3]] == [6] and outputs[3].prompt_logprobs is not None
     assert_overlapped(eng, overlap)
     assert eng.num_overlapped_steps < 20
+    assert_pool_idle(eng)
+
+
+@pytest.mark.parametrize("overlap", BOTH)
+def test_min_tokens_holds_stops_back_by_the_count_of_tokens_in_flight_too(tiny, overlap):
+    """The first output min_tokens lets stop is the one after min_tokens outputs, those in flight counted:
+    here it is the stop token greedy decoding writes there."""
+    path, _, prompts, expected = tiny
+    cases = []
+    for prompt, want in zip(prompts, expected):
+        at = next((m for m in range(2, len(want)) if want[m] not in want[:m]), None)
+        if at is not None:
+            cases.append((prompt, greedy(24, stop_token_ids=[want[at]], min_tokens=at), want[:at + 1]))
+    assert len(cases) >= 3
+    eng = engine(path, overlap)
+    outputs = run_engine(eng, [p for p, _, _ in cases], [q for _, q, _ in cases])
+    assert [o.token_ids for o in outputs] == [want for _, _, want in cases]
+    assert all(o.finish_reason == "stop" for o in outputs)
+    assert_overlapped(eng, overlap)
     assert_pool_idle(eng)
 
 

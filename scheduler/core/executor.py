@@ -15,7 +15,6 @@ import torch
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest
-from scheduler.core.stopping import may_stop
 from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ, sampling_rows
@@ -122,9 +121,8 @@ class StepExecutor:
         next step is scheduled, but their stop checks, detokenization and streaming wait until the next step
         is launched. Requests that need the host to know every token before the next step is built make
         their step synchronous: a grammar (its next mask follows the token), penalties (they read the output
-        history), min_tokens still blocking stops (which tokens are blocked hangs on the exact count), and
-        prompt logprobs (collected on the host from the chunk's logits). Logprobs of sampled tokens travel
-        with them. The choice is made for each step."""
+        history) and prompt logprobs (collected on the host from the chunk's logits). Logprobs of sampled
+        tokens travel with them; min_tokens needs only the count. The choice is made for each step."""
         return all(not s.request.needs_prompt_logprobs and (not s.samples or _samples_on_device(s.request))
                    for s in batch)
 
@@ -338,8 +336,7 @@ def _advance(batch: list[ScheduledRequest]) -> None:
 def _samples_on_device(request: Request) -> bool:
     """Whether the request's next token can be drawn, and the one after it prepared, without the host
     knowing the tokens in flight (see StepExecutor.can_defer)."""
-    params = request.params
-    return request.guide is None and not has_penalty(params) and may_stop(params, request.num_output_tokens)
+    return request.guide is None and not has_penalty(request.params)
 
 
 def _packed(out: SamplerOutput) -> torch.Tensor:
