@@ -43,6 +43,9 @@ class EngineConfig:
     gpu_memory_utilization: float = option(0.9, "CUDA: share of the GPU's memory the engine may use")
     enforce_eager: bool = option(False, "CUDA: run without CUDA graphs (for debugging; the fused kernels still "
                                  "run)")
+    overlap_scheduling: bool = option(True, "schedule and prepare the next step while the device runs this one, "
+                                      "sampled tokens feeding it on the device (off: every step waits for its "
+                                      "tokens; for debugging)")
     max_num_batched_tokens: int = option(2048, "token budget of one engine step")
     max_num_seqs: int = option(256, "most sequences running at once")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompt prefixes seen before")

@@ -32,6 +32,7 @@ def test_every_engine_field_is_a_serve_flag_with_help_and_the_same_default():
 def test_booleans_turn_both_ways_and_read_the_environment():
     assert parse(["--no-enable-prefix-caching", "--no-adaptive-speculation"]).engine.enable_prefix_caching is False
     assert parse(["--no-adaptive-speculation"]).engine.adaptive_speculation is False
+    assert parse(["--no-overlap-scheduling"]).engine.overlap_scheduling is False
     assert parse([], {"BEASTSERVE_ENABLE_PREFIX_CACHING": "false"}).engine.enable_prefix_caching is False
     assert parse([], {"BEASTSERVE_ENFORCE_EAGER": "1"}).engine.enforce_eager is True
     with pytest.raises(ValueError, match="BEASTSERVE_ENFORCE_EAGER='maybe' is not a boolean"):

@@ -66,6 +66,25 @@ def test_a_chunk_that_does_not_reach_the_end_of_the_prompt_samples_nothing():
     assert request.num_computed_tokens == 4 and request.num_output_tokens == 0
 
 
+def test_launched_steps_take_the_token_in_flight_from_the_device():
+    """Each step is launched before the host reads the one before's token: the scheduler plans with it as a
+    placeholder, the runner reads it on the device, and the host learns it a step later."""
+    executor, scheduler, model = make()
+    prompt = [3, 1, 4, 1, 5, 9]
+    request = Request("r", prompt, SamplingParams(temperature=0), max_total_tokens=64)
+    scheduler.add(request)
+    in_flight = None
+    for step in range(6):
+        launched = executor.launch(scheduler.schedule().scheduled, in_flight)
+        assert request.num_placeholders == (1 if step == 0 else 2)
+        if in_flight is not None:
+            assert [r.new_token_ids for r in executor.collect(in_flight)] == [request.output_token_ids[-1:]]
+        in_flight = launched
+        assert request.num_output_tokens == step and request.num_computed_tokens == len(prompt) + step
+    executor.collect(in_flight)
+    assert request.output_token_ids == greedy_reference(model, prompt, 6) and request.num_placeholders == 0
+
+
 class KnownProposer(NgramProposer):
     """Drafts the model's own continuation with the last draft wrong: k - 1 accepted, every step."""
 

@@ -1,5 +1,10 @@
 """The step loop: schedule, run the model once over the mixed batch, sample, update, stream out.
 
+Overlapped (config.overlap_scheduling, on by default): a step is launched before the host has
+read the tokens of the one before, which its inputs take from the device; the host then checks
+those tokens for stops, detokenizes and streams them while the device runs the new step. Steps
+that need the host to know every token first run the synchronous way (StepExecutor.can_defer).
+
 `add_request` and `abort` are safe to call from any thread; they take effect at the start of
 the next `step()`, which a single thread (the server's engine thread, or `LLM`) drives.
 """
@@ -16,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.core.executor import StepExecutor, StepResult
+from scheduler.core.executor import StepExecutor, StepInFlight, StepResult, Verification
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import Scheduler
@@ -106,6 +111,8 @@ class Engine:
         self._pending_add: list[list[_Live]] = []
         self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
         self._failed: str | None = None
+        self._in_flight: StepInFlight | Verification | None = None  # the step launched last, not collected yet
+        self.num_overlapped_steps = 0
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
@@ -202,15 +209,31 @@ class Engine:
         outputs = self._take_pending()
         outputs += self._admit_compiled()
         spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead())
+        # A step with drafts must be verified before the next is scheduled, and drafts are made from the host's
+        # token history: such tokens come to the host now, their stop checks wait for this step's launch.
+        early = self._in_flight is not None and (spec_depth or isinstance(self._in_flight, Verification))
+        results = self._collect() if early else []  # on their requests, not checked for stops yet
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
-        if not batch and self._compiling:  # nothing to run until a grammar is ready: wait for one, briefly
-            wait([group[0].grammar for group in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        defer = self.config.overlap_scheduling and bool(batch) and self.executor.can_defer(batch)
+        settled = 0
+        if not defer:  # this step needs every token on the host, those in flight too: checked before it runs
+            results += self._collect()
+            self._settle(results, outputs)
+            settled = len(results)
+            batch = [s for s in batch if not s.request.is_finished]  # scheduled, then ended by a token in flight
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
                                 < s.request.num_prompt_tokens)
-        results = self.executor.execute(batch) if batch else []
-        now = time.monotonic()
-        outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
+        if defer:
+            launched = self.executor.launch(batch, self._in_flight)
+            results += self._collect()  # the step before's tokens, while the device runs this one
+            self._in_flight = launched
+            self.num_overlapped_steps += 1
+        elif batch:
+            results += self.executor.execute(batch)
+        elif self._compiling:  # nothing to run until a grammar is ready: wait for one, briefly
+            wait([group[0].grammar for group in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        self._settle(results[settled:], outputs)
         self._release_forks()
         self.last_step_stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
@@ -228,6 +251,16 @@ class Engine:
             if output.finished:
                 self._forget(live)
         return [output for _, output in outputs]
+
+    def _collect(self) -> list[StepResult]:
+        """The tokens of the step in flight, if any, on their requests; not checked for stops yet."""
+        step, self._in_flight = self._in_flight, None
+        return self.executor.collect(step) if step is not None else []
+
+    def _settle(self, results: list[StepResult], outputs: list[tuple[_Live, RequestOutput]]) -> None:
+        """Check new tokens for stops, their outputs onto `outputs`."""
+        now = time.monotonic()
+        outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
 
     def _forget(self, live: _Live) -> None:
         request = live.request
@@ -256,11 +289,11 @@ class Engine:
 
     def _decodes_ahead(self) -> int:
         """Decoding sequences the next step is likely to carry."""
-        return sum(1 for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1)
+        return sum(1 for r in self.scheduler.running if r.num_tokens_with_placeholders - r.num_computed_tokens == 1)
 
     def _prompts_ahead(self) -> bool:
         """Whether the next step is likely to carry prompt chunks (a waiting or part-prefilled request)."""
-        return bool(self.scheduler.waiting) or any(r.num_tokens - r.num_computed_tokens > 1
+        return bool(self.scheduler.waiting) or any(r.num_tokens_with_placeholders - r.num_computed_tokens > 1
                                                    for r in self.scheduler.running)
 
     def fault(self) -> str | None:
@@ -276,6 +309,7 @@ class Engine:
         """After a fault: end every request with `error` set. The engine is not stepped again."""
         with self._lock:
             self._failed = error
+            self._in_flight = None
             lives = list(self._live.values()) + [live for group in self._pending_add for live in group]
             self._pending_add = []
         self._live.clear()

@@ -1,11 +1,15 @@
 """One step's model work: draft (when speculating), one target forward over the mixed batch,
 then sampling or verification. Speculation is entered from here only: the depth before
-scheduling, drafts before the target's pass, verification after it, the step's time at its end."""
+scheduling, drafts before the target's pass, verification after it, the step's time at its end.
+
+A step runs one of two ways: `execute` returns its tokens on the host; `launch` leaves them on the
+device, where the next step's inputs read them, and `collect` brings them to the host later."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from scheduler.core.kv_cache import BlockPool
@@ -13,8 +17,9 @@ from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest
 from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
-from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
-from scheduler.sampling.sampler import Sampler, logprobs_of
+from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ, sampling_rows
+from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
+from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks
 from scheduler.worker.runner import ForwardItem, ModelRunner
@@ -29,6 +34,57 @@ class StepResult:
     num_accepted: int = 0
 
 
+@dataclass
+class StepInFlight:
+    """A launched step whose sampled tokens the host has not read yet: row i of token_ids (on the
+    device) is requests[i]'s; `host` receives them (with their logprobs, num_top a token, where asked),
+    complete once `copied` (None on the CPU) is done."""
+
+    requests: list[Request]
+    rows: dict[Request, int]
+    token_ids: torch.Tensor
+    num_top: int | None
+    host: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
+@dataclass
+class Verification:
+    """A launched step with drafts (or one run the synchronous way): the target's logits, waiting to be
+    sampled or verified on the host."""
+
+    batch: list[ScheduledRequest]
+    spec: list[ScheduledRequest]
+    proposal: Proposal | None
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
+
+
+class TokenCopies:
+    """Sampled tokens (and logprobs) to the host, one non-blocking copy a step into pinned memory. Two
+    buffers, used in turn: a step's copy is under way while the host still reads the step before's."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(0, dtype=torch.long) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.turn = 0
+
+    def start(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """values: int64, any shape."""
+        turn, self.turn = self.turn, 1 - self.turn
+        n = values.numel()
+        if self.buffers[turn].shape[0] < n:
+            self.buffers[turn] = torch.empty(max(n, 2 * self.buffers[turn].shape[0]), dtype=torch.long,
+                                             pin_memory=self.cuda)
+        host = self.buffers[turn][:n].view(values.shape)
+        host.copy_(values, non_blocking=True)
+        event = self.events[turn]
+        if event is not None:
+            event.record()
+        return host, event
+
+
 class StepExecutor:
     def __init__(self, runner: ModelRunner, sampler: Sampler, pool: BlockPool, speculator: Speculator | None = None):
         self.runner = runner
@@ -38,6 +94,7 @@ class StepExecutor:
         self.vocab_size = runner.model.config.vocab_size
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
+        self.copies = TokenCopies(self.device)
 
     def plan(self, num_decodes: int, prefill: bool) -> int:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
@@ -50,6 +107,62 @@ class StepExecutor:
             self.speculator.observe_step(num_decodes, prefill, seconds)
 
     def execute(self, batch: list[ScheduledRequest]) -> list[StepResult]:
+        """Run a step and return its tokens, on the host."""
+        return self._finish(self._start(batch))
+
+    @staticmethod
+    def can_defer(batch: list[ScheduledRequest]) -> bool:
+        """Whether the step may be launched and its host work left for later, while the device runs it.
+
+        Plain decoding and prefill overlap fully, greedy or sampled, seeded or not, with logit_bias: the next
+        step needs nothing of the host but the count of tokens, so it is launched before the host has read
+        this one's (launch). A step with drafts overlaps in part: the next step's positions hang on how many
+        drafts are accepted, and drafting reads the token history, so its tokens reach the host before the
+        next step is scheduled, but their stop checks, detokenization and streaming wait until the next step
+        is launched. Requests that need the host to know every token before the next step is built make
+        their step synchronous: a grammar (its next mask follows the token), penalties (they read the output
+        history) and prompt logprobs (collected on the host from the chunk's logits). Logprobs of sampled
+        tokens travel with them; min_tokens needs only the count. The choice is made for each step."""
+        return all(not s.request.needs_prompt_logprobs and (not s.samples or _samples_on_device(s.request))
+                   for s in batch)
+
+    def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight | Verification:
+        """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
+        the device; the step before's, still in flight, are its placeholders' inputs, read from there."""
+        if any(s.num_spec_slots for s in batch):
+            assert previous is None, "drafts are made once the host knows every token"
+            return self._start(batch)
+        rows = previous.rows if previous is not None else {}
+        items = [self._item(s, rows.get(s.request, -1)) for s in batch]
+        logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        _advance(batch)
+        self._cache_blocks(batch)
+        requests = [s.request for s in batch if s.samples]
+        out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
+                                                                          None, None, None)
+        for request in requests:
+            request.num_placeholders += 1
+        num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
+        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, out.token_ids, num_top,
+                            *self.copies.start(_packed(out)))
+
+    def collect(self, step: StepInFlight | Verification) -> list[StepResult]:
+        """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
+        step before, an abort) takes none: never an extra token."""
+        if isinstance(step, Verification):
+            return self._finish(step)
+        if step.copied is not None:
+            step.copied.synchronize()
+        token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
+        results = []
+        for request, token, lp in zip(step.requests, token_ids, logprobs):
+            request.num_placeholders -= 1
+            if not request.is_finished:
+                results.append(_append_one(request, token, lp))
+        return results
+
+    def _start(self, batch: list[ScheduledRequest]) -> Verification:
+        """Drafts, then the target's pass; the logits wait in the Verification."""
         spec = [s for s in batch if s.num_spec_slots]
         proposal = self.speculator.propose(spec, self.pool) if spec else None
         drafts = proposal.device_drafts if proposal is not None else None
@@ -64,57 +177,76 @@ class StepExecutor:
             logits = self.runner.forward(items, device_tokens=drafts)
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
-        sampled = [s for s in batch if s.samples]
-        for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
+        _advance(batch)
+        return Verification(batch, spec, proposal, logits, hidden)
+
+    def _finish(self, step: Verification) -> list[StepResult]:
+        """Sample or verify; the requests that have ended since the step was launched take nothing."""
+        sampled = [s for s in step.batch if s.samples]
         if any(s.draft_token_ids for s in sampled):
             target_ids = None
-            if drafts is not None:  # one copy to the host brings the drafts and, if greedy, the target's picks
-                target_ids = _learn_drafts(spec, drafts, logits if self._greedy_verify(sampled) else None)
-            results = self._verify(logits, sampled, proposal.draft_probs, target_ids)
-            self.speculator.observe(sampled, [r.num_accepted for r in results], hidden)
+            if step.proposal.device_drafts is not None:  # one copy brings the drafts and, if greedy, the target's picks
+                target_ids = _learn_drafts(step.spec, step.proposal.device_drafts,
+                                           step.logits if self._greedy_verify(sampled) else None)
+            results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden)
         else:
-            results = self._sample(logits, sampled)
-        for s in batch:
-            self.pool.cache_full_blocks(s.request, s.request.num_computed_tokens)
+            results = self._sample(step.logits, sampled)
+        self._cache_blocks(step.batch)
         return results
 
+    def _cache_blocks(self, batch: list[ScheduledRequest]) -> None:
+        """Put the blocks the step filled into the prefix cache, up to the tokens the host knows."""
+        for s in batch:
+            if not s.request.is_finished:
+                self.pool.cache_full_blocks(s.request, min(s.request.num_computed_tokens, s.request.num_tokens))
+
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
-        """first_logit: the position from which on every token's logits are wanted (prompt logprobs)."""
+        """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
+        of the step in flight). first_logit: the position from which on every token's logits are wanted (prompt
+        logprobs)."""
         request = s.request
         start = request.num_computed_tokens
-        tokens = request.all_token_ids[start:start + s.num_new_tokens] + s.draft_token_ids
+        known = request.all_token_ids[start:start + s.num_new_tokens]
+        num_placeholders = s.num_new_tokens - len(known)
+        assert not (num_placeholders and s.draft_token_ids) and (device_row >= 0 or not num_placeholders)
+        tokens = known + [0] * num_placeholders + s.draft_token_ids
         num_logits = 1 + len(s.draft_token_ids) if s.samples else 0
         if first_logit is not None:
             num_logits = max(num_logits, start + s.num_new_tokens - first_logit)
+        num_device_tokens = (len(s.draft_token_ids) or num_placeholders) if device_row >= 0 else 0
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
-                           len(s.draft_token_ids) if device_row >= 0 else 0)
+                           num_device_tokens)
 
     @staticmethod
     def _greedy_verify(sampled: list[ScheduledRequest]) -> bool:
         return all(plain_greedy(s.request) and s.request.guide is None for s in sampled)
 
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it."""
+        guides = [r.guide for r in requests]
+        if all(plain_greedy(r) and not r.params.logprobs and g is None for r, g in zip(requests, guides)):
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        rows = sampling_rows(requests, self.vocab_size, self.device)
+        if any(g is not None for g in guides):
+            rows.token_bitmask = self.masks.for_requests(guides)
+        return self.sampler(logits, rows)
+
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> list[StepResult]:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        guides = [r.guide for r in requests]
-        if all(plain_greedy(r) and not r.params.logprobs and g is None for r, g in zip(requests, guides)):
-            return [_append_one(r, token) for r, token in zip(requests, logits.argmax(dim=-1).tolist())]
-        rows = sampling_rows(requests, self.vocab_size, self.device)
-        if any(g is not None for g in guides):
-            rows.token_bitmask = self.masks.for_requests(guides)
-        out = self.sampler(logits, rows)
+        out = self._draw(logits, requests)
         token_ids = out.token_ids.tolist()
         logprobs = _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids) \
             if out.logprobs is not None else [None] * len(requests)
-        for guide, token in zip(guides, token_ids):
-            if guide is not None:
-                guide.accept([token])
-        return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)]
+        for request, token in zip(requests, token_ids):
+            if request.guide is not None:
+                request.guide.accept([token])
+        return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)
+                if not request.is_finished]
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
-                target_ids: list[int] | None = None) -> list[StepResult]:
+                target_ids: list[int] | None, hidden: torch.Tensor | None) -> list[StepResult]:
         requests = [s.request for s in sampled]
         if self._greedy_verify(sampled):
             # Greedy verification is an argmax comparison: one argmax over every verified position,
@@ -138,14 +270,16 @@ class StepExecutor:
         results, row = [], 0
         for s, n, token in zip(sampled, num_accepted, next_tokens):
             request = s.request
-            new_tokens = request.accept_drafts(s.draft_token_ids, n, token)
-            lps = None
-            if wants_logprobs and request.params.logprobs:
-                idx = torch.arange(row, row + len(new_tokens), device=logits.device)
-                chosen = torch.tensor(new_tokens, device=logits.device)
-                lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
-            results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
+            if not request.is_finished:
+                new_tokens = request.accept_drafts(s.draft_token_ids, n, token)
+                lps = None
+                if wants_logprobs and request.params.logprobs:
+                    idx = torch.arange(row, row + len(new_tokens), device=logits.device)
+                    chosen = torch.tensor(new_tokens, device=logits.device)
+                    lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
+                results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
             row += 1 + len(s.draft_token_ids)
+        self.speculator.observe(sampled, num_accepted, hidden)
         return results
 
     def _draft_masks(self, rows, sampled: list[ScheduledRequest]) -> list[int]:
@@ -192,6 +326,34 @@ def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: to
         start = offset + r * width
         s.draft_token_ids = values[start:start + len(s.draft_token_ids)]
     return None if picks is None else values[:offset]
+
+
+def _advance(batch: list[ScheduledRequest]) -> None:
+    for s in batch:
+        s.request.num_computed_tokens += s.num_new_tokens
+
+
+def _samples_on_device(request: Request) -> bool:
+    """Whether the request's next token can be drawn, and the one after it prepared, without the host
+    knowing the tokens in flight (see StepExecutor.can_defer)."""
+    return request.guide is None and not has_penalty(request.params)
+
+
+def _packed(out: SamplerOutput) -> torch.Tensor:
+    """The tokens, or [N, 2 + 2 * top] tokens, chosen logprobs, top logprobs and their ids: what the host
+    reads of a launched step, in one int64 tensor (logprobs as the bits of float64s), for one copy."""
+    if out.logprobs is None:
+        return out.token_ids
+    return torch.cat([out.token_ids.unsqueeze(1), out.logprobs.double().unsqueeze(1).view(torch.long),
+                      out.top_logprobs.double().view(torch.long), out.top_token_ids], dim=1)
+
+
+def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list]:
+    """_packed's tokens and, where it holds them, their TokenLogprobs (else Nones)."""
+    if num_top is None:
+        return host.tolist(), [None] * len(host)
+    values = host[:, 1:2 + num_top].view(np.float64)
+    return host[:, 0].tolist(), _logprob_lists(host[:, 0], values[:, 0], values[:, 1:], host[:, 2 + num_top:])
 
 
 def _append_one(request: Request, token: int, logprob: TokenLogprob | None = None) -> StepResult:

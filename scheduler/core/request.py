@@ -37,6 +37,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Output tokens sampled in a step still in flight: the device holds them, the host learns them a step later.
+    num_placeholders: int = 0
     speculative: bool = True  # may this request speculate (when the engine does)
     max_draft_tokens: int | None = None  # per-request cap on k
     num_draft_tokens: int = 0  # drafts verified so far
@@ -70,6 +72,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """The tokens the scheduler plans with: the known ones and those still in flight."""
+        return len(self.all_token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:

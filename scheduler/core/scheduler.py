@@ -17,15 +17,16 @@ from scheduler.core.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # known tokens to compute (drafts not counted)
+    num_new_tokens: int  # tokens to compute, a placeholder among them (drafts not counted)
     num_spec_slots: int = 0  # KV slots reserved for draft tokens to verify this step
     draft_token_ids: list[int] = field(default_factory=list)  # filled by the proposer, at most num_spec_slots
-    # Whether this step reaches the end of the known tokens, so the next one is sampled.
+    # Whether this step reaches the end of the tokens (placeholders included), so the next one is sampled.
     # Fixed when scheduled: the engine advances num_computed_tokens afterwards.
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        request = self.request
+        self.samples = request.num_computed_tokens + self.num_new_tokens == request.num_tokens_with_placeholders
 
 
 @dataclass
@@ -88,8 +89,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            decoding = request.num_tokens - request.num_computed_tokens == 1
+            if 0 < request.max_total_tokens <= request.num_tokens_with_placeholders:
+                i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
+                continue
+            # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
+            # allocated for it, and its id comes from the device.
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
+            decoding = request.num_tokens_with_placeholders - request.num_computed_tokens == 1
             num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding else 0
             if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
@@ -110,6 +116,7 @@ class Scheduler:
         self.waiting.sort(key=lambda r: self._rank(r, now))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            assert not request.num_placeholders, "a preempted request's step in flight ends before it is admitted"
             # A forked completion already holds its prompt's shared blocks; any other request looks in the cache,
             # but for one collecting prompt logprobs, which need the logits of every prompt position.
             num_cached = self.pool.num_held_tokens(request)

@@ -15,12 +15,17 @@ def has_penalty(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
+def num_outputs(request: Request) -> int:
+    """Output tokens before the one sampled next: those in flight count, though the host has not read them."""
+    return request.num_output_tokens + request.num_placeholders
+
+
 def plain_greedy(request: Request) -> bool:
     """Greedy, and nothing changes the logits it takes the argmax of (penalties, logit_bias, tokens
     blocked by min_tokens): its next token is the argmax of the raw logits, and so is every verified one."""
     params = request.params
     return params.greedy and not has_penalty(params) and not params.logit_bias and not blocked_ids(
-        request, request.num_output_tokens)
+        request, num_outputs(request))
 
 
 def positions_differ(request: Request) -> bool:
@@ -28,7 +33,7 @@ def positions_differ(request: Request) -> bool:
     the drafts before it, min_tokens may block stops at some positions only, and a grammar allows what
     follows the drafts before it."""
     return request.guide is not None or has_penalty(request.params) or bool(
-        blocked_ids(request, request.num_output_tokens))
+        blocked_ids(request, num_outputs(request)))
 
 
 def sampling_rows(requests: list[Request], vocab_size: int, device: torch.device,
@@ -46,7 +51,7 @@ def sampling_rows(requests: list[Request], vocab_size: int, device: torch.device
             drafted = drafts[j][:i] if drafts is not None else []
             outputs.append(request.output_token_ids + drafted if penalised else [])
             generators.append(request.generator if drafts is None else None)
-            blocked.append(blocked_ids(request, request.num_output_tokens + i))
+            blocked.append(blocked_ids(request, num_outputs(request) + i))
     return SamplingBatch.build(params, prompts, outputs, generators, blocked, vocab_size, device)
 
 
