@@ -1,6 +1,8 @@
 """Offline throughput and latency on a GPU, random weights of real model shapes: HF generate() in static batches,
-HF generate_batch() (continuous batching) and our engine in one process, plus our batch-1 time per output token
-and the time to first token of a 512-token prompt on an idle engine.
+HF generate_batch() (continuous batching) and our engine in one process, vLLM (when it imports) in a process of
+its own on the same prompts, plus batch-1 time per output token, the time to first token of a 512-token prompt
+on an idle engine, and how far each is from the card's limits (weight bytes over memory bandwidth for batch-1
+decode; matmul FLOPs over peak for the throughput workload), computed from the shape.
 
     PYTHONPATH=. python3 -m bench.offline_gpu [--shapes smollm2-135m,llama-1b] [--engine-kwargs '{...}']
 """
@@ -19,6 +21,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench import vllm_peer
 from bench.offline_common import (
     ENGINE,
     HF_CONTINUOUS,
@@ -46,12 +49,17 @@ SHAPES = {  # LlamaConfig fields; no weights are read, both sides initialise the
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
                      head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+                     head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=2048),
 }
 # Issue #5: throughput >= 10x HF generate_batch(), batch-1 decode and idle-engine TTFT of a 512-token prompt.
 TARGETS = {"smollm2-135m": dict(speedup=10.0, decode_ms=1.5, ttft_ms=15.0),
            "llama-1b": dict(speedup=10.0, decode_ms=2.0, ttft_ms=15.0)}
+# Memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) of the cards these runs meet, from their data sheets.
+CARDS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}
 BATCH1_PROMPT, TTFT_PROMPT = 128, 512
 ENGINE_RUNS, HF_BATCH1_RUNS, TTFT_RUNS = 3, 1, 5  # medians; an HF batch-1 run of 256 tokens takes ~10 s
 
@@ -68,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate()")
     p.add_argument("--hf-max-batch-tokens", type=int, default=None,
                    help="generate_batch()'s token budget per step (default: its own choice from GPU memory)")
+    p.add_argument("--skip-vllm", action="store_true", help="leave vLLM out even when it imports")
+    p.add_argument("--vllm-kwargs", type=json.loads, default={}, help="JSON of extra vllm.LLM options")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--engine-kwargs", type=json.loads, default={},
                    help='JSON of extra EngineConfig options, e.g. \'{"max_num_batched_tokens": 4096}\'')
@@ -152,9 +162,33 @@ def measure_peer(name: str, generate: Generate, prompts: list[list[int]], output
     return dict(row, requests=len(prompts))
 
 
+def row_len(args: argparse.Namespace) -> int:
+    """max_model_len of every engine: the longest prompt of any measurement plus its output."""
+    return max(args.max_prompt, BATCH1_PROMPT, TTFT_PROMPT) + args.output_len
+
+
+def limits(shape: str, prompts: list[list[int]], args: argparse.Namespace, device: torch.device) -> dict | None:
+    """The card's floor for this shape: batch-1 decode reads every weight once per token; the throughput
+    workload does 2 FLOPs per layer weight per token, prompt and output, and the LM head's for each output token
+    (attention's own FLOPs left out, so a floor)."""
+    card = next((CARDS[k] for k in CARDS if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    if card is None:
+        return None
+    bandwidth, peak = card
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(shape)).parameters())
+    weight_bytes = params * torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
+    config = SHAPES[shape]
+    embedding = config["vocab_size"] * config["hidden_size"]
+    layer_params = params - embedding * (1 if config.get("tie_word_embeddings") else 2)
+    output_tokens = len(prompts) * args.output_len
+    flops = 2 * layer_params * (sum(len(p) for p in prompts) + output_tokens) + 2 * embedding * output_tokens
+    return dict(bandwidth_bytes_s=bandwidth, peak_flops=peak, params=params, weight_bytes=weight_bytes,
+                decode_ms=1e3 * weight_bytes / bandwidth, throughput_s=flops / peak)
+
+
 def run_engine(args: argparse.Namespace, shape: str, prompts: list[list[int]]) -> tuple[dict, dict, dict]:
-    longest = max(args.max_prompt, BATCH1_PROMPT, TTFT_PROMPT) + args.output_len
-    options = dict(load_format="dummy", dtype=args.dtype, max_model_len=longest, **args.engine_kwargs)
+    options = dict(load_format="dummy", dtype=args.dtype, max_model_len=row_len(args), **args.engine_kwargs)
     llm = LLM(model=model_config(shape), **options)
     generate = engine(llm)
     row, _ = measure(ENGINE, generate, prompts, args.output_len)
@@ -173,8 +207,16 @@ def run_shape(args: argparse.Namespace, shape: str, device: torch.device) -> dic
     row, batch1_rows[ENGINE], ttft_row = run_engine(args, shape, prompts)
     free_memory()
     rows.append(row)
+    if vllm_peer.available() and not args.skip_vllm:
+        peer = vllm_peer.run(dict(config=SHAPES[shape], dtype=args.dtype, max_model_len=row_len(args), seed=args.seed,
+                                  num_requests=args.num_requests, min_prompt=args.min_prompt,
+                                  max_prompt=args.max_prompt, output_len=args.output_len, batch1_prompt=BATCH1_PROMPT,
+                                  batch1_runs=ENGINE_RUNS, vllm_kwargs=args.vllm_kwargs))
+        rows.append(peer.get("row") or dict(system=vllm_peer.VLLM, requests=args.num_requests, error=peer["error"]))
+        if "batch1" in peer:
+            batch1_rows[vllm_peer.VLLM] = peer["batch1"]
     result = dict(config=SHAPES[shape], systems=rows, speedup=speedups(rows), batch1=batch1_rows, ttft=ttft_row,
-                  seconds=time.perf_counter() - started)
+                  seconds=time.perf_counter() - started, limits=limits(shape, prompts, args, device))
     continuous = next((r for r in rows if r["system"] == HF_CONTINUOUS and "error" not in r), None)
     if continuous is not None:
         serving_tok_s = continuous["output_tokens"] / (continuous["seconds"] - continuous["setup_s"])
@@ -227,6 +269,14 @@ def shape_markdown(name: str, r: dict) -> list[str]:
     for system, b in r["batch1"].items():
         lines.append(f"| {system} | {b['runs']} | {b['ms_per_token']:.2f} | {b['decode_ms_per_token']:.2f} | "
                      f"{b['first_token_ms']:.1f} |")
+    if r.get("limits"):
+        lim, ours = r["limits"], next(s for s in r["systems"] if s["system"] == ENGINE)
+        lines += ["", f"Limits of the card for this shape ({lim['params'] / 1e9:.2f} B parameters, "
+                      f"{lim['weight_bytes'] / 1e9:.2f} GB of weights): batch-1 decode "
+                      f"{lim['decode_ms']:.2f} ms/token at {lim['bandwidth_bytes_s'] / 1e12:.2f} TB/s, ours at "
+                      f"{lim['decode_ms'] / r['batch1'][ENGINE]['decode_ms_per_token']:.0%} of it; the throughput "
+                      f"workload's matmuls {lim['throughput_s']:.2f} s at {lim['peak_flops'] / 1e12:.0f} TFLOP/s, "
+                      f"ours at {lim['throughput_s'] / ours['seconds']:.0%} of it."]
     t = r["ttft"]
     lines += ["", f"TTFT of a {t['prompt_len']}-token prompt on an idle engine (beastserve, max_tokens=1, median of "
                   f"{t['runs']}): {t['median_ms']:.2f} ms (min {t['min_ms']:.2f}, max {t['max_ms']:.2f})."]

@@ -75,3 +75,15 @@ def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     assert failed["error"] == "RuntimeError: CUDA out of memory"
     assert set(tiny["speedup"]) == {HF_STATIC} and "speedup_vs_generate_batch_without_setup" not in tiny
     assert "failed: RuntimeError: CUDA out of memory" in out.with_suffix(".md").read_text()
+
+
+def test_device_busy_time_is_the_union_of_overlapping_intervals():
+    from bench.gpu_profile import busy_time
+
+    # Two overlapping kernels (0-4 and 2-6 ms), one nested in the first (1-2), a gap, then 8-10: busy 8 of 10 ms.
+    ms = 1_000_000
+    result = busy_time([(8 * ms, 10 * ms), (0, 4 * ms), (2 * ms, 6 * ms), (1 * ms, 2 * ms)])
+    assert result["kernels"] == 4
+    assert result["busy_ms"] == pytest.approx(8.0) and result["span_ms"] == pytest.approx(10.0)
+    assert result["idle_fraction"] == pytest.approx(0.2)
+    assert busy_time([])["idle_fraction"] is None
