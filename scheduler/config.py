@@ -16,9 +16,10 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 SPECULATIVE_METHODS = ("off", *PROPOSERS)
 
 
-def option(default, help: str, choices: tuple | None = None, **kwargs):
-    """A config field with the help text (and choices) its command-line flag shows."""
-    metadata = {"help": help, **({"choices": choices} if choices else {})}
+def option(default, help: str, choices: tuple | None = None, unset: str | None = None, **kwargs):
+    """A config field with the help text (and choices) its command-line flag shows; unset: what the
+    flag's help shows as its default when that is None."""
+    metadata = {"help": help, **({"choices": choices} if choices else {}), **({"unset": unset} if unset else {})}
     return field(default=default, metadata=metadata, **kwargs)
 
 
@@ -46,8 +47,10 @@ class EngineConfig:
     overlap_scheduling: bool = option(True, "schedule and prepare the next step while the device runs this one, "
                                       "sampled tokens feeding it on the device (off: every step waits for its "
                                       "tokens; for debugging)")
-    max_num_batched_tokens: int = option(2048, "token budget of one engine step")
-    max_num_seqs: int = option(256, "most sequences running at once")
+    max_num_batched_tokens: int | None = option(None, "token budget of one engine step: 2048 on CPU, on a GPU up "
+                                                "to 16384 (table in the README)", unset="chosen from the device")
+    max_num_seqs: int | None = option(None, "most sequences running at once: 256 on CPU, on a GPU up to 1024 "
+                                      "(table in the README)", unset="chosen from the device")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompt prefixes seen before")
     priority_aging_s: float = option(10.0, "every this many seconds of waiting lowers a request's priority value "
                                      "by one, so low-priority work is never starved")
@@ -66,7 +69,9 @@ class EngineConfig:
                                           "fails the engine (the daemon uses at most --stall-timeout)")
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
+        # None: chosen from the device when the engine starts (scheduler/device_defaults.py).
+        step_limits = [name for name in ("max_num_batched_tokens", "max_num_seqs") if getattr(self, name) is not None]
+        for name in ("block_size", *step_limits, "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -118,7 +118,8 @@ class Daemon:
         with phases("engine"):
             # A collective waiting on a lost tensor-parallel rank fails within the stall timeout.
             timeout = min(config.engine.distributed_timeout_s, config.stall_timeout)
-            engine = await asyncio.to_thread(Engine, replace(config.engine, distributed_timeout_s=timeout))
+            engine = await asyncio.to_thread(Engine, replace(config.engine, distributed_timeout_s=timeout),
+                                             serving=True)
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)

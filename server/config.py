@@ -100,7 +100,8 @@ def _add_args(parser: argparse.ArgumentParser, options, env) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         raw = _env_value(f.name, env)
         value = default if raw is None else _parse_env(f.name, raw, kind)
-        help_text = f"{f.metadata.get('help', '')} [{_env_names(f.name)}; default: %(default)s]"
+        shown = f.metadata["unset"] if value is None and "unset" in f.metadata else "%(default)s"
+        help_text = f"{f.metadata.get('help', '')} [{_env_names(f.name)}; default: {shown}]"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         else:

@@ -111,7 +111,7 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
             active_requests=len(self.state.in_flight), is_paused=False, last_receive_timestamp=self.last_receive,
             uptime_seconds=time.time() - self.started, server_type=SERVER_TYPE, data_parallel_size=1,
             kv_cache_dtype="auto", block_size=config.block_size, model_dtype=str(engine.dtype),
-            max_num_seqs=config.max_num_seqs)
+            max_num_seqs=engine.config.max_num_seqs)
 
     async def GetLoads(self, request, context):
         async_engine = await self.engine(context)
@@ -123,8 +123,8 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
             num_used_tokens=pool.num_used_blocks * pool.block_size, max_total_num_tokens=engine.kv_capacity_tokens,
             token_usage=pool.num_used_blocks / pool.num_blocks, gen_throughput=async_engine.generation_tokens_per_s(),
             cache_hit_rate=pool.prefix_hit_tokens / queried if queried else 0.0,
-            utilization=engine.num_running / self.state.config.engine.max_num_seqs,
-            max_running_requests=self.state.config.engine.max_num_seqs,
+            utilization=engine.num_running / engine.config.max_num_seqs,
+            max_running_requests=engine.config.max_num_seqs,
             num_waiting_uncached_tokens=engine.num_waiting_prompt_tokens)
         return vpb.GetLoadsResponse(timestamp=datetime.now(timezone.utc).isoformat(), version=VERSION,
                                     dp_rank_count=1, loads=[load])

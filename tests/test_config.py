@@ -24,7 +24,8 @@ def test_every_engine_field_is_a_serve_flag_with_help_and_the_same_default():
     for f in engine_fields:
         action = actions[f.name]
         assert f.metadata["help"] and f.metadata["help"] in action.help, f.name
-        assert "BEASTSERVE_" + f.name.upper() in action.help and "%(default)s" in action.help
+        shown = f"default: {f.metadata['unset']}]" if "unset" in f.metadata else "default: %(default)s]"
+        assert "BEASTSERVE_" + f.name.upper() in action.help and action.help.endswith(shown), f.name
         assert action.default == f.default, f.name
     assert parse([]).engine == EngineConfig()
 
@@ -46,3 +47,21 @@ def test_engine_values_reach_the_engine_config_and_errors_name_the_flag():
     assert parse([], {"BEASTSERVE_NUM_SPECULATIVE_TOKENS": "3"}).engine.num_speculative_tokens == 3
     with pytest.raises(ValueError, match=r"^--max-num-seqs must be an integer >= 1, got 0$"):
         parse(["--max-num-seqs", "0"])
+
+
+def test_step_limits_are_unset_by_default_and_take_ints_from_flags_and_the_environment():
+    assert (parse([]).engine.max_num_seqs, parse([]).engine.max_num_batched_tokens) == (None, None)
+    config = parse(["--max-num-seqs", "64", "--max-num-batched-tokens", "4096"]).engine
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (64, 4096)
+    config = parse([], {"BEASTSERVE_MAX_NUM_SEQS": "32", "BEASTSERVE_MAX_NUM_BATCHED_TOKENS": "512"}).engine
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (32, 512)
+    with pytest.raises(ValueError, match="BEASTSERVE_MAX_NUM_SEQS='many' is not a valid int"):
+        parse([], {"BEASTSERVE_MAX_NUM_SEQS": "many"})
+
+
+def test_help_names_what_an_unset_step_limit_becomes_and_shows_a_value_from_the_environment():
+    parser = argparse.ArgumentParser()
+    add_server_args(parser, env={"BEASTSERVE_MAX_NUM_BATCHED_TOKENS": "4096"})
+    text = " ".join(parser.format_help().split())
+    assert "[BEASTSERVE_MAX_NUM_SEQS; default: chosen from the device]" in text
+    assert "[BEASTSERVE_MAX_NUM_BATCHED_TOKENS; default: 4096]" in text

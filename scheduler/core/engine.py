@@ -26,6 +26,7 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import Scheduler
 from scheduler.core.stopping import first_stop
+from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt
 from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
@@ -56,21 +57,23 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, *, serving: bool = False, **kwargs):
+        """serving: the daemon drives this engine (unset step limits are chosen for streaming latency)."""
         config = config or EngineConfig(**kwargs)
         # Tensor parallelism: the other ranks start loading their shards while this process loads its own.
         self.ranks = Ranks(config) if config.tensor_parallel_size > 1 else None
         try:
-            self._build(config)
+            self._build(config, serving)
         except BaseException:
             self.shutdown()
             raise
 
-    def _build(self, config: EngineConfig) -> None:
-        self.config = config
+    def _build(self, config: EngineConfig, serving: bool) -> None:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         target = load_target(config, self.dtype, self.device, self.ranks)
+        # Everything below reads the step limits as plain ints: the config's own, else the device's.
+        self.config = config = resolve_engine_config(config, self.device, target.model, serving)
         self.model_config, self.tokenizer, self.model = target.config, target.tokenizer, target.model
         self.sampler = Sampler()
         proposer = build_proposer(ProposerContext(config, target, self.sampler, self.dtype, self.device))
