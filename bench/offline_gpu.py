@@ -204,10 +204,7 @@ def run_shape(args: argparse.Namespace, shape: str, device: torch.device) -> dic
     if not args.skip_hf:
         rows, batch1_rows["HF generate()"] = run_hf(args, shape, prompts[:args.hf_num_requests], device)
         free_memory()
-    row, batch1_rows[ENGINE], ttft_row = run_engine(args, shape, prompts)
-    free_memory()
-    rows.append(row)
-    if vllm_peer.available() and not args.skip_vllm:
+    if vllm_peer.available() and not args.skip_vllm:  # first: its process ends, freeing all it took, before ours
         peer = vllm_peer.run(dict(config=SHAPES[shape], dtype=args.dtype, max_model_len=row_len(args), seed=args.seed,
                                   num_requests=args.num_requests, min_prompt=args.min_prompt,
                                   max_prompt=args.max_prompt, output_len=args.output_len, batch1_prompt=BATCH1_PROMPT,
@@ -215,6 +212,9 @@ def run_shape(args: argparse.Namespace, shape: str, device: torch.device) -> dic
         rows.append(peer.get("row") or dict(system=vllm_peer.VLLM, requests=args.num_requests, error=peer["error"]))
         if "batch1" in peer:
             batch1_rows[vllm_peer.VLLM] = peer["batch1"]
+    row, batch1_rows[ENGINE], ttft_row = run_engine(args, shape, prompts)
+    free_memory()
+    rows.append(row)
     result = dict(config=SHAPES[shape], systems=rows, speedup=speedups(rows), batch1=batch1_rows, ttft=ttft_row,
                   seconds=time.perf_counter() - started, limits=limits(shape, prompts, args, device))
     continuous = next((r for r in rows if r["system"] == HF_CONTINUOUS and "error" not in r), None)
