@@ -17,7 +17,11 @@ from tests.daemon import Daemon
 MAX_MODEL_LEN = 4096
 PROMPT_IDS = list(range(1, 13))
 NUM_STREAMS = 8
-TIMEOUT = 60  # client-side guard on every call: a hang fails as DEADLINE_EXCEEDED
+# Drains that must let every call finish get far more time than the calls need: on a busy 2-core CPU a
+# 4084-token stream that takes ~5 s alone takes ~20 s. A drain that wrongly stops early still ends them within
+# the server's 2 s grace, long before this.
+DRAIN_TIMEOUT = 120
+TIMEOUT = DRAIN_TIMEOUT + 60  # client-side guard on every call: a hang fails as DEADLINE_EXCEEDED
 KV_CACHE = ("--kv-cache-bytes", str(32 << 20))  # room for every request at full length, allocated in no time
 
 
@@ -103,7 +107,7 @@ def wait_until_not_ready(daemon: Daemon, timeout: float = 10) -> None:
 
 
 def test_sigterm_drops_readiness_refuses_new_calls_and_lets_in_flight_calls_finish(start_daemon):
-    daemon = start_daemon("--drain-timeout", "20")
+    daemon = start_daemon("--drain-timeout", str(DRAIN_TIMEOUT))
     max_tokens = 800
     with daemon.channel() as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
@@ -152,7 +156,7 @@ def test_drain_timeout_ends_unfinished_calls_unavailable(start_daemon):
 
 
 def test_a_refused_duplicate_request_id_does_not_hide_the_live_call_from_the_drain(start_daemon):
-    daemon = start_daemon("--drain-timeout", "20")
+    daemon = start_daemon("--drain-timeout", str(DRAIN_TIMEOUT))
     max_tokens = MAX_MODEL_LEN - len(PROMPT_IDS)  # runs several seconds alone, longer than the server's 2 s grace
     with daemon.channel() as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
@@ -168,3 +172,6 @@ def test_a_refused_duplicate_request_id_does_not_hide_the_live_call_from_the_dra
     assert stream.code == grpc.StatusCode.OK
     assert stream.num_tokens == max_tokens
     assert daemon.proc.wait(timeout=30) == 0
+    # The drain counted the live call, whatever the machine's speed: had the refusal dropped it, the drain
+    # would have found nothing to wait for.
+    assert "draining 1 in-flight requests" in daemon.log()
