@@ -127,7 +127,8 @@ def test_outputs_with_graphs_equal_outputs_without(speculative):
     outputs = []
     for eager in (True, False):
         engine = Engine(model=config, load_format="dummy", device="cuda", enforce_eager=eager, max_num_seqs=8,
-                        speculative=speculative, adaptive_speculation=False, kv_cache_bytes=1 << 28)
+                        max_num_batched_tokens=2048, speculative=speculative, adaptive_speculation=False,
+                        kv_cache_bytes=1 << 28)
         assert (engine.runner.graphs is None) == eager
         outputs.append([o.token_ids for o in run_engine(engine, prompts, params, arrive_every=2)])
         if not eager:  # decode steps and steps with prompt chunks both replayed graphs
@@ -142,7 +143,7 @@ def test_draft_model_runs_through_graphs(tiny_model_dir):
     path, model = tiny_model_dir
     prompts = random_prompts(model.config.vocab_size)
     engine = Engine(model=str(path), device="cuda", dtype="float32", speculative="draft", draft_model=str(path),
-                    adaptive_speculation=False, max_num_batched_tokens=64)
+                    adaptive_speculation=False, max_num_batched_tokens=64, max_num_seqs=256)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=24), arrive_every=1)
     graphs = engine.speculator.proposer.runner.graphs
     num_chains = len(graphs.sizes) * (engine.config.num_speculative_tokens - 1)
