@@ -25,7 +25,10 @@ from scheduler.worker.packing import ForwardItem, fill_block_tables, positions_a
 log = logging.getLogger(__name__)
 
 GRAPH_MAX_CONTEXT = 8192  # longer sequences run eagerly: every replay uploads block tables this wide
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Batch-size buckets up to max_num_seqs (1024 by default on a big GPU): a batch pads to the next one, at most
+# about a quarter more past 256.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+                     1024)
 # Steps with prompt chunks replay graphs bucketed by their total tokens and (coarsely) their sequences.
 MIXED_GRAPH_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 MIXED_GRAPH_SEQS = (4, 16, 64, 256)
