@@ -1,9 +1,11 @@
 """Structured output in the engine: outputs match their schema, regex or choice, with speculation too (and
-greedy outputs equal to speculation off); grammars compile while the request waits in the queue, never in a
-step; drafts the grammar refuses are rejected and the matcher rolls back with them."""
+greedy outputs equal to speculation off), and with overlapped steps as without; grammars compile while the
+request waits in the queue, never in a step; drafts the grammar refuses are rejected and the matcher rolls back
+with them; greedy rows under a grammar take the sampler's tokens without it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -79,7 +81,8 @@ def assert_valid(outputs, cases_) -> None:
             assert out.text in so.choice
 
 
-ENGINES = {"off": {}, "ngram": dict(speculative="ngram"), "draft": dict(speculative="draft")}
+ENGINES = {"off": {}, "ngram": dict(speculative="ngram"), "draft": dict(speculative="draft"),
+           "sync": dict(overlap_scheduling=False)}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,83 @@ def test_sampled_outputs_are_valid_with_and_without_speculation(llms, mode):
     # Not json_object: any JSON, with any whitespace, need not close within MAX_TOKENS when sampled.
     c = cases(temperature=0.7)[:-1][::4]
     assert_valid(llms(mode).chat([m for m, _ in c], [p for _, p in c]), c)
+
+
+def test_overlapped_steps_give_the_synchronous_loops_outputs(llms, greedy_off):
+    """The masks of a launched step are filled once the host has read the tokens in flight: greedy, sampled
+    and logprob-carrying constrained requests, grammars completing mid-batch among them, get what the
+    synchronous loop gives them, and their steps overlap."""
+    overlapped, sync = llms("off"), llms("sync")
+    c = cases()
+    assert [o.token_ids for o in sync.chat([m for m, _ in c], [p for _, p in c])] == \
+        [o.token_ids for o in greedy_off]
+    mixed = cases()[::3] + cases(temperature=0.7)[:-1][::4]
+    mixed += [(m, dataclasses.replace(p, logprobs=2)) for m, p in cases()[2::6]]
+    before = overlapped.engine.num_overlapped_steps
+    outputs = overlapped.chat([m for m, _ in mixed], [p for _, p in mixed])
+    assert overlapped.engine.num_overlapped_steps > before and sync.engine.num_overlapped_steps == 0
+    reference = sync.chat([m for m, _ in mixed], [p for _, p in mixed])
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+    # A launched step also computes the rows of requests that ended in the step before: the batches differ
+    # in shape, so the logits in their last bits.
+    for out, ref in zip(outputs, reference):
+        assert (out.logprobs is None) == (ref.logprobs is None)
+        for mine, theirs in zip(out.logprobs or [], ref.logprobs or []):
+            assert [t for t, _ in mine.top] == [t for t, _ in theirs.top]
+            assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+    assert_valid(outputs, mixed)
+    assert_pool_idle(overlapped.engine)
+
+
+def test_greedy_rows_under_a_grammar_take_the_samplers_tokens(llms):
+    """TokenMasks.argmax (greedy rows, no sampling rows) picks what the sampler picks from the same masks, for
+    rows constrained at different points of their grammars and rows without one; the masks change some picks."""
+    from scheduler.sampling.batch import SamplingBatch
+    from scheduler.sampling.sampler import Sampler
+    from scheduler.structured.guide import Guide, TokenMasks
+
+    engine = llms("off").engine
+    tokenizer, vocab_size, cpu = engine.tokenizer, engine.vocab_size, torch.device("cpu")
+    prefixes = [(StructuredOutputsParams(json=s), '{"' if i % 2 else "") for i, s in enumerate(SCHEMAS[:6])]
+    prefixes += [(StructuredOutputsParams(regex=REGEXES[0]), "abc"),
+                 (StructuredOutputsParams(choice=CHOICES[2]), "Par")]
+    guides = []
+    for so, prefix in prefixes:
+        guide = Guide(engine.grammars.submit(so).result())
+        guide.accept(tokenizer.encode(prefix))
+        assert guide.end is None
+        guides += [guide, None]
+    masks = TokenMasks(vocab_size, cpu)
+    logits = torch.randn(len(guides), vocab_size, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0)] * len(guides)
+    batch = SamplingBatch.build(params, [[]] * len(guides), [[]] * len(guides), [None] * len(guides),
+                                [[]] * len(guides), vocab_size, cpu)
+    batch.token_bitmask = masks.for_requests(guides).clone()
+    sampled = Sampler()(logits.clone(), batch).token_ids
+    picked = masks.argmax(logits.clone(), guides)
+    assert torch.equal(picked, sampled)
+    assert torch.equal(picked[1::2], logits[1::2].argmax(dim=-1))  # rows without a grammar
+    assert not torch.equal(picked[::2], logits[::2].argmax(dim=-1))
+
+
+def test_masks_on_the_cpu_are_xgrammars(llms):
+    """The CPU's bulk unpacking of the bits masks exactly what xgrammar's own kernel masks, past the last
+    full word of the vocabulary too."""
+    import xgrammar as xgr
+
+    from scheduler.structured.guide import apply_token_bitmask
+
+    gen = torch.Generator().manual_seed(1)
+    for vocab_size in (64, 1000, 49152):
+        width = (vocab_size + 31) // 32
+        bitmask = torch.randint(-2**31, 2**31 - 1, (5, width), dtype=torch.int32, generator=gen)
+        bitmask[0] = -1
+        bitmask[1] = 0
+        logits = torch.randn(5, vocab_size, generator=gen)
+        mine, theirs = logits.clone(), logits.clone()
+        apply_token_bitmask(mine, bitmask)
+        xgr.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=vocab_size, backend="cpu")
+        assert torch.equal(mine, theirs) and torch.equal(mine[0], logits[0]) and mine[1].isinf().all()
 
 
 def test_a_request_waits_in_the_queue_while_its_grammar_compiles(llms):

@@ -38,7 +38,8 @@ class StepResult:
 class StepInFlight:
     """A launched step whose sampled tokens the host has not read yet: row i of token_ids (on the
     device) is requests[i]'s; `host` receives them (with their logprobs, num_top a token, where asked),
-    complete once `copied` (None on the CPU) is done."""
+    complete once `copied` (None on the CPU) is done. `results`: its tokens once read, which the next step's
+    launch does early when its grammar masks follow them."""
 
     requests: list[Request]
     rows: dict[Request, int]
@@ -46,6 +47,7 @@ class StepInFlight:
     num_top: int | None
     host: torch.Tensor
     copied: torch.cuda.Event | None
+    results: list[StepResult] | None = None
 
 
 @dataclass
@@ -119,10 +121,12 @@ class StepExecutor:
         this one's (launch). A step with drafts overlaps in part: the next step's positions hang on how many
         drafts are accepted, and drafting reads the token history, so its tokens reach the host before the
         next step is scheduled, but their stop checks, detokenization and streaming wait until the next step
-        is launched. Requests that need the host to know every token before the next step is built make
-        their step synchronous: a grammar (its next mask follows the token), penalties (they read the output
-        history) and prompt logprobs (collected on the host from the chunk's logits). Logprobs of sampled
-        tokens travel with them; min_tokens needs only the count. The choice is made for each step."""
+        is launched. A grammar's next mask follows the token in flight, but only the sampling needs it: the
+        step's forward is launched first, then the host reads the tokens in flight and fills the masks while
+        the device runs it (launch). Requests that need the host to know every token before the next step is
+        built make their step synchronous: penalties (they read the output history) and prompt logprobs
+        (collected on the host from the chunk's logits). Logprobs of sampled tokens travel with them;
+        min_tokens needs only the count. The choice is made for each step."""
         return all(not s.request.needs_prompt_logprobs and (not s.samples or _samples_on_device(s.request))
                    for s in batch)
 
@@ -138,6 +142,8 @@ class StepExecutor:
         _advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
+        if previous is not None and any(r.guide is not None for r in requests):
+            previous.results = self._read(previous)  # the masks follow its tokens; the device runs the forward
         out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
                                                                           None, None, None)
         for request in requests:
@@ -151,6 +157,10 @@ class StepExecutor:
         step before, an abort) takes none: never an extra token."""
         if isinstance(step, Verification):
             return self._finish(step)
+        return step.results if step.results is not None else self._read(step)
+
+    def _read(self, step: StepInFlight) -> list[StepResult]:
+        """Wait for a launched step's tokens and append them (a grammar takes its request's too)."""
         if step.copied is not None:
             step.copied.synchronize()
         token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
@@ -158,6 +168,8 @@ class StepExecutor:
         for request, token, lp in zip(step.requests, token_ids, logprobs):
             request.num_placeholders -= 1
             if not request.is_finished:
+                if request.guide is not None:
+                    request.guide.accept([token])
                 results.append(_append_one(request, token, lp))
         return results
 
@@ -222,12 +234,16 @@ class StepExecutor:
         return all(plain_greedy(s.request) and s.request.guide is None for s in sampled)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it."""
+        """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
+        Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
+        overwritten), without the sampler's rows."""
         guides = [r.guide for r in requests]
-        if all(plain_greedy(r) and not r.params.logprobs and g is None for r, g in zip(requests, guides)):
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        constrained = any(g is not None for g in guides)
+        if all(plain_greedy(r) and not r.params.logprobs for r in requests):
+            token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
+            return SamplerOutput(token_ids, None, None, None)
         rows = sampling_rows(requests, self.vocab_size, self.device)
-        if any(g is not None for g in guides):
+        if constrained:
             rows.token_bitmask = self.masks.for_requests(guides)
         return self.sampler(logits, rows)
 
@@ -335,8 +351,8 @@ def _advance(batch: list[ScheduledRequest]) -> None:
 
 def _samples_on_device(request: Request) -> bool:
     """Whether the request's next token can be drawn, and the one after it prepared, without the host
-    knowing the tokens in flight (see StepExecutor.can_defer)."""
-    return request.guide is None and not has_penalty(request.params)
+    knowing the tokens in flight before the forward is launched (see StepExecutor.can_defer)."""
+    return not has_penalty(request.params)
 
 
 def _packed(out: SamplerOutput) -> torch.Tensor:
