@@ -21,6 +21,21 @@ def _model_cache_in_a_temporary_directory(tmp_path_factory):
     shutil.rmtree(cache_home, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_process():
+    """Here and in every daemon or rank the tests start (they inherit OMP_NUM_THREADS). On a quiet 2-core machine a
+    second thread gains nothing (every file takes as long); beside another torch process (a daemon and its client both
+    computing, a neighbour on a shared runner) each op waits at a barrier for a thread that lost its core:
+    test_parity and test_prompt_options take 22 s instead of 10 s, and beside a heavier neighbour 16 times longer."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    patch.undo()
+
+
 def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     from transformers import AutoConfig
 
