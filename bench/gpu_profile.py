@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, overlap: bool, with_table: bool) -> dict:
     def window(activities) -> tuple[object, list[float], float]:
         step_ms, batched = [], []
         torch.cuda.synchronize()
-        with profile(activities=list(dict.fromkeys(activities))) as prof:
+        with profile(activities=activities) as prof:
             for _ in range(args.window):
                 if not engine.has_unfinished:
                     break

@@ -21,7 +21,11 @@ class Guide:
         self.complete = False  # the grammar accepted a stop token (rather than refused one)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        """What the grammar allows next, into bitmask's row. An ended guide leaves the row as it is: its request
+        stopped on a token read after this step was scheduled, the row's token is dropped, and a terminated
+        matcher has no next mask."""
+        if self.end is None:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_ids: list[int]) -> None:
         """The step's new output tokens; those after the end are ignored (the request stops there)."""
@@ -113,10 +117,8 @@ class TokenMasks:
     def _fill(self, guides: list[Guide | None]) -> torch.Tensor:
         host = self.rows(len(guides))
         for row, guide in enumerate(guides):
-            # An ended guide's row is computed in a launched step and dropped (its matcher may have terminated,
-            # when it has no next mask): it stays all-allowed.
-            if guide is not None and guide.end is None:
-                guide.matcher.fill_next_token_bitmask(host, row)
+            if guide is not None:
+                guide.fill(host, row)
         return host
 
 
