@@ -48,14 +48,17 @@ class EngineCalls:
             async for output in engine.generate(token_ids, params, request_id, priority, **options):
                 if output.finished and output.finish_reason == "abort" and self.state.draining:
                     settled = True
+                    self.state.in_flight.pop(call)
                     await self.fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere")
                 yield output
             settled = True
         except (QueueFullError, EngineDeadError, ValueError) as exc:
             settled = True
+            # The call is over before its status leaves: a client that has its answer never finds it still counted.
+            self.state.in_flight.pop(call)
             await self.fail(context, *self._status_for(exc, request_id))
         finally:
-            del self.state.in_flight[call]
+            self.state.in_flight.pop(call, None)
             if not settled:  # cancelled by the client or its deadline, while waiting or while sending
                 remaining = context.time_remaining()
                 # The client's own timer usually fires a hair before ours: its cancel is the deadline.

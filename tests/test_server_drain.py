@@ -3,12 +3,16 @@ requests finish within --drain-timeout, those still running then end UNAVAILABLE
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import grpc
 import pytest
 
+from scheduler import SamplingParams
+from server.calls import EngineCalls, ServerState
+from server.config import ServerConfig
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc
 from tests.conftest import save_tiny_model, tiny_config
@@ -175,3 +179,39 @@ def test_a_refused_duplicate_request_id_does_not_hide_the_live_call_from_the_dra
     # The drain counted the live call, whatever the machine's speed: had the refusal dropped it, the drain
     # would have found nothing to wait for.
     assert "draining 1 in-flight requests" in daemon.log()
+
+
+class RecordingContext:
+    """A servicer context that notes how many calls the server still counted when a status went out."""
+
+    def __init__(self, state):
+        self.state, self.counted_at_status = state, None
+
+    async def abort(self, code, message):
+        self.counted_at_status = len(self.state.in_flight)
+        raise grpc.aio.AbortError()
+
+    def time_remaining(self):
+        return None
+
+
+class RefusingEngine:
+    alive = True
+
+    async def generate(self, *args, **kwargs):
+        raise ValueError("request_id 'same-id' is already running")
+        yield
+
+
+def test_a_refused_call_is_uncounted_before_its_status_goes_out():
+    """A client that has its refusal may send SIGTERM at once: the drain must not still count the refused call."""
+    state = ServerState(ServerConfig(), engine=RefusingEngine())
+    context = RecordingContext(state)
+
+    async def call():
+        async for _ in EngineCalls(state).run(context, [1, 2], SamplingParams(), "same-id"):
+            pass
+
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(call())
+    assert context.counted_at_status == 0 and not state.in_flight
