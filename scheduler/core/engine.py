@@ -15,12 +15,13 @@ import itertools
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import replace
 
 import torch
 
 from scheduler.config import EngineConfig
+from scheduler.core.admission import Admission, Live
 from scheduler.core.executor import StepExecutor, StepInFlight, StepResult, Verification
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import FinishReason, Request
@@ -29,31 +30,17 @@ from scheduler.core.stopping import first_stop
 from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt
-from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats, TokenLogprob
+from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats
 from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
 from scheduler.structured.compiler import GrammarCompiler, check_grammar
-from scheduler.structured.guide import Guide
 from scheduler.worker.memory import plan_kv_cache
 from scheduler.worker.ranks import LeaderRunner, Ranks, load_target
 from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
-
-
-class _Live:
-    """Engine-side companions of a request: its stream and detokenizer."""
-
-    def __init__(self, request: Request, stream: RequestStream, detokenizer, grammar: Future | None = None):
-        self.request = request
-        self.stream = stream
-        self.detokenizer = detokenizer
-        self.grammar = grammar  # the compiled grammar of a structured request, until it is ready
-        self.num_sent_tokens = 0
-        self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
-        self.prompt_logprobs_sent = request.prompt_logprobs is None
 
 
 class Engine:
@@ -107,11 +94,10 @@ class Engine:
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) \
             if self.tokenizer is not None else None
-        self._compiling: list[list[_Live]] = []  # structured requests waiting for their grammar, in arrival order
-        self._live: dict[str, _Live] = {}  # by each sequence's own id
-        self._groups: dict[str, list[_Live]] = {}  # a request's unfinished completions, by the request's id
-        self._forks: dict[str, tuple[int, list[_Live]]] = {}  # completions waiting to share the first's prompt
-        self._pending_add: list[list[_Live]] = []
+        self._live: dict[str, Live] = {}  # by each sequence's own id
+        self._groups: dict[str, list[Live]] = {}  # a request's unfinished completions, by the request's id
+        self.admission = Admission(self.scheduler, self.pool)
+        self._pending_add: list[list[Live]] = []
         self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
         self._failed: str | None = None
         self._in_flight: StepInFlight | Verification | None = None  # the step launched last, not collected yet
@@ -155,7 +141,7 @@ class Engine:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own) \
                 if self.tokenizer is not None else None
-            lives.append(_Live(request, stream, detokenizer, grammar))
+            lives.append(Live(request, stream, detokenizer, grammar))
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
@@ -195,13 +181,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + sum(len(g) for g in self._pending_add + self._compiling)
+        return len(self.scheduler.waiting) + sum(len(g) for g in self._pending_add + self.admission.compiling)
 
     @property
     def num_waiting_prompt_tokens(self) -> int:
         """Prompt tokens of the requests not started yet: the queued work a load-aware router weighs."""
         with self._lock:
-            pending = [live.request for group in self._pending_add + self._compiling for live in group]
+            pending = [live.request for group in self._pending_add + self.admission.compiling for live in group]
         return sum(r.num_prompt_tokens for r in [*list(self.scheduler.waiting), *pending]
                    if r.num_computed_tokens == 0)
 
@@ -234,10 +220,10 @@ class Engine:
             self.num_overlapped_steps += 1
         elif batch:
             results += self.executor.execute(batch)
-        elif self._compiling:  # nothing to run until a grammar is ready: wait for one, briefly
-            wait([group[0].grammar for group in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        elif self.admission.compiling:
+            self.admission.wait_for_grammar(timeout=0.01)
         self._settle(results[settled:], outputs)
-        self._release_forks()
+        self.admission.release_forks(self._live)
         self.last_step_stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
@@ -260,35 +246,18 @@ class Engine:
         step, self._in_flight = self._in_flight, None
         return self.executor.collect(step) if step is not None else []
 
-    def _settle(self, results: list[StepResult], outputs: list[tuple[_Live, RequestOutput]]) -> None:
+    def _settle(self, results: list[StepResult], outputs: list[tuple[Live, RequestOutput]]) -> None:
         """Check new tokens for stops, their outputs onto `outputs`."""
         now = time.monotonic()
         outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
 
-    def _forget(self, live: _Live) -> None:
+    def _forget(self, live: Live) -> None:
         request = live.request
         del self._live[request.request_id]
         group = self._groups[request.output_id]
         group.remove(live)
         if not group:
             del self._groups[request.output_id]
-
-    def _release_forks(self) -> None:
-        """A prompt's later completions start once the first has computed the prompt's full blocks, which they then
-        share instead of computing again; each computes only the prompt's last, partial block itself."""
-        for parent_id, (num_blocks, lives) in list(self._forks.items()):
-            parent = self._live.get(parent_id)
-            shared = num_blocks * self.pool.block_size
-            if parent is not None and (parent.request.num_computed_tokens < shared
-                                       or self.pool.num_held_tokens(parent.request) < shared):
-                continue  # not computed yet, or preempted (its blocks freed) and computing them again
-            del self._forks[parent_id]
-            for live in lives:
-                if live.request.is_finished:  # aborted while it waited
-                    continue
-                if parent is not None:
-                    self.pool.fork(parent.request, live.request, num_blocks)
-                self.scheduler.add(live.request)
 
     def _decodes_ahead(self) -> int:
         """Decoding sequences the next step is likely to carry."""
@@ -317,13 +286,12 @@ class Engine:
             self._pending_add = []
         self._live.clear()
         self._groups.clear()
-        self._forks.clear()
-        self._compiling.clear()
+        self.admission.clear()
         for live in lives:
             live.stream.put(RequestOutput(live.request.output_id, [], "", finished=True, finish_reason="abort",
                                           error=error, index=live.request.index))
 
-    def _take_pending(self) -> list[tuple[_Live, RequestOutput]]:
+    def _take_pending(self) -> list[tuple[Live, RequestOutput]]:
         with self._lock:  # abort() must find each request in _pending_add or _groups, never in between
             added, self._pending_add = self._pending_add, []
             for group in added:
@@ -332,10 +300,7 @@ class Engine:
                     self._live[live.request.request_id] = live
             aborted, self._pending_abort = self._pending_abort, []
         for group in added:
-            if group[0].grammar is not None:
-                self._compiling.append(group)
-            else:
-                self._queue(group)
+            self.admission.add(group)
         outputs = []
         for request in aborted:
             if not request.is_finished:
@@ -343,43 +308,17 @@ class Engine:
                 outputs.append((live, self._finish(live, FinishReason.ABORT)))
         return outputs
 
-    def _queue(self, group: list[_Live]) -> None:
-        """Into the scheduler: the first completion now; the others once it has computed the prompt's full blocks,
-        which they then share (all but the block holding the last token)."""
-        first, *rest = group
-        self.scheduler.add(first.request)
-        num_blocks = (first.request.num_prompt_tokens - 1) // self.pool.block_size
-        if rest and num_blocks:
-            self._forks[first.request.request_id] = (num_blocks, rest)
-        else:
-            for live in rest:
-                self.scheduler.add(live.request)
-
-    def _admit_compiled(self) -> list[tuple[_Live, RequestOutput]]:
+    def _admit_compiled(self) -> list[tuple[Live, RequestOutput]]:
         """Queue the structured requests whose grammars are ready; one whose grammar failed ends with the error."""
-        outputs, still = [], []
-        for group in self._compiling:
-            group = [live for live in group if not live.request.is_finished]  # aborted while compiling
-            if not group:
-                continue
-            grammar = group[0].grammar
-            if not grammar.done():
-                still.append(group)
-                continue
-            error = grammar.exception()
-            if error is None:
-                for live in group:
-                    live.request.guide = Guide(grammar.result())
-                self._queue(group)
-                continue
+        outputs = []
+        for group, error in self.admission.admit_compiled():
             for live in group:
                 output = self._finish(live, FinishReason.ABORT)
                 output.error = f"structured_outputs.{live.request.params.structured_outputs.kind}: {error}"
                 outputs.append((live, output))
-        self._compiling = still
         return outputs
 
-    def _append(self, live: _Live, result: StepResult, now: float) -> tuple[_Live, RequestOutput]:
+    def _append(self, live: Live, result: StepResult, now: float) -> tuple[Live, RequestOutput]:
         """Check the step's new tokens (already on the request) one by one for a stop."""
         request = live.request
         if request.first_token_time is None:
@@ -396,7 +335,7 @@ class Engine:
                 live.logprobs.append(lp)
         return live, self._finish(live, reason) if reason is not None else self._delta(live)
 
-    def _finish(self, live: _Live, reason: FinishReason) -> RequestOutput:
+    def _finish(self, live: Live, reason: FinishReason) -> RequestOutput:
         request = live.request
         request.finish_reason = reason
         self.scheduler.finish(request)
@@ -410,7 +349,7 @@ class Engine:
             accepted_tokens=request.num_accepted_tokens)
         return output
 
-    def _delta(self, live: _Live) -> RequestOutput:
+    def _delta(self, live: Live) -> RequestOutput:
         request = live.request
         new_ids = request.output_token_ids[live.num_sent_tokens:]
         new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
