@@ -21,7 +21,7 @@ from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ,
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
-from scheduler.structured.guide import TokenMasks
+from scheduler.structured.guide import TokenMasks, masked_argmax
 from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
@@ -270,18 +270,23 @@ class StepExecutor:
             if target_ids is None:
                 target_ids = logits.argmax(dim=-1).tolist()
             num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
+        elif all(plain_greedy(r) and not r.params.logprobs for r in requests):
+            # Greedy rows under grammars: the same argmax comparison, each verified position's argmax taken
+            # among the tokens its grammar allows there (what the sampler's one-hot would pick).
+            bitmask, walked = self._draft_masks(sampled)
+            target_ids = masked_argmax(logits, bitmask).tolist()
+            num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
+            _settle_guides(sampled, walked, num_accepted, next_tokens)
         else:
             per_request = sampling_rows(requests, self.vocab_size, self.device)
             if any(positions_differ(r) for r in requests):
                 rows = sampling_rows(requests, self.vocab_size, self.device, [s.draft_token_ids for s in sampled])
             else:  # every verified position samples as its request does: the rows are copied on the device
                 rows = per_request.repeat_rows([1 + len(s.draft_token_ids) for s in sampled])
-            walked = self._draft_masks(rows, sampled)
+            rows.token_bitmask, walked = self._draft_masks(sampled)
             target_probs = self.sampler.compute_probs(logits, rows)
             num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs, per_request)
-            for s, w, n, token in zip(sampled, walked, num_accepted, next_tokens):
-                if s.request.guide is not None:
-                    s.request.guide.settle(w, n, token)
+            _settle_guides(sampled, walked, num_accepted, next_tokens)
         wants_logprobs = max(r.params.logprobs for r in requests)
         results, row = [], 0
         for s, n, token in zip(sampled, num_accepted, next_tokens):
@@ -298,20 +303,26 @@ class StepExecutor:
         self.speculator.observe(sampled, num_accepted, hidden)
         return results
 
-    def _draft_masks(self, rows, sampled: list[ScheduledRequest]) -> list[int]:
-        """The grammar masks of every verified position (masked verification); how many drafts each guide
-        walked through, to roll back after verification."""
+    def _draft_masks(self, sampled: list[ScheduledRequest]) -> tuple[torch.Tensor | None, list[int]]:
+        """The grammar masks of every verified position (masked verification), on the device, or None where no
+        grammar constrains the step; how many drafts each guide walked through, to roll back after verification."""
         walked = [0] * len(sampled)
         if all(s.request.guide is None for s in sampled):
-            return walked
+            return None, walked
         host = self.masks.rows(sum(1 + len(s.draft_token_ids) for s in sampled))
         row = 0
         for j, s in enumerate(sampled):
             if s.request.guide is not None:
                 walked[j] = s.request.guide.fill_drafts(s.draft_token_ids, host, row)
             row += 1 + len(s.draft_token_ids)
-        rows.token_bitmask = self.masks.to_device(host)
-        return walked
+        return self.masks.to_device(host), walked
+
+
+def _settle_guides(sampled: list[ScheduledRequest], walked: list[int], num_accepted: list[int],
+                   next_tokens: list[int]) -> None:
+    for s, w, n, token in zip(sampled, walked, num_accepted, next_tokens):
+        if s.request.guide is not None:
+            s.request.guide.settle(w, n, token)
 
 
 def _take_prompt_logprobs(batch: list[ScheduledRequest], items: list[ForwardItem], prompt_rows: list[tuple[int, int]],

@@ -109,10 +109,7 @@ class TokenMasks:
     def argmax(self, logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
         """Each row's greedy token among those its grammar allows: what the sampler picks for a greedy row
         under the same mask. The logits are overwritten."""
-        bitmask = self.for_requests(guides)
-        with torch.inference_mode():  # the forward pass's logits are inference tensors, masked in place
-            apply_token_bitmask(logits, bitmask)
-            return logits.argmax(dim=-1)
+        return masked_argmax(logits, self.for_requests(guides))
 
     def _fill(self, guides: list[Guide | None]) -> torch.Tensor:
         host = self.rows(len(guides))
@@ -120,6 +117,13 @@ class TokenMasks:
             if guide is not None:
                 guide.fill(host, row)
         return host
+
+
+def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax among the tokens its bitmask row allows. The logits are overwritten."""
+    with torch.inference_mode():  # the forward pass's logits are inference tensors, masked in place
+        apply_token_bitmask(logits, bitmask)
+        return logits.argmax(dim=-1)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
