@@ -7,6 +7,9 @@ the others); the unconstrained requests ignore EOS. Each workload runs as one ba
 figure compared is the median time of the steps in which every request decodes (no prompt chunk in the step).
 A third workload, unconstrained but sampled (temperature 1), separates the cost of leaving the greedy argmax
 path from the cost of the grammar masks themselves.
+
+With --speculative the same workloads run with speculation on (drafts verified under the grammars' masks);
+steps then carry a varying number of tokens each, so the figure to compare is the time per output token.
 """
 
 from __future__ import annotations
@@ -48,12 +51,16 @@ def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dic
         if stats.num_prompt_tokens == 0 and stats.num_running == len(streams):
             decode_steps.append(stats.step_s)
     wall = time.perf_counter() - start
-    tokens = 0
+    tokens = drafted = accepted = 0
     for s in streams:
         while (delta := s.get_nowait()) is not None:
             tokens += len(delta.token_ids)
-    return {"wall_s": round(wall, 3), "steps": steps, "output_tokens": tokens,
-            "full_batch_decode_steps": len(decode_steps),
+            if delta.finished:
+                drafted += delta.metrics.draft_tokens
+                accepted += delta.metrics.accepted_tokens
+    return {"wall_s": round(wall, 3), "steps": steps, "output_tokens": tokens, "draft_tokens": drafted,
+            "accepted_draft_tokens": accepted,
+            "full_batch_decode_steps": len(decode_steps), "ms_per_output_token": round(1000 * wall / tokens, 3),
             "median_step_ms": round(1000 * statistics.median(decode_steps), 2) if decode_steps else None}
 
 
@@ -68,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", default="off", help="a speculation method (ngram, draft; default off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--no-adaptive-speculation", action="store_true", help="draft --num-speculative-tokens "
+                   "every step (else the engine chooses the depth, and may draft nothing for a full batch)")
     p.add_argument("--out", default=None, help="default: bench/results/structured_<device>.json (and .md)")
     return p.parse_args(argv)
 
@@ -76,7 +87,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     facts = machine.machine_facts(torch=torch.__version__)
     llm = LLM(args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-              max_num_seqs=max(args.num_requests, 1), max_num_batched_tokens=4096)
+              max_num_seqs=max(args.num_requests, 1), max_num_batched_tokens=4096, speculative=args.speculative,
+              num_speculative_tokens=args.num_speculative_tokens, adaptive_speculation=not args.no_adaptive_speculation)
     rng = random.Random(args.seed)
     prompt = llm.engine.inputs.render_chat([{"role": "user", "content": "List some records as JSON."}])
     prompts = [prompt] * args.num_requests
@@ -99,7 +111,7 @@ def main(argv=None) -> None:
     constrained = results["json_schema_greedy"]["median_step_ms"]
     report = {
         "device": str(llm.engine.device), "model": args.model, "load_format": args.load_format,
-        "dtype": str(llm.engine.dtype), "num_requests": n, "output_len": length,
+        "dtype": str(llm.engine.dtype), "num_requests": n, "output_len": length, "speculative": args.speculative,
         "compile_s_all_schemas": round(compile_s, 3), "results": results,
         "json_over_unconstrained_step": round(constrained / base, 3) if base and constrained else None,
         **facts,
@@ -108,11 +120,15 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     rows = [f"| {name} | {r['median_step_ms']} | {r['full_batch_decode_steps']} | {r['output_tokens']} | "
-            f"{r['wall_s']} |" for name, r in results.items()]
+            f"{r['wall_s']} | {r['ms_per_output_token']} | {r['accepted_draft_tokens']}/{r['draft_tokens']} |"
+            for name, r in results.items()]
+    speculation = "" if args.speculative == "off" else f", speculative={args.speculative} (up to " \
+        f"{args.num_speculative_tokens} drafts{'' if args.no_adaptive_speculation else ', adaptive'})"
     out.with_suffix(".md").write_text("\n".join([
-        f"# Structured output step time ({report['device']}, {n} concurrent requests, {length} tokens each)", "",
-        "| workload | median full-batch decode step (ms) | such steps | output tokens | wall (s) |",
-        "|---|---|---|---|---|", *rows, "",
+        f"# Structured output step time ({report['device']}, {n} concurrent requests, {length} tokens each"
+        f"{speculation})", "",
+        "| workload | median full-batch decode step (ms) | such steps | output tokens | wall (s) | ms per output token "
+        "| drafts accepted/made |", "|---|---|---|---|---|---|---|", *rows, "",
         f"JSON-schema step / unconstrained greedy step: {report['json_over_unconstrained_step']}. "
         f"Compiling all {n} schemas (one thread, before the run): {report['compile_s_all_schemas']} s. "
         f"{facts['cpu']}, {facts['logical_cores']} cores, load average at start {facts['load_average_at_start']}.",
