@@ -294,3 +294,19 @@ def test_a_completed_grammar_stops_the_request_even_with_ignore_eos(llms):
     (out,) = llms("off").chat([chat("Yes or no?")], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
                                                                    structured_outputs=so))
     assert out.finish_reason == "stop" and out.text in ("yes", "no")
+
+
+def test_the_structured_benchmark_reports_every_workload_with_speculation(tiny_text_model_dir, tmp_path):
+    from bench import structured
+
+    path, _ = tiny_text_model_dir
+    out = tmp_path / "structured.json"
+    structured.main(["--model", str(path), "--num-requests", "3", "--output-len", "6", "--speculative", "ngram",
+                     "--no-adaptive-speculation", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["speculative"] == "ngram" and set(report["results"]) == {
+        "unconstrained_greedy", "unconstrained_sampled", "json_schema_greedy"}
+    for result in report["results"].values():
+        assert result["output_tokens"] == 3 * 6  # no JSON array of 6 objects closes within 6 tokens
+        assert result["ms_per_output_token"] > 0 and result["draft_tokens"] >= result["accepted_draft_tokens"] >= 0
+    assert "| drafts accepted/made |" in out.with_suffix(".md").read_text()
