@@ -132,7 +132,8 @@ def structured_outputs(request: pb.GenerateRequest) -> StructuredOutputsParams |
     so = request.structured_outputs
     kind = so.WhichOneof("kind")
     if kind is None:
-        raise InvalidArgument("structured_outputs: set one of json, json_object, regex, choice or grammar")
+        raise InvalidArgument("structured_outputs: set one of json, json_object, regex, choice, grammar or "
+                              "structural_tag")
     if kind == "json_object" and not so.json_object:
         raise InvalidArgument("structured_outputs.json_object: must be true when set")
     value = list(so.choice.choices) if kind == "choice" else getattr(so, kind)

@@ -17,9 +17,9 @@ from server.convert import InvalidArgument
 # What the engine supports of SamplingParams, field by field (proto name -> SamplingParams name).
 _PLAIN = ("min_p", "frequency_penalty", "presence_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
           "skip_special_tokens")
-# The protocol's constraints by our names (StructuredOutputsParams); structural_tag is not served.
+# The protocol's constraints by our names (StructuredOutputsParams).
 _CONSTRAINTS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "json_object": "json_object",
-                "choice": "choice"}
+                "choice": "choice", "structural_tag": "structural_tag"}
 
 
 def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams, int]:
@@ -56,10 +56,6 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
 
 
 def refuse_unsupported(request: vpb.GenerateRequest) -> None:
-    s = request.sampling_params
-    if s.WhichOneof("constraint") == "structural_tag":
-        raise InvalidArgument("sampling_params.structural_tag: structural tags are not served; use json_schema, "
-                              "regex, grammar, json_object or choice")
     for name in ("mm_inputs", "media_refs", "kv_transfer_params", "kv_transfer_params_json"):
         if request.HasField(name):
             raise InvalidArgument(f"{name}: not served (a text-only engine, without disaggregated prefill)")

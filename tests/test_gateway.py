@@ -4,6 +4,7 @@ where the answer's text matters and on a tiny model where only routing does."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,9 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def default_daemon(tmp_path_factory):
-    daemon = Daemon("default", log_path=tmp_path_factory.mktemp("daemon") / "daemon.log").wait_ready(timeout=180)
+    # Requests logged: a test reads there what the gateway sent.
+    log_path = tmp_path_factory.mktemp("daemon") / "daemon.log"
+    daemon = Daemon("default", "--log-requests", log_path=log_path).wait_ready(timeout=180)
     yield daemon
     assert daemon.close() == 0
 
@@ -117,6 +120,30 @@ def test_n_completions_come_back_as_choices(sdk, direct):
     assert sorted(c.index for c in out.choices) == [0, 1, 2] and [c.text for c in out.choices] == [want] * 3
     sampled = sdk.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=8, n=3, seed=5)
     assert len({c.text for c in sampled.choices}) > 1
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def tool_sdk(default_daemon, tmp_path_factory):
+    """The gateway reading tool calls with a parser that holds a required call to its tool's schema by a structural
+    tag (triggered tags, `<tool_call>` then the call's JSON), which it sends to the worker as `structural_tag`."""
+    gateway = Gateway([default_daemon.address], "--parser", "symphony", "--tool-call-parser", "qwen",
+                      log_path=tmp_path_factory.mktemp("gateway-tools") / "smg.log").wait_ready()
+    yield openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=120)
+    gateway.close()
+
+
+def test_a_required_tool_call_comes_back_whole_under_the_gateways_structural_tag(tool_sdk, default_daemon):
+    out = tool_sdk.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL], tool_choice="required", max_tokens=120, temperature=0)
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    assert "structural_tag='{" in default_daemon.log()  # what held the call to its schema
 
 
 def test_a_client_gone_mid_stream_frees_its_kv_blocks_in_the_daemon(sdk, direct):

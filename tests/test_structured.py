@@ -1,7 +1,7 @@
-"""Structured output in the engine: outputs match their schema, regex or choice, with speculation too (and
-greedy outputs equal to speculation off), and with overlapped steps as without; grammars compile while the
-request waits in the queue, never in a step; drafts the grammar refuses are rejected and the matcher rolls back
-with them; greedy rows under a grammar take the sampler's tokens without it."""
+"""Structured output in the engine: outputs match their schema, regex, choice or structural tag, with speculation
+too (and greedy outputs equal to speculation off), and with overlapped steps as without; grammars compile while
+the request waits in the queue, never in a step; drafts the grammar refuses are rejected and the matcher rolls
+back with them; greedy rows under a grammar take the sampler's tokens without it."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def make_schema(rng: random.Random, depth: int = 0) -> dict:
 SCHEMAS = [make_schema(random.Random(seed)) for seed in range(20)]
 REGEXES = [r"[a-z]{1,12} [0-9]{2}", r"(cat|dog)s? are (great|fine)\.", r"[A-Z][a-z]{2,6}, [0-9]{4}", r"0x[0-9a-f]{4}"]
 CHOICES = [["yes", "no"], ["red", "green", "blue"], ["Paris", "London", "Rome", "New York"], ["1", "2", "3"]]
+TAG_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+# A structural tag in both forms: the whole output one tagged part, and (the older form, what tool calling sends)
+# free text in which each trigger opens a tagged part held to its schema.
+ANSWER_TAG = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>", "end": "</answer>",
+                                                   "content": {"type": "json_schema", "json_schema": TAG_SCHEMA}}}
+TOOL_TAGS = {"structures": [{"begin": "<tool=weather>", "schema": TAG_SCHEMA, "end": "</tool>"}],
+             "triggers": ["<tool="]}
 
 
 def chat(text: str) -> list[dict]:
@@ -63,6 +70,8 @@ def cases(temperature: float = 0.0) -> list[tuple[list[dict], SamplingParams]]:
     out = [(chat(f"Reply in JSON with the fields {', '.join(s['properties'])}."), params(json=s)) for s in SCHEMAS]
     out += [(chat("Write a short line."), params(regex=r)) for r in REGEXES]
     out += [(chat(f"Pick one: {', '.join(c)}."), params(choice=c)) for c in CHOICES]
+    out += [(chat("Which city is the Eiffel tower in? Answer in JSON."), params(structural_tag=tag))
+            for tag in (ANSWER_TAG, TOOL_TAGS)]
     out += [(chat('Give a tiny JSON object, like {"a": 1}.'), params(json_object=True))]
     return out
 
@@ -77,8 +86,25 @@ def assert_valid(outputs, cases_) -> None:
             assert isinstance(json.loads(out.text), dict)
         elif so.regex is not None:
             assert re.fullmatch(so.regex, out.text), (out.text, so.regex)
+        elif so.structural_tag is not None:
+            assert_tagged(out.text, json.loads(so.structural_tag))
         else:
             assert out.text in so.choice
+
+
+def assert_tagged(text: str, tag: dict) -> None:
+    """The text holds what the structural tag asks: each tagged part's content valid against its schema."""
+    if "structures" in tag:  # free text; every trigger opens a whole tagged part
+        (part,), (trigger,) = tag["structures"], tag["triggers"]
+        contents = re.findall(f"{re.escape(part['begin'])}(.*?){re.escape(part['end'])}", text, re.S)
+        assert text.count(trigger) == len(contents), text
+        schema = part["schema"]
+    else:
+        form = tag["format"]
+        assert text.startswith(form["begin"]) and text.endswith(form["end"]), text
+        contents, schema = [text[len(form["begin"]):-len(form["end"])]], form["content"]["json_schema"]
+    for content in contents:
+        jsonschema.validate(json.loads(content), schema)
 
 
 ENGINES = {"off": {}, "ngram": dict(speculative="ngram"), "draft": dict(speculative="draft"),
@@ -268,6 +294,23 @@ def test_drafts_the_grammar_refuses_are_masked_and_rolled_back(llms):
     assert torch.equal(mine, theirs) and guide.num_accepted == 2 and allowed(mine, 0, c)
 
 
+def test_a_structural_tag_lets_text_run_free_until_a_trigger_then_holds_the_part_to_its_schema(llms):
+    from scheduler.structured.guide import Guide
+
+    engine = llms("off").engine
+    compiled = engine.grammars.submit(StructuredOutputsParams(structural_tag=TOOL_TAGS)).result()
+
+    def refused_at(text: str) -> int | None:
+        guide = Guide(compiled)
+        guide.accept(engine.tokenizer.encode(text, add_special_tokens=False))
+        return guide.end
+
+    assert refused_at('Let me look. <tool=weather>{"city": "Paris"}</tool> It is sunny.') is None
+    assert refused_at('<tool=weather>{"city": "Paris"}') is None  # a part begun, not ended yet
+    assert refused_at('<tool=weather>{"town": "Paris"}') is not None  # not its schema
+    assert refused_at("<tool=rain>{}") is not None  # a trigger no tag begins with
+
+
 BAD = [
     (dict(json="{not json"), "structured_outputs.json"),
     (dict(json='{"type": "frog"}'), "structured_outputs.json"),
@@ -280,6 +323,11 @@ BAD = [
     (dict(json_object="yes"), "structured_outputs.json_object"),
     (dict(), "structured_outputs"),
     (dict(regex="a", choice=["a"]), "structured_outputs"),
+    (dict(structural_tag="[1]"), "structured_outputs.structural_tag"),
+    (dict(structural_tag={"type": "structural_tag", "format": {"type": "frog"}}), "structured_outputs.structural_tag"),
+    (dict(structural_tag={"structures": [{"begin": "<a>", "end": "</a>"}], "triggers": ["<a"]}),
+     "structured_outputs.structural_tag"),
+    (dict(structural_tag={"structures": [], "triggers": []}), "structured_outputs.structural_tag"),
 ]
 
 

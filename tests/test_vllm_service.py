@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import signal
 import time
 import zipfile
@@ -182,6 +183,22 @@ def test_a_choice_constraint_is_served(engine, default_tokenizer):
     complete = whole["complete"]
     text = default_tokenizer.decode([int(t) for t in complete["output_ids"]], skip_special_tokens=True)
     assert text in choices and complete["finish_reason"] == "stop"
+
+
+def test_a_structural_tag_is_served(engine, default_tokenizer):
+    """What the gateway sends to hold tool calls to their schemas, in both forms: the output is one tagged part,
+    its content valid; and the older form (free text, a trigger opening a tagged part) is served, not refused."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    forced = {"type": "structural_tag", "format": {"type": "tag", "begin": "<call>", "end": "</call>", "content": {
+        "type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}}}  # else blanks, at random weights
+    (whole,) = engine.call("Generate", generate([11, 12, 13], max_tokens=24, structural_tag=json.dumps(forced)))
+    complete = whole["complete"]
+    text = default_tokenizer.decode([int(t) for t in complete["output_ids"]], skip_special_tokens=True)
+    assert complete["finish_reason"] == "stop" and text.startswith("<call>") and text.endswith("</call>"), text
+    assert 0 <= json.loads(text.removeprefix("<call>").removesuffix("</call>"))["n"] <= 9
+    older = {"structures": [{"begin": "<call>", "schema": schema, "end": "</call>"}], "triggers": ["<call>"]}
+    (whole,) = engine.call("Generate", generate([11, 12, 13], max_tokens=4, structural_tag=json.dumps(older)))
+    assert len(whole["complete"]["output_ids"]) >= 1
 
 
 def test_abort_ends_a_running_request(engine):

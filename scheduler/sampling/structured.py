@@ -1,5 +1,5 @@
-"""What a request's output must match: a JSON schema, any JSON object, a regex, one of several strings, or an
-EBNF grammar. Checked here for form only (no grammar library is imported, so clients stay light); the engine
+"""What a request's output must match: a JSON schema, any JSON object, a regex, one of several strings, an
+EBNF grammar, or a structural tag (text with tagged, constrained parts: tool calls). Checked here for form only (no grammar library is imported, so clients stay light); the engine
 parses the grammar itself when the request arrives (scheduler/structured/compiler.py)."""
 
 from __future__ import annotations
@@ -9,19 +9,22 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_CHOICES = 1024
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass
 class StructuredOutputsParams:
-    """Exactly one of the fields. `json` is a schema, as a dict or its JSON text. Errors name the field as
-    `structured_outputs.<field>`."""
+    """Exactly one of the fields. `json` is a schema, as a dict or its JSON text. `structural_tag` is xgrammar's
+    structural tag as a dict or its JSON text: {"type": "structural_tag", "format": {...}}, or the older form
+    OpenAI-style APIs send, {"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]}. Errors name the
+    field as `structured_outputs.<field>`."""
 
     json: Any = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: Any = None
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -29,7 +32,10 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs: give exactly one of {', '.join(KINDS)}, got "
                              f"{', '.join(given) if given else 'none'}")
         if self.json is not None:
-            self.json = _schema_text(self.json)
+            self.json = _json_text(self.json, "json", (dict, bool), "a schema is a JSON object")
+        if self.structural_tag is not None:
+            self.structural_tag = _json_text(self.structural_tag, "structural_tag", dict,
+                                             "a structural tag is a JSON object")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"structured_outputs.json_object: must be a bool, got {self.json_object!r}")
         for name in ("regex", "grammar"):
@@ -59,18 +65,18 @@ class StructuredOutputsParams:
         return kind, getattr(self, kind)
 
 
-def _schema_text(schema: Any) -> str:
-    if isinstance(schema, str):
+def _json_text(value: Any, name: str, types, what: str) -> str:
+    if isinstance(value, str):
         try:
-            parsed = json.loads(schema)
+            parsed = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"structured_outputs.json: not valid JSON ({exc})") from None
+            raise ValueError(f"structured_outputs.{name}: not valid JSON ({exc})") from None
     else:
-        parsed = schema
+        parsed = value
         try:
-            schema = json.dumps(schema)
+            value = json.dumps(value)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"structured_outputs.json: not JSON-serialisable ({exc})") from None
-    if not isinstance(parsed, (dict, bool)):
-        raise ValueError(f"structured_outputs.json: a schema is a JSON object, got {type(parsed).__name__}")
-    return schema
+            raise ValueError(f"structured_outputs.{name}: not JSON-serialisable ({exc})") from None
+    if not isinstance(parsed, types):
+        raise ValueError(f"structured_outputs.{name}: {what}, got {type(parsed).__name__}")
+    return value

@@ -32,6 +32,8 @@ def check_grammar(so: StructuredOutputsParams) -> None:
             xgr.Grammar.from_regex(text)
         elif kind in ("grammar", "choice"):
             xgr.Grammar.from_ebnf(_ebnf(kind, text))
+        elif kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(_structural_tag(text))
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"structured_outputs.{kind}: {_reason(exc)}") from None
 
@@ -77,6 +79,8 @@ class GrammarCompiler:
             return self._compiler.compile_builtin_json_grammar()
         if kind == "regex":
             return self._compiler.compile_regex(text)
+        if kind == "structural_tag":
+            return self._compiler.compile_structural_tag(_structural_tag(text))
         return self._compiler.compile_grammar(_ebnf(kind, text))
 
 
@@ -85,6 +89,28 @@ def _ebnf(kind: str, text: str) -> str:
         return text
     # One string literal per choice; JSON's escapes are EBNF's.
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text))
+
+
+def _structural_tag(text: str):
+    """What xgrammar takes for a structural tag's JSON text: the text itself in the current form; the older form
+    ({"structures": [{"begin", "schema", "end"}], "triggers": [...]}, what OpenAI-style tool calling sends)
+    converted, as xgrammar's deprecated two-argument call would."""
+    import xgrammar as xgr
+
+    spec = json.loads(text)
+    if "structures" not in spec:
+        return text
+    structures, triggers = spec["structures"], spec.get("triggers")
+    if not isinstance(structures, list) or not all(isinstance(s, dict) for s in structures):
+        raise ValueError("structures: must be a list of {begin, schema, end} objects")
+    if not (isinstance(triggers, list) and triggers and all(isinstance(t, str) and t for t in triggers)):
+        raise ValueError("triggers: must be a list of non-empty strings (the begins' prefixes that start a tag)")
+    missing = next((f"structures[{i}].{key}" for i, s in enumerate(structures) for key in ("begin", "schema", "end")
+                    if key not in s), None)
+    if missing is not None:
+        raise ValueError(f"{missing}: required")
+    items = [xgr.StructuralTagItem(begin=s["begin"], schema=s["schema"], end=s["end"]) for s in structures]
+    return xgr.StructuralTag.from_legacy_structural_tag(items, triggers)
 
 
 def _reason(exc: Exception) -> str:

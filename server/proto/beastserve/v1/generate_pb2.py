@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x65\x61stserve/v1/generate.proto\x12\rbeastserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.beastserve.v1.ChatMessage\"\xdc\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\rH\x08\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.beastserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x07\n\x05_seedB\x04\n\x02_n\"\xac\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"\x8d\x01\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"j\n\x12SpeculativeOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_enabledB\x13\n\x11_max_draft_tokens\"\x90\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.beastserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xeb\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.beastserve.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x13.beastserve.v1.ChatH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.beastserve.v1.SamplingParams\x12\x31\n\x08stopping\x18\x06 \x01(\x0b\x32\x1f.beastserve.v1.StoppingCriteria\x12,\n\x06output\x18\x07 \x01(\x0b\x32\x1c.beastserve.v1.OutputOptions\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x36\n\x0bspeculative\x18\t \x01(\x0b\x32!.beastserve.v1.SpeculativeOptions\x12#\n\x16truncate_prompt_tokens\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12<\n\x12structured_outputs\x18\n \x01(\x0b\x32 .beastserve.v1.StructuredOutputsB\x07\n\x05inputB\x19\n\x17_truncate_prompt_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.beastserve.v1.TopLogprob\"N\n\rPromptLogprob\x12\x31\n\x07logprob\x18\x01 \x01(\x0b\x32\x1b.beastserve.v1.TokenLogprobH\x00\x88\x01\x01\x42\n\n\x08_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"|\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x06 \x01(\r\"\xae\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.beastserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.beastserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.beastserve.v1.Usage\x12%\n\x06timing\x18\t \x01(\x0b\x32\x15.beastserve.v1.Timing\x12\r\n\x05index\x18\n \x01(\r\x12\x30\n\x07\x63hoices\x18\x0c \x03(\x0b\x32\x1f.beastserve.v1.GenerateResponse\x12\x35\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1c.beastserve.v1.PromptLogprobB\x0e\n\x0cmatched_stop\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0b\x61\x62orted_ids\x18\x01 \x03(\t\"k\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.beastserve.v1.ChatH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\x8b\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x18\n\x10speculative_mode\x18\x05 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x06 \x01(\t\"\x10\n\x0eGetLoadRequest\"\x91\x01\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\"\x04\x08\x01\x10\x01*\x11\x46INISH_REASON_EOS2\xcc\x03\n\nGeneration\x12K\n\x08Generate\x12\x1e.beastserve.v1.GenerateRequest\x1a\x1f.beastserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.beastserve.v1.GenerateRequest\x1a\x1f.beastserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.beastserve.v1.AbortRequest\x1a\x1c.beastserve.v1.AbortResponse\x12K\n\x08Tokenize\x12\x1e.beastserve.v1.TokenizeRequest\x1a\x1f.beastserve.v1.TokenizeResponse\x12L\n\x0cGetModelInfo\x12\".beastserve.v1.GetModelInfoRequest\x1a\x18.beastserve.v1.ModelInfo\x12=\n\x07GetLoad\x12\x1d.beastserve.v1.GetLoadRequest\x1a\x13.beastserve.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x65\x61stserve/v1/generate.proto\x12\rbeastserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.beastserve.v1.ChatMessage\"\xdc\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\rH\x08\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.beastserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x07\n\x05_seedB\x04\n\x02_n\"\xac\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"\x8d\x01\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"j\n\x12SpeculativeOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_enabledB\x13\n\x11_max_draft_tokens\"\xaa\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.beastserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xeb\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.beastserve.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x13.beastserve.v1.ChatH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.beastserve.v1.SamplingParams\x12\x31\n\x08stopping\x18\x06 \x01(\x0b\x32\x1f.beastserve.v1.StoppingCriteria\x12,\n\x06output\x18\x07 \x01(\x0b\x32\x1c.beastserve.v1.OutputOptions\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x36\n\x0bspeculative\x18\t \x01(\x0b\x32!.beastserve.v1.SpeculativeOptions\x12#\n\x16truncate_prompt_tokens\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12<\n\x12structured_outputs\x18\n \x01(\x0b\x32 .beastserve.v1.StructuredOutputsB\x07\n\x05inputB\x19\n\x17_truncate_prompt_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.beastserve.v1.TopLogprob\"N\n\rPromptLogprob\x12\x31\n\x07logprob\x18\x01 \x01(\x0b\x32\x1b.beastserve.v1.TokenLogprobH\x00\x88\x01\x01\x42\n\n\x08_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"|\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x06 \x01(\r\"\xae\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.beastserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.beastserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12#\n\x05usage\x18\x08 \x01(\x0b\x32\x14.beastserve.v1.Usage\x12%\n\x06timing\x18\t \x01(\x0b\x32\x15.beastserve.v1.Timing\x12\r\n\x05index\x18\n \x01(\r\x12\x30\n\x07\x63hoices\x18\x0c \x03(\x0b\x32\x1f.beastserve.v1.GenerateResponse\x12\x35\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1c.beastserve.v1.PromptLogprobB\x0e\n\x0cmatched_stop\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0b\x61\x62orted_ids\x18\x01 \x03(\t\"k\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x13.beastserve.v1.ChatH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\x8b\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x18\n\x10speculative_mode\x18\x05 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x06 \x01(\t\"\x10\n\x0eGetLoadRequest\"\x91\x01\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\"\x04\x08\x01\x10\x01*\x11\x46INISH_REASON_EOS2\xcc\x03\n\nGeneration\x12K\n\x08Generate\x12\x1e.beastserve.v1.GenerateRequest\x1a\x1f.beastserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.beastserve.v1.GenerateRequest\x1a\x1f.beastserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.beastserve.v1.AbortRequest\x1a\x1c.beastserve.v1.AbortResponse\x12K\n\x08Tokenize\x12\x1e.beastserve.v1.TokenizeRequest\x1a\x1f.beastserve.v1.TokenizeResponse\x12L\n\x0cGetModelInfo\x12\".beastserve.v1.GetModelInfoRequest\x1a\x18.beastserve.v1.ModelInfo\x12=\n\x07GetLoad\x12\x1d.beastserve.v1.GetLoadRequest\x1a\x13.beastserve.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=3163
-  _globals['_FINISHREASON']._serialized_end=3308
+  _globals['_FINISHREASON']._serialized_start=3189
+  _globals['_FINISHREASON']._serialized_end=3334
   _globals['_TOKENIDS']._serialized_start=47
   _globals['_TOKENIDS']._serialized_end=70
   _globals['_CHATMESSAGE']._serialized_start=72
@@ -52,39 +52,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATIVEOPTIONS']._serialized_start=970
   _globals['_SPECULATIVEOPTIONS']._serialized_end=1076
   _globals['_STRUCTUREDOUTPUTS']._serialized_start=1079
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1223
-  _globals['_CHOICES']._serialized_start=1225
-  _globals['_CHOICES']._serialized_end=1251
-  _globals['_GENERATEREQUEST']._serialized_start=1254
-  _globals['_GENERATEREQUEST']._serialized_end=1745
-  _globals['_TOPLOGPROB']._serialized_start=1747
-  _globals['_TOPLOGPROB']._serialized_end=1794
-  _globals['_TOKENLOGPROB']._serialized_start=1796
-  _globals['_TOKENLOGPROB']._serialized_end=1885
-  _globals['_PROMPTLOGPROB']._serialized_start=1887
-  _globals['_PROMPTLOGPROB']._serialized_end=1965
-  _globals['_USAGE']._serialized_start=1967
-  _globals['_USAGE']._serialized_end=2047
-  _globals['_TIMING']._serialized_start=2049
-  _globals['_TIMING']._serialized_end=2173
-  _globals['_GENERATERESPONSE']._serialized_start=2176
-  _globals['_GENERATERESPONSE']._serialized_end=2606
-  _globals['_ABORTREQUEST']._serialized_start=2608
-  _globals['_ABORTREQUEST']._serialized_end=2643
-  _globals['_ABORTRESPONSE']._serialized_start=2645
-  _globals['_ABORTRESPONSE']._serialized_end=2681
-  _globals['_TOKENIZEREQUEST']._serialized_start=2683
-  _globals['_TOKENIZEREQUEST']._serialized_end=2790
-  _globals['_TOKENIZERESPONSE']._serialized_start=2792
-  _globals['_TOKENIZERESPONSE']._serialized_end=2829
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2831
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2852
-  _globals['_MODELINFO']._serialized_start=2855
-  _globals['_MODELINFO']._serialized_end=2994
-  _globals['_GETLOADREQUEST']._serialized_start=2996
-  _globals['_GETLOADREQUEST']._serialized_end=3012
-  _globals['_LOAD']._serialized_start=3015
-  _globals['_LOAD']._serialized_end=3160
-  _globals['_GENERATION']._serialized_start=3311
-  _globals['_GENERATION']._serialized_end=3771
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1249
+  _globals['_CHOICES']._serialized_start=1251
+  _globals['_CHOICES']._serialized_end=1277
+  _globals['_GENERATEREQUEST']._serialized_start=1280
+  _globals['_GENERATEREQUEST']._serialized_end=1771
+  _globals['_TOPLOGPROB']._serialized_start=1773
+  _globals['_TOPLOGPROB']._serialized_end=1820
+  _globals['_TOKENLOGPROB']._serialized_start=1822
+  _globals['_TOKENLOGPROB']._serialized_end=1911
+  _globals['_PROMPTLOGPROB']._serialized_start=1913
+  _globals['_PROMPTLOGPROB']._serialized_end=1991
+  _globals['_USAGE']._serialized_start=1993
+  _globals['_USAGE']._serialized_end=2073
+  _globals['_TIMING']._serialized_start=2075
+  _globals['_TIMING']._serialized_end=2199
+  _globals['_GENERATERESPONSE']._serialized_start=2202
+  _globals['_GENERATERESPONSE']._serialized_end=2632
+  _globals['_ABORTREQUEST']._serialized_start=2634
+  _globals['_ABORTREQUEST']._serialized_end=2669
+  _globals['_ABORTRESPONSE']._serialized_start=2671
+  _globals['_ABORTRESPONSE']._serialized_end=2707
+  _globals['_TOKENIZEREQUEST']._serialized_start=2709
+  _globals['_TOKENIZEREQUEST']._serialized_end=2816
+  _globals['_TOKENIZERESPONSE']._serialized_start=2818
+  _globals['_TOKENIZERESPONSE']._serialized_end=2855
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2857
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2878
+  _globals['_MODELINFO']._serialized_start=2881
+  _globals['_MODELINFO']._serialized_end=3020
+  _globals['_GETLOADREQUEST']._serialized_start=3022
+  _globals['_GETLOADREQUEST']._serialized_end=3038
+  _globals['_LOAD']._serialized_start=3041
+  _globals['_LOAD']._serialized_end=3186
+  _globals['_GENERATION']._serialized_start=3337
+  _globals['_GENERATION']._serialized_end=3797
 # @@protoc_insertion_point(module_scope)
