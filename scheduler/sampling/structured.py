@@ -1,6 +1,7 @@
 """What a request's output must match: a JSON schema, any JSON object, a regex, one of several strings, an
-EBNF grammar, or a structural tag (text with tagged, constrained parts: tool calls). Checked here for form only (no grammar library is imported, so clients stay light); the engine
-parses the grammar itself when the request arrives (scheduler/structured/compiler.py)."""
+EBNF grammar, or a structural tag (text with tagged, constrained parts: tool calls). Checked here for form only
+(no grammar library is imported, so clients stay light); the engine parses the grammar itself when the request
+arrives (scheduler/structured/compiler.py)."""
 
 from __future__ import annotations
 
