@@ -17,6 +17,9 @@ from server.convert import InvalidArgument
 # What the engine supports of SamplingParams, field by field (proto name -> SamplingParams name).
 _PLAIN = ("min_p", "frequency_penalty", "presence_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
           "skip_special_tokens")
+# Read nowhere: `grammar_from_first_token` holds whatever its value (the engine runs no reasoning parser, so every
+# constraint starts at the first generated token); `spaces_between_special_tokens` changes only a slow tokenizer's
+# decoding of special tokens kept in the text (a fast one's decode does not take it).
 # The protocol's constraints by our names (StructuredOutputsParams).
 _CONSTRAINTS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "json_object": "json_object",
                 "choice": "choice", "structural_tag": "structural_tag"}
