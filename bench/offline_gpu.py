@@ -207,8 +207,8 @@ def run_shape(args: argparse.Namespace, shape: str, device: torch.device) -> dic
     if vllm_peer.available() and not args.skip_vllm:  # first: its process ends, freeing all it took, before ours
         peer = vllm_peer.run(dict(config=SHAPES[shape], dtype=args.dtype, max_model_len=row_len(args), seed=args.seed,
                                   num_requests=args.num_requests, min_prompt=args.min_prompt,
-                                  max_prompt=args.max_prompt, output_len=args.output_len, batch1_prompt=BATCH1_PROMPT,
-                                  batch1_runs=ENGINE_RUNS, vllm_kwargs=args.vllm_kwargs))
+                                  max_prompt=args.max_prompt, output_len=args.output_len, batch1_runs=ENGINE_RUNS,
+                                  vllm_kwargs=args.vllm_kwargs))
         rows.append(peer.get("row") or dict(system=vllm_peer.VLLM, requests=args.num_requests, error=peer["error"]))
         if "batch1" in peer:
             batch1_rows[vllm_peer.VLLM] = peer["batch1"]

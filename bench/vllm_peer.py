@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 VLLM = "vLLM"
@@ -34,10 +33,12 @@ def run(spec: dict, timeout_s: float = 900) -> dict:
 
 
 def _measure(spec: dict) -> dict:
+    """What bench.offline_gpu measures of our engine (its throughput row and batch-1 row), of vLLM."""
     from transformers import LlamaConfig
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from bench.offline_common import WARMUP_OUTPUT_LEN, WARMUP_REQUESTS, make_prompts
+    from bench.offline_common import Run, make_prompts, measure
+    from bench.offline_gpu import batch1
 
     config = LlamaConfig(**spec["config"], bos_token_id=None, eos_token_id=None, pad_token_id=None)
     with tempfile.TemporaryDirectory() as model_dir:
@@ -45,44 +46,17 @@ def _measure(spec: dict) -> dict:
         llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=spec["dtype"],
                   max_model_len=spec["max_model_len"], **spec.get("vllm_kwargs", {}))
 
-        def generate(prompts: list[list[int]], output_len: int) -> list[list[int]]:
+        def generate(prompts: list[list[int]], output_len: int) -> Run:
             params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outs]
+            return Run([list(o.outputs[0].token_ids) for o in outs])
 
         prompts = make_prompts(config.vocab_size, spec["num_requests"], spec["min_prompt"], spec["max_prompt"],
                                spec["seed"])
-        generate(prompts[:WARMUP_REQUESTS], WARMUP_OUTPUT_LEN)
-        start = time.perf_counter()
-        outputs = generate(prompts, spec["output_len"])
-        seconds = time.perf_counter() - start
-        num_output = sum(len(o) for o in outputs)
-        row = dict(system=VLLM, requests=len(prompts), seconds=seconds, output_tokens=num_output,
-                   total_tokens=num_output + sum(len(p) for p in prompts), output_tok_s=num_output / seconds,
-                   setup_s=0.0)
-        row["total_tok_s"] = row["total_tokens"] / seconds
-        batch1 = _batch1(generate, config.vocab_size, spec)
-    return dict(row=row, batch1=batch1)
-
-
-def _batch1(generate, vocab_size: int, spec: dict) -> dict:
-    """As bench.offline_gpu.batch1: the median of full runs and of first-token runs, fresh prompts each."""
-    import statistics
-
-    from bench.offline_common import make_prompts
-
-    runs, prompt_len, output_len = spec["batch1_runs"], spec["batch1_prompt"], spec["output_len"]
-    prompts = make_prompts(vocab_size, 2 * runs, prompt_len, prompt_len, spec["seed"] + 1)
-
-    def timed(prompt, n):
-        start = time.perf_counter()
-        generate([prompt], n)
-        return time.perf_counter() - start
-
-    full = statistics.median(timed(p, output_len) for p in prompts[:runs])
-    first = statistics.median(timed(p, 1) for p in prompts[runs:])
-    return dict(runs=runs, prompt_len=prompt_len, output_len=output_len, ms_per_token=1e3 * full / output_len,
-                decode_ms_per_token=1e3 * (full - first) / (output_len - 1), first_token_ms=1e3 * first)
+        row, _ = measure(VLLM, generate, prompts, spec["output_len"])
+        # The same batch-1 prompts as our engine's (bench.offline_gpu.run_engine's seed).
+        batch1_row = batch1(generate, config.vocab_size, spec["output_len"], spec["batch1_runs"], spec["seed"] + 1)
+    return dict(row=dict(row, requests=len(prompts)), batch1=batch1_row)
 
 
 if __name__ == "__main__":
