@@ -48,15 +48,13 @@ class EngineCalls:
             async for output in engine.generate(token_ids, params, request_id, priority, **options):
                 if output.finished and output.finish_reason == "abort" and self.state.draining:
                     settled = True
-                    self.state.in_flight.pop(call)
-                    await self.fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere")
+                    await self._end(call, context, grpc.StatusCode.UNAVAILABLE,
+                                    "server is shutting down; retry elsewhere")
                 yield output
             settled = True
         except (QueueFullError, EngineDeadError, ValueError) as exc:
             settled = True
-            # The call is over before its status leaves: a client that has its answer never finds it still counted.
-            self.state.in_flight.pop(call)
-            await self.fail(context, *self._status_for(exc, request_id))
+            await self._end(call, context, *self._status_for(exc, request_id))
         finally:
             self.state.in_flight.pop(call, None)
             if not settled:  # cancelled by the client or its deadline, while waiting or while sending
@@ -64,6 +62,11 @@ class EngineCalls:
                 # The client's own timer usually fires a hair before ours: its cancel is the deadline.
                 expired = remaining is not None and remaining <= DEADLINE_SLACK_S
                 self.count_failure("DEADLINE_EXCEEDED" if expired else "CANCELLED")
+
+    async def _end(self, call, context, code: grpc.StatusCode, message: str):
+        """End the call with a status, uncounting it first: a client that has its status never finds it in flight."""
+        del self.state.in_flight[call]
+        await self.fail(context, code, message)
 
     @staticmethod
     def _status_for(exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:

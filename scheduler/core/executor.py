@@ -160,7 +160,7 @@ class StepExecutor:
         return step.results if step.results is not None else self._read(step)
 
     def _read(self, step: StepInFlight) -> list[StepResult]:
-        """Wait for a launched step's tokens and append them (a grammar takes its request's too)."""
+        """Wait for a launched step's tokens and append them."""
         if step.copied is not None:
             step.copied.synchronize()
         token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
@@ -168,8 +168,6 @@ class StepExecutor:
         for request, token, lp in zip(step.requests, token_ids, logprobs):
             request.num_placeholders -= 1
             if not request.is_finished:
-                if request.guide is not None:
-                    request.guide.accept([token])
                 results.append(_append_one(request, token, lp))
         return results
 
@@ -239,7 +237,7 @@ class StepExecutor:
         overwritten), without the sampler's rows."""
         guides = [r.guide for r in requests]
         constrained = any(g is not None for g in guides)
-        if all(plain_greedy(r) and not r.params.logprobs for r in requests):
+        if _argmax_only(requests):
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
         rows = sampling_rows(requests, self.vocab_size, self.device)
@@ -255,9 +253,6 @@ class StepExecutor:
         token_ids = out.token_ids.tolist()
         logprobs = _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids) \
             if out.logprobs is not None else [None] * len(requests)
-        for request, token in zip(requests, token_ids):
-            if request.guide is not None:
-                request.guide.accept([token])
         return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)
                 if not request.is_finished]
 
@@ -270,7 +265,7 @@ class StepExecutor:
             if target_ids is None:
                 target_ids = logits.argmax(dim=-1).tolist()
             num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
-        elif all(plain_greedy(r) and not r.params.logprobs for r in requests):
+        elif _argmax_only(requests):
             # Greedy rows under grammars: the same argmax comparison, each verified position's argmax taken
             # among the tokens its grammar allows there (what the sampler's one-hot would pick).
             bitmask, walked = self._draft_masks(sampled)
@@ -316,6 +311,12 @@ class StepExecutor:
                 walked[j] = s.request.guide.fill_drafts(s.draft_token_ids, host, row)
             row += 1 + len(s.draft_token_ids)
         return self.masks.to_device(host), walked
+
+
+def _argmax_only(requests: list[Request]) -> bool:
+    """Every request's token is its logits' argmax (under its grammar's mask, if any), without logprobs: no
+    sampling rows needed."""
+    return all(plain_greedy(r) and not r.params.logprobs for r in requests)
 
 
 def _settle_guides(sampled: list[ScheduledRequest], walked: list[int], num_accepted: list[int],
@@ -384,7 +385,10 @@ def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list]:
 
 
 def _append_one(request: Request, token: int, logprob: TokenLogprob | None = None) -> StepResult:
+    """A sampled token onto its request and, where a grammar constrains the request, into its matcher."""
     request.append_token(token)
+    if request.guide is not None:
+        request.guide.accept([token])
     return StepResult(request, [token], [logprob] if request.params.logprobs else None)
 
 
