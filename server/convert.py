@@ -85,15 +85,18 @@ def prompt_token_ids(request: pb.GenerateRequest, inputs: InputProcessor) -> lis
 
 
 def chat_messages(chat: pb.Chat, field: str) -> list[dict[str, str]]:
-    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    return check_chat_messages([{"role": m.role, "content": m.content} for m in chat.messages], f"{field}.messages")
+
+
+def check_chat_messages(messages: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+    """A chat's messages, checked for what every surface requires; errors name `field[i]`."""
     for i, m in enumerate(messages):
         if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise InvalidArgument(f"{field}.messages[{i}].role: must be system, user, assistant or tool, "
-                                  f"got {m['role']!r}")
+            raise InvalidArgument(f"{field}[{i}].role: must be system, user, assistant or tool, got {m['role']!r}")
         if m["role"] != "assistant" and not m["content"]:
-            raise InvalidArgument(f"{field}.messages[{i}].content: must not be empty")
+            raise InvalidArgument(f"{field}[{i}].content: must not be empty")
     if not messages:
-        raise InvalidArgument(f"{field}.messages: at least one message is required")
+        raise InvalidArgument(f"{field}: at least one message is required")
     return messages
 
 
@@ -108,10 +111,7 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
                 raise InvalidArgument(f"sampling.{name}: must be a finite number, got {value}")
             kwargs[name] = value
     kwargs["max_tokens"] = stop.max_tokens if stop.HasField("max_tokens") else None
-    if len(stop.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"stopping.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")
-    if any(len(s_) > MAX_STOP_STRING_CHARS for s_ in stop.stop):
-        raise InvalidArgument(f"stopping.stop: each stop string must be at most {MAX_STOP_STRING_CHARS} characters")
+    check_stop_strings(stop.stop, "stopping.stop")
     if out.HasField("prompt_logprobs"):
         kwargs["prompt_logprobs"] = out.prompt_logprobs
     if request.HasField("truncate_prompt_tokens"):
@@ -123,6 +123,14 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         ignore_eos=stop.ignore_eos, include_stop_str_in_output=stop.include_stop_str_in_output,
         logprobs=out.logprobs, skip_special_tokens=out.skip_special_tokens if out.HasField("skip_special_tokens")
         else True)
+
+
+def check_stop_strings(stop, field: str) -> None:
+    """The edge's limit on stop strings, the same on every surface."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"{field}: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+        raise InvalidArgument(f"{field}: each stop string must be at most {MAX_STOP_STRING_CHARS} characters")
 
 
 def structured_outputs(request: pb.GenerateRequest) -> StructuredOutputsParams | None:
