@@ -13,6 +13,7 @@ import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from server.calls import ServerState
@@ -39,12 +40,11 @@ def build_app(state: ServerState) -> FastAPI:
     return Guard(app, keys, config.max_message_bytes)
 
 
-async def _http_exception(request: Request, exc: HTTPException):
+async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own statuses (no such path, wrong method) in OpenAI's error shape."""
-    code = {404: grpc.StatusCode.NOT_FOUND}.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT)
-    response = error_response(HttpStatusError(code, f"{request.method} {request.url.path}: {exc.detail}", ""))
-    response.status_code = exc.status_code
-    return response
+    return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+                                   "type": "invalid_request_error", "param": None,
+                                   "code": str(exc.detail).lower().replace(" ", "_")}}, status_code=exc.status_code)
 
 
 class Guard:
