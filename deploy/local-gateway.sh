@@ -14,7 +14,9 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT INT TERM
 workers=()
 for ((i = 0; i < REPLICAS; i++)); do
   port=$((50051 + i))
-  "$BIN/beastserve" serve --model "$MODEL" --host 127.0.0.1 --port "$port" --metrics-port $((9400 + i)) &
+  # The gateway serves HTTP here: the daemons' own HTTP API stays off (its default port is the gateway's).
+  "$BIN/beastserve" serve --model "$MODEL" --host 127.0.0.1 --port "$port" --metrics-port $((9400 + i)) \
+    --http-port off &
   pids+=($!)
   workers+=("grpc://127.0.0.1:$port")
 done

@@ -67,10 +67,12 @@ def gateway(daemon, tmp_path_factory):
 
 def test_smg_routes_to_the_http_api_logprobs_and_echo_included(daemon, gateway):
     model = gateway.call("/models")["data"][0]["id"]
-    body = dict(model=model, prompt="Hello there", max_tokens=4, temperature=0, logprobs=2, echo=True)
+    body = dict(model=model, prompt="Hello there", max_tokens=4, temperature=0, logprobs=2, echo=True,
+                logit_bias={"11": 100})
     direct = call(daemon.http_url + "/v1/completions", body)[1]["choices"][0]
     routed = gateway.call("/completions", body)["choices"][0]
     assert routed["text"] == direct["text"] and routed["logprobs"] == direct["logprobs"]
+    assert direct["logprobs"]["tokens"][-4:] == [direct["logprobs"]["tokens"][-1]] * 4  # the bias chose them
     sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=60)
     chunks = list(sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=4, temperature=0, stream=True))
