@@ -24,6 +24,7 @@ from server.security import bearer_allowed, load_api_keys
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health",)  # probes call it without credentials, as gRPC's health service
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")  # what the request metrics count
 SHUTDOWN_GRACE_S = 2  # after the drain: connections still open are idle keep-alives
 
 
@@ -32,8 +33,8 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="beastserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(calls.router())
     app.add_exception_handler(HttpStatusError, on_status_error)
-    app.add_exception_handler(RequestValidationError,
-                              lambda request, exc: invalid_request(exc, calls.count_failure))
+    app.add_exception_handler(RequestValidationError, lambda request, exc: invalid_request(
+        exc, calls.count_failure if request.url.path in GENERATION_PATHS else None))
     app.add_exception_handler(HTTPException, _http_exception)
     config = state.config
     keys = load_api_keys(config.api_key_file) if config.api_key_file else None

@@ -103,6 +103,8 @@ def sampling_params(request: Sampling, max_tokens: int | None, logprobs: int | N
                     prompt_logprobs: int | None) -> SamplingParams:
     """The engine's parameters for a request. The engine reports at least one alternative per token, so logprobs
     0 (the chosen token's only) is asked of it as 1 and cut back on the way out."""
+    if request.stream_options is not None and not request.stream:
+        raise InvalidArgument("stream_options: only with stream: true")
     kwargs = {name: getattr(request, name) for name in _SAME_NAMES if getattr(request, name) is not None}
     kwargs.update(max_tokens=max_tokens, logprobs=0 if logprobs is None else max(logprobs, 1),
                   prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(request.logit_bias),

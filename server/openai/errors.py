@@ -86,12 +86,14 @@ def validation_message(error: dict) -> tuple[str, str]:
     return path, f"{path}: {error['msg']}" if path else error["msg"]
 
 
-def invalid_request(exc: RequestValidationError, count_failure) -> JSONResponse:
-    """A body that does not parse or fit the request's schema: 400 naming the first field at fault."""
+def invalid_request(exc: RequestValidationError, count_failure=None) -> JSONResponse:
+    """A body that does not parse or fit the request's schema: 400 naming the first field at fault; counted as a
+    failed request when count_failure is given (generation requests)."""
     errors = exc.errors()
     if not errors:
         path, message = None, "the request body is not a valid request"
     else:
         path, message = validation_message(errors[0])
-    count_failure("INVALID_ARGUMENT")
+    if count_failure is not None:
+        count_failure("INVALID_ARGUMENT")
     return error_response(HttpStatusError(grpc.StatusCode.INVALID_ARGUMENT, message, path or None))
