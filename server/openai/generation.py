@@ -100,7 +100,7 @@ class Generation:
 
     def _chunk(self, prompt: int, output: RequestOutput) -> dict:
         choice, echoed, logprobs = self._add(prompt, output)
-        first = echoed or choice.num_tokens == len(output.token_ids)
+        first = choice.num_deltas == 1
         entry = {"index": choice.index, "logprobs": logprobs, "finish_reason": choice.finish_reason,
                  "stop_reason": choice.stop_reason}
         if self.chat:

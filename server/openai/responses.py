@@ -33,6 +33,7 @@ class Choice:
         self.chat_lp: list[dict] = []
         self.finish_reason = self.stop_reason = None
         self.num_tokens = 0
+        self.num_deltas = 0
 
     def echo(self, prompt_text: str, prompt_ids: list[int], prompt_logprobs: list | None) -> str:
         """Starts the completion with its prompt (completions' echo)."""
@@ -45,6 +46,7 @@ class Choice:
         """Take a delta; its logprobs in this API's form (None when none were asked)."""
         self.content += output.text
         self.num_tokens += len(output.token_ids)
+        self.num_deltas += 1
         if output.finished:
             self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
         if self.k is None:
