@@ -1,6 +1,7 @@
 """EleutherAI's lm-evaluation-harness against the daemon's OpenAI HTTP API, unchanged, as its users run it:
-`local-completions` (token-id prompts, echo with logprobs for loglikelihoods) and `local-chat-completions`, on tiny
-tasks this test writes, give what lm-eval's `hf` backend gives on the same weights (transformers, float32): greedy
+`local-completions` (batches of token-id prompts, echo with logprobs for loglikelihoods) and
+`local-chat-completions`, on tiny tasks this test writes, give what lm-eval's `hf` backend gives on the same weights
+(transformers, float32): greedy
 generations identical, loglikelihoods within 1e-3. The weights and tokenizer are the default model's, from the
 HF-style directory of the daemon's model cache: nothing comes from a hub."""
 
@@ -104,7 +105,7 @@ def test_local_completions_equals_hf(daemon, hf_directory, task_manager, hf_resu
 
     results = simple_evaluate("local-completions", model_args={
         "model": MODEL, "base_url": f"{daemon.http_url}/v1/completions", "tokenizer": hf_directory,
-        "tokenizer_backend": "huggingface", "num_concurrent": 1, "max_retries": 1}, tasks=list(TASKS),
+        "tokenizer_backend": "huggingface", "batch_size": 4, "num_concurrent": 2, "max_retries": 1}, tasks=list(TASKS),
         task_manager=task_manager)
     ours, theirs = _samples(results), _samples(hf_results[0])
     assert ours["tiny_generate"] == theirs["tiny_generate"]
@@ -123,7 +124,7 @@ def test_local_chat_completions_equals_hf_with_the_chat_template(daemon, task_ma
     from lm_eval import simple_evaluate
 
     results = simple_evaluate("local-chat-completions", model_args={
-        "model": MODEL, "base_url": f"{daemon.http_url}/v1/chat/completions", "num_concurrent": 1,
+        "model": MODEL, "base_url": f"{daemon.http_url}/v1/chat/completions", "num_concurrent": 4,
         "max_retries": 1}, tasks=["tiny_generate"], task_manager=task_manager, apply_chat_template=True)
     ours = _samples(results)["tiny_generate"]
     assert ours == _samples(hf_results[1])["tiny_generate"]
@@ -135,6 +136,6 @@ def test_the_remote_tokenizer_needs_no_model_files(daemon, task_manager, hf_resu
     from lm_eval import simple_evaluate
 
     results = simple_evaluate("local-completions", model_args={
-        "model": MODEL, "base_url": f"{daemon.http_url}/v1/completions", "num_concurrent": 1, "max_retries": 1},
+        "model": MODEL, "base_url": f"{daemon.http_url}/v1/completions", "num_concurrent": 4, "max_retries": 1},
         tasks=["tiny_generate"], task_manager=task_manager)
     assert _samples(results)["tiny_generate"] == _samples(hf_results[0])["tiny_generate"]

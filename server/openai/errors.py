@@ -79,11 +79,17 @@ def validation_message(error: dict) -> tuple[str, str]:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif not str(part).startswith(("function-", "tagged-union", "list[", "str", "int", "float", "bool", "dict")):
+        elif not _is_type_tag(str(part)):
             path += f".{part}" if path else str(part)
     if error["type"] == "extra_forbidden":
         return path, f"{path}: unrecognized request field (not served here, so refused rather than ignored)"
     return path, f"{path}: {error['msg']}" if path else error["msg"]
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic's names for the member of a union it tried (`str`, `list[int]`, `function-after[...]`)."""
+    return part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part or part.startswith(
+        ("function-", "tagged-union", "json-or-python"))
 
 
 def invalid_request(exc: RequestValidationError, count_failure=None) -> JSONResponse:
@@ -93,7 +99,9 @@ def invalid_request(exc: RequestValidationError, count_failure=None) -> JSONResp
     if not errors:
         path, message = None, "the request body is not a valid request"
     else:
-        path, message = validation_message(errors[0])
+        # Of a union's members' errors, the one that got furthest says most (a content part's `type`, not
+        # "not a string").
+        path, message = validation_message(max(errors, key=lambda e: len(e["loc"])))
     if count_failure is not None:
         count_failure("INVALID_ARGUMENT")
     return error_response(HttpStatusError(grpc.StatusCode.INVALID_ARGUMENT, message, path or None))
