@@ -37,17 +37,18 @@ class Generation:
                                      p.priority, **p.options) for i, ids in enumerate(p.prompts)])
 
     async def whole(self) -> dict:
+        """The unary answer: every choice, in index order, and the usage."""
         outputs = [item async for item in self.outputs()]
-        for prompt, output in outputs:
+        for prompt, output in outputs:  # prompt logprobs first: every choice's echo may need them
             self._note(prompt, output)
         for prompt, output in outputs:
             self._add(prompt, output)
         choices = [self.choices[i].whole() for i in sorted(self.choices)]
         body = self._head("chat.completion" if self.chat else "text_completion")
         body.update(choices=choices, usage=self._usage())
-        lps = [prompt_logprobs(self.text, self.prepared.prompts[i], self.prompt_lp.get(i))
-               for i in range(len(self.prepared.prompts))]
         if self.prepared.report_prompt_logprobs:
+            lps = [prompt_logprobs(self.text, self.prepared.prompts[i], self.prompt_lp.get(i))
+                   for i in range(len(self.prepared.prompts))]
             if self.chat:
                 body["prompt_logprobs"] = lps[0]
             else:
