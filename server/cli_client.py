@@ -1,4 +1,5 @@
-"""`beastserve generate | chat | health`: talk to a running daemon over gRPC."""
+"""`beastserve generate | chat | tokenize | health`: talk to a running daemon over gRPC. Nothing here imports
+the engine (torch, transformers): these commands start in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ REPLACEMENT_CHAR = "\ufffd"  # what a character cut in its middle decodes to
 
 
 def add_client_commands(subparsers) -> None:
-    """Add the `generate`, `chat` and `health` subcommands; each sets `func` to a function(args) -> exit code."""
+    """Add the `generate`, `chat`, `tokenize` and `health` subcommands; each sets `func` to a function(args) -> exit
+    code."""
     generate = subparsers.add_parser("generate", help="stream one answer from a running daemon",
                                      description="Stream one answer from a running daemon; a summary line (finish "
                                      "reason, token counts, latency) goes to stderr.")
@@ -33,6 +35,17 @@ def add_client_commands(subparsers) -> None:
     _add_sampling_args(chat)
     _add_connection_args(chat)
     chat.set_defaults(func=run_chat)
+
+    tokenize = subparsers.add_parser("tokenize", help="print the token ids a running daemon makes of a text",
+                                     description="Print the token ids the daemon's tokenizer makes of a text (or, "
+                                     "with --chat, of a user message in the chat template), space-separated.")
+    tokenize.add_argument("text", help="the text (or, with --chat, the user's message)")
+    tokenize.add_argument("--chat", action="store_true",
+                          help="tokenize the text as a user chat message, in the model's chat template (default: off)")
+    tokenize.add_argument("--no-special-tokens", dest="add_special_tokens", action="store_false",
+                          help="leave out the special tokens the tokenizer adds (e.g. BOS) (default: added)")
+    _add_connection_args(tokenize)
+    tokenize.set_defaults(func=run_tokenize)
 
     health = subparsers.add_parser("health", help="print whether a daemon is ready; exit 0 only when SERVING")
     health.add_argument("--live", action="store_true",
@@ -167,6 +180,15 @@ def _answer(client: Client, messages: list[dict], sampling: dict) -> str | None:
         print("[stopped; not kept in the conversation]")
         return None
     return answer
+
+
+@_reporting_errors
+def run_tokenize(args: argparse.Namespace) -> int:
+    text = dict(chat=[{"role": "user", "content": args.text}]) if args.chat else dict(text=args.text)
+    with _connect(args) as client:
+        token_ids = client.tokenize(**text, add_special_tokens=args.add_special_tokens)
+    print(" ".join(map(str, token_ids)))
+    return 0
 
 
 @_reporting_errors
