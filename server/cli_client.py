@@ -14,8 +14,6 @@ import grpc
 
 from server.client import DEFAULT_ADDRESS, READINESS_SERVICE, Client, Response, build_request
 
-REPLACEMENT_CHAR = "\ufffd"  # what a character cut in its middle decodes to
-
 
 def add_client_commands(subparsers) -> None:
     """Add the `generate`, `chat`, `tokenize` and `health` subcommands; each sets `func` to a function(args) -> exit
@@ -215,17 +213,17 @@ def run_health(args: argparse.Namespace) -> int:
 
 def print_stream(responses: Iterable[Response], mark_cut: bool = False) -> tuple[str, Response]:
     """Write each delta to stdout as it arrives, then a newline (also when the stream fails or is stopped, so an
-    error starts on its own line); return the whole text and the last message. An answer cut by its length
-    limit loses the part of a character it ends in, and with `mark_cut` ends with ` [length]`."""
+    error starts on its own line); return the whole text and the last message. With `mark_cut`, an answer cut by
+    its length limit ends with ` [length]`, and one whose last character was cut says so."""
     parts, last, end = [], None, "\n"
     try:
         for last in responses:
-            text = last.text
-            if last.finish_reason == "length":
-                text = text.rstrip(REPLACEMENT_CHAR)
-                end = " [length]\n" if mark_cut else end
-            print(text, end="", flush=True)
-            parts.append(text)
+            if mark_cut and last.finish_reason == "length":
+                end = " [length]\n"
+            if mark_cut and last.held_back_bytes:
+                end = f"{end.rstrip()} [{held_back_text(last)}]\n"
+            print(last.text, end="", flush=True)
+            parts.append(last.text)
     except BaseException:
         if any(parts):
             print(flush=True)
@@ -239,6 +237,12 @@ def summary(last: Response) -> str:
     matched = last.WhichOneof("matched_stop")
     stop = f" stop={getattr(last, matched)!r}" if matched else " stop=eos" if last.finish_reason == "stop" else ""
     usage, timing = last.usage, last.timing
+    held_back = f" held_back_bytes={last.held_back_bytes} ({held_back_text(last)})" if last.held_back_bytes else ""
     return (f"finish={last.finish_reason}{stop} prompt_tokens={usage.prompt_tokens} "
             f"completion_tokens={usage.completion_tokens} cached_tokens={usage.cached_tokens} "
-            f"ttft={timing.ttft_s * 1e3:.1f}ms e2e={timing.e2e_s * 1e3:.1f}ms")
+            f"ttft={timing.ttft_s * 1e3:.1f}ms e2e={timing.e2e_s * 1e3:.1f}ms{held_back}")
+
+
+def held_back_text(last: Response) -> str:
+    return (f"the answer ends inside a character: its first {last.held_back_bytes} bytes are in the tokens, not in "
+            "the text")
