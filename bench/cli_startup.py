@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="runs of each command (median reported)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
-    results = {"machine": machine.machine_facts(), "command": " ".join(["python -m bench.cli_startup", *(argv or [])]),
-               "commands": {}}
-    for name, command in COMMANDS.items():
-        times = wall_times(command, args.repeats)
+    command = " ".join(["python -m bench.cli_startup", *(sys.argv[1:] if argv is None else argv)])
+    results = {"machine": machine.machine_facts(), "command": command, "commands": {}}
+    for name, cli_args in COMMANDS.items():
+        times = wall_times(cli_args, args.repeats)
         results["commands"][name] = {"wall_s": times, "median_s": statistics.median(times)}
         print(f"beastserve {name}: median {statistics.median(times):.3f} s (min {min(times):.3f}, "
               f"max {max(times):.3f}, {args.repeats} runs)")
