@@ -21,9 +21,7 @@ def add_client_commands(subparsers) -> None:
     generate = subparsers.add_parser("generate", help="stream one answer from a running daemon",
                                      description="Stream one answer from a running daemon; a summary line (finish "
                                      "reason, token counts, latency) goes to stderr.")
-    generate.add_argument("prompt", help="the prompt text (or, with --chat, the user's message)")
-    generate.add_argument("--chat", action="store_true",
-                          help="send the prompt as a user chat message, in the model's chat template (default: off)")
+    _add_text_args(generate, "prompt", "send the prompt")
     _add_sampling_args(generate)
     _add_connection_args(generate)
     generate.set_defaults(func=run_generate)
@@ -37,9 +35,7 @@ def add_client_commands(subparsers) -> None:
     tokenize = subparsers.add_parser("tokenize", help="print the token ids a running daemon makes of a text",
                                      description="Print the token ids the daemon's tokenizer makes of a text (or, "
                                      "with --chat, of a user message in the chat template), space-separated.")
-    tokenize.add_argument("text", help="the text (or, with --chat, the user's message)")
-    tokenize.add_argument("--chat", action="store_true",
-                          help="tokenize the text as a user chat message, in the model's chat template (default: off)")
+    _add_text_args(tokenize, "text", "tokenize the text")
     tokenize.add_argument("--no-special-tokens", dest="add_special_tokens", action="store_false",
                           help="leave out the special tokens the tokenizer adds (e.g. BOS) (default: added)")
     _add_connection_args(tokenize)
@@ -54,6 +50,12 @@ def add_client_commands(subparsers) -> None:
                         help="keep asking for up to this long until SERVING (default: 0, ask once)")
     _add_connection_args(health)
     health.set_defaults(func=run_health)
+
+
+def _add_text_args(parser: argparse.ArgumentParser, name: str, what: str) -> None:
+    parser.add_argument(name, help=f"the {name} (or, with --chat, the user's message)")
+    parser.add_argument("--chat", action="store_true",
+                        help=f"{what} as a user chat message, in the model's chat template (default: off)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +114,12 @@ def _connect(args: argparse.Namespace) -> Client:
                   tls_key_file=args.tls_key_file, timeout=args.timeout)
 
 
+def _text(args: argparse.Namespace, name: str) -> dict:
+    """{name: the text}, or with --chat {"chat": [the text as a user message]}."""
+    text = getattr(args, name)
+    return dict(chat=[{"role": "user", "content": text}]) if args.chat else {name: text}
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 seed=args.seed, stop=args.stop)
@@ -119,9 +127,8 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 @_reporting_errors
 def run_generate(args: argparse.Namespace) -> int:
-    prompt = dict(chat=[{"role": "user", "content": args.prompt}]) if args.chat else dict(prompt=args.prompt)
     with _connect(args) as client:
-        _, last = print_stream(client.stream(**prompt, **_sampling_kwargs(args)))
+        _, last = print_stream(client.stream(**_text(args, "prompt"), **_sampling_kwargs(args)))
     print(summary(last), file=sys.stderr)
     return 0
 
@@ -182,9 +189,8 @@ def _answer(client: Client, messages: list[dict], sampling: dict) -> str | None:
 
 @_reporting_errors
 def run_tokenize(args: argparse.Namespace) -> int:
-    text = dict(chat=[{"role": "user", "content": args.text}]) if args.chat else dict(text=args.text)
     with _connect(args) as client:
-        token_ids = client.tokenize(**text, add_special_tokens=args.add_special_tokens)
+        token_ids = client.tokenize(**_text(args, "text"), add_special_tokens=args.add_special_tokens)
     print(" ".join(map(str, token_ids)))
     return 0
 
