@@ -1,5 +1,6 @@
 """`beastserve generate | chat | tokenize | health`: talk to a running daemon over gRPC. Nothing here imports
-the engine (torch, transformers): these commands start in a fraction of a second."""
+the engine (torch, transformers), and gRPC and the client are imported by the commands that call, when they
+run: `--help` needs neither. These commands start in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import grpc
+from server.defaults import DEFAULT_ADDRESS, READINESS_SERVICE
 
-from server.client import DEFAULT_ADDRESS, READINESS_SERVICE, Client, Response, build_request
+if TYPE_CHECKING:
+    import grpc
+
+    from server.client import Client, Response
 
 
 def add_client_commands(subparsers) -> None:
@@ -87,6 +92,8 @@ def _add_connection_args(parser: argparse.ArgumentParser) -> None:
 def _reporting_errors(run):
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
+        import grpc
+
         try:
             return run(args)
         except grpc.RpcError as exc:
@@ -102,6 +109,8 @@ def _reporting_errors(run):
 
 
 def rpc_error_text(exc: grpc.RpcError, address: str) -> str:
+    import grpc
+
     details = exc.details() or ""
     if exc.code() == grpc.StatusCode.UNAVAILABLE and ("refused" in details or "failed to connect" in details):
         return (f"no daemon is running at {address} (connection refused); start one with `beastserve serve` "
@@ -110,6 +119,8 @@ def rpc_error_text(exc: grpc.RpcError, address: str) -> str:
 
 
 def _connect(args: argparse.Namespace) -> Client:
+    from server.client import Client
+
     return Client(args.address, api_key=args.api_key, tls_ca_file=args.tls_ca_file, tls_cert_file=args.tls_cert_file,
                   tls_key_file=args.tls_key_file, timeout=args.timeout)
 
@@ -144,6 +155,8 @@ An answer cut by --max-tokens ends with [length]."""
 @_reporting_errors
 def run_chat(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)
+    from server.client import build_request
+
     build_request(chat=[{"role": "user", "content": "?"}], **sampling)  # bad flags fail now, not after a message
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)
@@ -199,6 +212,8 @@ def run_tokenize(args: argparse.Namespace) -> int:
 def run_health(args: argparse.Namespace) -> int:
     if args.wait < 0:
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
+    import grpc
+
     service = "" if args.live else READINESS_SERVICE if args.service is None else args.service
     deadline = time.monotonic() + args.wait
     with _connect(args) as client:

@@ -149,7 +149,7 @@ def test_client_commands_and_help_never_import_the_engine(daemon):
     for argv, stdin in commands:
         code, out, modules = imported_modules(*argv, stdin=stdin)
         assert code == 0 and out, argv
-        assert {"server.cli_client", "grpc"} <= modules  # the import log was read
+        assert "server.cli_client" in modules  # the import log was read
         engine = sorted(m for m in modules if any(m == e or m.startswith(e + ".") for e in ENGINE_MODULES))
         assert not engine, f"beastserve {' '.join(argv)} imported {engine[:5]}"
     assert imported_modules("tokenize", "Hi there", *address)[1].split() == \
