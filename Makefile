@@ -18,14 +18,16 @@ PICKED = $(PY) -c 'import json, sys; picked = [p["metadata"] for p in json.load(
 	if not p.get("requested")]; print(*(m["name"] + "==" + m["version"] for m in picked if m["name"] not in sys.argv[2:]))'
 define pip_install
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q $(1); else \
-		$(PIP) install -q --dry-run --report $(REPORT) $(1) && \
-		$(PIP) install -q --no-deps $(1) $$($(PICKED) $(REPORT) $(CPU_SKIP)) && rm $(REPORT); fi
+		$(PIP) install -q --dry-run --report $(REPORT) $(1) && picked=$$($(PICKED) $(REPORT) $(CPU_SKIP)) && \
+		$(PIP) install -q --no-deps $(1) $$picked && rm $(REPORT); fi
 endef
 
 .PHONY: install install-dev deploy-tools serve gateway test test-slow lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	# pip_install's --dry-run --report need pip >= 22.2; the first releases of Python 3.10 bring an older one.
+	$(PIP) install -q 'pip>=22.2'
 	# Before anything asks for torch: without CUDA, its CPU build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PIP) install -q --retries 1 --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu'; fi
