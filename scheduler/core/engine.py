@@ -37,7 +37,7 @@ from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
 from scheduler.structured.compiler import GrammarCompiler
-from scheduler.worker.memory import plan_kv_cache
+from scheduler.worker.memory import measure_step_peak, plan_kv_cache
 from scheduler.worker.ranks import LeaderRunner, Ranks, load_target
 from scheduler.worker.runner import ModelRunner
 
@@ -69,7 +69,10 @@ class Engine:
         if proposer is not None and proposer.max_positions is not None:
             max_positions = min(max_positions, proposer.max_positions)
         configs = [target.config] + ([proposer.kv_model_config] if proposer and proposer.kv_model_config else [])
-        plan = plan_kv_cache(config, configs, self.dtype, self.device)
+        # Measured where this process can run a step alone (not under tensor parallelism: every rank takes part).
+        step_peak = measure_step_peak(target.model, config, self.dtype, self.device, max_positions) \
+            if self.device.type == "cuda" and config.kv_cache_bytes is None and self.ranks is None else None
+        plan = plan_kv_cache(config, configs, self.dtype, self.device, step_peak)
         self.max_model_len = min(max_positions, plan.num_blocks * config.block_size)
         if self.max_model_len < target.max_positions:
             log.warning("max_model_len lowered to %d tokens, what the KV cache (and draft) hold", self.max_model_len)
