@@ -15,10 +15,12 @@ from server.convert import (
     InvalidArgument,
     chat_messages,
     field_error,
+    render_chat,
     speculative_options,
     to_engine_inputs,
     to_response,
     to_unary_response,
+    tokenize_text,
 )
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
@@ -43,13 +45,13 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request, context):
         engine = await self.engine(context)
-        inputs = engine.engine.inputs
+        inputs, edge = engine.engine.inputs, self.state.edge
         try:
             kind = request.WhichOneof("input")
             if kind == "text":
-                ids = inputs.tokenize(request.text, add_special_tokens=request.add_special_tokens)
+                ids = await tokenize_text(request.text, "text", inputs, edge, request.add_special_tokens)
             elif kind == "chat":
-                ids = inputs.render_chat(chat_messages(request.chat, "chat"))
+                ids = await render_chat(chat_messages(request.chat, "chat"), "chat", inputs, edge)
             else:
                 raise InvalidArgument("input: one of text or chat is required")
         except ValueError as exc:
@@ -73,7 +75,7 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
     async def _run(self, request, request_id: str, context) -> AsyncIterator[RequestOutput]:
         engine = await self.engine(context)
         try:
-            token_ids, params = to_engine_inputs(request, engine.engine.inputs)
+            token_ids, params = await to_engine_inputs(request, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         async for output in self.run(context, token_ids, params, request_id, request.priority,

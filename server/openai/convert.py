@@ -1,15 +1,20 @@
 """OpenAI requests into engine inputs: prompts as token ids and one SamplingParams, built and checked as the gRPC
-services build them (SamplingParams' own checks, server/convert.py's edge limits, the grammar parsed up front).
-Errors are InvalidArgument whose message starts with the request field at fault."""
+services build them (SamplingParams' own checks; server/convert.py's text limits, tokenising and chat templates off
+the event loop; the grammar compiled before the request is queued). Errors are InvalidArgument whose message starts
+with the request field at fault."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scheduler import SamplingParams, StructuredOutputsParams
-from scheduler.io.inputs import InputProcessor
-from server.convert import InvalidArgument, check_chat_messages, check_stop_strings
+from server.convert import InvalidArgument, check_chat_messages, render_chat, tokenize_text
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest, Message, Sampling
+
+if TYPE_CHECKING:
+    from scheduler import Engine
+    from server.edge import EdgeWork
 
 MAX_PROMPTS = 1024  # prompts in one completions request; each is a request of its own in the engine
 # SamplingParams' fields that keep the same name on the wire.
@@ -32,7 +37,7 @@ class Prepared:
     report_prompt_logprobs: bool = False  # asked for by name (echo's logprobs come with the echoed tokens)
 
 
-def prepare_completion(request: CompletionRequest, inputs: InputProcessor) -> Prepared:
+async def prepare_completion(request: CompletionRequest, engine: Engine, edge: EdgeWork) -> Prepared:
     """A /v1/completions request: text, token ids, or a batch of either."""
     if request.suffix:
         raise InvalidArgument("suffix: insertion (text after the completion) is not served")
@@ -48,20 +53,21 @@ def prepare_completion(request: CompletionRequest, inputs: InputProcessor) -> Pr
     params = sampling_params(request, max_tokens=request.max_tokens, logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs)
     texts, prompts = _prompts(request.prompt)
-    token_ids = []
+    token_ids, inputs = [], engine.inputs
     for i, (text, ids) in enumerate(zip(texts, prompts)):
         where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         try:
             if text is not None:
-                ids = inputs.tokenize(text, add_special_tokens=request.add_special_tokens is not False)
+                ids = await tokenize_text(text, where, inputs, edge, request.add_special_tokens is not False)
             token_ids.append(inputs.prepare(ids, params))
         except ValueError as exc:
             raise _named(exc, where) from None
+    await _compile_grammar(request, engine, edge, params)
     return Prepared(token_ids, params, logprobs, bool(request.echo), texts, speculative_options(request),
                     request.priority or 0, request.prompt_logprobs is not None)
 
 
-def prepare_chat(request: ChatCompletionRequest, inputs: InputProcessor) -> Prepared:
+async def prepare_chat(request: ChatCompletionRequest, engine: Engine, edge: EdgeWork) -> Prepared:
     """A /v1/chat/completions request: the messages rendered with the model's chat template."""
     if request.tools:
         raise InvalidArgument("tools: tool calling is not served by the daemon's own API; put the gateway (smg) in "
@@ -79,9 +85,10 @@ def prepare_chat(request: ChatCompletionRequest, inputs: InputProcessor) -> Prep
         raise InvalidArgument(_chat_names(str(exc), request)) from None
     messages = chat_messages(request.messages)
     try:
-        token_ids = inputs.prepare(inputs.render_chat(messages), params)
+        token_ids = engine.inputs.prepare(await render_chat(messages, "messages", engine.inputs, edge), params)
     except ValueError as exc:
         raise _named(exc, "messages") from None
+    await _compile_grammar(request, engine, edge, params)
     return Prepared([token_ids], params, logprobs, False, [None], speculative_options(request),
                     request.priority or 0, request.prompt_logprobs is not None)
 
@@ -110,7 +117,6 @@ def sampling_params(request: Sampling, max_tokens: int | None, logprobs: int | N
                   prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(request.logit_bias),
                   structured_outputs=structured_outputs(request))
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or ())
-    check_stop_strings(stop, "stop")
     try:
         return SamplingParams(stop=stop, **kwargs)
     except ValueError as exc:
@@ -118,30 +124,35 @@ def sampling_params(request: Sampling, max_tokens: int | None, logprobs: int | N
 
 
 def structured_outputs(request: Sampling) -> StructuredOutputsParams | None:
-    """`response_format` (OpenAI's) or `structured_outputs` (vLLM's), its grammar parsed here."""
-    from scheduler.structured.compiler import check_grammar  # the grammar library: server side only
-
+    """`response_format` (OpenAI's) or `structured_outputs` (vLLM's), checked for form and size; its grammar is
+    compiled once every cheaper check has passed."""
     fmt, so = request.response_format, request.structured_outputs
     if fmt is not None and fmt.type != "text" and so is not None:
         raise InvalidArgument("structured_outputs: give response_format or structured_outputs, not both")
-    where = "structured_outputs"
     if so is not None:
-        given = so.model_dump(by_alias=True, exclude_none=True)
-        value = _build(StructuredOutputsParams, given, where)
-    elif fmt is None or fmt.type == "text":
+        return _build(StructuredOutputsParams, so.model_dump(by_alias=True, exclude_none=True), _constraint(request))
+    if fmt is None or fmt.type == "text":
         return None
-    elif fmt.type == "json_object":
-        value, where = StructuredOutputsParams(json_object=True), "response_format"
-    elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise InvalidArgument("response_format.json_schema.schema: required with type json_schema")
-    else:
-        where = "response_format.json_schema.schema"
-        value = _build(StructuredOutputsParams, {"json": fmt.json_schema.schema_}, where)
+    return _build(StructuredOutputsParams, {"json": fmt.json_schema.schema_}, _constraint(request))
+
+
+def _constraint(request: Sampling) -> str:
+    """The field that holds the request's constraint."""
+    if request.structured_outputs is not None:
+        return "structured_outputs"
+    fmt = request.response_format
+    return "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
+
+
+async def _compile_grammar(request: Sampling, engine: Engine, edge: EdgeWork, params: SamplingParams) -> None:
     try:
-        check_grammar(value)
+        await edge.compile_grammar(engine, params)
     except ValueError as exc:
-        raise InvalidArgument(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
-    return value
+        raise InvalidArgument(f"{_constraint(request)}: {str(exc).split(': ', 1)[-1]}") from None
 
 
 def speculative_options(request: Sampling) -> dict:
@@ -186,7 +197,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
 def _named(exc: ValueError, where: str | None = None) -> InvalidArgument:
     """An engine error in the request's terms: prompt errors name the prompt (or `messages`) they are about."""
     message = str(exc)
-    if where is not None and message.startswith("prompt"):
+    if where is not None and message.startswith("prompt") and not message.startswith(f"{where}:"):
         return InvalidArgument(f"{where}: {message}")
     return InvalidArgument(message)
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.calls import EngineCalls
 from server.config import served_name
-from server.convert import InvalidArgument
+from server.convert import InvalidArgument, render_chat, tokenize_text
 from server.openai.convert import chat_messages, prepare_chat, prepare_completion
 from server.openai.errors import HttpCall, HttpStatusError
 from server.openai.generation import Generation
@@ -47,8 +47,8 @@ class OpenAICalls(EngineCalls):
         engine = await self.engine(call)
         await self._check_model(call, body.model)
         prepare = prepare_chat if chat else prepare_completion
-        try:  # tokenising and chat templates take time on long inputs: not on the event loop
-            prepared = await asyncio.to_thread(prepare, body, engine.engine.inputs)
+        try:
+            prepared = await prepare(body, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(call, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         generation = Generation(self, call, prepared, chat=chat, model=served_name(self.state.config),
@@ -79,11 +79,12 @@ class OpenAICalls(EngineCalls):
             if (body.prompt is None) == (body.messages is None):
                 raise InvalidArgument("prompt: give prompt or messages, not both or neither")
             if body.prompt is not None:
-                ids = await asyncio.to_thread(inputs.tokenize, body.prompt, body.add_special_tokens is not False)
+                ids = await tokenize_text(body.prompt, "prompt", inputs, self.state.edge,
+                                          body.add_special_tokens is not False)
             else:
                 if body.add_generation_prompt is False:
                     raise InvalidArgument("add_generation_prompt: a chat is rendered with the assistant's turn opened")
-                ids = await asyncio.to_thread(inputs.render_chat, chat_messages(body.messages))
+                ids = await render_chat(chat_messages(body.messages), "messages", inputs, self.state.edge)
         except ValueError as exc:
             message = str(exc)
             raise_as = message if message.startswith(("prompt", "messages", "add_generation")) else f"prompt: {message}"
@@ -101,7 +102,7 @@ class OpenAICalls(EngineCalls):
                                   f"tokens: token id {bad} is outside the vocabulary [0, {engine.vocab_size})")
         if engine.tokenizer is None:
             raise HttpStatusError(grpc.StatusCode.INVALID_ARGUMENT, "tokens: this model has no tokenizer")
-        return {"prompt": await asyncio.to_thread(engine.tokenizer.decode, body.tokens)}
+        return {"prompt": await self.state.edge.call(len(body.tokens), engine.tokenizer.decode, body.tokens)}
 
     async def tokenizer_info(self) -> dict:
         """What a client needs to tokenize as the server does without the model's files (lm-eval's remote
