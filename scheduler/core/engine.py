@@ -11,6 +11,7 @@ the next `step()`, which a single thread (the server's engine thread, or `LLM`) 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import threading
@@ -105,6 +106,7 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
+        _freeze_startup_heap()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -197,7 +199,7 @@ class Engine:
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
         outputs += self._admit_compiled()
-        spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead())
+        spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead()) if self.speculator else 0
         # A step with drafts must be verified before the next is scheduled, and drafts are made from the host's
         # token history: such tokens come to the host now, their stop checks wait for this step's launch.
         early = self._in_flight is not None and (spec_depth or isinstance(self._in_flight, Verification))
@@ -224,6 +226,7 @@ class Engine:
             self.admission.wait_for_grammar(timeout=0.01)
         self._settle(results[settled:], outputs)
         self.admission.release_forks(self._live)
+        drafted = [r for r in results if r.num_drafts] if self.speculator else []
         self.last_step_stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
@@ -231,9 +234,9 @@ class Engine:
             num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(len(r.new_token_ids) for r in results),
             num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
             prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
-            num_drafts=sum(1 for r in results if r.num_drafts), num_draft_tokens=sum(r.num_drafts for r in results),
-            accepted_per_position=_per_position(results, accepted=True),
-            verified_per_position=_per_position(results, accepted=False))
+            num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
+            accepted_per_position=_per_position(drafted, accepted=True),
+            verified_per_position=_per_position(drafted, accepted=False))
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start)
         for live, output in outputs:
             live.stream.put(output)
@@ -370,6 +373,18 @@ def _per_position(results: list[StepResult], accepted: bool) -> list[int]:
         for i in range(r.num_accepted if accepted else min(r.num_drafts, r.num_accepted + 1)):
             counts[i] += 1
     return counts
+
+
+def _freeze_startup_heap() -> None:
+    """Leave what start-up made (imported modules, the model, the block pool: hundreds of thousands of objects) out
+    of every later garbage collection. A full collection walks every tracked object: at 1024 running sequences one
+    came every ~15 steps and took ~200 ms, as much host time as the steps between. A process that built an engine
+    before (tests, benchmarks) has its earlier heap unfrozen and its garbage collected first, so a dropped engine's
+    reference cycles do not stay frozen."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _eos_token_ids(config, tokenizer) -> tuple[int, ...]:

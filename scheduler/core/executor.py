@@ -25,7 +25,7 @@ from scheduler.structured.guide import TokenMasks, masked_argmax
 from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
-@dataclass
+@dataclass(slots=True)
 class StepResult:
     request: Request
     new_token_ids: list[int]  # already appended to the request

@@ -14,19 +14,20 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens to compute, a placeholder among them (drafts not counted)
     num_spec_slots: int = 0  # KV slots reserved for draft tokens to verify this step
     draft_token_ids: list[int] = field(default_factory=list)  # filled by the proposer, at most num_spec_slots
     # Whether this step reaches the end of the tokens (placeholders included), so the next one is sampled.
-    # Fixed when scheduled: the engine advances num_computed_tokens afterwards.
-    samples: bool = field(init=False)
+    # Fixed when scheduled (the engine advances num_computed_tokens afterwards): None works it out.
+    samples: bool | None = None
 
     def __post_init__(self) -> None:
-        request = self.request
-        self.samples = request.num_computed_tokens + self.num_new_tokens == request.num_tokens_with_placeholders
+        if self.samples is None:
+            request = self.request
+            self.samples = request.num_computed_tokens + self.num_new_tokens == request.num_tokens_with_placeholders
 
 
 @dataclass
@@ -79,24 +80,27 @@ class Scheduler:
             self._schedule_waiting(out, budget, now)
         return out
 
-    def _rank(self, request: Request, now: float):
-        age = (now - request.arrival_time) / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
-        return (request.priority - age, request.arrival_time)
+    def _rank(self, request: Request) -> tuple[float, float]:
+        """Sorts as (priority value - age / priority_aging_s, arrival): the age's `now` is common to every request,
+        so it is left out and a request's rank does not change while it waits."""
+        aging = request.arrival_time / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
+        return (request.priority + aging, request.arrival_time)
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=lambda r: self._rank(r, now))
+        self.running.sort(key=self._rank)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if 0 < request.max_total_tokens <= request.num_tokens_with_placeholders:
+            num_tokens = request.num_tokens_with_placeholders
+            if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
             # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
             # allocated for it, and its id comes from the device.
-            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
-            decoding = request.num_tokens_with_placeholders - request.num_computed_tokens == 1
-            num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding else 0
+            num_new = min(num_tokens - request.num_computed_tokens, budget)
+            decoding = num_tokens - request.num_computed_tokens == 1
+            num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding and spec_depth else 0
             if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
             while not self.pool.allocate(request, request.num_computed_tokens + num_new):
@@ -107,13 +111,14 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, num_spec))
+                out.scheduled.append(ScheduledRequest(request, num_new, num_spec, samples=num_new == num_tokens
+                                                      - request.num_computed_tokens))
                 budget -= num_new + num_spec
                 i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=lambda r: self._rank(r, now))
+        self.waiting.sort(key=self._rank)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             assert not request.num_placeholders, "a preempted request's step in flight ends before it is admitted"
