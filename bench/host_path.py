@@ -9,7 +9,7 @@ out, so what is reported is host Python per step.
 Two workloads, each with the overlapped loop on and off:
 - steady: --num-requests (1024) decoding at once; after the ramp-up (no request waiting), --window steps are
   timed one by one;
-- whole: --whole-requests (2048) queued at once, the whole run timed, prefill and tail included
+- whole: --whole-requests (2048) through LLM.generate, the whole run timed, prefill and tail included
   (bench.gpu_profile's and bench.offline_gpu's workload: prompts U(64, 512) random ids, 256 output tokens, greedy,
   EOS ignored).
 
@@ -98,29 +98,42 @@ def build(args: argparse.Namespace, overlap: bool, num_running: int) -> tuple[LL
     return llm, ModelClock(llm.engine.model, args.forward == "real")
 
 
-def queue(llm: LLM, args: argparse.Namespace, num_requests: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    for ids in make_prompts(TINY["vocab_size"], num_requests, args.min_prompt, args.max_prompt, args.seed):
-        llm.engine.add_request(None, params, prompt_token_ids=ids)
+def params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+
+
+def prompts(args: argparse.Namespace, num_requests: int) -> list[list[int]]:
+    return make_prompts(TINY["vocab_size"], num_requests, args.min_prompt, args.max_prompt, args.seed)
 
 
 def steady(args: argparse.Namespace, overlap: bool) -> dict:
     """Host time of each of --window decoding steps at --num-requests running."""
     llm, clock = build(args, overlap, args.num_requests)
     engine = llm.engine
-    queue(llm, args, args.num_requests)
+    streams = {}
+    for ids in prompts(args, args.num_requests):
+        stream = engine.add_request(None, params(args), prompt_token_ids=ids)
+        streams[stream.request_id] = stream
+
+    def read(outputs: list) -> int:
+        """Take a step's outputs off their streams, as a server does (left there, they would pile up)."""
+        for output in outputs:
+            streams[output.request_id].get_nowait()
+        return len(outputs)
+
     ramp = 0
     while engine.num_waiting or ramp < 3:  # the step after the last admission still carries prompt tokens
-        engine.step()
+        read(engine.step())
         ramp += 1
     host_ms, per_seq_us, wall_ms, running = [], [], [], []
     for _ in range(args.window):
         if not engine.has_unfinished():
             break
         model_before, cpu, wall = clock.seconds, time.thread_time(), time.perf_counter()
-        num_outputs = len(engine.step())  # a sequence's new tokens, or its end
+        outputs = engine.step()  # a sequence's new tokens, or its end
         host = time.thread_time() - cpu - (clock.seconds - model_before)
         wall_ms.append(1e3 * (time.perf_counter() - wall))
+        num_outputs = read(outputs)
         host_ms.append(1e3 * host)
         running.append(num_outputs)
         per_seq_us.append(1e6 * host / max(num_outputs, 1))
@@ -131,20 +144,24 @@ def steady(args: argparse.Namespace, overlap: bool) -> dict:
 
 
 def whole(args: argparse.Namespace, overlap: bool) -> dict:
-    """The whole run of --whole-requests: host time in all, a step, and a sequence a step."""
+    """The whole run of --whole-requests through LLM.generate: host time in all, a step, and a sequence a step."""
     llm, clock = build(args, overlap, MAX_NUM_SEQS)
-    engine = llm.engine
-    queue(llm, args, args.whole_requests)
-    steps = seq_steps = generated = 0
+    step, counts = llm.engine.step, dict(steps=0, seq_steps=0)
+
+    def counted():
+        outputs = step()
+        counts["steps"] += 1
+        counts["seq_steps"] += len(outputs)
+        return outputs
+
+    llm.engine.step = counted
     cpu, wall = time.thread_time(), time.perf_counter()
-    while engine.has_unfinished():
-        seq_steps += len(engine.step())
-        steps += 1
-        generated += engine.last_step_stats.num_generation_tokens
+    outputs = llm.generate(prompts(args, args.whole_requests), params(args))
     host = time.thread_time() - cpu - clock.seconds
-    return dict(loop="on" if overlap else "off", steps=steps, output_tokens=generated, host_s=host,
-                wall_s=time.perf_counter() - wall, model_s=clock.seconds, host_ms_per_step=1e3 * host / steps,
-                host_us_per_seq=1e6 * host / max(seq_steps, 1))
+    steps = counts["steps"]
+    return dict(loop="on" if overlap else "off", steps=steps, output_tokens=sum(len(o.token_ids) for o in outputs),
+                host_s=host, wall_s=time.perf_counter() - wall, model_s=clock.seconds,
+                host_ms_per_step=1e3 * host / steps, host_us_per_seq=1e6 * host / max(counts["seq_steps"], 1))
 
 
 def summary(values: list[float]) -> dict:

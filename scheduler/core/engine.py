@@ -43,6 +43,8 @@ from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+GC_OBJECTS_PER_SEQUENCE = 16  # young objects a step may hold per running sequence before the collector runs
+
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, *, serving: bool = False, **kwargs):
@@ -106,7 +108,7 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
-        _freeze_startup_heap()
+        _tune_gc(config.max_num_seqs)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -375,16 +377,18 @@ def _per_position(results: list[StepResult], accepted: bool) -> list[int]:
     return counts
 
 
-def _freeze_startup_heap() -> None:
-    """Leave what start-up made (imported modules, the model, the block pool: hundreds of thousands of objects) out
-    of every later garbage collection. A full collection walks every tracked object: at 1024 running sequences one
-    came every ~15 steps and took ~200 ms, as much host time as the steps between. A process that built an engine
-    before (tests, benchmarks) has its earlier heap unfrozen and its garbage collected first, so a dropped engine's
-    reference cycles do not stay frozen."""
+def _tune_gc(max_num_seqs: int) -> None:
+    """Keep the garbage collector off the step loop. What start-up made (modules, model, block pool) is frozen out of
+    later collections, a process's earlier engine unfrozen and collected first (its cycles must not stay frozen).
+    Young collections start past what a step holds alive at once (a few objects a row): at the default 700, ~11 ran
+    each step at 1024 sequences, promoting the step's objects until a full collection, walking every token list
+    (~200 ms), came every ~13 steps."""
     if gc.get_freeze_count():
         gc.unfreeze()
     gc.collect()
     gc.freeze()
+    threshold, *older = gc.get_threshold()
+    gc.set_threshold(max(threshold, GC_OBJECTS_PER_SEQUENCE * max_num_seqs), *older)
 
 
 def _eos_token_ids(config, tokenizer) -> tuple[int, ...]:
