@@ -23,10 +23,10 @@ import torch
 
 from scheduler.config import EngineConfig
 from scheduler.core.admission import Admission, Live
-from scheduler.core.executor import StepExecutor, StepInFlight, StepResult, Verification
+from scheduler.core.executor import StepExecutor, StepInFlight, Verification
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import FinishReason, Request
-from scheduler.core.scheduler import Scheduler
+from scheduler.core.scheduler import Scheduler, StepResult
 from scheduler.core.stopping import first_stop
 from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
@@ -90,7 +90,7 @@ class Engine:
         if self.runner.fused and not config.enforce_eager:
             self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len,
                                        max_batched_tokens=config.max_num_batched_tokens)
-        self.executor = StepExecutor(self.runner, self.sampler, self.pool, self.speculator)
+        self.executor = StepExecutor(self.runner, self.sampler, self.scheduler, self.speculator)
         torch.manual_seed(config.seed)
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
