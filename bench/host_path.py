@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from bench.offline_common import make_prompts, write_results
+from bench.offline_common import check_positive, make_prompts, write_results
 from scheduler import LLM, SamplingParams
 from server.loadgen import machine
 
@@ -55,13 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results/host_path_cpu_latest.json"),
                    help="JSON results; the markdown goes next to it with a .md suffix")
     args = p.parse_args(argv)
-    for name in ("num_requests", "min_prompt", "output_len", "window"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(p, args, ("window",))
     if args.whole_requests < 0:
         p.error(f"--whole-requests must be >= 0, got {args.whole_requests}")
-    if args.max_prompt < args.min_prompt:
-        p.error(f"--max-prompt must be >= --min-prompt ({args.min_prompt}), got {args.max_prompt}")
     args.loops = args.loops.split(",")
     if not args.loops or any(loop not in LOOPS for loop in args.loops):
         p.error(f"--loops takes on, off or on,off; got {','.join(args.loops)}")

@@ -204,16 +204,19 @@ class StepExecutor:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
         of the step in flight). first_logit: the position from which on every token's logits are wanted (prompt
         logprobs)."""
-        request = s.request
+        request, drafts = s.request, s.draft_token_ids
         start = request.num_computed_tokens
-        known = request.all_token_ids[start:start + s.num_new_tokens]
-        num_placeholders = s.num_new_tokens - len(known)
-        assert not (num_placeholders and s.draft_token_ids) and (device_row >= 0 or not num_placeholders)
-        tokens = known + [0] * num_placeholders + s.draft_token_ids
-        num_logits = 1 + len(s.draft_token_ids) if s.samples else 0
+        tokens = request.all_token_ids[start:start + s.num_new_tokens]  # the known ones: a list of its own
+        num_placeholders = s.num_new_tokens - len(tokens)
+        assert not (num_placeholders and drafts) and (device_row >= 0 or not num_placeholders)
+        if num_placeholders:
+            tokens += [0] * num_placeholders
+        if drafts:
+            tokens += drafts
+        num_logits = 1 + len(drafts) if s.samples else 0
         if first_logit is not None:
             num_logits = max(num_logits, start + s.num_new_tokens - first_logit)
-        num_device_tokens = (len(s.draft_token_ids) or num_placeholders) if device_row >= 0 else 0
+        num_device_tokens = (len(drafts) or num_placeholders) if device_row >= 0 else 0
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            num_device_tokens)
 

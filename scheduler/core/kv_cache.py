@@ -125,9 +125,12 @@ class BlockPool:
         if not self.enable_prefix_caching:
             return
         hashes = self.req_hashes[request.request_id]
+        num_full = num_computed_tokens // self.block_size
+        if len(hashes) >= num_full:
+            return  # most steps of a decoding request: no block filled
         blocks = self.req_blocks[request.request_id]
         tokens = request.all_token_ids
-        for i in range(len(hashes), num_computed_tokens // self.block_size):
+        for i in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             block_hash = _block_hash(parent, chunk)
