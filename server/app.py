@@ -108,7 +108,8 @@ class Daemon:
         log.info("gRPC listening on %s:%d (%s)%s", config.host, self.port, "TLS" if config.tls_cert_file else
                  "plaintext", f"; metrics on http://{config.host}:{config.metrics_port}/metrics"
                  if config.metrics_port else "")
-        warning = exposure_warning(config.host, bool(config.tls_cert_file), bool(config.api_key_file))
+        warning = exposure_warning(config.host, bool(config.tls_cert_file), bool(config.api_key_file),
+                                   config.metrics_port)
         if warning:
             log.warning(warning)
 
@@ -123,11 +124,12 @@ class Daemon:
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
-        async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
+        async_engine = AsyncEngine(engine, None, config.max_queue_size)
         async_engine.start()
         with phases("warm-up"):
             async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
                 pass
+        async_engine.metrics = self.state.metrics  # from here on: the warm-up is no one's request
         self.state.engine = async_engine
         await self.health.set(SERVICE_NAME, SERVING)
         log.info("ready after %.2f s: %s", phases.total, phases)
@@ -168,7 +170,7 @@ class Daemon:
             await asyncio.sleep(0.05)
         if state.in_flight:
             log.warning("%d requests still running at the drain timeout; ending them", len(state.in_flight))
-            state.engine.abort(list(state.in_flight.values()), counted_elsewhere=True)
+            state.engine.abort(list(state.in_flight.values()))
         while state.in_flight and state.engine.alive and loop.time() < deadline + 5:
             await asyncio.sleep(0.05)
         await self.health.enter_graceful_shutdown()

@@ -1,10 +1,13 @@
 """What every generation service does with a call: find an engine that can take it, run one request on it to
-its end or to an explicit status, and count how each call ended (once)."""
+its end or to an explicit status, and count how each call ended (once). Only generation calls are counted:
+Tokenize, GetLoad and the like never are."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,9 +17,17 @@ from scheduler.io.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.config import ServerConfig
 from server.convert import field_error
+from server.metrics import RequestTally
 
 log = logging.getLogger(__name__)
 DEADLINE_SLACK_S = 0.1
+# How long a call whose client stopped reading waits for its status to be taken; the status is queued behind the
+# unread messages either way, and reaches a client that reads again.
+STATUS_WAIT_S = 1.0
+
+
+class StreamWriteTimeout(Exception):
+    """The client read nothing for --stream-write-timeout seconds."""
 
 
 @dataclass
@@ -38,23 +49,42 @@ class EngineCalls:
     async def run(self, context, token_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0,
                   **options) -> AsyncIterator[RequestOutput]:
         """The request's outputs to the finished one; every other ending aborts the call with its status."""
-        engine = await self.engine(context)
+        engine = await self.engine(context, generation=True)
         if self.state.config.log_requests:
             log.info("request %s: %d prompt tokens, %s", request_id, len(token_ids), params)
         call = object()
         self.state.in_flight[call] = request_id
         settled = False  # the call ended with its answer or with an explicit status
+        tally = RequestTally(self.state.metrics)
         try:
-            async for output in engine.generate(token_ids, params, request_id, priority, **options):
-                if output.finished and output.finish_reason == "abort" and self.state.draining:
-                    settled = True
-                    await self._end(call, context, grpc.StatusCode.UNAVAILABLE,
-                                    "server is shutting down; retry elsewhere")
-                yield output
+            # aclosing: however this call ends, the engine's request is aborted (its blocks freed) before the status
+            async with contextlib.aclosing(engine.generate(token_ids, params, request_id, priority,
+                                                           **options)) as outputs:
+                async for output in outputs:
+                    tally.observe(output)
+                    if output.finished and output.finish_reason == "abort" and self.state.draining:
+                        settled = True
+                        await self._end(call, context, grpc.StatusCode.UNAVAILABLE,
+                                        "server is shutting down; retry elsewhere")
+                    yield output
             settled = True
+            tally.completed()
         except (QueueFullError, EngineDeadError, ValueError) as exc:
             settled = True
             await self._end(call, context, *self._status_for(exc, request_id))
+        except StreamWriteTimeout as exc:  # thrown in by stream()
+            settled = True
+            del self.state.in_flight[call]
+            self.count_failure(grpc.StatusCode.DEADLINE_EXCEEDED.name)
+            log.warning("request %s: %s", request_id, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)), STATUS_WAIT_S)
+        except grpc.aio.AbortError:  # the call has its status (a drain)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a fault of ours, here or thrown in by stream(): counted, INTERNAL
+            settled = True
+            log.error("request %s failed: %r", request_id, exc)
+            await self._end(call, context, grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
         finally:
             self.state.in_flight.pop(call, None)
             if not settled:  # cancelled by the client or its deadline, while waiting or while sending
@@ -62,6 +92,29 @@ class EngineCalls:
                 # The client's own timer usually fires a hair before ours: its cancel is the deadline.
                 expired = remaining is not None and remaining <= DEADLINE_SLACK_S
                 self.count_failure("DEADLINE_EXCEEDED" if expired else "CANCELLED")
+
+    async def stream(self, context, token_ids: list[int], params: SamplingParams, request_id: str,
+                     to_messages: Callable[[RequestOutput], Iterable], priority: int = 0, **options) -> None:
+        """run() for a server-streaming call: each output's messages written as the client takes them. A write
+        the client leaves unread for --stream-write-timeout seconds ends the call DEADLINE_EXCEEDED: the request
+        is aborted in the engine (its blocks freed) and leaves the in-flight count at once."""
+        timeout = self.state.config.stream_write_timeout
+        outputs = self.run(context, token_ids, params, request_id, priority, **options)
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                try:
+                    for message in to_messages(output):
+                        try:
+                            async with asyncio.timeout(timeout):  # grpc's write waits while HTTP/2 flow control
+                                await context.write(message)      # holds it (the client's window is full)
+                        except TimeoutError:
+                            raise StreamWriteTimeout(f"the client read nothing for {timeout:g} s "
+                                                     "(--stream-write-timeout); the request was ended") from None
+                except Exception as exc:  # noqa: BLE001 - run() ends the call with its status and counts it
+                    thrown = exc if isinstance(exc, StreamWriteTimeout) else RuntimeError(repr(exc))  # INTERNAL
+                    with contextlib.suppress(StopAsyncIteration):
+                        await outputs.athrow(thrown)
+                    return
 
     async def _end(self, call, context, code: grpc.StatusCode, message: str):
         """End the call with a status, uncounting it first: a client that has its status never finds it in flight."""
@@ -90,17 +143,20 @@ class EngineCalls:
             return False, f"engine made no progress for {self.state.config.stall_timeout:.0f} s with work pending"
         return True, "ready"
 
-    async def engine(self, context) -> AsyncEngine:
+    async def engine(self, context, generation: bool = False) -> AsyncEngine:
+        """The engine, or the call ends UNAVAILABLE (counted as a failed request for a generation call)."""
         engine = self.state.engine
+        end = (lambda code, message: self.fail(context, code, message)) if generation else context.abort
         if self.state.draining:
-            await self.fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere")
+            await end(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere")
         if engine is None:
-            await self.fail(context, grpc.StatusCode.UNAVAILABLE, "model is still loading")
+            await end(grpc.StatusCode.UNAVAILABLE, "model is still loading")
         if not engine.alive:
-            await self.fail(context, grpc.StatusCode.UNAVAILABLE, "engine has failed; the server is restarting")
+            await end(grpc.StatusCode.UNAVAILABLE, "engine has failed; the server is restarting")
         return engine
 
     async def fail(self, context, code: grpc.StatusCode, message: str):
+        """End a generation call with a status, counted."""
         self.count_failure(code.name)
         await context.abort(code, message)
 
