@@ -16,8 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.daemon import ROOT, Daemon, LoggedProcess, free_port
+from tests.daemon import READINESS, ROOT, LoggedProcess, free_port
 
 SCRIPT = ["bash", "deploy/local-gateway.sh"]
 
@@ -56,11 +57,14 @@ def _wait_for(predicate, timeout: float, what: str, process: LoggedProcess):
     raise AssertionError(f"not within {timeout} s: {what}\n{process.log()}")
 
 
-def _serving(daemon: Daemon) -> bool:
-    try:
-        return daemon.health() == "SERVING"
-    except grpc.RpcError:
-        return False
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=READINESS),
+                                                              timeout=2)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _complete(env: dict, model: str) -> bool:
@@ -81,9 +85,7 @@ def test_a_killed_replica_is_restarted_and_ctrl_c_drains(tiny_text_model_dir, tm
         os.kill(pid, signal.SIGKILL)
         _wait_for(lambda: f"replica 0 (pid {pid}) exited" in script.log(), 10, "the loss reported", script)
         _wait_for(lambda: _complete(env, model.resolve().name), 10, "the survivor answering", script)
-        restarted = Daemon.__new__(Daemon)  # the restarted replica, as the tests' daemon handle sees one
-        restarted.address, restarted.channel_credentials = f"127.0.0.1:{env['GRPC_PORT']}", None
-        _wait_for(lambda: _serving(restarted), 60, "replica 0 serving again", script)
+        _wait_for(lambda: _serving(f"127.0.0.1:{env['GRPC_PORT']}"), 60, "replica 0 serving again", script)
         assert len(re.findall(r"replica 0 \(pid \d+\) on", script.log())) == 2
         script.proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert script.proc.wait(timeout=60) == 0, script.log()
