@@ -100,7 +100,14 @@ def test_a_taken_port_stops_the_script_at_once(tiny_text_model_dir, tmp_path):
         port = taken.getsockname()[1]
         env = _env(tiny_text_model_dir[0], GRPC_PORT=port)
         started = time.monotonic()
-        done = subprocess.run(SCRIPT, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 1 and time.monotonic() - started < 5
-    assert done.stderr.strip().splitlines() == [
+        script = subprocess.Popen(SCRIPT, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        try:
+            _, stderr = script.communicate(timeout=10)
+        finally:
+            if script.poll() is None:  # it went on to start replicas: stop them with it
+                os.killpg(script.pid, signal.SIGTERM)
+                script.wait(timeout=60)
+    assert script.returncode == 1 and time.monotonic() - started < 5
+    assert stderr.strip().splitlines() == [
         f"local-gateway: port {port} (replica 0, from GRPC_PORT) is already in use; set GRPC_PORT to a free range"]
