@@ -17,6 +17,7 @@ HTTP_PORT=${HTTP_PORT:-8000}
 GATEWAY_METRICS_PORT=${GATEWAY_METRICS_PORT:-29000}
 POLICY=${POLICY:-cache_aware}
 HEALTH_INTERVAL=${HEALTH_INTERVAL:-5}  # seconds between the gateway's health checks of each replica
+GATEWAY_GRACE=${GATEWAY_GRACE:-30}  # seconds the gateway gives its requests in flight when stopped
 FLAGS=${FLAGS:-}  # more `beastserve serve` flags for every replica
 
 say() { echo "local-gateway: $*" >&2; }
@@ -70,7 +71,8 @@ for ((i = 0; i < REPLICAS; i++)); do
 done
 "$BIN/smg" launch --backend vllm --host 127.0.0.1 --port "$HTTP_PORT" --worker-urls "${workers[@]}" \
   --policy "$POLICY" --prometheus-host 127.0.0.1 --prometheus-port "$GATEWAY_METRICS_PORT" --log-level warn \
-  --health-check-interval-secs "$HEALTH_INTERVAL" --health-failure-threshold 1 --no-remove-unhealthy-workers &
+  --health-check-interval-secs "$HEALTH_INTERVAL" --health-failure-threshold 1 --no-remove-unhealthy-workers \
+  --shutdown-grace-period-secs "$GATEWAY_GRACE" &
 gateway=$!
 say "gateway (pid $gateway): http://127.0.0.1:$HTTP_PORT/v1 -> ${workers[*]} ($POLICY)"
 

@@ -40,7 +40,8 @@ def _env(model: Path, **ports: int) -> dict:
     bin_dir = Path(sys.executable).parent
     return {**os.environ, "PYTHONPATH": str(ROOT), "BIN": str(bin_dir), "MODEL": str(model), "REPLICAS": "2",
             "GRPC_PORT": str(_free_range(2)), "METRICS_PORT": str(_free_range(2)), "HTTP_PORT": str(free_port()),
-            "GATEWAY_METRICS_PORT": str(free_port()), "HEALTH_INTERVAL": "1", **{k: str(v) for k, v in ports.items()}}
+            "GATEWAY_METRICS_PORT": str(free_port()), "HEALTH_INTERVAL": "1", "GATEWAY_GRACE": "1",
+            **{k: str(v) for k, v in ports.items()}}
 
 
 def _wait_for(predicate, timeout: float, what: str, process: LoggedProcess):
