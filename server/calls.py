@@ -30,6 +30,45 @@ class StreamWriteTimeout(Exception):
     """The client read nothing for --stream-write-timeout seconds."""
 
 
+class WriteDeadline:
+    """Bounds how long one call's writes may wait for its client. grpc's write waits while HTTP/2 flow control holds
+    the message (the client's window is full); one left waiting `timeout` seconds raises StreamWriteTimeout. One
+    timer per call, re-armed lazily, rather than one per message: asyncio.timeout() costs ~17 us a write."""
+
+    def __init__(self, timeout: float):
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.timeout = timeout
+        self.started: float | None = None  # when the write in progress began
+        self.expired = False
+        self.timer = self.loop.call_later(timeout, self._check)
+
+    async def write(self, context, message) -> None:
+        self.started = self.loop.time()
+        try:
+            await context.write(message)
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            self.task.uncancel()  # cancelled by _check, not by the client: this call goes on to end with its status
+            raise StreamWriteTimeout(f"the client read nothing for {self.timeout:g} s (--stream-write-timeout); "
+                                     "the request was ended") from None
+        finally:
+            self.started = None
+
+    def close(self) -> None:
+        self.timer.cancel()
+
+    def _check(self) -> None:
+        started = self.started
+        if started is not None and self.loop.time() - started >= self.timeout:
+            self.expired = True
+            self.task.cancel()  # the task waits in write(): the cancellation lands there
+            return
+        self.timer = self.loop.call_at((self.loop.time() if started is None else started) + self.timeout,
+                                       self._check)
+
+
 @dataclass
 class ServerState:
     """What the services share. `engine` is None until the model is loaded and warmed."""
@@ -98,23 +137,21 @@ class EngineCalls:
         """run() for a server-streaming call: each output's messages written as the client takes them. A write
         the client leaves unread for --stream-write-timeout seconds ends the call DEADLINE_EXCEEDED: the request
         is aborted in the engine (its blocks freed) and leaves the in-flight count at once."""
-        timeout = self.state.config.stream_write_timeout
+        deadline = WriteDeadline(self.state.config.stream_write_timeout)
         outputs = self.run(context, token_ids, params, request_id, priority, **options)
-        async with contextlib.aclosing(outputs):
-            async for output in outputs:
-                try:
-                    for message in to_messages(output):
-                        try:
-                            async with asyncio.timeout(timeout):  # grpc's write waits while HTTP/2 flow control
-                                await context.write(message)      # holds it (the client's window is full)
-                        except TimeoutError:
-                            raise StreamWriteTimeout(f"the client read nothing for {timeout:g} s "
-                                                     "(--stream-write-timeout); the request was ended") from None
-                except Exception as exc:  # noqa: BLE001 - run() ends the call with its status and counts it
-                    thrown = exc if isinstance(exc, StreamWriteTimeout) else RuntimeError(repr(exc))  # INTERNAL
-                    with contextlib.suppress(StopAsyncIteration):
-                        await outputs.athrow(thrown)
-                    return
+        try:
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    try:
+                        for message in to_messages(output):
+                            await deadline.write(context, message)
+                    except Exception as exc:  # noqa: BLE001 - run() ends the call with its status and counts it
+                        thrown = exc if isinstance(exc, StreamWriteTimeout) else RuntimeError(repr(exc))  # INTERNAL
+                        with contextlib.suppress(StopAsyncIteration):
+                            await outputs.athrow(thrown)
+                        return
+        finally:
+            deadline.close()
 
     async def _end(self, call, context, code: grpc.StatusCode, message: str):
         """End the call with a status, uncounting it first: a client that has its status never finds it in flight."""
