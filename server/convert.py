@@ -186,6 +186,7 @@ def to_response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateRes
             response.stop_string = last.stop_reason
         elif last.stop_reason is not None:
             response.stop_token_id = last.stop_reason
+        response.held_back_bytes = last.held_back_bytes
         response.usage.CopyFrom(pb.Usage(prompt_tokens=last.num_prompt_tokens,
                                          completion_tokens=last.num_output_tokens,
                                          cached_tokens=last.num_cached_tokens))

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from server.cli import build_parser, main
-from tests.daemon import free_port
+from server.cli_client import print_stream, summary
+from server.client import Client
+from tests.daemon import ROOT, free_port, serve_for_module
+
+# What only the engine needs: a client command that imports one of these pays seconds for nothing.
+ENGINE_MODULES = ("torch", "transformers", "tokenizers", "xgrammar", "numpy", "scheduler.core", "scheduler.worker")
+
+
+@pytest.fixture(scope="module")
+def daemon(default_tokenizer, tmp_path_factory):
+    """A tiny model with the default tokenizer and a long context, so an answer runs for seconds unless stopped."""
+    from tests.conftest import save_tiny_model, tiny_config
+
+    config = tiny_config(vocab_size=len(default_tokenizer), max_position_embeddings=8192)
+    path = tmp_path_factory.mktemp("long-context-model")
+    save_tiny_model(path, config, tokenizer=default_tokenizer)
+    yield from serve_for_module(path, tmp_path_factory)
 
 
 def test_demo_answers_prompts(tiny_text_model_dir, capsys):
@@ -88,21 +109,7 @@ def test_a_refused_connection_says_no_daemon_runs_there_and_how_to_start_one(com
     assert len(err.splitlines()) == 1
 
 
-def test_ctrl_c_in_a_real_chat_stops_the_answer_on_the_daemon_and_the_chat_goes_on(default_tokenizer, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from server.client import Client
-    from tests.conftest import save_tiny_model, tiny_config
-    from tests.daemon import ROOT, Daemon
-
-    # A long context, so an answer runs for seconds unless stopped.
-    config = tiny_config(vocab_size=len(default_tokenizer), max_position_embeddings=8192)
-    save_tiny_model(tmp_path / "model", config, tokenizer=default_tokenizer)
-    daemon = Daemon(tmp_path / "model", log_path=tmp_path / "daemon.log").wait_ready()
+def test_ctrl_c_in_a_real_chat_stops_the_answer_on_the_daemon_and_the_chat_goes_on(daemon):
     chat = subprocess.Popen([sys.executable, "-m", "server.cli", "chat", "--address", daemon.address,
                              "--temperature", "0"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -123,4 +130,49 @@ def test_ctrl_c_in_a_real_chat_stops_the_answer_on_the_daemon_and_the_chat_goes_
         assert b"[stopped; not kept in the conversation]\n> " in out  # and the chat asks for the next message
     finally:
         chat.kill()
-        daemon.close()
+
+
+def imported_modules(*argv: str, stdin: str = "") -> tuple[int, str, set[str]]:
+    """Run `beastserve ARGV` in a fresh interpreter: (exit code, stdout, every module it imported)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "server.cli", *argv], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+    modules = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc.returncode, proc.stdout, modules
+
+
+def test_client_commands_and_help_never_import_the_engine(daemon):
+    address = ["--address", daemon.address]
+    commands = [(["--help"], ""), (["serve", "--help"], ""), (["generate", "--help"], ""),
+                (["health", *address], ""), (["tokenize", "Hi there", *address], ""),
+                (["generate", "Hi", "--max-tokens", "3", *address], ""),
+                (["chat", "--max-tokens", "3", *address], "Hi\n/exit\n")]
+    for argv, stdin in commands:
+        code, out, modules = imported_modules(*argv, stdin=stdin)
+        assert code == 0 and out, argv
+        assert "server.cli_client" in modules  # the import log was read
+        engine = sorted(m for m in modules if any(m == e or m.startswith(e + ".") for e in ENGINE_MODULES))
+        assert not engine, f"beastserve {' '.join(argv)} imported {engine[:5]}"
+    assert imported_modules("tokenize", "Hi there", *address)[1].split() == \
+        [str(t) for t in Client(daemon.address).tokenize("Hi there")]
+
+
+def test_an_answer_cut_inside_a_character_holds_its_bytes_back_and_says_so(daemon, default_tokenizer, capsys):
+    lead_byte = default_tokenizer.convert_tokens_to_ids("ð")  # 0xF0: begins a 4-byte character
+    genuine = default_tokenizer.convert_tokens_to_ids("ï¿½")  # the bytes of U+FFFD itself
+    with Client(daemon.address, timeout=30) as client:
+        for stream in (False, True):
+            for token, max_tokens, text, held_back in ((lead_byte, 1, "", 1), (lead_byte, 3, "\ufffd\ufffd", 1),
+                                                       (genuine, 2, "\ufffd\ufffd", 0)):
+                params = dict(max_tokens=max_tokens, temperature=0, logit_bias={token: 100})
+                responses = list(client.stream("Hi", **params)) if stream else [client.generate("Hi", **params)]
+                assert [t for r in responses for t in r.token_ids] == [token] * max_tokens
+                assert "".join(r.text for r in responses) == text
+                assert [r.held_back_bytes for r in responses] == [0] * (len(responses) - 1) + [held_back]
+        # What the CLI shows of such an answer, from the daemon's own messages.
+        answer, last = print_stream(client.stream("Hi", max_tokens=1, temperature=0, logit_bias={lead_byte: 100}),
+                                    mark_cut=True)
+    assert answer == ""
+    assert capsys.readouterr().out == " [length] [the answer ends inside a character: its first 1 bytes are in " \
+        "the tokens, not in the text]\n"
+    assert summary(last).endswith(" held_back_bytes=1 (the answer ends inside a character: its first 1 bytes are "
+                                  "in the tokens, not in the text)")

@@ -1,3 +1,4 @@
+import functools
 import importlib.util
 import os
 import random
@@ -9,6 +10,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from scheduler.io.detokenizer import IncrementalDetokenizer
+from scheduler.io.token_bytes import TokenBytes
 from scheduler.sampling.params import SamplingParams
 
 PROMPT = "Write a short reply:"
@@ -60,10 +62,15 @@ def char_ids(tok, text: str) -> list[int]:
     return [i[0] for i in ids]
 
 
+@functools.cache
+def bytes_of(tok) -> TokenBytes:
+    return TokenBytes(tok)
+
+
 def stream(tok, output_ids: list[int], params: SamplingParams, chunk: int = 1, prompt_ids: list[int] | None = None):
     """Feed output_ids `chunk` at a time like the engine does; returns (detokenizer, deltas, stop)."""
     prompt_ids = encode(tok, PROMPT) if prompt_ids is None else prompt_ids
-    detok = IncrementalDetokenizer(tok, prompt_ids, params)
+    detok = IncrementalDetokenizer(tok, prompt_ids, params, bytes_of(getattr(tok, "tok", tok)))  # wrappers' own
     deltas, stop = [], None
     for start in range(0, len(output_ids), chunk):
         num_output_tokens = min(start + chunk, len(output_ids))
@@ -120,12 +127,31 @@ def test_chunked_feeding_matches_one_token_at_a_time(tok, text, chunk):
     assert not any("\ufffd" in d for d in deltas)
 
 
-def test_output_ending_inside_a_character_is_flushed_when_finished(tok):
-    ids = encode(tok, "ok 😀")[:-1]
-    _, deltas, _ = stream(tok, ids, SamplingParams())
-    assert "".join(deltas) == tok.decode(ids)
-    assert deltas[-1].endswith("\ufffd")
-    assert not any("\ufffd" in d for d in deltas[:-1])
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("text", ["ok 😀 é€ 日本 👍🏽!", "\ufffd and é\ufffd😀"])
+def test_an_output_cut_inside_a_character_holds_its_bytes_back(any_tok, text, chunk):
+    # Cut after every token: the text is the whole characters of the tokens' bytes, the rest is counted as
+    # held back, and no delta ever carries U+FFFD but the text's own.
+    ids = encode(any_tok, text)
+    table = bytes_of(any_tok).of(ids, skip_special_tokens=True)
+    assert any(b"".join(table[:k]).decode("utf-8", "ignore") != b"".join(table[:k]).decode("utf-8", "replace")
+               for k in range(len(ids))), "no cut falls inside a character"
+    for cut in range(1, len(ids) + 1):
+        data = b"".join(table[:cut])
+        whole = data.decode("utf-8", "ignore")
+        detok, deltas, _ = stream(any_tok, ids[:cut], SamplingParams(), chunk=chunk)
+        assert "".join(deltas) == detok.output_text == whole
+        assert detok.held_back_bytes == len(data) - len(whole.encode())
+        assert sum(d.count("\ufffd") for d in deltas) == whole.count("\ufffd")
+
+
+def test_a_replacement_character_the_model_wrote_is_kept(tok):
+    genuine = tok.convert_tokens_to_ids("ï¿½")  # one token: the bytes of U+FFFD itself
+    assert tok.decode([genuine]) == "\ufffd"
+    detok, deltas, _ = stream(tok, encode(tok, "ok ") + [genuine], SamplingParams())
+    assert "".join(deltas) == "ok \ufffd" and detok.held_back_bytes == 0
+    detok, deltas, _ = stream(tok, [genuine, genuine] + encode(tok, " x"), SamplingParams())
+    assert deltas == ["\ufffd", "\ufffd", " x"]  # streamed at once: nothing waits for a character's end
 
 
 def spans_tokens(tok, ids: list[int], stop: str) -> bool:
@@ -222,8 +248,8 @@ def test_endless_invalid_bytes_are_streamed_instead_of_waiting_forever(tok):
     lone_lead_byte = tok.convert_tokens_to_ids("ð")  # byte 0xF0 on its own: never a complete character
     ids = [lone_lead_byte] * 40
     assert tok.decode(ids) == "\ufffd" * 40
-    _, deltas, _ = stream(tok, ids, SamplingParams())
-    assert "".join(deltas) == tok.decode(ids)
+    detok, deltas, _ = stream(tok, ids, SamplingParams())
+    assert "".join(deltas) == "\ufffd" * 39 and detok.held_back_bytes == 1  # the last one may begin a character
     assert any(deltas[:-1])
 
 

@@ -125,6 +125,19 @@ def test_truncate_prompt_tokens_keeps_the_last_ones(tiny_model_dir):
     assert len(longest.prompt_token_ids) == llm.engine.max_model_len - 1
 
 
+@pytest.mark.parametrize("max_tokens", [None, 4])
+def test_truncate_prompt_tokens_minus_one_leaves_room_for_max_tokens(tiny_model_dir, max_tokens):
+    path, _ = tiny_model_dir
+    llm = LLM(str(path), dtype="float32", max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, truncate_prompt_tokens=-1)
+    (out,) = llm.generate(list(range(1, 101)), params)
+    room = max_tokens or 1
+    assert out.prompt_token_ids == list(range(1, 101))[-(64 - room):]
+    assert len(out.token_ids) == room and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="max_tokens 64 plus the prompt's 1 tokens exceeds max_model_len 64"):
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=64, truncate_prompt_tokens=-1))
+
+
 def test_a_logit_bias_outside_the_vocabulary_is_refused_naming_the_field(tiny_model_dir):
     path, _ = tiny_model_dir
     engine = Engine(model=str(path), dtype="float32")

@@ -157,6 +157,18 @@ INVALID = [
 ]
 
 
+def test_truncate_prompt_tokens_minus_one_leaves_room_for_max_tokens(stub, offline):
+    max_model_len = stub.GetModelInfo(pb.GetModelInfoRequest()).max_model_len
+    prompt = [7 + i % 50 for i in range(max_model_len + 20)]
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(temperature=0),
+                                 stopping=pb.StoppingCriteria(max_tokens=4, ignore_eos=True), truncate_prompt_tokens=-1)
+    response = stub.Generate(request)
+    assert response.usage.prompt_tokens == max_model_len - 4 and response.usage.completion_tokens == 4
+    want = offline.generate(prompt[-(max_model_len - 4):], SamplingParams(temperature=0, max_tokens=4,
+                                                                           ignore_eos=True))[0]
+    assert list(response.token_ids) == want.token_ids
+
+
 def test_n_completions_stream_on_their_index_and_come_whole_as_choices(stub, offline):
     want = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8))[0]
     request = greedy_request(PROMPTS[0], max_tokens=8)

@@ -149,6 +149,13 @@ def test_truncate_prompt_tokens_keeps_the_last_ones(engine, offline):
     assert whole["complete"]["prompt_tokens"] == 8 and whole["complete"]["output_ids"] == want.token_ids
 
 
+def test_truncate_prompt_tokens_minus_one_leaves_room_for_max_tokens(engine, offline):
+    prompt = [30 + i % 50 for i in range(600)]  # max_model_len is 512
+    want = offline.generate([prompt[-508:]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    (whole,) = engine.call("Generate", generate(prompt, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=-1))
+    assert whole["complete"]["prompt_tokens"] == 508 and whole["complete"]["output_ids"] == want.token_ids
+
+
 def test_logit_bias_steers_greedy_decoding(engine, offline):
     prompt = [31, 32, 33]
     plain = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].token_ids

@@ -31,6 +31,7 @@ from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt
 from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats
+from scheduler.io.token_bytes import TokenBytes
 from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
@@ -92,6 +93,8 @@ class Engine:
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
+        # Read ahead when serving: the first answer cut inside a character then waits for nothing.
+        self.token_bytes = TokenBytes(self.tokenizer, prefetch=serving) if self.tokenizer is not None else None
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) \
             if self.tokenizer is not None else None
         self._live: dict[str, Live] = {}  # by each sequence's own id
@@ -139,7 +142,7 @@ class Engine:
                               output_id=request_id, index=index, stream=stream)
             if own.seed is not None and not own.greedy:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own) \
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own, self.token_bytes) \
                 if self.tokenizer is not None else None
             lives.append(Live(request, stream, detokenizer, grammar))
         with self._lock:
@@ -358,9 +361,11 @@ class Engine:
         prompt_logprobs = None
         if not live.prompt_logprobs_sent and not request.needs_prompt_logprobs:  # an abort mid-prompt sends none
             prompt_logprobs, live.prompt_logprobs_sent = request.prompt_logprobs, True
+        held_back = live.detokenizer.held_back_bytes if live.detokenizer is not None else 0
         return RequestOutput(request.output_id, new_ids, text, new_logprobs, prompt_logprobs,
                              num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
-                             num_cached_tokens=request.num_cached_tokens, index=request.index)
+                             num_cached_tokens=request.num_cached_tokens, index=request.index,
+                             held_back_bytes=held_back)
 
 
 def _per_position(results: list[StepResult], accepted: bool) -> list[int]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from transformers import PreTrainedTokenizerFast
 
 from scheduler.core.stopping import may_stop
+from scheduler.io.token_bytes import TokenBytes, incomplete_utf8_suffix
 from scheduler.sampling.params import SamplingParams
 
 # Tokenizers that drop a token's leading space when it starts the decoded text (SentencePiece,
@@ -14,7 +15,8 @@ from scheduler.sampling.params import SamplingParams
 PROMPT_CONTEXT_TOKENS = 5
 
 # A UTF-8 character needs at most 4 bytes, so pending tokens that still end mid-character after
-# this many are invalid bytes, not a split character; emit them rather than grow the window forever.
+# this many are invalid bytes (or special tokens skipped in the middle of a character), not a split
+# character; emit them rather than grow the window forever.
 MAX_PENDING_TOKENS = 16
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -28,8 +30,11 @@ class IncrementalDetokenizer:
     tokenizer.decode gives; a fast tokenizer's Rust backend is called directly when that is the same.
     """
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 token_bytes: TokenBytes | None = None):
         self._decode = _decoder(tokenizer, params.skip_special_tokens)
+        # Without token_bytes, a trailing U+FFFD cannot be told from a cut character: text ends as decode's does.
+        self._token_bytes = token_bytes
         self._stop = list(params.stop)
         self._include_stop_str_in_output = params.include_stop_str_in_output
         self._params = params
@@ -43,6 +48,7 @@ class IncrementalDetokenizer:
         self._context_text: str | None = None  # decode(token_ids[:read_offset]), once needed
 
         self._text = ""
+        self.held_back_bytes = 0  # when finished: bytes of the last tokens that began a character never finished
         self._num_sent_chars = 0
         self._num_output_tokens = 0
         self._stop_string: str | None = None
@@ -76,8 +82,9 @@ class IncrementalDetokenizer:
         """Return the output text not handed out yet.
 
         While not finished, a trailing incomplete UTF-8 character and the last len(longest stop)-1
-        characters are held back. When finished, everything left is handed out, including tokens
-        that never formed a complete character (decoded with U+FFFD, as tokenizer.decode would).
+        characters are held back. When finished, everything left is handed out but the bytes of a
+        character the output began and never finished (`held_back_bytes` counts them; the token ids
+        still carry them). Invalid bytes, and U+FFFD itself, read as U+FFFD, as tokenizer.decode has them.
         """
         if finished and self._stop_string is None and self._read_offset < len(self._token_ids):
             self._append_text(self._decode_pending(force=True))
@@ -89,7 +96,8 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode_pending(self, force: bool) -> str:
-        # "" while the pending tokens end inside a multi-byte character, unless forced.
+        # "" while the pending tokens end inside a multi-byte character; forced (finished), the text
+        # without that character's bytes.
         num_pending = len(self._token_ids) - self._read_offset
         if num_pending == 0:
             return ""
@@ -100,14 +108,47 @@ class IncrementalDetokenizer:
         # early or at the end, and keeps a different context after a token that decodes to "".)
         if self._context_text is None:
             self._context_text = self._decode(self._token_ids[:self._read_offset])
-        window_text = self._decode(self._token_ids)
-        if window_text.endswith(REPLACEMENT_CHAR) and not force and num_pending < MAX_PENDING_TOKENS:
-            return ""
+        end, window_text = len(self._token_ids), self._decode(self._token_ids)
+        if window_text.endswith(REPLACEMENT_CHAR) and (force or num_pending < MAX_PENDING_TOKENS):
+            whole = self._whole_characters(window_text, force)
+            if whole is None:
+                return ""
+            end, window_text = whole
         new_text = window_text[len(self._context_text):]
         del self._token_ids[:self._read_offset]
-        self._read_offset = len(self._token_ids)
+        self._read_offset = end - self._read_offset
         self._context_text = None
         return new_text
+
+    def _whole_characters(self, window_text: str, force: bool) -> tuple[int, str] | None:
+        """(tokens consumed, the text of the window's whole characters) when the window's text ends in U+FFFD:
+        all of it when that is U+FFFD itself or invalid bytes; else, while not forced, the tokens before the
+        character begun and not finished, which waits in the window for the rest; forced, every token, the
+        text without that character. None: nothing to hand out yet."""
+        num_tokens = len(self._token_ids)
+        pending = self._token_ids[self._read_offset:]
+        token_bytes = self._token_bytes.of(pending, self._params.skip_special_tokens) if self._token_bytes else None
+        if token_bytes is None:
+            return (num_tokens, window_text) if force else None
+        num_tail = incomplete_utf8_suffix(b"".join(token_bytes))
+        if num_tail == 0:
+            return num_tokens, window_text
+        # The first pending token the unfinished character reaches into (one begun before them is not held back).
+        first, num_bytes = len(token_bytes), 0
+        while first > 0 and num_bytes < num_tail:
+            first -= 1
+            num_bytes += len(token_bytes[first])
+        end = self._read_offset + first
+        if num_bytes <= num_tail:  # the character's bytes are whole tokens
+            if not force:
+                return (end, self._decode(self._token_ids[:end])) if first else None
+            self.held_back_bytes = num_bytes
+            return num_tokens, self._decode(self._token_ids[:end]) if first else self._context_text
+        if not force:  # that token holds whole characters too: they go out with the rest of the character
+            return None
+        # Only a byte-level vocabulary has such tokens; its decode ends an unfinished character in one U+FFFD.
+        self.held_back_bytes = num_tail
+        return num_tokens, self._decode(self._token_ids[:end + 1]).removesuffix(REPLACEMENT_CHAR)
 
     def _append_text(self, new_text: str) -> str | None:
         if not new_text:

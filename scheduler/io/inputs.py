@@ -43,8 +43,9 @@ class InputProcessor:
         Preparing a prepared prompt again changes nothing."""
         token_ids = list(token_ids)
         keep = params.truncate_prompt_tokens
+        if keep == -1:  # the most that leaves room for max_tokens (else for one token); at least one, so a
+            keep = max(1, self.max_model_len - (params.max_tokens or 1))  # max_tokens too large is refused below
         if keep is not None:
-            keep = self.max_model_len - 1 if keep == -1 else keep  # -1: the most that leaves room to generate
             token_ids = token_ids[-keep:]
         self.validate(token_ids, params)
         return token_ids

@@ -65,6 +65,9 @@ class RequestOutput:
     metrics: RequestMetrics | None = None  # on the last output
     error: str | None = None  # set when the engine failed the request
     index: int = 0  # which of the request's n completions this is about
+    # On the last output: bytes at the end of the output's tokens that begin a character and never finish it,
+    # left out of the text (token_ids still carry them).
+    held_back_bytes: int = 0
 
 
 @dataclass
@@ -83,6 +86,7 @@ class CompletionOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     index: int = 0
+    held_back_bytes: int = 0  # bytes of a character the output began and never finished, not in text
     outputs: list[CompletionOutput] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,7 @@ class CompletionOutput:
         if delta.finished:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
             self.num_cached_tokens, self.metrics = delta.num_cached_tokens, delta.metrics
+            self.held_back_bytes = delta.held_back_bytes
 
 
 class RequestStream:
