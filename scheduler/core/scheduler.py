@@ -122,8 +122,8 @@ class Scheduler:
         self.waiting.sort(key=lambda r: self._rank(r, now))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if request.paused:
-                break  # so are all after it
+            if request.paused or request in out.preempted:
+                break  # so are all after it (one preempted here may have a step in flight, and may resume meanwhile)
             assert not request.num_placeholders, "a preempted request's step in flight ends before it is admitted"
             # A forked completion already holds its prompt's shared blocks; any other request looks in the cache,
             # but for one collecting prompt logprobs, which need the logits of every prompt position.
