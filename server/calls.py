@@ -31,9 +31,10 @@ class StreamWriteTimeout(Exception):
 
 
 class WriteDeadline:
-    """Bounds how long one call's writes may wait for its client. grpc's write waits while HTTP/2 flow control holds
-    the message (the client's window is full); one left waiting `timeout` seconds raises StreamWriteTimeout. One
-    timer per call, re-armed lazily, rather than one per message: asyncio.timeout() costs ~17 us a write."""
+    """Bounds how long one stream's writes may wait for its client. A write waits while the transport's flow control
+    holds the message (grpc.aio's context.write, while the client's HTTP/2 window is full); one left waiting
+    `timeout` seconds raises StreamWriteTimeout. One timer per call, re-armed lazily, rather than one per message:
+    asyncio.timeout() costs ~17 us a write, this ~1 us."""
 
     def __init__(self, timeout: float):
         self.loop = asyncio.get_running_loop()
