@@ -20,6 +20,7 @@ from scheduler.phases import Phases
 from server.async_engine import AsyncEngine
 from server.calls import ServerState
 from server.config import ServerConfig, served_name
+from server.malformed import MalformedRequestInterceptor
 from server.metrics import ServerMetrics
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
@@ -76,10 +77,15 @@ class Daemon:
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    # gRPC turns SO_REUSEPORT on by default: a second daemon would share the port, not fail.
                    ("grpc.so_reuseport", 0)]
+        generation, vllm_engine = GenerationService(self.state), VllmEngineService(self.state)
         interceptors = [ApiKeyInterceptor(load_api_keys(config.api_key_file))] if config.api_key_file else []
+        # Inside the API keys' check: a caller without a key learns nothing from how its message parses.
+        interceptors.append(MalformedRequestInterceptor({
+            f"/{SERVICE_NAME}/Generate": generation.fail, f"/{SERVICE_NAME}/GenerateStream": generation.fail,
+            f"/{VLLM_SERVICE_NAME}/Generate": vllm_engine.fail}))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
-        vpb_grpc.add_VllmEngineServicer_to_server(VllmEngineService(self.state), self.server)
+        pb_grpc.add_GenerationServicer_to_server(generation, self.server)
+        vpb_grpc.add_VllmEngineServicer_to_server(vllm_engine, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((pb.DESCRIPTOR.services_by_name["Generation"].full_name,
                                              VLLM_SERVICE_NAME,

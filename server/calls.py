@@ -17,6 +17,7 @@ from scheduler.io.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.config import ServerConfig
 from server.convert import field_error
+from server.edge import EdgeWork
 from server.metrics import RequestTally
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class ServerState:
     draining: bool = False
     # One entry per call (request ids come from clients and may repeat): call token -> request id.
     in_flight: dict = field(default_factory=dict)
+    edge: EdgeWork = field(default_factory=EdgeWork)  # per-request work too heavy for the event loop
 
 
 class EngineCalls:

@@ -4,14 +4,16 @@ engine outputs into GenerateResponses. Errors name the request field, in proto t
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from scheduler import SamplingParams, StructuredOutputsParams
 from scheduler.io.inputs import InputProcessor
 from scheduler.io.outputs import RequestOutput
 from server.proto.beastserve.v1 import generate_pb2 as pb
 
-MAX_STOP_STRINGS = 64
-MAX_STOP_STRING_CHARS = 512
+if TYPE_CHECKING:
+    from scheduler import Engine
+    from server.edge import EdgeWork
 
 # Engine messages start with the engine's field name; say where it lives in the request.
 _FIELD_PATHS = {
@@ -38,15 +40,15 @@ def field_error(exc: ValueError) -> InvalidArgument:
     return InvalidArgument(f"{path}: {message}" if path else message)
 
 
-def to_engine_inputs(request: pb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams]:
-    """Validate a request once, at the edge. Raises InvalidArgument naming the field."""
+async def to_engine_inputs(request: pb.GenerateRequest, engine: Engine, edge: EdgeWork) -> tuple[list[int],
+                                                                                             SamplingParams]:
+    """Validate a request once, at the edge: the cheap checks first, then the work that grows with the input
+    (tokenising, the chat template, the grammar's compile) off the event loop. Raises InvalidArgument naming
+    the field."""
     params = check_request(request)
     try:
-        token_ids = inputs.prepare(prompt_token_ids(request, inputs), params)
-        if params.structured_outputs is not None:
-            from scheduler.structured.compiler import check_grammar  # the grammar library: server side only
-
-            check_grammar(params.structured_outputs)
+        token_ids = engine.inputs.prepare(await prompt_token_ids(request, engine.inputs, edge), params)
+        await edge.compile_grammar(engine, params)
     except InvalidArgument:
         raise
     except ValueError as exc:
@@ -75,13 +77,28 @@ def check_request(request: pb.GenerateRequest) -> SamplingParams:
     return params
 
 
-def prompt_token_ids(request: pb.GenerateRequest, inputs: InputProcessor) -> list[int]:
+async def prompt_token_ids(request: pb.GenerateRequest, inputs: InputProcessor, edge: EdgeWork) -> list[int]:
     kind = request.WhichOneof("input")
     if kind == "text":
-        return inputs.tokenize(request.text)
+        return await tokenize_text(request.text, "text", inputs, edge)
     if kind == "token_ids":
         return list(request.token_ids.ids)
-    return inputs.render_chat(chat_messages(request.chat, "chat"))
+    return await render_chat(chat_messages(request.chat, "chat"), "chat", inputs, edge)
+
+
+async def tokenize_text(text: str, field: str, inputs: InputProcessor, edge: EdgeWork,
+                        add_special_tokens: bool = True) -> list[int]:
+    """A text's token ids: refused (ValueError naming `field`) if it cannot fit, before it is tokenised."""
+    inputs.check_text_size(text, field)
+    return await edge.call(len(text), inputs.tokenize, text, add_special_tokens)
+
+
+async def render_chat(messages: list[dict[str, str]], field: str, inputs: InputProcessor, edge: EdgeWork) -> list[int]:
+    """A chat's token ids under the model's template: refused (ValueError naming `field`) if it cannot fit,
+    before the template runs."""
+    size = sum(len(m["content"]) for m in messages)
+    inputs.check_text_size("".join(m["content"] for m in messages), field)
+    return await edge.call(size, inputs.render_chat, messages)
 
 
 def chat_messages(chat: pb.Chat, field: str) -> list[dict[str, str]]:
@@ -108,10 +125,6 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
                 raise InvalidArgument(f"sampling.{name}: must be a finite number, got {value}")
             kwargs[name] = value
     kwargs["max_tokens"] = stop.max_tokens if stop.HasField("max_tokens") else None
-    if len(stop.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"stopping.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")
-    if any(len(s_) > MAX_STOP_STRING_CHARS for s_ in stop.stop):
-        raise InvalidArgument(f"stopping.stop: each stop string must be at most {MAX_STOP_STRING_CHARS} characters")
     if out.HasField("prompt_logprobs"):
         kwargs["prompt_logprobs"] = out.prompt_logprobs
     if request.HasField("truncate_prompt_tokens"):

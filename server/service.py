@@ -14,10 +14,12 @@ from server.convert import (
     InvalidArgument,
     chat_messages,
     field_error,
+    render_chat,
     speculative_options,
     to_engine_inputs,
     to_response,
     to_unary_response,
+    tokenize_text,
 )
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
@@ -45,13 +47,13 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request, context):
         engine = await self.engine(context)
-        inputs = engine.engine.inputs
+        inputs, edge = engine.engine.inputs, self.state.edge
         try:
             kind = request.WhichOneof("input")
             if kind == "text":
-                ids = inputs.tokenize(request.text, add_special_tokens=request.add_special_tokens)
+                ids = await tokenize_text(request.text, "text", inputs, edge, request.add_special_tokens)
             elif kind == "chat":
-                ids = inputs.render_chat(chat_messages(request.chat, "chat"))
+                ids = await render_chat(chat_messages(request.chat, "chat"), "chat", inputs, edge)
             else:
                 raise InvalidArgument("input: one of text or chat is required")
         except ValueError as exc:  # not a generation request: not counted
@@ -75,7 +77,7 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
     async def _inputs(self, request, context) -> tuple[list[int], SamplingParams]:
         engine = await self.engine(context, generation=True)
         try:
-            return to_engine_inputs(request, engine.engine.inputs)
+            return await to_engine_inputs(request, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 

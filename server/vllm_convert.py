@@ -7,12 +7,18 @@ never ignored."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from scheduler import SamplingParams, StructuredOutputsParams
 from scheduler.io.inputs import InputProcessor
 from scheduler.io.outputs import RequestOutput
-from server.convert import InvalidArgument
+from server.convert import InvalidArgument, tokenize_text
+
+if TYPE_CHECKING:
+    from scheduler import Engine
+    from server.edge import EdgeWork
 
 # What the engine supports of SamplingParams, field by field (proto name -> SamplingParams name).
 _PLAIN = ("min_p", "frequency_penalty", "presence_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
@@ -25,10 +31,12 @@ _CONSTRAINTS = {"json_schema": "json", "regex": "regex", "grammar": "grammar", "
                 "choice": "choice", "structural_tag": "structural_tag"}
 
 
-def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tuple[list[int], SamplingParams, int]:
+async def to_engine_inputs(request: vpb.GenerateRequest, engine: Engine,
+                           edge: EdgeWork) -> tuple[list[int], SamplingParams, int]:
     """(prompt token ids, sampling params, logprobs asked for or -1) for a request; InvalidArgument names the field
     at fault. The engine reports logprobs for at least one alternative, so "0" (the chosen token's only) is
-    asked of it as 1 and cut back on the way out."""
+    asked of it as 1 and cut back on the way out. The cheap checks come first, then the work that grows with
+    the input (tokenising a text prompt, the grammar's compile), off the event loop."""
     refuse_unsupported(request)
     s = request.sampling_params
     kwargs = {name: getattr(s, name) for name in _PLAIN}
@@ -52,9 +60,13 @@ def to_engine_inputs(request: vpb.GenerateRequest, inputs: InputProcessor) -> tu
     kwargs["structured_outputs"] = structured_outputs(s)
     try:
         params = SamplingParams(**kwargs)
-        token_ids = inputs.prepare(prompt_token_ids(request, inputs), params)
+        token_ids = engine.inputs.prepare(await prompt_token_ids(request, engine.inputs, edge), params)
     except ValueError as exc:
         raise _field_error(exc) from None
+    try:
+        await edge.compile_grammar(engine, params)
+    except ValueError as exc:
+        raise _constraint_error(s, exc) from None
     return token_ids, params, logprobs
 
 
@@ -69,29 +81,32 @@ def refuse_unsupported(request: vpb.GenerateRequest) -> None:
 
 
 def structured_outputs(s: vpb.SamplingParams) -> StructuredOutputsParams | None:
-    """The constraint, its grammar parsed here (the gateway sends json_object as json_schema
-    '{"type":"object"}', which is served as that schema)."""
-    from scheduler.structured.compiler import check_grammar  # the grammar library: server side only
-
+    """The constraint, checked for form, size and nesting (the gateway sends json_object as json_schema
+    '{"type":"object"}', which is served as that schema); its grammar is compiled once these pass."""
     constraint = s.WhichOneof("constraint")
     if constraint is None or (constraint == "json_object" and not s.json_object):  # false: unconstrained
         return None
     value = list(s.choice.choices) if constraint == "choice" else getattr(s, constraint)
     try:
-        so = StructuredOutputsParams(**{_CONSTRAINTS[constraint]: value})
-        check_grammar(so)
+        return StructuredOutputsParams(**{_CONSTRAINTS[constraint]: value})
     except ValueError as exc:
-        reason = str(exc).split(": ", 1)[-1]
-        raise InvalidArgument(f"sampling_params.{constraint}: {reason}") from None
-    return so
+        raise _constraint_error(s, exc) from None
 
 
-def prompt_token_ids(request: vpb.GenerateRequest, inputs: InputProcessor) -> list[int]:
+def _constraint_error(s: vpb.SamplingParams, exc: ValueError) -> InvalidArgument:
+    """The engine's structured_outputs.<kind> error, named as this protocol's field."""
+    reason = str(exc).split(": ", 1)[-1]
+    return InvalidArgument(f"sampling_params.{s.WhichOneof('constraint')}: {reason}")
+
+
+async def prompt_token_ids(request: vpb.GenerateRequest, inputs: InputProcessor, edge: EdgeWork) -> list[int]:
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input: one of tokenized or text is required")
     if kind == "text":
-        token_ids = inputs.tokenize(request.text)
+        if not request.text:
+            raise InvalidArgument("text: the prompt must not be empty")
+        token_ids = await tokenize_text(request.text, "text", inputs, edge)
     else:
         token_ids = list(request.tokenized.input_ids)
         if not token_ids:

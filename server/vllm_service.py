@@ -55,7 +55,7 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
         self.last_receive = time.time()
         engine = await self.engine(context, generation=True)
         try:
-            token_ids, params, logprobs = to_engine_inputs(request, engine.engine.inputs)
+            token_ids, params, logprobs = await to_engine_inputs(request, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         responses = Responses(request.stream, logprobs, token_ids)

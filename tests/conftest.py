@@ -86,6 +86,15 @@ def tiny_text_model_dir(tmp_path_factory, default_tokenizer):
     return path, model
 
 
+@pytest.fixture(scope="session")
+def tiny_text_daemon(tiny_text_model_dir, tmp_path_factory):
+    """A daemon on the tiny text model, shared by the test files that only send it requests (one start for all);
+    at teardown it must drain and exit 0."""
+    from tests.daemon import serve_for_module
+
+    yield from serve_for_module(tiny_text_model_dir[0], tmp_path_factory)
+
+
 DEFAULT_MODEL_BLOCK_BYTES = 30 * 2 * 3 * 64 * 4 * 16  # layers x (k, v) x kv heads x head dim x fp32 x tokens
 
 

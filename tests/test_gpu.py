@@ -34,6 +34,30 @@ def test_cuda_bfloat16_default_shape_runs(tmp_path):
     assert_pool_idle(engine)
 
 
+def test_the_kv_cache_is_sized_from_measured_steps_and_the_largest_steps_fit(tmp_path):
+    """The room kept for steps is what the largest steps took when run (not an fp32 estimate from the shape), and
+    with the rest of the card in KV blocks, a full prompt step and a full decode batch still run."""
+    import torch
+
+    from scheduler.worker.memory import estimated_step_peak, measure_step_peak
+    from tests.conftest import tiny_config
+
+    config = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
+    engine = Engine(model=config, load_format="dummy", device="cuda", max_num_seqs=256, max_num_batched_tokens=4096)
+    measured = measure_step_peak(engine.model, engine.config, engine.dtype, engine.device, 2048)
+    estimated = estimated_step_peak(engine.config, config)
+    assert 0 < measured.forward < estimated.forward
+    assert measured.reserve(graphs=True) < estimated.reserve(graphs=True)
+    free, total = torch.cuda.mem_get_info(engine.device)
+    assert free < 0.2 * total  # the KV cache took the card's share
+    prompts = [[1] * 2000, [2] * 2000] + [[3 + i] * 8 for i in range(254)]
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=8,
+                                                         ignore_eos=True))
+    assert all(len(o.token_ids) == 8 for o in outputs)
+    assert_pool_idle(engine)
+
+
 @pytest.mark.parametrize("mode", ["ngram", "draft"])
 def test_cuda_speculative_greedy_matches_hf(tiny_model_dir, mode):
     path, model = tiny_model_dir

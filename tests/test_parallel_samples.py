@@ -48,7 +48,8 @@ def test_the_prompt_is_held_once_not_n_times(tiny_model_dir):
                                 prompt_token_ids=PROMPT)
     for _ in range(4):
         engine.step()
-    tables = [engine.pool.req_blocks[f"{stream.request_id}#{i}"] for i in range(4)]
+    completions = sorted(engine._groups[stream.request_id], key=lambda live: live.request.index)
+    tables = [engine.pool.req_blocks[live.request.request_id] for live in completions]  # by sequence id
     shared = tables[0][:4]
     assert all(t[:4] == shared for t in tables)  # the same four blocks ...
     assert [b.ref_cnt for b in shared] == [4] * 4  # ... held by all four completions

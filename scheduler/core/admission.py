@@ -54,8 +54,12 @@ class Admission:
             elif (error := grammar.exception()) is not None:
                 failed.append((group, error))
             else:
-                for live in group:
-                    live.request.guide = Guide(grammar.result())
+                try:
+                    for live in group:
+                        live.request.guide = Guide(grammar.result())
+                except Exception as exc:  # noqa: BLE001 - this group's failure, not the step's
+                    failed.append((group, exc))
+                    continue
                 self._queue(group)
         self.compiling = still
         return failed

@@ -36,8 +36,8 @@ from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
-from scheduler.structured.compiler import GrammarCompiler, check_grammar
-from scheduler.worker.memory import plan_kv_cache
+from scheduler.structured.compiler import GrammarCompiler
+from scheduler.worker.memory import measure_step_peak, plan_kv_cache
 from scheduler.worker.ranks import LeaderRunner, Ranks, load_target
 from scheduler.worker.runner import ModelRunner
 
@@ -69,7 +69,10 @@ class Engine:
         if proposer is not None and proposer.max_positions is not None:
             max_positions = min(max_positions, proposer.max_positions)
         configs = [target.config] + ([proposer.kv_model_config] if proposer and proposer.kv_model_config else [])
-        plan = plan_kv_cache(config, configs, self.dtype, self.device)
+        # Measured where this process can run a step alone (not under tensor parallelism: every rank takes part).
+        step_peak = measure_step_peak(target.model, config, self.dtype, self.device, max_positions) \
+            if self.device.type == "cuda" and config.kv_cache_bytes is None and self.ranks is None else None
+        plan = plan_kv_cache(config, configs, self.dtype, self.device, step_peak)
         self.max_model_len = min(max_positions, plan.num_blocks * config.block_size)
         if self.max_model_len < target.max_positions:
             log.warning("max_model_len lowered to %d tokens, what the KV cache (and draft) hold", self.max_model_len)
@@ -97,8 +100,11 @@ class Engine:
         self.token_bytes = TokenBytes(self.tokenizer, prefetch=serving) if self.tokenizer is not None else None
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids) \
             if self.tokenizer is not None else None
+        # A sequence's id is the engine's (the pool, the scheduler and _live key by it), a request's its client's:
+        # no client string ever becomes a sequence id, so no request id can reach another request's state.
         self._live: dict[str, Live] = {}  # by each sequence's own id
         self._groups: dict[str, list[Live]] = {}  # a request's unfinished completions, by the request's id
+        self._sequence_ids = itertools.count()
         self.admission = Admission(self.scheduler, self.pool)
         self._pending_add: list[list[Live]] = []
         self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
@@ -128,7 +134,7 @@ class Engine:
         if max_draft_tokens is not None and (not isinstance(max_draft_tokens, int) or max_draft_tokens < 0):
             raise ValueError(f"max_draft_tokens must be an integer >= 0, got {max_draft_tokens!r}")
         stream = RequestStream(request_id, on_output, params.n)
-        grammar = self._grammar(params)  # compiled once, each completion matching it on its own
+        grammar = self.compile_grammar(params, check=True)  # compiled once, each completion matching it on its own
         lives = []
         for index in range(params.n):
             # Completion i of n is a sequence of its own, with its own random stream (seed + i when seeded).
@@ -136,7 +142,7 @@ class Engine:
             own = params if params.n == 1 else replace(
                 params, n=1, seed=None if params.seed is None else params.seed + index,
                 prompt_logprobs=params.prompt_logprobs if index == 0 else None)
-            request = Request(request_id if params.n == 1 else f"{request_id}#{index}", list(token_ids), own,
+            request = Request(f"seq-{next(self._sequence_ids)}", list(token_ids), own,
                               self.eos_token_ids, priority, max_total_tokens=max_total,
                               speculative=speculative is not False, max_draft_tokens=max_draft_tokens,
                               output_id=request_id, index=index, stream=stream)
@@ -149,19 +155,21 @@ class Engine:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
             if request_id in self._groups or any(g[0].request.output_id == request_id for g in self._pending_add):
-                raise ValueError(f"request_id {request_id!r} is already in use")
+                raise ValueError(f"request_id: {request_id!r} is already in use by a request in flight")
             self._pending_add.append(lives)
         return stream
 
-    def _grammar(self, params: SamplingParams) -> Future | None:
-        """Parse a structured request's grammar now (a bad one is a ValueError naming the field) and start
-        compiling it in the background."""
+    def compile_grammar(self, params: SamplingParams, check: bool = False) -> Future | None:
+        """Compile a structured request's grammar in the background (None when it has none): the daemon awaits it
+        before add_request, which then finds it compiled. check: a bad grammar is a ValueError naming the field
+        now (GrammarCompiler.check)."""
         so = params.structured_outputs
         if so is None:
             return None
         if self.grammars is None:
             raise ValueError(f"structured_outputs.{so.kind}: needs a tokenizer; this model has none")
-        check_grammar(so)
+        if check:
+            self.grammars.check(so)
         return self.grammars.submit(so)
 
     def abort(self, request_id: str) -> bool:
@@ -239,10 +247,18 @@ class Engine:
             verified_per_position=_per_position(results, accepted=False))
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start)
         for live, output in outputs:
-            live.stream.put(output)
-            if output.finished:
-                self._forget(live)
+            self._deliver(live, output)
         return [output for _, output in outputs]
+
+    def _deliver(self, live: Live, output: RequestOutput) -> None:
+        try:
+            live.stream.put(output)
+        except Exception as exc:  # noqa: BLE001 - one request's reader failing ends that request only
+            log.error("request %s: its output could not be delivered (%r); aborting it", live.request.output_id, exc)
+            with self._lock:
+                self._pending_abort += [] if output.finished else [live.request]
+        if output.finished:
+            self._forget(live)
 
     def _collect(self) -> list[StepResult]:
         """The tokens of the step in flight, if any, on their requests; not checked for stops yet."""
@@ -250,9 +266,23 @@ class Engine:
         return self.executor.collect(step) if step is not None else []
 
     def _settle(self, results: list[StepResult], outputs: list[tuple[Live, RequestOutput]]) -> None:
-        """Check new tokens for stops, their outputs onto `outputs`."""
+        """Check new tokens for stops, their outputs onto `outputs`. A request whose host work raises ends with
+        the error (its blocks freed); the step and the other requests go on."""
         now = time.monotonic()
-        outputs += [self._append(self._live[r.request.request_id], r, now) for r in results]
+        for result in results:
+            live = self._live[result.request.request_id]
+            try:
+                outputs.append(self._append(live, result, now))
+            except Exception as exc:  # noqa: BLE001 - isolated to the request it came from
+                outputs.append((live, self._fail(live, exc)))
+
+    def _fail(self, live: Live, exc: BaseException) -> RequestOutput:
+        """End one request because its own processing raised: its blocks freed, its stream told why."""
+        request, request.finish_reason = live.request, FinishReason.ABORT
+        log.error("request %s failed in the engine: %r", request.output_id, exc)
+        self.scheduler.finish(request)  # again if it had finished: its blocks are gone, it leaves no list twice
+        return RequestOutput(request.output_id, [], "", finished=True, finish_reason="abort",
+                             error=f"request failed: {exc!r}", index=request.index)
 
     def _forget(self, live: Live) -> None:
         request = live.request

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from scheduler.sampling.params import SamplingParams
 
 Prompt = str | Sequence[int]
+MIN_BYTES_PER_TOKEN = 16
 
 
 class InputProcessor:
@@ -14,11 +15,25 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        # No token spans more bytes of text than its vocabulary entry has in UTF-8 (byte-level and SentencePiece
+        # entries spell a byte in one or two), so text beyond max_model_len of the longest entry cannot fit: it is
+        # refused before it is tokenised, the work that grows with it. 162 bytes for the default model (an 81-byte
+        # run of spaces), so 1.3 MB at its 8,192 tokens.
+        longest = max((len(t.encode()) for t in tokenizer.get_vocab()), default=0) if tokenizer is not None else 0
+        self.max_prompt_bytes = max_model_len * max(longest, MIN_BYTES_PER_TOKEN)
+
+    def check_text_size(self, text: str, field: str = "prompt") -> None:
+        """Refuse text too long to fit max_model_len however it tokenises; cheap, so before tokenising."""
+        if len(text) > self.max_prompt_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes:
+            raise ValueError(f"{field}: at most {self.max_prompt_bytes} bytes of text (max_model_len "
+                             f"{self.max_model_len} tokens of at most {self.max_prompt_bytes // self.max_model_len} "
+                             f"bytes each), got {len(text.encode('utf-8', 'surrogatepass'))}")
 
     def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            self.check_text_size(prompt)
             return self._need_tokenizer("text prompts").encode(prompt, add_special_tokens=add_special_tokens)
         if not isinstance(prompt, Sequence) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                         for t in prompt):
@@ -35,6 +50,7 @@ class InputProcessor:
                 raise ValueError(f"chat message {i}: role must be a non-empty string")
             if not isinstance(message.get("content"), str):
                 raise ValueError(f"chat message {i}: content must be a string")
+        self.check_text_size("".join(m["content"] for m in messages), "chat")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 
@@ -53,6 +69,9 @@ class InputProcessor:
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("prompt must not be empty")
+        if len(token_ids) >= self.max_model_len:  # first: the checks below read every token
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one generated token")
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
@@ -62,9 +81,6 @@ class InputProcessor:
         bad = next((t for t in params.logit_bias if t >= self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
-                             "which must leave room for at least one generated token")
         if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {len(token_ids)} tokens exceeds "
                              f"max_model_len {self.max_model_len}")

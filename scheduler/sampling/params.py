@@ -10,6 +10,10 @@ from scheduler.sampling.structured import StructuredOutputsParams
 MAX_LOGPROBS = 20
 MAX_N = 16  # parallel samples of one prompt
 MAX_LOGIT_BIAS = 100.0
+# Stop strings are matched against the text after every token: their number and length bound that work. One
+# limit for every protocol that reaches the engine.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 512
 
 
 def _check(ok: bool, message: str) -> None:
@@ -75,6 +79,11 @@ class SamplingParams:
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS,
+               f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        _check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+               f"stop: each stop string must be at most {MAX_STOP_STRING_CHARS} characters, got one of "
+               f"{max(map(len, self.stop), default=0)}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold integers >= 0, got {self.stop_token_ids!r}")
         _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
