@@ -75,6 +75,9 @@ def test_calls_other_than_generation_are_never_counted(started, stub):
     with pytest.raises(grpc.RpcError) as caught:
         stub.Tokenize(pb.TokenizeRequest(), timeout=10)  # neither text nor chat
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with daemon.channel() as channel, pytest.raises(grpc.RpcError) as caught:  # a message that does not parse
+        channel.unary_unary("/beastserve.v1.Generation/Tokenize")(b"\xff\xfe not a protobuf message", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     stub.GetLoad(pb.GetLoadRequest(), timeout=10)
     assert sample(scrape(daemon), FAILURES) == 0
     with pytest.raises(grpc.RpcError) as caught:  # a generation request refused is counted, once
