@@ -134,7 +134,7 @@ if [[ ,$PHASES, == *,beastserve,* ]]; then
     START=$SECONDS
     # shellcheck disable=SC2086  # SERVE_ARGS is a list of flags
     "$PYTHON" -m server.cli serve --model "$MODEL" --load-format dummy --dtype bfloat16 --device cuda \
-        --served-model-name "$SERVED_NAME" --host 127.0.0.1 --port "$PORT" --metrics-port 0 \
+        --served-model-name "$SERVED_NAME" --host 127.0.0.1 --port "$PORT" --metrics-port 0 --http-port 0 \
         --no-enable-prefix-caching $SERVE_ARGS >"$OUTDIR/logs/beastserve.log" 2>&1 &
     PIDS+=($!)
     "$PYTHON" -m server.cli health --address "127.0.0.1:$PORT" --wait 300 \

@@ -88,7 +88,7 @@ for MODE in "${MODE_LIST[@]}"; do
     LOG=$OUTDIR/logs/$NAME.daemon.log
     START=$SECONDS
     # shellcheck disable=SC2086  # SERVE_ARGS is a list of flags
-    "$PYTHON" -m server.cli serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" --metrics-port 0 \
+    "$PYTHON" -m server.cli serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" --metrics-port 0 --http-port 0 \
         --speculative "$MODE" $SERVE_ARGS >"$LOG" 2>&1 &
     DAEMON_PID=$!
     wait_ready || { tail -n 40 "$LOG" >&2; exit 1; }

@@ -58,7 +58,7 @@ def one_start(model: str, cache_home: str, timeout: float) -> dict:
     """Seconds from Popen to SERVING, and the daemon's own log of the start."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0"]
+           "--port", str(port), "--metrics-port", "0", "--http-port", str(free_port())]
     env = {**os.environ, "XDG_CACHE_HOME": cache_home, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()

@@ -40,9 +40,10 @@ done
 replicas=()  # replica i's pid
 gateway=
 start_replica() {
+  # The gateway serves HTTP here: the daemons' own HTTP API stays off (its default port is the gateway's).
   # shellcheck disable=SC2086 # FLAGS holds several words
   "$BIN/beastserve" serve --model "$MODEL" --host 127.0.0.1 --port $((GRPC_PORT + $1)) \
-    --metrics-port $((METRICS_PORT + $1)) $FLAGS &
+    --metrics-port $((METRICS_PORT + $1)) --http-port off $FLAGS &
   replicas[$1]=$!
   say "replica $1 (pid ${replicas[$1]}) on 127.0.0.1:$((GRPC_PORT + $1))"
 }

@@ -56,8 +56,14 @@ class LLM:
             completions[0].outputs = completions
             results.append(completions[0])
             streams.append(stream)
+        by_id = {stream.request_id: (result, stream) for result, stream in zip(results, streams)}
         while not all(s.finished for s in streams):
-            self.engine.step()
+            # Each step's outputs are read as they come: left queued until the end they would pile up, one per
+            # token of the whole run, for the garbage collector to walk again and again.
+            for output in self.engine.step():
+                result, stream = by_id[output.request_id]
+                delta = stream.get_nowait()
+                result.outputs[delta.index].add(delta)
         for result, stream in zip(results, streams):
             while (delta := stream.get_nowait()) is not None:
                 result.outputs[delta.index].add(delta)

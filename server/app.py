@@ -50,6 +50,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.exit_code = 0
         self.server: grpc.aio.Server | None = None
+        self.http = None  # the OpenAI HTTP API's server, when --http-port is set
 
     async def run(self) -> int:
         try:
@@ -57,12 +58,16 @@ class Daemon:
         except StartupError:
             if self.server is not None:
                 await self.server.stop(0)
+            if self.http is not None:
+                await self.http.stop()
             raise
         try:
             await self._load_engine()
         except Exception:
             log.exception("failed to load the model")
             await self.server.stop(0)
+            if self.http is not None:
+                await self.http.stop()
             return 1
         self._install_signal_handlers()
         watchdog = asyncio.create_task(self._watch_engine())
@@ -109,15 +114,26 @@ class Daemon:
             try:
                 self.state.metrics.start_http_server(config.metrics_port, config.host)
             except OSError as exc:
-                why = "is already in use" if exc.errno == errno.EADDRINUSE else f": {exc.strerror or exc}"
-                raise StartupError(f"metrics port {config.metrics_port} {why}") from None
-        log.info("gRPC listening on %s:%d (%s)%s", config.host, self.port, "TLS" if config.tls_cert_file else
+                raise _bind_error("metrics port", config.metrics_port, exc) from None
+        if config.http_port:
+            self._start_http()
+        log.info("gRPC listening on %s:%d (%s)%s%s", config.host, self.port, "TLS" if config.tls_cert_file else
                  "plaintext", f"; metrics on http://{config.host}:{config.metrics_port}/metrics"
-                 if config.metrics_port else "")
+                 if config.metrics_port else "", f"; OpenAI API on {self.http.url}" if self.http else "")
         warning = exposure_warning(config.host, bool(config.tls_cert_file), bool(config.api_key_file),
                                    config.metrics_port)
         if warning:
             log.warning(warning)
+
+    def _start_http(self) -> None:
+        from server.openai.app import HttpServer  # FastAPI and uvicorn: only when the HTTP API is on
+
+        self.http = HttpServer(self.state)
+        try:
+            self.http.bind()
+        except OSError as exc:
+            raise _bind_error("HTTP port", self.config.http_port, exc) from None
+        self.http.start()
 
     async def _load_engine(self) -> None:
         config = self.config
@@ -180,9 +196,16 @@ class Daemon:
         while state.in_flight and state.engine.alive and loop.time() < deadline + 5:
             await asyncio.sleep(0.05)
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=2)
         state.engine.stop()
         log.info("stopped")
+
+
+def _bind_error(what: str, port: int, exc: OSError) -> StartupError:
+    why = "is already in use" if exc.errno == errno.EADDRINUSE else f": {exc.strerror or exc}"
+    return StartupError(f"{what} {port} {why}")
 
 
 def serve(config: ServerConfig) -> int:

@@ -85,6 +85,9 @@ class ServerState:
 
 
 class EngineCalls:
+    """A call's `context` is a grpc.aio one or any other with `abort(code, message)`, which ends the call with that
+    status (it raises), and `time_remaining()` (None: no deadline), as server/openai's HttpCall for HTTP."""
+
     def __init__(self, state: ServerState):
         self.state = state
 

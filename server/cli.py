@@ -58,7 +58,7 @@ def add_passthrough_command(subparsers, name: str, help_text: str, module: str, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beastserve", description="LLM serving daemon")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC daemon",
+    serve = sub.add_parser("serve", help="run the daemon (gRPC, OpenAI HTTP, metrics)",
                            description="Every flag also reads BEASTSERVE_<FLAG> from the environment.")
     add_server_args(serve)
     serve.set_defaults(func=run_serve, runs_engine=True)

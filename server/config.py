@@ -22,6 +22,15 @@ ENV_ALIASES = {"speculative": ("ENABLE_SPECULATIVE",), "draft_model": ("DRAFT_MO
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+class Port(int):
+    """A port number; 0 or "off" for none (a flag's value, or its BEASTSERVE_* variable)."""
+
+    def __new__(cls, value=0):
+        if isinstance(value, str) and value.strip().lower() == "off":
+            value = 0
+        return super().__new__(cls, int(value))
+
+
 @dataclass
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -30,6 +39,8 @@ class ServerConfig:
     host: str = option("0.0.0.0", "address to listen on, for gRPC and /metrics")
     port: int = option(50051, "gRPC port")
     metrics_port: int = option(9400, "Prometheus /metrics HTTP port, on --host (0 = off)")
+    http_port: Port = option(Port(8000), "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
+                             "...), on --host with gRPC's API keys and TLS (0 or off = off)")
     max_queue_size: int = option(1024, "requests waiting beyond this get RESOURCE_EXHAUSTED")
     drain_timeout: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
     stream_write_timeout: float = option(20.0, "seconds a streamed call's client may leave a message unread; then the "
@@ -159,7 +170,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     if config.tls_client_ca_file and not config.tls_cert_file:
         raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
-    for flag, port, lowest in (("--port", config.port, 1), ("--metrics-port", config.metrics_port, 0)):
+    for flag, port, lowest in (("--port", config.port, 1), ("--metrics-port", config.metrics_port, 0),
+                               ("--http-port", config.http_port, 0)):
         if not lowest <= port <= 65535:
             raise ValueError(f"{flag} must be in [{lowest}, 65535], got {port}")
     if not config.stream_write_timeout > 0:

@@ -102,15 +102,18 @@ async def render_chat(messages: list[dict[str, str]], field: str, inputs: InputP
 
 
 def chat_messages(chat: pb.Chat, field: str) -> list[dict[str, str]]:
-    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    return check_chat_messages([{"role": m.role, "content": m.content} for m in chat.messages], f"{field}.messages")
+
+
+def check_chat_messages(messages: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+    """A chat's messages, checked for what every surface requires; errors name `field[i]`."""
     for i, m in enumerate(messages):
         if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise InvalidArgument(f"{field}.messages[{i}].role: must be system, user, assistant or tool, "
-                                  f"got {m['role']!r}")
+            raise InvalidArgument(f"{field}[{i}].role: must be system, user, assistant or tool, got {m['role']!r}")
         if m["role"] != "assistant" and not m["content"]:
-            raise InvalidArgument(f"{field}.messages[{i}].content: must not be empty")
+            raise InvalidArgument(f"{field}[{i}].content: must not be empty")
     if not messages:
-        raise InvalidArgument(f"{field}.messages: at least one message is required")
+        raise InvalidArgument(f"{field}: at least one message is required")
     return messages
 
 

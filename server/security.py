@@ -1,4 +1,4 @@
-"""API keys (authorization: Bearer <key>) and TLS / mutual TLS for the gRPC port."""
+"""API keys (authorization: Bearer <key>) and TLS / mutual TLS, for the gRPC port and the HTTP API."""
 
 from __future__ import annotations
 
@@ -55,11 +55,18 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def _allowed(self, details) -> bool:
         for key, value in details.invocation_metadata or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                given = value[len("Bearer "):].encode()
-                # Compare against every key in constant time, so timing reveals nothing.
-                return any([hmac.compare_digest(given, k) for k in self.keys])
+            if key == "authorization":
+                return bearer_allowed(value, self.keys)
         return False
+
+
+def bearer_allowed(authorization: str, keys: list[bytes]) -> bool:
+    """Whether an `authorization` value (`Bearer <key>`) holds one of the keys."""
+    if not authorization.startswith("Bearer "):
+        return False
+    given = authorization[len("Bearer "):].encode()
+    # Compare against every key in constant time, so timing reveals nothing.
+    return any([hmac.compare_digest(given, k) for k in keys])
 
 
 def _denying(handler):

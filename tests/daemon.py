@@ -54,10 +54,12 @@ class Daemon(LoggedProcess):
     """`beastserve serve` with the given flags; stopped with SIGTERM on close()."""
 
     def __init__(self, model: str, *flags: str, log_path: Path, channel_credentials=None, env=None):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"  # the OpenAI API's root (/v1/..., /health)
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags]
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
+               *flags]
         super().__init__(cmd, log_path, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         self.channel_credentials = channel_credentials
 

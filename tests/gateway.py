@@ -31,13 +31,15 @@ class Gateway(LoggedProcess):
     """`smg launch` routing to the given worker addresses (host:port, gRPC) with the given flags; stopped with
     SIGTERM on close(). Workers are health-checked every second and taken out at the first failure."""
 
-    def __init__(self, worker_addresses: list[str], *flags: str, log_path: Path):
+    def __init__(self, worker_addresses: list[str], *flags: str, log_path: Path, http: bool = False):
+        """http: route to the workers' OpenAI HTTP API (host:port of it) instead of their gRPC worker protocol."""
         self.port, self.metrics_port = free_port(), free_port()
         self.root_url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.root_url + "/v1"
+        workers = [f"http://{a}" for a in worker_addresses] if http else [f"grpc://{a}" for a in worker_addresses]
         cmd = [smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(self.port),
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.metrics_port),
-               "--worker-urls", *(f"grpc://{address}" for address in worker_addresses), "--backend", "vllm",
+               "--worker-urls", *workers, *(() if http else ("--backend", "vllm")),
                "--health-check-interval-secs", str(HEALTH_INTERVAL_S), "--health-failure-threshold", "1",
                "--health-success-threshold", "1", "--shutdown-grace-period-secs", str(SHUTDOWN_GRACE_S), *flags]
         super().__init__(cmd, log_path)
@@ -66,7 +68,7 @@ class Gateway(LoggedProcess):
         """host:port of the workers the gateway routes to now."""
         with urllib.request.urlopen(self.root_url + "/workers", timeout=5) as response:
             workers = json.loads(response.read())["workers"]
-        return {w["url"].removeprefix("grpc://") for w in workers if w["is_healthy"]}
+        return {w["url"].split("://", 1)[-1] for w in workers if w["is_healthy"]}
 
     def call(self, path: str, body: dict | None = None) -> dict:
         """GET path, or POST body to it, as JSON; raises urllib.error.HTTPError on an error status."""

@@ -65,3 +65,15 @@ def test_help_names_what_an_unset_step_limit_becomes_and_shows_a_value_from_the_
     text = " ".join(parser.format_help().split())
     assert "[BEASTSERVE_MAX_NUM_SEQS; default: chosen from the device]" in text
     assert "[BEASTSERVE_MAX_NUM_BATCHED_TOKENS; default: 4096]" in text
+
+
+def test_the_http_port_is_on_by_default_and_turns_off_by_flag_or_environment():
+    assert parse([]).http_port == 8000
+    assert parse(["--http-port", "8123"]).http_port == 8123
+    assert parse(["--http-port", "off"]).http_port == 0 and parse(["--http-port", "0"]).http_port == 0
+    assert parse([], {"BEASTSERVE_HTTP_PORT": "off"}).http_port == 0
+    assert parse([], {"BEASTSERVE_HTTP_PORT": "9001"}).http_port == 9001
+    with pytest.raises(ValueError, match=r"^--http-port must be in \[0, 65535\], got 70000$"):
+        parse(["--http-port", "70000"])
+    with pytest.raises(ValueError, match="BEASTSERVE_HTTP_PORT='web' is not a valid Port"):
+        parse([], {"BEASTSERVE_HTTP_PORT": "web"})

@@ -237,7 +237,7 @@ def test_probes_ask_the_daemons_health_services_on_its_port(builds, variant):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model loading needs minutes"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port, "http": config.http_port}
     env_from = {ref["configMapRef"]["name"] for ref in container["envFrom"]}
     assert env_from == {one(docs, "ConfigMap")["metadata"]["name"]}
 
@@ -326,7 +326,8 @@ def test_image_runs_beastserve_serve_as_non_root_on_the_daemons_ports(builds, na
     for key, args in dockerfile(DEPLOY / name):
         by_key.setdefault(key, []).append(args)
     defaults = ServerConfig()
-    assert {int(p) for args in by_key["EXPOSE"] for p in args.split()} == {defaults.port, defaults.metrics_port}
+    assert {int(p) for args in by_key["EXPOSE"] for p in args.split()} == {defaults.port, defaults.metrics_port,
+                                                                          defaults.http_port}
     assert json.loads(by_key["ENTRYPOINT"][-1]) == ["beastserve", "serve"]
     assert entry_points(group="console_scripts", name="beastserve"), "the beastserve command"
     user = by_key["USER"][-1].split(":")[0]

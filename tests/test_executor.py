@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from scheduler.core.executor import StepExecutor
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request
-from scheduler.core.scheduler import Scheduler
+from scheduler.core.scheduler import Scheduler, StepOutput
 from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.ngram import NgramProposer
@@ -20,8 +21,8 @@ from tests.conftest import tiny_config
 def make(speculator=None, num_blocks=32):
     model = load_model(tiny_config(), None, "dummy", torch.float32, torch.device("cpu"), None).model
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
-    pool = BlockPool(num_blocks, 4, enable_prefix_caching=True)
-    return StepExecutor(runner, Sampler(), pool, speculator), Scheduler(pool, 64, 8), model
+    scheduler = Scheduler(BlockPool(num_blocks, 4, enable_prefix_caching=True), 64, 8)
+    return StepExecutor(runner, Sampler(), scheduler, speculator), scheduler, model
 
 
 def greedy_reference(model, prompt, n):
@@ -83,6 +84,26 @@ def test_launched_steps_take_the_token_in_flight_from_the_device():
         assert request.num_output_tokens == step and request.num_computed_tokens == len(prompt) + step
     executor.collect(in_flight)
     assert request.output_token_ids == greedy_reference(model, prompt, 6) and request.num_placeholders == 0
+
+
+def test_a_steps_output_reaches_its_requests_once():
+    """The scheduler applies what a step computed, once: a launched step collected twice gives its token once, and
+    an output applied a second time is refused."""
+    executor, scheduler, model = make()
+    prompt = [3, 1, 4, 1, 5, 9]
+    request = Request("r", prompt, SamplingParams(temperature=0), max_total_tokens=64)
+    scheduler.add(request)
+    first = executor.launch(scheduler.schedule().scheduled, None)
+    second = executor.launch(scheduler.schedule().scheduled, first)
+    assert executor.collect(first) == executor.collect(first)
+    assert request.num_output_tokens == 1 and request.num_placeholders == 1
+    executor.collect(second)
+    assert request.output_token_ids == greedy_reference(model, prompt, 2) and request.num_placeholders == 0
+    output = StepOutput([request], [7])
+    scheduler.update_from_output(output)
+    with pytest.raises(AssertionError, match="applied once"):
+        scheduler.update_from_output(output)
+    assert request.output_token_ids[2:] == [7] and request.num_computed_tokens == len(prompt) + 1
 
 
 class KnownProposer(NgramProposer):

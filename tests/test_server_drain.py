@@ -17,6 +17,7 @@ from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc
 from tests.conftest import save_tiny_model, tiny_config
 from tests.daemon import Daemon
+from tests.openai_http import call
 
 MAX_MODEL_LEN = 4096
 PROMPT_IDS = list(range(1, 13))
@@ -123,6 +124,10 @@ def test_sigterm_drops_readiness_refuses_new_calls_and_lets_in_flight_calls_fini
         with pytest.raises(grpc.RpcError) as err:
             stub.Generate(long_request(4), timeout=TIMEOUT)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The HTTP API drains with it: 503, and readiness says why.
+        status, body = call(daemon.http_url + "/v1/completions", {"prompt": PROMPT_IDS, "max_tokens": 4})
+        assert status == 503 and "shutting down" in body["error"]["message"]
+        assert call(daemon.http_url + "/health")[0] == 503
         assert not all(s.ended_at for s in streams), "the drain ended before it was observed; make streams longer"
         for stream in streams:
             stream.join(timeout=TIMEOUT + 5)

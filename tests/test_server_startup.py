@@ -18,7 +18,8 @@ from tests.daemon import ROOT, free_port
 
 
 def serve(model, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1", *flags]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+           "--http-port", "off", *flags]
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -58,6 +59,15 @@ def test_a_taken_metrics_port_exits_at_once_naming_it(tiny_model_dir):
     assert done.returncode != 0
     assert last_line(done) == f"beastserve: metrics port {port} is already in use"
     assert "Event loop is closed" not in done.stderr
+
+
+def test_a_taken_http_port_exits_at_once_naming_it(tiny_model_dir):
+    with held_port(False) as sock:
+        port = sock.getsockname()[1]
+        done, _ = serve(tiny_model_dir[0], "--port", str(free_port()), "--metrics-port", "0", "--http-port", str(port))
+    assert done.returncode != 0
+    assert last_line(done) == f"beastserve: HTTP port {port} is already in use"
+    assert "loading" not in done.stderr.lower()
 
 
 @pytest.mark.parametrize("flag, value", [("--port", "99999"), ("--port", "0"), ("--metrics-port", "-1")])
@@ -132,7 +142,7 @@ def test_a_hugging_face_model_id_loads_from_the_local_cache(tiny_model_dir, tmp_
 
 def test_a_model_id_missing_from_an_offline_cache_fails_at_once(tmp_path):
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "nobody/no-such-model", "--host", "127.0.0.1",
-           "--port", str(free_port()), "--metrics-port", "0"]
+           "--port", str(free_port()), "--metrics-port", "0", "--http-port", "0"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(tmp_path),
                                "HF_HUB_OFFLINE": "1"})

@@ -3,7 +3,8 @@ then sampling or verification. Speculation is entered from here only: the depth 
 scheduling, drafts before the target's pass, verification after it, the step's time at its end.
 
 A step runs one of two ways: `execute` returns its tokens on the host; `launch` leaves them on the
-device, where the next step's inputs read them, and `collect` brings them to the host later."""
+device, where the next step's inputs read them, and `collect` brings them to the host later. Either way, what a
+step computed goes to the requests through the scheduler (Scheduler.advance, update_from_output), never from here."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request
-from scheduler.core.scheduler import ScheduledRequest
+from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
 from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ, sampling_rows
@@ -23,15 +23,6 @@ from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks, masked_argmax
 from scheduler.worker.runner import ForwardItem, ModelRunner
-
-
-@dataclass
-class StepResult:
-    request: Request
-    new_token_ids: list[int]  # already appended to the request
-    logprobs: list[TokenLogprob] | None
-    num_drafts: int = 0
-    num_accepted: int = 0
 
 
 @dataclass
@@ -88,10 +79,13 @@ class TokenCopies:
 
 
 class StepExecutor:
-    def __init__(self, runner: ModelRunner, sampler: Sampler, pool: BlockPool, speculator: Speculator | None = None):
+    def __init__(self, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
+                 speculator: Speculator | None = None):
+        """scheduler: the one writer of request progress; steps hand it what they computed."""
         self.runner = runner
         self.sampler = sampler
-        self.pool = pool
+        self.scheduler = scheduler
+        self.pool = scheduler.pool
         self.speculator = speculator
         self.vocab_size = runner.model.config.vocab_size
         self.device = runner.device
@@ -139,15 +133,14 @@ class StepExecutor:
         rows = previous.rows if previous is not None else {}
         items = [self._item(s, rows.get(s.request, -1)) for s in batch]
         logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
-        _advance(batch)
+        self.scheduler.advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
         if previous is not None and any(r.guide is not None for r in requests):
-            previous.results = self._read(previous)  # the masks follow its tokens; the device runs the forward
+            self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
         out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
                                                                           None, None, None)
-        for request in requests:
-            request.num_placeholders += 1
+        self.scheduler.add_placeholders(requests)
         num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
         return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, out.token_ids, num_top,
                             *self.copies.start(_packed(out)))
@@ -157,19 +150,16 @@ class StepExecutor:
         step before, an abort) takes none: never an extra token."""
         if isinstance(step, Verification):
             return self._finish(step)
-        return step.results if step.results is not None else self._read(step)
+        if step.results is None:
+            step.results = self._read(step)
+        return step.results
 
     def _read(self, step: StepInFlight) -> list[StepResult]:
-        """Wait for a launched step's tokens and append them."""
+        """Wait for a launched step's tokens and have them applied."""
         if step.copied is not None:
             step.copied.synchronize()
         token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
-        results = []
-        for request, token, lp in zip(step.requests, token_ids, logprobs):
-            request.num_placeholders -= 1
-            if not request.is_finished:
-                results.append(_append_one(request, token, lp))
-        return results
+        return self.scheduler.update_from_output(StepOutput(step.requests, token_ids, logprobs, in_flight=True))
 
     def _start(self, batch: list[ScheduledRequest]) -> Verification:
         """Drafts, then the target's pass; the logits wait in the Verification."""
@@ -187,7 +177,7 @@ class StepExecutor:
             logits = self.runner.forward(items, device_tokens=drafts)
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
-        _advance(batch)
+        self.scheduler.advance(batch)
         return Verification(batch, spec, proposal, logits, hidden)
 
     def _finish(self, step: Verification) -> list[StepResult]:
@@ -214,16 +204,19 @@ class StepExecutor:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
         of the step in flight). first_logit: the position from which on every token's logits are wanted (prompt
         logprobs)."""
-        request = s.request
+        request, drafts = s.request, s.draft_token_ids
         start = request.num_computed_tokens
-        known = request.all_token_ids[start:start + s.num_new_tokens]
-        num_placeholders = s.num_new_tokens - len(known)
-        assert not (num_placeholders and s.draft_token_ids) and (device_row >= 0 or not num_placeholders)
-        tokens = known + [0] * num_placeholders + s.draft_token_ids
-        num_logits = 1 + len(s.draft_token_ids) if s.samples else 0
+        tokens = request.all_token_ids[start:start + s.num_new_tokens]  # the known ones: a list of its own
+        num_placeholders = s.num_new_tokens - len(tokens)
+        assert not (num_placeholders and drafts) and (device_row >= 0 or not num_placeholders)
+        if num_placeholders:
+            tokens += [0] * num_placeholders
+        if drafts:
+            tokens += drafts
+        num_logits = 1 + len(drafts) if s.samples else 0
         if first_logit is not None:
             num_logits = max(num_logits, start + s.num_new_tokens - first_logit)
-        num_device_tokens = (len(s.draft_token_ids) or num_placeholders) if device_row >= 0 else 0
+        num_device_tokens = (len(drafts) or num_placeholders) if device_row >= 0 else 0
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            num_device_tokens)
 
@@ -250,11 +243,9 @@ class StepExecutor:
             return []
         requests = [s.request for s in sampled]
         out = self._draw(logits, requests)
-        token_ids = out.token_ids.tolist()
-        logprobs = _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids) \
-            if out.logprobs is not None else [None] * len(requests)
-        return [_append_one(request, token, lp) for request, token, lp in zip(requests, token_ids, logprobs)
-                if not request.is_finished]
+        logprobs = [[lp] for lp in _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
+            if out.logprobs is not None else None
+        return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
                 target_ids: list[int] | None, hidden: torch.Tensor | None) -> list[StepResult]:
@@ -282,19 +273,10 @@ class StepExecutor:
             target_probs = self.sampler.compute_probs(logits, rows)
             num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs, per_request)
             _settle_guides(sampled, walked, num_accepted, next_tokens)
-        wants_logprobs = max(r.params.logprobs for r in requests)
-        results, row = [], 0
-        for s, n, token in zip(sampled, num_accepted, next_tokens):
-            request = s.request
-            if not request.is_finished:
-                new_tokens = request.accept_drafts(s.draft_token_ids, n, token)
-                lps = None
-                if wants_logprobs and request.params.logprobs:
-                    idx = torch.arange(row, row + len(new_tokens), device=logits.device)
-                    chosen = torch.tensor(new_tokens, device=logits.device)
-                    lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
-                results.append(StepResult(request, new_tokens, lps, len(s.draft_token_ids), n))
-            row += 1 + len(s.draft_token_ids)
+        logprobs = _verified_logprobs(logits, sampled, num_accepted, next_tokens) \
+            if any(r.params.logprobs for r in requests) else None
+        results = self.scheduler.update_from_output(StepOutput(
+            requests, next_tokens, logprobs, [s.draft_token_ids for s in sampled], num_accepted))
         self.speculator.observe(sampled, num_accepted, hidden)
         return results
 
@@ -317,6 +299,21 @@ def _argmax_only(requests: list[Request]) -> bool:
     """Every request's token is its logits' argmax (under its grammar's mask, if any), without logprobs: no
     sampling rows needed."""
     return all(plain_greedy(r) and not r.params.logprobs for r in requests)
+
+
+def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],
+                       next_tokens: list[int]) -> list[list[TokenLogprob] | None]:
+    """The logprobs of each verified request's new tokens (accepted drafts and the next), where it asks."""
+    logprobs, row = [], 0
+    for s, n, token in zip(sampled, num_accepted, next_tokens):
+        request, lps = s.request, None
+        if request.params.logprobs and not request.is_finished:
+            chosen = torch.tensor(s.draft_token_ids[:n] + [token], device=logits.device)
+            idx = torch.arange(row, row + len(chosen), device=logits.device)
+            lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
+        logprobs.append(lps)
+        row += 1 + len(s.draft_token_ids)
+    return logprobs
 
 
 def _settle_guides(sampled: list[ScheduledRequest], walked: list[int], num_accepted: list[int],
@@ -356,11 +353,6 @@ def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: to
     return None if picks is None else values[:offset]
 
 
-def _advance(batch: list[ScheduledRequest]) -> None:
-    for s in batch:
-        s.request.num_computed_tokens += s.num_new_tokens
-
-
 def _samples_on_device(request: Request) -> bool:
     """Whether the request's next token can be drawn, and the one after it prepared, without the host
     knowing the tokens in flight before the forward is launched (see StepExecutor.can_defer)."""
@@ -376,20 +368,13 @@ def _packed(out: SamplerOutput) -> torch.Tensor:
                       out.top_logprobs.double().view(torch.long), out.top_token_ids], dim=1)
 
 
-def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list]:
-    """_packed's tokens and, where it holds them, their TokenLogprobs (else Nones)."""
+def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list | None]:
+    """_packed's tokens and, where it holds them, their TokenLogprobs, one list a row (else None)."""
     if num_top is None:
-        return host.tolist(), [None] * len(host)
+        return host.tolist(), None
     values = host[:, 1:2 + num_top].view(np.float64)
-    return host[:, 0].tolist(), _logprob_lists(host[:, 0], values[:, 0], values[:, 1:], host[:, 2 + num_top:])
-
-
-def _append_one(request: Request, token: int, logprob: TokenLogprob | None = None) -> StepResult:
-    """A sampled token onto its request and, where a grammar constrains the request, into its matcher."""
-    request.append_token(token)
-    if request.guide is not None:
-        request.guide.accept([token])
-    return StepResult(request, [token], [logprob] if request.params.logprobs else None)
+    return host[:, 0].tolist(), [[lp] for lp in _logprob_lists(host[:, 0], values[:, 0], values[:, 1:],
+                                                                 host[:, 2 + num_top:])]
 
 
 def _logprob_lists(token_ids, chosen, top_values, top_ids) -> list[TokenLogprob]:

@@ -42,6 +42,7 @@ class BlockPool:
         self.free_blocks: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached_blocks: dict[int, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the same blocks' ids: the block tables steps read
         self.req_hashes: dict[str, list[int]] = {}  # hashes of the request's full computed blocks
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
@@ -57,7 +58,8 @@ class BlockPool:
         return self.num_blocks - len(self.free_blocks)
 
     def block_table(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """The ids of the blocks the request holds, in order."""
+        return list(self.req_block_ids.get(request_id, ()))
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """Longest run of leading full blocks already in the cache. At least one token is
@@ -81,6 +83,8 @@ class BlockPool:
         held = self.req_blocks.get(request.request_id)
         num_held = len(held) if held is not None else len(cached_prefix)
         num_new = max(0, -(-num_tokens // self.block_size) - num_held)
+        if held is not None and num_new == 0:
+            return True  # most steps of a decoding request
         reclaimed = sum(1 for b in cached_prefix if b.ref_cnt == 0) if held is None else 0
         if num_new + reclaimed > len(self.free_blocks):
             return False
@@ -89,15 +93,16 @@ class BlockPool:
             if self.enable_prefix_caching:
                 self.prefix_queried_tokens += request.num_tokens
                 self.prefix_hit_tokens += len(cached_prefix) * self.block_size
-            held = self.req_blocks[request.request_id] = []
+            self.req_blocks[request.request_id] = []
+            self.req_block_ids[request.request_id] = []
             self.req_hashes[request.request_id] = [b.block_hash for b in cached_prefix]
             for block in cached_prefix:
                 self._take(block)
-                held.append(block)
+                self._hold(request.request_id, block)
         for _ in range(num_new):
             block = self._pop_free()
             self._take(block)
-            held.append(block)
+            self._hold(request.request_id, block)
         return True
 
     def fork(self, parent: Request, child: Request, num_blocks: int) -> None:
@@ -108,6 +113,7 @@ class BlockPool:
         for block in blocks:
             self._take(block)
         self.req_blocks[child.request_id] = list(blocks)
+        self.req_block_ids[child.request_id] = [b.block_id for b in blocks]
         self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, [])[:num_blocks])
 
     def num_held_tokens(self, request: Request) -> int:
@@ -119,9 +125,12 @@ class BlockPool:
         if not self.enable_prefix_caching:
             return
         hashes = self.req_hashes[request.request_id]
+        num_full = num_computed_tokens // self.block_size
+        if len(hashes) >= num_full:
+            return  # most steps of a decoding request: no block filled
         blocks = self.req_blocks[request.request_id]
         tokens = request.all_token_ids
-        for i in range(len(hashes), num_computed_tokens // self.block_size):
+        for i in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             block_hash = _block_hash(parent, chunk)
@@ -139,6 +148,7 @@ class BlockPool:
         """Return a request's blocks. Tail blocks go first into the eviction order, so a
         shared prefix outlives the suffixes that hang off it."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_block_ids.pop(request.request_id, None)
         self.req_hashes.pop(request.request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1
@@ -160,6 +170,10 @@ class BlockPool:
         for block_id in [i for i, b in self.free_blocks.items() if b.block_hash is None]:
             self.free_blocks.move_to_end(block_id, last=False)
         return forgotten
+
+    def _hold(self, request_id: str, block: Block) -> None:
+        self.req_blocks[request_id].append(block)
+        self.req_block_ids[request_id].append(block.block_id)
 
     def _take(self, block: Block) -> None:
         if block.ref_cnt == 0:

@@ -109,18 +109,6 @@ class Request:
         # The drafts' KV slots must stay within the request's token limit.
         return max(0, min(cap, self.max_total_tokens - self.num_tokens))
 
-    def accept_drafts(self, draft_token_ids: list[int], num_accepted: int, next_token_id: int) -> list[int]:
-        """After verification: the first num_accepted drafts and the token that follows them join the
-        output; the accepted drafts' KV (computed in the verification pass) counts as computed, the
-        rejected ones' is left to be overwritten. Returns the new tokens."""
-        new_tokens = draft_token_ids[:num_accepted] + [next_token_id]
-        for token_id in new_tokens:
-            self.append_token(token_id)
-        self.num_computed_tokens += num_accepted
-        self.num_draft_tokens += len(draft_token_ids)
-        self.num_accepted_tokens += num_accepted
-        return new_tokens
-
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""
         del self.output_token_ids[num_output_tokens:]

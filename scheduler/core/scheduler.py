@@ -4,6 +4,10 @@ There is no prefill phase or decode phase. A step's output says how many tokens 
 request to compute; a decode is one token, a prompt (or a prompt resumed after preemption)
 is as many as the budget allows, spread over steps when it does not fit (chunked prefill).
 
+The scheduler is also the one writer of request progress: it admits and preempts (num_computed_tokens), counts a
+launched step's tokens as computed (advance), and applies what a step sampled or verified (update_from_output):
+tokens, accepted drafts and the placeholders of tokens still on the device.
+
 A paused request (its reader is far behind: Request.paused) is not scheduled; it keeps its blocks until they
 are needed, and is the first preempted when they are.
 """
@@ -17,19 +21,48 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens to compute, a placeholder among them (drafts not counted)
     num_spec_slots: int = 0  # KV slots reserved for draft tokens to verify this step
     draft_token_ids: list[int] = field(default_factory=list)  # filled by the proposer, at most num_spec_slots
     # Whether this step reaches the end of the tokens (placeholders included), so the next one is sampled.
-    # Fixed when scheduled: the engine advances num_computed_tokens afterwards.
-    samples: bool = field(init=False)
+    # Fixed when scheduled (the engine advances num_computed_tokens afterwards): None works it out.
+    samples: bool | None = None
 
     def __post_init__(self) -> None:
-        request = self.request
-        self.samples = request.num_computed_tokens + self.num_new_tokens == request.num_tokens_with_placeholders
+        if self.samples is None:
+            request = self.request
+            self.samples = request.num_computed_tokens + self.num_new_tokens == request.num_tokens_with_placeholders
+
+
+@dataclass(slots=True)
+class StepResult:
+    """A request's new tokens from one step, already on the request, for the engine's stop checks and outputs."""
+
+    request: Request
+    new_token_ids: list[int]
+    logprobs: list | None  # a TokenLogprob for each new token, where the request asks
+    num_drafts: int = 0
+    num_accepted: int = 0
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step sampled or verified, row by row, before any of it is on the requests: row i is requests[i]'s.
+    token_ids[i] is its sampled token (after verification: the token that follows the accepted drafts);
+    drafts[i] and num_accepted[i] its verified drafts and how many were accepted (None: a step without
+    verification); logprobs[i] the TokenLogprobs of its new tokens (None: nobody asked). in_flight: a launched
+    step's, whose rows stood as placeholders until now. Scheduler.update_from_output applies it, once."""
+
+    requests: list[Request]
+    token_ids: list[int]
+    logprobs: list | None = None
+    drafts: list[list[int]] | None = None
+    num_accepted: list[int] | None = None
+    in_flight: bool = False
+    applied: bool = False
 
 
 @dataclass
@@ -72,6 +105,50 @@ class Scheduler:
         self.pool.free(request)
         request.status = RequestStatus.FINISHED
 
+    def advance(self, batch: list[ScheduledRequest]) -> None:
+        """A step over batch is launched: its new tokens count as computed (KV of rejected drafts is not counted:
+        update_from_output counts the accepted ones)."""
+        for s in batch:
+            s.request.num_computed_tokens += s.num_new_tokens
+
+    @staticmethod
+    def add_placeholders(requests: list[Request]) -> None:
+        """Each of these requests has a token sampled that only the device knows yet: it counts as a placeholder
+        until the step's output is applied."""
+        for request in requests:
+            request.num_placeholders += 1
+
+    @staticmethod
+    def update_from_output(out: StepOutput) -> list[StepResult]:
+        """Apply a step's output: the one place a step's tokens reach their requests. A request that has ended
+        since the step was launched (a stop in the step before, an abort) takes none: never an extra token.
+        Accepted drafts join the output and their KV (computed in the verification pass) counts as computed;
+        a sampled token also advances its grammar (a verified request's grammar was settled by verification)."""
+        assert not out.applied, "a step's output is applied once"
+        out.applied = True
+        results = []
+        for i, (request, token) in enumerate(zip(out.requests, out.token_ids)):
+            if out.in_flight:
+                request.num_placeholders -= 1
+            if request.is_finished:
+                continue
+            num_drafts = num_accepted = 0
+            if out.drafts is None:
+                new_tokens = [token]
+                if request.guide is not None:
+                    request.guide.accept(new_tokens)
+            else:
+                drafts, num_accepted = out.drafts[i], out.num_accepted[i]
+                new_tokens, num_drafts = drafts[:num_accepted] + [token], len(drafts)
+                request.num_computed_tokens += num_accepted
+                request.num_draft_tokens += num_drafts
+                request.num_accepted_tokens += num_accepted
+            for token_id in new_tokens:
+                request.append_token(token_id)
+            logprobs = out.logprobs[i] if out.logprobs is not None and request.params.logprobs else None
+            results.append(StepResult(request, new_tokens, logprobs, num_drafts, num_accepted))
+        return results
+
     def schedule(self, spec_depth: int = 0) -> SchedulerOutput:
         """spec_depth: how many draft tokens a decoding request may verify this step (each request
         caps it: Request.draft_depth)."""
@@ -82,27 +159,30 @@ class Scheduler:
             self._schedule_waiting(out, budget, now)
         return out
 
-    def _rank(self, request: Request, now: float):
-        """Sort key, best first; paused requests last, so they are skipped together and preempted first."""
-        age = (now - request.arrival_time) / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
-        return (request.paused, request.priority - age, request.arrival_time)
+    def _rank(self, request: Request) -> tuple[bool, float, float]:
+        """Sorts as (paused, priority value - age / priority_aging_s, arrival): the age's `now` is common to every
+        request, so it is left out. Paused requests (their readers far behind) come last, so they are skipped
+        together and preempted first."""
+        aging = request.arrival_time / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
+        return (request.paused, request.priority + aging, request.arrival_time)
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=lambda r: self._rank(r, now))
+        self.running.sort(key=self._rank)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if request.paused:
                 break  # so are all after it
-            if 0 < request.max_total_tokens <= request.num_tokens_with_placeholders:
+            num_tokens = request.num_tokens_with_placeholders
+            if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
             # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
             # allocated for it, and its id comes from the device.
-            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
-            decoding = request.num_tokens_with_placeholders - request.num_computed_tokens == 1
-            num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding else 0
+            num_new = min(num_tokens - request.num_computed_tokens, budget)
+            decoding = num_tokens - request.num_computed_tokens == 1
+            num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding and spec_depth else 0
             if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
             while not self.pool.allocate(request, request.num_computed_tokens + num_new):
@@ -113,13 +193,14 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, num_spec))
+                out.scheduled.append(ScheduledRequest(request, num_new, num_spec, samples=num_new == num_tokens
+                                                      - request.num_computed_tokens))
                 budget -= num_new + num_spec
                 i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=lambda r: self._rank(r, now))
+        self.waiting.sort(key=self._rank)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.paused or request in out.preempted:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     token_id: int
     logprob: float  # of the chosen token, from the model's raw distribution
@@ -46,7 +46,7 @@ class StepStats:
     verified_per_position: list[int] = field(default_factory=list)  # drafts reaching each position (earlier accepted)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """One step's news for one request: the new tokens and text. The last one has finished=True."""
 

@@ -24,8 +24,8 @@ def plain_greedy(request: Request) -> bool:
     """Greedy, and nothing changes the logits it takes the argmax of (penalties, logit_bias, tokens
     blocked by min_tokens): its next token is the argmax of the raw logits, and so is every verified one."""
     params = request.params
-    return params.greedy and not has_penalty(params) and not params.logit_bias and not blocked_ids(
-        request, num_outputs(request))
+    return params.greedy and not has_penalty(params) and not params.logit_bias and (
+        not params.min_tokens or not blocked_ids(request, num_outputs(request)))
 
 
 def positions_differ(request: Request) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
+@dataclass(slots=True)
 class ForwardItem:
     """One sequence's part of a forward pass."""
 
@@ -38,15 +38,17 @@ def positions_and_slots(query_lens, query_start_loc, starts, block_tables, block
 def device_token_patch(items: list[ForwardItem], row_width: int) -> np.ndarray | None:
     """[2, n]: where in the packed input ids each device-held token goes, and its index in the
     flattened device_tokens; None when no item has any."""
-    dest, src, offset = [], [], 0
-    for it in items:
-        n = it.num_device_tokens
-        if n:
-            first = offset + len(it.token_ids) - n
-            dest.extend(range(first, first + n))
-            src.extend(range(it.device_row * row_width, it.device_row * row_width + n))
-        offset += len(it.token_ids)
-    return np.array([dest, src], dtype=np.int64) if dest else None
+    count = len(items)
+    num_device = np.fromiter((it.num_device_tokens for it in items), np.int64, count)
+    total = int(num_device.sum())
+    if not total:
+        return None
+    ends = np.cumsum(np.fromiter((len(it.token_ids) for it in items), np.int64, count))
+    rows = np.fromiter((it.device_row for it in items), np.int64, count)
+    within = np.arange(total) - np.repeat(np.cumsum(num_device) - num_device, num_device)  # 0.. n-1 in each item
+    dest = np.repeat(ends - num_device, num_device) + within
+    src = np.repeat(rows * row_width, num_device) + within
+    return np.stack([dest, src])
 
 
 def logits_indices(query_lens: np.ndarray, num_logits: np.ndarray) -> np.ndarray:

@@ -92,7 +92,7 @@ class ModelRunner:
         replaces every item's token; device_tokens [rows, width] fills the trailing placeholders of
         items that name a device_row (drafts to verify)."""
         assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
-        patch = None if device_tokens is None else self._patch(items, device_tokens)
+        patch = None if device_tokens is None or self.graphs is None else self._patch(items, device_tokens)
         if self.graphs is not None and self.graphs.fits(items):
             hidden = self.graphs.replay(items, token_ids, patch)
         elif self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(items)):
