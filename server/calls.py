@@ -124,9 +124,9 @@ class EngineCalls:
             log.warning("request %s: %s", request_id, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)), STATUS_WAIT_S)
-        except grpc.aio.AbortError:  # the call has its status (a drain)
-            raise
         except Exception as exc:  # noqa: BLE001 - a fault of ours, here or thrown in by stream(): counted, INTERNAL
+            if settled:  # the call's own status (a drain's), raised by context.abort
+                raise
             settled = True
             log.error("request %s failed: %r", request_id, exc)
             await self._end(call, context, grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
