@@ -57,6 +57,7 @@ class Request:
     # the first token) per prompt token; complete once it holds num_prompt_tokens entries.
     prompt_logprobs: list | None = None
     guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
+    stream: Any = None  # its outputs' RequestStream, whose reader may fall behind and pause it
 
 
     def __post_init__(self) -> None:
@@ -86,6 +87,11 @@ class Request:
     def needs_prompt_logprobs(self) -> bool:
         """Still collecting prompt logprobs: its prompt must be computed, not taken from the prefix cache."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
+    def paused(self) -> bool:
+        """Its reader is far behind: the scheduler holds it back (RequestStream.paused)."""
+        return self.stream is not None and self.stream.paused
 
     @property
     def is_finished(self) -> bool:
