@@ -59,7 +59,7 @@ deploy-tools: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/beastserve serve --model $(MODEL)
 
-# The OpenAI API on http://127.0.0.1:8000/v1: the smg gateway in front of REPLICAS daemons (deploy/local-gateway.sh).
+# The OpenAI API on http://127.0.0.1:8080/v1: the smg gateway in front of REPLICAS daemons (deploy/local-gateway.sh).
 REPLICAS ?= 1
 gateway: install-dev
 	MODEL=$(MODEL) REPLICAS=$(REPLICAS) BIN=$(VENV)/bin bash deploy/local-gateway.sh

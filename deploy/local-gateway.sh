@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Daemons behind the smg gateway on this machine: `make gateway` (REPLICAS=2 for two, MODEL=... for another model).
-# The OpenAI API is then at http://127.0.0.1:${HTTP_PORT:-8000}/v1.
+# The OpenAI API is then at http://127.0.0.1:${HTTP_PORT:-8080}/v1 (8000 is a daemon's own HTTP API: `make serve`).
 #
 # Replica i listens on GRPC_PORT+i (gRPC) and METRICS_PORT+i (/metrics); the defaults stay clear of `make serve`'s
 # (50051, 9400), so both can run at once. A port already taken stops the script before anything starts. A replica
@@ -13,7 +13,7 @@ MODEL=${MODEL:-default}
 REPLICAS=${REPLICAS:-1}
 GRPC_PORT=${GRPC_PORT:-50061}
 METRICS_PORT=${METRICS_PORT:-9410}
-HTTP_PORT=${HTTP_PORT:-8000}
+HTTP_PORT=${HTTP_PORT:-8080}
 GATEWAY_METRICS_PORT=${GATEWAY_METRICS_PORT:-29000}
 POLICY=${POLICY:-cache_aware}
 HEALTH_INTERVAL=${HEALTH_INTERVAL:-5}  # seconds between the gateway's health checks of each replica

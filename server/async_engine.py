@@ -37,6 +37,10 @@ class EngineDeadError(Exception):
     pass
 
 
+class RequestFailedError(Exception):
+    """One request's own processing failed in the engine; the engine and the other requests go on."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024):
         self.engine = engine
@@ -111,8 +115,8 @@ class AsyncEngine:
                 if stream.paused and queue.qsize() <= MAX_PENDING_OUTPUTS // 2:
                     stream.paused = False
                     self._wake.set()
-                if output.error is not None:
-                    raise EngineDeadError(output.error)
+                if output.error is not None:  # the engine's fault is set before it fails its requests
+                    raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
                 unfinished -= output.finished
                 finished = unfinished == 0
                 yield output

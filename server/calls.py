@@ -14,7 +14,7 @@ import grpc
 
 from scheduler import SamplingParams
 from scheduler.io.outputs import RequestOutput
-from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
 from server.config import ServerConfig
 from server.convert import field_error
 from server.edge import EdgeWork
@@ -114,7 +114,7 @@ class EngineCalls:
                     yield output
             settled = True
             tally.completed()
-        except (QueueFullError, EngineDeadError, ValueError) as exc:
+        except (QueueFullError, EngineDeadError, RequestFailedError, ValueError) as exc:
             settled = True
             await self._end(call, context, *self._status_for(exc, request_id))
         except StreamWriteTimeout as exc:  # thrown in by stream()
@@ -171,6 +171,8 @@ class EngineCalls:
         if isinstance(exc, EngineDeadError):
             log.error("request %s failed: %s", request_id, exc)
             return grpc.StatusCode.INTERNAL, f"engine failure (request {request_id})"
+        if isinstance(exc, RequestFailedError):  # logged by the engine, with its cause
+            return grpc.StatusCode.INTERNAL, f"request {request_id} failed in the engine; other requests go on"
         return grpc.StatusCode.INVALID_ARGUMENT, str(field_error(exc))
 
     def ready(self) -> tuple[bool, str]:

@@ -131,3 +131,37 @@ def test_a_request_whose_processing_raises_ends_alone(tiny_model_dir):
     assert sum(len(o.token_ids) for o in outputs["good"]) == MAX_TOKENS and outputs["good"][-1].error is None
     assert delivered[-1].finished and delivered[-1].finish_reason == "abort"
     assert_pool_idle(engine)
+
+
+def test_a_request_that_fails_alone_is_told_so_and_the_engine_stays_alive(tiny_model_dir):
+    """The service's status for a request that failed alone says so: it is not an engine failure."""
+    import asyncio
+
+    from server.async_engine import AsyncEngine, RequestFailedError
+
+    engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=64 << 10)
+    append = engine._append
+
+    def append_or_raise(live, result, now):
+        if live.request.output_id == "bad":
+            raise RuntimeError("detokenizer broke")
+        return append(live, result, now)
+
+    engine._append = append_or_raise
+    served = AsyncEngine(engine)
+    served.start()
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    async def tokens(request_id):
+        return sum([len(o.token_ids) async for o in served.generate(PROMPT, params, request_id)])
+
+    async def both():
+        return await asyncio.gather(tokens("bad"), tokens("good"), return_exceptions=True)
+
+    try:
+        bad, good = asyncio.run(both())
+        assert isinstance(bad, RequestFailedError) and "detokenizer broke" in str(bad)
+        assert good == MAX_TOKENS and served.alive
+    finally:
+        served.stop()
+    assert_pool_idle(engine)

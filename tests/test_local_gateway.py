@@ -112,3 +112,16 @@ def test_a_taken_port_stops_the_script_at_once(tiny_text_model_dir, tmp_path):
     assert script.returncode == 1 and time.monotonic() - started < 5
     assert stderr.strip().splitlines() == [
         f"local-gateway: port {port} (replica 0, from GRPC_PORT) is already in use; set GRPC_PORT to a free range"]
+
+
+def test_the_scripts_default_ports_are_clear_of_a_daemons_so_make_serve_and_make_gateway_run_side_by_side():
+    from server.config import ServerConfig
+
+    script = (ROOT / "deploy" / "local-gateway.sh").read_text()
+    default = {name: int(re.search(rf"^{name}=\${{{name}:-(\d+)}}", script, re.M).group(1))
+               for name in ("GRPC_PORT", "METRICS_PORT", "HTTP_PORT", "GATEWAY_METRICS_PORT")}
+    replicas = 4
+    gateway_ports = {default["HTTP_PORT"], default["GATEWAY_METRICS_PORT"]}
+    gateway_ports |= {default[name] + i for name in ("GRPC_PORT", "METRICS_PORT") for i in range(replicas)}
+    daemon = ServerConfig()
+    assert not gateway_ports & {daemon.port, daemon.metrics_port, int(daemon.http_port)}
