@@ -18,9 +18,20 @@ READINESS = "beastserve.v1.Generation"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: each socket stays bound until all are chosen, so the kernel cannot hand the
+    same port out twice (a daemon given one port for two listeners fails to start)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class LoggedProcess:
@@ -54,7 +65,7 @@ class Daemon(LoggedProcess):
     """`beastserve serve` with the given flags; stopped with SIGTERM on close()."""
 
     def __init__(self, model: str, *flags: str, log_path: Path, channel_credentials=None, env=None):
-        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_ports(3)
         self.address = f"127.0.0.1:{self.port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"  # the OpenAI API's root (/v1/..., /health)
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.daemon import LoggedProcess, free_port
+from tests.daemon import LoggedProcess, free_ports
 
 HEALTH_INTERVAL_S = 1  # the gateway asks each worker's HealthCheck this often (its default is 60 s)
 # Tests stop the gateway once they are done with it: nothing is in flight to wait for, yet with its default grace
@@ -33,7 +33,7 @@ class Gateway(LoggedProcess):
 
     def __init__(self, worker_addresses: list[str], *flags: str, log_path: Path, http: bool = False):
         """http: route to the workers' OpenAI HTTP API (host:port of it) instead of their gRPC worker protocol."""
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.root_url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.root_url + "/v1"
         workers = [f"http://{a}" for a in worker_addresses] if http else [f"grpc://{a}" for a in worker_addresses]
