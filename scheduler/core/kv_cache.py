@@ -120,6 +120,16 @@ class BlockPool:
         """Tokens the blocks a request holds can take (a forked request holds its shared prompt blocks early)."""
         return len(self.req_blocks.get(request.request_id, ())) * self.block_size
 
+    def cache_filled_blocks(self, requests: list[Request]) -> None:
+        """cache_full_blocks for each unfinished request, up to the tokens the host knows; a request whose
+        blocks stay as they were (most rows of a decode step) costs a comparison."""
+        bs, hashes = self.block_size, self.req_hashes
+        for request in requests:
+            if not request.is_finished:
+                num_tokens = min(request.num_computed_tokens, len(request.all_token_ids))
+                if num_tokens // bs > len(hashes[request.request_id]):
+                    self.cache_full_blocks(request, num_tokens)
+
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the blocks that computing up to num_computed_tokens has filled."""
         if not self.enable_prefix_caching:
