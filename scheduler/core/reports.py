@@ -8,7 +8,7 @@ import time
 from scheduler.core.admission import Live
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import StepResult
-from scheduler.core.stopping import first_stop
+from scheduler.core.stopping import check_stop, first_stop
 from scheduler.io.outputs import RequestMetrics, RequestOutput
 
 
@@ -19,10 +19,16 @@ def check_new_tokens(live: Live, result: StepResult, now: float) -> FinishReason
     if request.first_token_time is None:
         request.first_token_time = now
     first = request.num_output_tokens - len(new_ids)
-    reason, stop = None, first_stop(request, new_ids, live.detokenizer)
-    if stop is not None:
-        count, reason, request.stop_reason = stop
-        request.truncate_output(count)
+    if len(new_ids) == 1 and request.guide is None and live.detokenizer is None:
+        # Most rows of a step without text or grammar: one token, nothing to decode or to match stop strings in.
+        reason, stop_reason = check_stop(request, new_ids[0], request.num_output_tokens)
+        if reason is not None:
+            request.stop_reason = stop_reason
+    else:
+        reason, stop = None, first_stop(request, new_ids, live.detokenizer)
+        if stop is not None:
+            count, reason, request.stop_reason = stop
+            request.truncate_output(count)
     if result.logprobs is not None:
         for lp in result.logprobs[:request.num_output_tokens - first]:
             lp.top = lp.top[:request.params.logprobs]
