@@ -61,6 +61,11 @@ class BlockPool:
         """The ids of the blocks the request holds, in order."""
         return list(self.req_block_ids.get(request_id, ()))
 
+    def has_room(self, request: Request, num_tokens: int) -> bool:
+        """Whether the blocks the request holds already take num_tokens tokens (allocate would take none)."""
+        held = self.req_block_ids.get(request.request_id)
+        return held is not None and len(held) * self.block_size >= num_tokens
+
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """Longest run of leading full blocks already in the cache. At least one token is
         always left to compute, since the step must produce logits for the next one."""

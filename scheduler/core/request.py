@@ -57,6 +57,7 @@ class Request:
     # the first token) per prompt token; complete once it holds num_prompt_tokens entries.
     prompt_logprobs: list | None = None
     guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
+    rank: tuple[float, float] = (0.0, 0.0)  # the scheduler's order (Scheduler._rank), set when it is queued
 
     def __post_init__(self) -> None:
         # Fixed by the params, read for every row of every step: worked out once. penalised: a penalty reads the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request, RequestStatus
@@ -91,6 +92,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        request.rank = self._rank(request)  # fixed while it is queued or running: worked out once
         self.waiting.append(request)
 
     def finish(self, request: Request) -> None:
@@ -123,6 +125,8 @@ class Scheduler:
         a sampled token also advances its grammar (a verified request's grammar was settled by verification)."""
         assert not out.applied, "a step's output is applied once"
         out.applied = True
+        if out.drafts is None and out.logprobs is None:
+            return _apply_tokens(out)
         results = []
         for i, (request, token) in enumerate(zip(out.requests, out.token_ids)):
             if out.in_flight:
@@ -164,13 +168,20 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=self._rank)
+        self.running.sort(key=_rank_of)
+        room = self.pool.has_room
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = request.num_tokens_with_placeholders
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
+                continue
+            if not spec_depth and num_tokens - request.num_computed_tokens == 1 and room(request, num_tokens):
+                # Most rows of a decode step: one token, in a block it already holds.
+                out.scheduled.append(ScheduledRequest(request, 1, samples=True))
+                budget -= 1
+                i += 1
                 continue
             # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
             # allocated for it, and its id comes from the device.
@@ -194,7 +205,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=self._rank)
+        self.waiting.sort(key=_rank_of)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             assert not request.num_placeholders, "a preempted request's step in flight ends before it is admitted"
@@ -223,3 +234,23 @@ class Scheduler:
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+
+def _apply_tokens(out: StepOutput) -> list[StepResult]:
+    """update_from_output for a step without verification or logprobs (most steps): one token a row."""
+    results = []
+    for request, token in zip(out.requests, out.token_ids):
+        if out.in_flight:
+            request.num_placeholders -= 1
+        if request.is_finished:
+            continue
+        new_tokens = [token]
+        if request.guide is not None:
+            request.guide.accept(new_tokens)
+        request.output_token_ids.append(token)
+        request.all_token_ids.append(token)
+        results.append(StepResult(request, new_tokens, None))
+    return results
+
+
+_rank_of = attrgetter("rank")  # Scheduler._rank, as add() set it
