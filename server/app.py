@@ -85,8 +85,9 @@ class Daemon:
         generation, vllm_engine = GenerationService(self.state), VllmEngineService(self.state)
         interceptors = [ApiKeyInterceptor(load_api_keys(config.api_key_file))] if config.api_key_file else []
         # Inside the API keys' check: a caller without a key learns nothing from how its message parses.
-        interceptors.append(MalformedRequestInterceptor({SERVICE_NAME: generation.fail,
-                                                         VLLM_SERVICE_NAME: vllm_engine.fail}))
+        interceptors.append(MalformedRequestInterceptor({
+            f"/{SERVICE_NAME}/Generate": generation.fail, f"/{SERVICE_NAME}/GenerateStream": generation.fail,
+            f"/{VLLM_SERVICE_NAME}/Generate": vllm_engine.fail}))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(generation, self.server)
         vpb_grpc.add_VllmEngineServicer_to_server(vllm_engine, self.server)
@@ -119,7 +120,8 @@ class Daemon:
         log.info("gRPC listening on %s:%d (%s)%s%s", config.host, self.port, "TLS" if config.tls_cert_file else
                  "plaintext", f"; metrics on http://{config.host}:{config.metrics_port}/metrics"
                  if config.metrics_port else "", f"; OpenAI API on {self.http.url}" if self.http else "")
-        warning = exposure_warning(config.host, bool(config.tls_cert_file), bool(config.api_key_file))
+        warning = exposure_warning(config.host, bool(config.tls_cert_file), bool(config.api_key_file),
+                                   config.metrics_port)
         if warning:
             log.warning(warning)
 
@@ -144,11 +146,12 @@ class Daemon:
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
-        async_engine = AsyncEngine(engine, self.state.metrics, config.max_queue_size)
+        async_engine = AsyncEngine(engine, None, config.max_queue_size)
         async_engine.start()
         with phases("warm-up"):
             async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
                 pass
+        async_engine.metrics = self.state.metrics  # from here on: the warm-up is no one's request
         self.state.engine = async_engine
         await self.health.set(SERVICE_NAME, SERVING)
         log.info("ready after %.2f s: %s", phases.total, phases)
@@ -189,7 +192,7 @@ class Daemon:
             await asyncio.sleep(0.05)
         if state.in_flight:
             log.warning("%d requests still running at the drain timeout; ending them", len(state.in_flight))
-            state.engine.abort(list(state.in_flight.values()), counted_elsewhere=True)
+            state.engine.abort(list(state.in_flight.values()))
         while state.in_flight and state.engine.alive and loop.time() < deadline + 5:
             await asyncio.sleep(0.05)
         await self.health.enter_graceful_shutdown()

@@ -3,6 +3,11 @@
 Cancellation and deadlines reach the engine: when a consumer stops early (client gone,
 deadline hit, task cancelled), the request is aborted and its KV blocks are freed at the
 next step. If a step raises, every live request is failed and the engine is marked dead.
+
+Backpressure: a request's outputs wait for its consumer in a queue of at most about
+MAX_PENDING_OUTPUTS; at that many the request is paused in the engine (not scheduled, so
+nothing more is generated for it; its blocks are kept until others need them), and it runs
+again once its consumer has taken half of them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from scheduler.io.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0
+MAX_PENDING_OUTPUTS = 64
+IDLE_WAIT_S = 0.05  # the engine thread's sleep when a step found nothing to run (every live request paused)
 
 
 class QueueFullError(Exception):
@@ -79,15 +86,20 @@ class AsyncEngine:
                                  f"{self.max_queue_size}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        timer = _TokenTimer(self.metrics, params.n)
+        timer = _TokenTimer(self.metrics)
+
+        def receive(output: RequestOutput) -> None:  # on the loop, after add_request has returned the stream
+            queue.put_nowait(output)
+            if queue.qsize() >= MAX_PENDING_OUTPUTS:
+                stream.paused = True
 
         def on_output(output: RequestOutput) -> None:  # engine thread
             timer.observe(output)
-            loop.call_soon_threadsafe(queue.put_nowait, output)
+            loop.call_soon_threadsafe(receive, output)
 
         try:
-            self.engine.add_request(None, params, request_id=request_id, priority=priority,
-                                    prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
+            stream = self.engine.add_request(None, params, request_id=request_id, priority=priority,
+                                             prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
         except RuntimeError as exc:  # the engine failed between the alive check and now
             raise EngineDeadError(str(exc)) from None
         self._live[request_id] = timer
@@ -96,6 +108,9 @@ class AsyncEngine:
         try:
             while not finished:
                 output = await queue.get()
+                if stream.paused and queue.qsize() <= MAX_PENDING_OUTPUTS // 2:
+                    stream.paused = False
+                    self._wake.set()
                 if output.error is not None:
                     raise EngineDeadError(output.error)
                 unfinished -= output.finished
@@ -104,7 +119,6 @@ class AsyncEngine:
         finally:
             self._live.pop(request_id, None)
             if not finished:  # the caller went away (cancelled, deadline): the service counts how it ended
-                timer.abandoned = True
                 self.engine.abort(request_id)
                 self._wake.set()
 
@@ -169,12 +183,8 @@ class AsyncEngine:
             if self._kv_followers:  # a call may change the cache (a flush)
                 self._publish_kv_events()
 
-    def abort(self, request_ids: list[str], counted_elsewhere: bool = False) -> list[str]:
-        """Abort these requests; counted_elsewhere: their callers count how they ended (a drain ends them
-        UNAVAILABLE), so the engine's abort is not counted as a success too."""
-        for rid in request_ids if counted_elsewhere else []:
-            if (timer := self._live.get(rid)) is not None:
-                timer.abandoned = True
+    def abort(self, request_ids: list[str]) -> list[str]:
+        """Abort these requests (finish_reason "abort"); returns the ids of those that were live."""
         aborted = [rid for rid in request_ids if self.engine.abort(rid)]
         self._wake.set()
         return aborted
@@ -192,7 +202,7 @@ class AsyncEngine:
                     continue
                 if self._num_steps == self._fault_after_steps:
                     raise RuntimeError("injected fault")
-                self.engine.step()
+                outputs = self.engine.step()
                 self._num_steps += 1
                 self.last_progress = time.monotonic()
                 self._count_generated(self.engine.last_step_stats.num_generation_tokens)
@@ -204,6 +214,9 @@ class AsyncEngine:
                     if stats.num_drafts:
                         self.metrics.record_spec_decode(stats.num_drafts, stats.num_draft_tokens,
                                                         stats.accepted_per_position)
+                if not (outputs or self.engine.last_step_stats.num_batched_tokens or self.engine.admission.compiling):
+                    self._wake.wait(timeout=IDLE_WAIT_S)  # nothing could run: until a request comes, ends or resumes
+                    self._wake.clear()
         except BaseException as exc:  # noqa: BLE001 - any fault must fail the requests, not hang them
             log.exception("engine step failed; failing %d live requests", len(self._live))
             self.error = exc
@@ -236,26 +249,19 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
 
 
 class _TokenTimer:
-    """Per-request latency metrics, observed in the engine thread as outputs are produced."""
+    """Per-request inter-token latency, observed in the engine thread as outputs are produced. How a request ended
+    is counted by its caller (server/calls.py), once."""
 
-    def __init__(self, metrics, num_completions: int = 1):
+    def __init__(self, metrics):
         self.metrics = metrics
         self.last = time.monotonic()
         self.seen_first = False
-        self.abandoned = False  # its ending is counted by whoever gave it up
-        self.unfinished = num_completions  # a request ends, and is counted, with its last completion
 
     def observe(self, output: RequestOutput) -> None:
-        if self.metrics is None:
+        if self.metrics is None or not output.token_ids:
             return
         now = time.monotonic()
-        if output.token_ids:
-            if self.seen_first:
-                self.metrics.record_inter_token(now - self.last, len(output.token_ids))
-            self.seen_first = True
-            self.last = now
-        self.unfinished -= output.finished
-        if self.unfinished == 0 and output.metrics is not None and output.error is None and not self.abandoned:
-            m = output.metrics
-            self.metrics.record_finished(output.finish_reason, m.queue_s, m.ttft_s if self.seen_first else None,
-                                         m.e2e_s)
+        if self.seen_first:
+            self.metrics.record_inter_token(now - self.last, len(output.token_ids))
+        self.seen_first = True
+        self.last = now

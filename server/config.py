@@ -36,13 +36,15 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     served_model_name: str | None = option(None, "the model's name in logs, GetModelInfo and the metrics' "
                                            "model_name label (default: the model's own, e.g. SmolLM2-135M-Instruct)")
-    host: str = option("0.0.0.0", "address to listen on")
+    host: str = option("0.0.0.0", "address to listen on, for gRPC and /metrics")
     port: int = option(50051, "gRPC port")
-    metrics_port: int = option(9400, "Prometheus /metrics HTTP port (0 = off)")
+    metrics_port: int = option(9400, "Prometheus /metrics HTTP port, on --host (0 = off)")
     http_port: Port = option(Port(8000), "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
                              "...), on --host with gRPC's API keys and TLS (0 or off = off)")
     max_queue_size: int = option(1024, "requests waiting beyond this get RESOURCE_EXHAUSTED")
     drain_timeout: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    stream_write_timeout: float = option(20.0, "seconds a streamed call's client may leave a message unread; then the "
+                                         "call ends DEADLINE_EXCEEDED and its request is aborted, its KV blocks freed")
     stall_timeout: float = option(60.0, "readiness fails when the engine makes no progress this long with work "
                                   "pending")
     max_message_bytes: int = option(16 << 20, "largest gRPC message accepted or sent")
@@ -172,6 +174,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                ("--http-port", config.http_port, 0)):
         if not lowest <= port <= 65535:
             raise ValueError(f"{flag} must be in [{lowest}, 65535], got {port}")
+    if not config.stream_write_timeout > 0:
+        raise ValueError(f"--stream-write-timeout must be > 0, got {config.stream_write_timeout}")
     if config.max_queue_size < 1:
         raise ValueError(f"--max-queue-size must be >= 1, got {config.max_queue_size}")
     return config

@@ -1,5 +1,6 @@
 """Request messages that do not parse (garbage bytes, a truncated message, invalid UTF-8 in a string field) end
-their call INVALID_ARGUMENT naming the field, counted by the service they were sent to and logged in one line.
+their call INVALID_ARGUMENT naming the field, counted (generation methods only, as every request metric) and
+logged in one line.
 
 grpc.aio parses a request before the method runs and turns a parse error into UNKNOWN and a traceback in the log.
 Here each unary-request method's parser is wrapped so a parse error becomes a `Malformed` value, which the
@@ -29,7 +30,7 @@ class Malformed:
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """refusers: service name -> how that service ends (and counts) a refused call; other services abort."""
+    """refusers: method path -> how it ends (and counts) a refused call; other methods abort, uncounted."""
 
     def __init__(self, refusers: dict[str, Refuse]):
         self.refusers = refusers
@@ -38,8 +39,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        service = details.method.lstrip("/").rsplit("/", 1)[0]
-        refuse = self.refusers.get(service, _abort)
+        refuse = self.refusers.get(details.method, _abort)
 
         async def refuse_logged(request: Malformed, context) -> None:
             log.warning("%s refused: %s", details.method, request.message)
@@ -65,6 +65,15 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                     yield response
 
             return handler._replace(request_deserializer=parse, unary_stream=unary_stream)
+        if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
+            writer = handler.unary_stream  # a streaming method that writes with context.write
+
+            async def unary_stream_writer(request, context):
+                if isinstance(request, Malformed):
+                    await refuse_logged(request, context)
+                return await writer(request, context)
+
+            return handler._replace(request_deserializer=parse, unary_stream=unary_stream_writer)
         return handler
 
 

@@ -2,7 +2,11 @@
 
 No colon in the names: prometheus-client's OpenMetrics output (what a Prometheus server asks for)
 writes a colon in a sample name as `_`, while the plain-text format keeps it, so a name with a
-colon would be stored under two names depending on the scraper. Colons are for recording rules."""
+colon would be stored under two names depending on the scraper. Colons are for recording rules.
+
+The request metrics (request_success, request_failure, the latency histograms, prompt_tokens_received) count
+generation requests only, each once, as its call ends; not the start-up warm-up, nor Tokenize, GetLoad and the
+other calls."""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ METRIC_NAMES = (
     f"{_P}num_requests_waiting",
     f"{_P}kv_cache_usage_perc",
     f"{_P}prompt_tokens_total",
+    f"{_P}prompt_tokens_received_total",
     f"{_P}generation_tokens_total",
     f"{_P}request_success_total",
     f"{_P}request_failure_total",
@@ -74,7 +79,13 @@ class ServerMetrics:
         self.num_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use, 0..1.")
 
-        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens computed.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens computed in prefill: prefix-cache hits excluded, "
+                                     "recomputation after preemption included. What clients sent is "
+                                     "prompt_tokens_received.")
+        self.prompt_tokens_received = counter(
+            "prompt_tokens_received", "Prompt tokens of the generation requests accepted, as the engine ran them "
+            "(after truncate_prompt_tokens), once per request whatever its n: what clients are billed for. The prefill "
+            "actually computed is prompt_tokens.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.num_preemptions = counter("num_preemptions", "Requests preempted to free KV-cache blocks.")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Tokens looked up in the prefix cache.")
@@ -124,6 +135,10 @@ class ServerMetrics:
             self.ttft.observe(ttft_s)
         self.e2e.observe(e2e_s)
 
+    def record_prompt_received(self, num_tokens: int) -> None:
+        """A generation request was accepted with this many prompt tokens."""
+        self.prompt_tokens_received.inc(num_tokens)
+
     def record_inter_token(self, seconds: float, num_tokens: int = 1) -> None:
         """`num_tokens` arrived together after `seconds`: each counts as seconds/num_tokens apart."""
         assert num_tokens >= 1, num_tokens
@@ -159,3 +174,30 @@ class ServerMetrics:
             self._http_server.shutdown()
             self._http_server.server_close()
             self._http_server = None
+
+
+class RequestTally:
+    """What one generation call adds to the request metrics: its prompt tokens once the engine has taken it
+    (its first output), and how it finished once the call completes (the last completion's output)."""
+
+    def __init__(self, metrics: ServerMetrics | None):
+        self.metrics = metrics
+        self.received = False
+        self.produced = False  # any token: a time to first token exists
+        self.last = None  # the last completion's finished output
+
+    def observe(self, output) -> None:
+        if not self.received and self.metrics is not None:
+            self.metrics.record_prompt_received(output.num_prompt_tokens)
+        self.received = True
+        self.produced = self.produced or bool(output.token_ids)
+        if output.finished:
+            self.last = output
+
+    def completed(self) -> None:
+        """The call answered in full."""
+        if self.metrics is None or self.last is None or self.last.metrics is None:
+            return
+        m = self.last.metrics
+        self.metrics.record_finished(self.last.finish_reason, m.queue_s, m.ttft_s if self.produced else None,
+                                     m.e2e_s)

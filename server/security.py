@@ -12,13 +12,18 @@ import grpc
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def exposure_warning(host: str, tls: bool, api_keys: bool) -> str | None:
-    """What to warn about when anyone who reaches `host` can use the daemon, unseen and unasked."""
-    if tls or api_keys or is_loopback(host):
+def exposure_warning(host: str, tls: bool, api_keys: bool, metrics_port: int = 0) -> str | None:
+    """What to warn about when anyone who reaches `host` can use the daemon, unseen and unasked. The metrics
+    listen on the same host, in plaintext and unauthenticated whatever the gRPC port's settings."""
+    if is_loopback(host):
         return None
+    metrics = f"; /metrics on port {metrics_port} is open to them too (it listens on --host)" if metrics_port else ""
+    if tls or api_keys:
+        return (f"metrics listen on {host}:{metrics_port}, beyond this machine, in plaintext and without API keys; "
+                "use --host 127.0.0.1 or --metrics-port 0 to keep them here") if metrics_port else None
     return (f"listening on {host}, beyond this machine, with neither TLS nor API keys: anyone who reaches the port "
-            "can generate and read what is sent in plaintext; set --tls-cert-file/--tls-key-file and --api-key-file, "
-            "or --host 127.0.0.1")
+            f"can generate and read what is sent in plaintext{metrics}; set --tls-cert-file/--tls-key-file and "
+            "--api-key-file, or --host 127.0.0.1")
 
 
 def is_loopback(host: str) -> bool:

@@ -4,11 +4,10 @@ and ends every call with an explicit status."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 
-from scheduler.io.outputs import RequestOutput
+from scheduler import SamplingParams
 from server.calls import EngineCalls
 from server.config import served_name
 from server.convert import (
@@ -31,13 +30,16 @@ SERVICE_NAME = "beastserve.v1.Generation"
 class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         request_id = _request_id(request, context)
-        outputs = [o async for o in self._run(request, request_id, context)]
+        token_ids, params = await self._inputs(request, context)
+        outputs = [o async for o in self.run(context, token_ids, params, request_id, request.priority,
+                                             **speculative_options(request))]
         return to_unary_response(request_id, outputs, request.sampling.n or 1)
 
     async def GenerateStream(self, request, context):
         request_id = _request_id(request, context)
-        async for output in self._run(request, request_id, context):
-            yield to_response(request_id, [output])
+        token_ids, params = await self._inputs(request, context)
+        await self.stream(context, token_ids, params, request_id, lambda output: [to_response(request_id, [output])],
+                          request.priority, **speculative_options(request))
 
     async def Abort(self, request, context):
         engine = await self.engine(context)
@@ -54,8 +56,8 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
                 ids = await render_chat(chat_messages(request.chat, "chat"), "chat", inputs, edge)
             else:
                 raise InvalidArgument("input: one of text or chat is required")
-        except ValueError as exc:
-            await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(field_error(exc)))
+        except ValueError as exc:  # not a generation request: not counted
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(field_error(exc)))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request, context):
@@ -72,15 +74,12 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
                        kv_cache_usage=pool.num_used_blocks / pool.num_blocks, kv_blocks_free=pool.num_free_blocks,
                        kv_blocks_total=pool.num_blocks, max_queue_size=self.state.config.max_queue_size)
 
-    async def _run(self, request, request_id: str, context) -> AsyncIterator[RequestOutput]:
-        engine = await self.engine(context)
+    async def _inputs(self, request, context) -> tuple[list[int], SamplingParams]:
+        engine = await self.engine(context, generation=True)
         try:
-            token_ids, params = await to_engine_inputs(request, engine.engine, self.state.edge)
+            return await to_engine_inputs(request, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for output in self.run(context, token_ids, params, request_id, request.priority,
-                                     **speculative_options(request)):
-            yield output
 
 
 def _request_id(request, context) -> str:

@@ -53,16 +53,14 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
 
     async def Generate(self, request, context):
         self.last_receive = time.time()
-        engine = await self.engine(context)
+        engine = await self.engine(context, generation=True)
         try:
             token_ids, params, logprobs = await to_engine_inputs(request, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         responses = Responses(request.stream, logprobs, token_ids)
         request_id = request.request_id or uuid.uuid4().hex
-        async for output in self.run(context, token_ids, params, request_id):
-            for message in responses.add(output):
-                yield message
+        await self.stream(context, token_ids, params, request_id, responses.add)
 
     async def Embed(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Embed: beastserve is a generation daemon; it serves "
@@ -96,7 +94,7 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
         engine = (await self.engine(context)).engine
         config, model_config, tokenizer = self.state.config, engine.model_config, engine.tokenizer
         return vpb.GetModelInfoResponse(
-            model_path=str(config.engine.model), is_generation=True, max_context_length=engine.max_model_len,
+            model_path=served_name(config), is_generation=True, max_context_length=engine.max_model_len,
             vocab_size=engine.vocab_size, supports_vision=False, served_model_name=served_name(config),
             tokenizer_path="", model_type=getattr(model_config, "model_type", ""),
             architectures=list(getattr(model_config, "architectures", None) or []),

@@ -35,8 +35,8 @@ def test_cuda_bfloat16_default_shape_runs(tmp_path):
 
 
 def test_the_kv_cache_is_sized_from_measured_steps_and_the_largest_steps_fit(tmp_path):
-    """The room kept for steps is what the largest steps took when run (not an fp32 estimate from the shape), and
-    with the rest of the card in KV blocks, a full prompt step and a full decode batch still run."""
+    """The room kept for a step's forward is what the largest step took when run (less than the fp32 estimate from
+    the shape), and with the rest of the card in KV blocks, a full prompt step and a full decode batch still run."""
     import torch
 
     from scheduler.worker.memory import estimated_step_peak, measure_step_peak
@@ -48,7 +48,6 @@ def test_the_kv_cache_is_sized_from_measured_steps_and_the_largest_steps_fit(tmp
     measured = measure_step_peak(engine.model, engine.config, engine.dtype, engine.device, 2048)
     estimated = estimated_step_peak(engine.config, config)
     assert 0 < measured.forward < estimated.forward
-    assert measured.reserve(graphs=True) < estimated.reserve(graphs=True)
     free, total = torch.cuda.mem_get_info(engine.device)
     assert free < 0.2 * total  # the KV cache took the card's share
     prompts = [[1] * 2000, [2] * 2000] + [[3 + i] * 8 for i in range(254)]

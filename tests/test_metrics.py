@@ -26,6 +26,7 @@ def exercised_metrics() -> ServerMetrics:
                                   num_prompt_tokens=38, num_generation_tokens=2))
     metrics.record_finished("stop", queue_s=0.01, ttft_s=0.05, e2e_s=0.5)
     metrics.record_failure("INVALID_ARGUMENT")
+    metrics.record_prompt_received(38)
     metrics.record_spec_decode(num_drafts=1, num_draft_tokens=3, accepted_per_position=[1, 1, 0])
     return metrics
 
@@ -51,6 +52,7 @@ def test_metric_names_are_the_vllm_names_with_our_prefix():
         "beastserve_prefix_cache_hits_total", "beastserve_spec_decode_num_drafts_total",
         "beastserve_spec_decode_num_draft_tokens_total", "beastserve_spec_decode_num_accepted_tokens_total",
         "beastserve_spec_decode_num_accepted_tokens_per_pos_total", *HISTOGRAMS,
+        "beastserve_prompt_tokens_received_total",  # ours: what clients sent, beside the prefill computed
     }
     assert len(METRIC_NAMES) == len(set(METRIC_NAMES))
 

@@ -371,14 +371,15 @@ def test_every_expired_stream_is_counted_as_deadline_exceeded(main):
 
 
 # A client that stops reading: with BDP probing off and a small window, the server's handler blocks on
-# sending, so the call stays live in the server after the engine has finished the request.
+# sending, so the call stays live in the server after the engine has finished the request (a request with fewer
+# outputs than server.async_engine.MAX_PENDING_OUTPUTS: one further behind would be paused, not finished).
 SLOW_READER = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 
 
 def test_an_abort_racing_completion_does_not_cancel_a_later_request_with_the_same_id(main):
     daemon, stub = main
     with daemon.channel(options=SLOW_READER) as channel:
-        call = pb_grpc.GenerationStub(channel).GenerateStream(greedy([1, 2, 3], 600, "reused", logprobs=20),
+        call = pb_grpc.GenerationStub(channel).GenerateStream(greedy([1, 2, 3], 48, "reused", logprobs=20),
                                                               timeout=TIMEOUT)
         next(call)
         wait_pool_idle(stub)  # the engine is done with it; the unread call is not

@@ -224,6 +224,44 @@ def test_a_resumed_request_recomputes_prompt_and_outputs_before_sampling_again()
     assert_all_done(sim)
 
 
+class Reader:
+    """What the scheduler reads of a request's output stream: whether its reader is far behind."""
+    paused = False
+
+
+def test_a_paused_request_is_not_scheduled_and_is_the_first_to_give_its_blocks_up():
+    sim = Sim(num_blocks=4, block_size=4)
+    slow = sim.add("slow", [1] * 7, max_tokens=6, age_s=2)  # ranks first while it runs
+    slow.stream = reader = Reader()
+    sim.step()
+    reader.paused = True
+    busy = sim.add("busy", [2] * 7, max_tokens=6)
+    assert scheduled_tokens(sim.step()) == [("busy", 7)]  # not slow
+    assert scheduled_tokens(sim.step()) == [("busy", 1)]
+    assert sim.pool.num_free_blocks == 0 and busy.num_tokens == 9  # busy's next decode needs a third block
+    out = sim.step()
+    assert out.preempted == [slow] and scheduled_tokens(out) == [("busy", 1)]
+    reader.paused = False
+    sim.run(max_steps=50)
+    assert (slow.num_preemptions, busy.num_preemptions) == (1, 0)
+    assert_all_done(sim)
+
+
+def test_a_paused_request_gives_its_blocks_up_to_one_waiting_for_them():
+    sim = Sim(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    slow = sim.add("slow", [1] * 11, max_tokens=4)
+    slow.stream = reader = Reader()
+    sim.step()
+    reader.paused = True
+    assert sim.pool.num_free_blocks == 1
+    sim.add("new", [2] * 7, max_tokens=4)  # two blocks
+    out = sim.step()
+    assert out.preempted == [slow] and scheduled_tokens(out) == [("new", 7)]
+    reader.paused = False
+    sim.run(max_steps=50)
+    assert_all_done(sim)
+
+
 def test_priority_lower_value_goes_first_and_arrival_order_breaks_ties():
     sim = Sim(num_blocks=32, max_num_seqs=1)
     for request_id, priority, age_s in [("c", 1, 4), ("a1", 0, 2), ("d", 1, 3), ("a2", 0, 1), ("b", 0, 0)]:

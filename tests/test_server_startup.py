@@ -156,3 +156,12 @@ def test_listening_beyond_loopback_without_tls_or_keys_is_warned_about(host, war
     assert (exposure_warning(host, tls=False, api_keys=False) is not None) == warned
     assert exposure_warning(host, tls=True, api_keys=False) is None
     assert exposure_warning(host, tls=False, api_keys=True) is None
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("10.1.2.3", True), ("127.0.0.1", False)])
+def test_the_warning_names_the_metrics_port_which_listens_on_the_same_host(host, warned):
+    """/metrics is plaintext and open whatever protects the gRPC port: the warning says so, TLS and keys or not."""
+    for tls, api_keys in ((False, False), (True, False), (False, True)):
+        warning = exposure_warning(host, tls=tls, api_keys=api_keys, metrics_port=9400)
+        assert (warning is not None and "9400" in warning and "metrics" in warning) == warned
+    assert exposure_warning(host, tls=True, api_keys=True, metrics_port=0) is None

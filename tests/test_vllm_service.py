@@ -232,7 +232,7 @@ def test_loads_count_running_requests_and_kv_use(engine):
 
 def test_model_and_server_info_describe_this_daemon(engine, tiny_text_model_dir, default_tokenizer):
     info = engine.call("GetModelInfo")
-    assert info["served_model_name"] == tiny_text_model_dir[0].resolve().name
+    assert info["served_model_name"] == info["model_path"] == tiny_text_model_dir[0].resolve().name  # no path here
     assert info["is_generation"] and info["max_context_length"] == 512 and info["max_req_input_len"] == 511
     assert info["vocab_size"] == len(default_tokenizer) and info["eos_token_ids"] == [default_tokenizer.eos_token_id]
     assert info["architectures"] == ["LlamaForCausalLM"] and info["model_type"] == "llama"

@@ -150,7 +150,7 @@ class Engine:
             request = Request(f"seq-{next(self._sequence_ids)}", list(token_ids), own,
                               self.eos_token_ids, priority, max_total_tokens=max_total,
                               speculative=speculative is not False, max_draft_tokens=max_draft_tokens,
-                              output_id=request_id, index=index)
+                              output_id=request_id, index=index, stream=stream)
             if own.seed is not None and not own.greedy:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own, self.token_bytes) \

@@ -57,7 +57,8 @@ class Request:
     # the first token) per prompt token; complete once it holds num_prompt_tokens entries.
     prompt_logprobs: list | None = None
     guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
-    rank: tuple[float, float] = (0.0, 0.0)  # the scheduler's order (Scheduler._rank), set when it is queued
+    stream: Any = None  # its outputs' RequestStream, whose reader may fall behind and pause it
+    rank: tuple[float, float] = (0.0, 0.0)  # the scheduler's static order (Scheduler._rank), set when it is queued
 
     def __post_init__(self) -> None:
         # Fixed by the params, read for every row of every step: worked out once. penalised: a penalty reads the
@@ -93,6 +94,11 @@ class Request:
     def needs_prompt_logprobs(self) -> bool:
         """Still collecting prompt logprobs: its prompt must be computed, not taken from the prefix cache."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
+    def paused(self) -> bool:
+        """Its reader is far behind: the scheduler holds it back (RequestStream.paused)."""
+        return self.stream is not None and self.stream.paused
 
     @property
     def is_finished(self) -> bool:

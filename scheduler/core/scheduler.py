@@ -7,13 +7,15 @@ is as many as the budget allows, spread over steps when it does not fit (chunked
 The scheduler is also the one writer of request progress: it admits and preempts (num_computed_tokens), counts a
 launched step's tokens as computed (advance), and applies what a step sampled or verified (update_from_output):
 tokens, accepted drafts and the placeholders of tokens still on the device.
+
+A paused request (its reader is far behind: Request.paused) is not scheduled; it keeps its blocks until they
+are needed, and is the first preempted when they are.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from operator import attrgetter
 
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request, RequestStatus
@@ -161,18 +163,21 @@ class Scheduler:
         return out
 
     def _rank(self, request: Request) -> tuple[float, float]:
-        """Sorts as (priority value - age / priority_aging_s, arrival): the age's `now` is common to every request,
-        so it is left out and a request's rank does not change while it waits."""
+        """(priority value - age / priority_aging_s, arrival): the age's `now` is common to every request, so it is
+        left out and a request's rank does not change while it waits (add() sets it once). _order puts paused
+        requests after it."""
         aging = request.arrival_time / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
         return (request.priority + aging, request.arrival_time)
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=_rank_of)
+        self.running.sort(key=_order)
         room = self.pool.has_room
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.paused:
+                break  # so are all after it
             num_tokens = request.num_tokens_with_placeholders
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
@@ -205,9 +210,11 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=_rank_of)
+        self.waiting.sort(key=_order)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.paused or request in out.preempted:
+                break  # so are all after it (one preempted here may have a step in flight, and may resume meanwhile)
             assert not request.num_placeholders, "a preempted request's step in flight ends before it is admitted"
             # A forked completion already holds its prompt's shared blocks; any other request looks in the cache,
             # but for one collecting prompt logprobs, which need the logits of every prompt position.
@@ -216,7 +223,9 @@ class Scheduler:
             num_cached = num_cached or len(cached) * self.pool.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.pool.allocate(request, num_cached + num_new, cached):
-                break
+                if not self._preempt_paused(out):
+                    break
+                continue  # the freed blocks may be cached ones it can share: look again
             self.waiting.pop(0)
             request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
@@ -226,6 +235,16 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _preempt_paused(self, out: SchedulerOutput) -> bool:
+        """Free the blocks of the lowest-ranked paused request, if one holds any."""
+        victim = next((r for r in reversed(self.running) if r.paused), None)
+        if victim is None:
+            return False
+        self.running.remove(victim)
+        self._preempt(victim)
+        out.preempted.append(victim)
+        return True
 
     def _preempt(self, request: Request) -> None:
         """Free the blocks now and recompute later (prompt plus what was generated)."""
@@ -253,4 +272,7 @@ def _apply_tokens(out: StepOutput) -> list[StepResult]:
     return results
 
 
-_rank_of = attrgetter("rank")  # Scheduler._rank, as add() set it
+def _order(request: Request) -> tuple[bool, tuple[float, float]]:
+    """How the scheduler sorts: paused requests (their readers far behind) last, so they are skipped together and
+    preempted first; the rest by rank (Scheduler._rank, set when queued)."""
+    return request.paused, request.rank

@@ -107,8 +107,8 @@ class CompletionOutput:
 
 
 class RequestStream:
-    """A request's outputs in order. Thread-safe; `on_output` (if set) runs in the engine's thread
-    after each put, so an asyncio server can hop the output onto its loop."""
+    """A request's outputs in order. Thread-safe. With `on_output`, each output goes to it instead, in the
+    engine's thread, so an asyncio server can hop the output onto its loop (and bound what it holds)."""
 
     def __init__(self, request_id: str, on_output: Callable[[RequestOutput], None] | None = None,
                  num_completions: int = 1):
@@ -117,13 +117,17 @@ class RequestStream:
         self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         self.num_unfinished = num_completions
         self.finished = False  # every completion has finished
+        # Set (from any thread) while the reader is far behind: the scheduler does not run the request's
+        # completions, so their outputs stop growing; cleared when it catches up.
+        self.paused = False
 
     def put(self, output: RequestOutput) -> None:
         self.num_unfinished -= output.finished
         self.finished = self.num_unfinished == 0
-        self._queue.put(output)
         if self.on_output is not None:
             self.on_output(output)
+        else:
+            self._queue.put(output)
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         return self._queue.get(timeout=timeout)

@@ -25,7 +25,9 @@ class TokenBytes:
         decoder = getattr(tokenizer, "added_tokens_decoder", {})
         self.special_ids = frozenset(i for i, token in decoder.items() if token.special)
         if prefetch:
-            threading.Thread(target=self._get_table, name="token-bytes", daemon=True).start()
+            # Not a daemon thread: a process exiting while it runs inside xgrammar's C++ aborts ("terminate called
+            # without an active exception", exit -6); exit waits for the read instead.
+            threading.Thread(target=self._get_table, name="token-bytes").start()
 
     def of(self, token_ids: Sequence[int], skip_special_tokens: bool) -> list[bytes] | None:
         """Each token's bytes as decode() sees them (b"" for a skipped special token); None when unknown."""

@@ -44,7 +44,7 @@ class OpenAICalls(EngineCalls):
 
     async def _generate(self, body, chat: bool) -> Response:
         call = HttpCall()
-        engine = await self.engine(call)
+        engine = await self.engine(call, generation=True)
         await self._check_model(call, body.model)
         prepare = prepare_chat if chat else prepare_completion
         try:
