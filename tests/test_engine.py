@@ -131,6 +131,26 @@ def test_abort_frees_blocks_waiting_or_running(tiny_model_dir):
     assert_pool_idle(engine)
 
 
+def test_a_request_id_is_taken_from_queued_until_finished(tiny_model_dir):
+    path, _ = tiny_model_dir
+    engine = Engine(model=str(path), max_num_seqs=2)
+    for i in range(3):
+        engine.add_request(None, greedy(4), prompt_token_ids=[1 + i] * 5, request_id=f"r{i}")
+    with pytest.raises(ValueError, match="request_id: 'r1' is already in use"):  # queued, no step yet
+        engine.add_request(None, greedy(4), prompt_token_ids=[7] * 5, request_id="r1")
+    assert engine.abort("r2")  # found while queued
+    engine.step()
+    with pytest.raises(ValueError, match="request_id: 'r0' is already in use"):  # running
+        engine.add_request(None, greedy(4), prompt_token_ids=[7] * 5, request_id="r0")
+    while engine.has_unfinished():
+        engine.step()
+    again = engine.add_request(None, greedy(4), prompt_token_ids=[7] * 5, request_id="r0")  # free once it ended
+    while engine.has_unfinished():
+        engine.step()
+    assert _last(again).finish_reason == "length"
+    assert_pool_idle(engine)
+
+
 def _last(stream):
     last = None
     while (d := stream.get_nowait()) is not None:

@@ -25,13 +25,13 @@ from scheduler.config import EngineConfig
 from scheduler.core.admission import Admission, Live
 from scheduler.core.executor import StepExecutor, StepInFlight, Verification
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.reports import check_new_tokens, delta_output, failed_output, final_output
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import Scheduler, StepResult
-from scheduler.core.stopping import first_stop
 from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt
-from scheduler.io.outputs import RequestMetrics, RequestOutput, RequestStream, StepStats
+from scheduler.io.outputs import RequestOutput, RequestStream, StepStats
 from scheduler.io.token_bytes import TokenBytes
 from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
@@ -110,6 +110,7 @@ class Engine:
         self._sequence_ids = itertools.count()
         self.admission = Admission(self.scheduler, self.pool)
         self._pending_add: list[list[Live]] = []
+        self._pending_ids: dict[str, list[Live]] = {}  # _pending_add's groups by request id: no scan per add
         self._pending_abort: list[Request] = []  # the request objects: ids may be reused later
         self._failed: str | None = None
         self._in_flight: StepInFlight | Verification | None = None  # the step launched last, not collected yet
@@ -158,9 +159,10 @@ class Engine:
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
-            if request_id in self._groups or any(g[0].request.output_id == request_id for g in self._pending_add):
+            if request_id in self._groups or request_id in self._pending_ids:
                 raise ValueError(f"request_id: {request_id!r} is already in use by a request in flight")
             self._pending_add.append(lives)
+            self._pending_ids[request_id] = lives
         return stream
 
     def compile_grammar(self, params: SamplingParams, check: bool = False) -> Future | None:
@@ -180,8 +182,7 @@ class Engine:
         """End a request early (finish_reason "abort"); its KV blocks are freed at the next step.
         Returns whether a live request had that id; a later request reusing the id is unaffected."""
         with self._lock:
-            group = self._groups.get(request_id) or next(
-                (g for g in self._pending_add if g[0].request.output_id == request_id), None)
+            group = self._groups.get(request_id) or self._pending_ids.get(request_id)
             if group is not None:
                 self._pending_abort += [live.request for live in group]  # all n completions end
             return group is not None
@@ -286,8 +287,7 @@ class Engine:
         request, request.finish_reason = live.request, FinishReason.ABORT
         log.error("request %s failed in the engine: %r", request.output_id, exc)
         self.scheduler.finish(request)  # again if it had finished: its blocks are gone, it leaves no list twice
-        return RequestOutput(request.output_id, [], "", finished=True, finish_reason="abort",
-                             error=f"request failed: {exc!r}", index=request.index)
+        return failed_output(request, f"request failed: {exc!r}")
 
     def _forget(self, live: Live) -> None:
         request = live.request
@@ -321,17 +321,16 @@ class Engine:
             self._failed = error
             self._in_flight = None
             lives = list(self._live.values()) + [live for group in self._pending_add for live in group]
-            self._pending_add = []
+            self._pending_add, self._pending_ids = [], {}
         self._live.clear()
         self._groups.clear()
         self.admission.clear()
         for live in lives:
-            live.stream.put(RequestOutput(live.request.output_id, [], "", finished=True, finish_reason="abort",
-                                          error=error, index=live.request.index))
+            live.stream.put(failed_output(live.request, error))
 
     def _take_pending(self) -> list[tuple[Live, RequestOutput]]:
         with self._lock:  # abort() must find each request in _pending_add or _groups, never in between
-            added, self._pending_add = self._pending_add, []
+            added, self._pending_add, self._pending_ids = self._pending_add, [], {}
             for group in added:
                 self._groups[group[0].request.output_id] = list(group)
                 for live in group:
@@ -357,50 +356,13 @@ class Engine:
         return outputs
 
     def _append(self, live: Live, result: StepResult, now: float) -> tuple[Live, RequestOutput]:
-        """Check the step's new tokens (already on the request) one by one for a stop."""
-        request = live.request
-        if request.first_token_time is None:
-            request.first_token_time = now
-        first = request.num_output_tokens - len(result.new_token_ids)
-        stop = first_stop(request, result.new_token_ids, live.detokenizer)
-        reason = None
-        if stop is not None:
-            count, reason, request.stop_reason = stop
-            request.truncate_output(count)  # speculation may have run past the stop
-        if result.logprobs is not None:
-            for lp in result.logprobs[:request.num_output_tokens - first]:
-                lp.top = lp.top[:request.params.logprobs]
-                live.logprobs.append(lp)
-        return live, self._finish(live, reason) if reason is not None else self._delta(live)
+        reason = check_new_tokens(live, result, now)
+        return live, self._finish(live, reason) if reason is not None else delta_output(live)
 
     def _finish(self, live: Live, reason: FinishReason) -> RequestOutput:
-        request = live.request
-        request.finish_reason = reason
-        self.scheduler.finish(request)
-        output = self._delta(live)
-        output.finished, output.finish_reason, output.stop_reason = True, reason.value, request.stop_reason
-        now = time.monotonic()
-        start = request.arrival_time
-        output.metrics = RequestMetrics(
-            queue_s=(request.first_scheduled_time or now) - start, ttft_s=(request.first_token_time or now) - start,
-            e2e_s=now - start, preemptions=request.num_preemptions, draft_tokens=request.num_draft_tokens,
-            accepted_tokens=request.num_accepted_tokens)
-        return output
-
-    def _delta(self, live: Live) -> RequestOutput:
-        request = live.request
-        new_ids = request.output_token_ids[live.num_sent_tokens:]
-        new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
-        live.num_sent_tokens = request.num_output_tokens
-        text = live.detokenizer.take_delta(request.is_finished) if live.detokenizer is not None else ""
-        prompt_logprobs = None
-        if not live.prompt_logprobs_sent and not request.needs_prompt_logprobs:  # an abort mid-prompt sends none
-            prompt_logprobs, live.prompt_logprobs_sent = request.prompt_logprobs, True
-        held_back = live.detokenizer.held_back_bytes if live.detokenizer is not None else 0
-        return RequestOutput(request.output_id, new_ids, text, new_logprobs, prompt_logprobs,
-                             num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
-                             num_cached_tokens=request.num_cached_tokens, index=request.index,
-                             held_back_bytes=held_back)
+        live.request.finish_reason = reason
+        self.scheduler.finish(live.request)
+        return final_output(live)
 
 
 def _per_position(results: list[StepResult], accepted: bool) -> list[int]:

@@ -17,7 +17,7 @@ from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
 from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
-from scheduler.sampling.rows import has_penalty, plain_greedy, positions_differ, sampling_rows
+from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
@@ -121,8 +121,7 @@ class StepExecutor:
         built make their step synchronous: penalties (they read the output history) and prompt logprobs
         (collected on the host from the chunk's logits). Logprobs of sampled tokens travel with them;
         min_tokens needs only the count. The choice is made for each step."""
-        return all(not s.request.needs_prompt_logprobs and (not s.samples or _samples_on_device(s.request))
-                   for s in batch)
+        return all(not (r := s.request).needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight | Verification:
         """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
@@ -196,9 +195,8 @@ class StepExecutor:
 
     def _cache_blocks(self, batch: list[ScheduledRequest]) -> None:
         """Put the blocks the step filled into the prefix cache, up to the tokens the host knows."""
-        for s in batch:
-            if not s.request.is_finished:
-                self.pool.cache_full_blocks(s.request, min(s.request.num_computed_tokens, s.request.num_tokens))
+        if self.pool.enable_prefix_caching:
+            self.pool.cache_filled_blocks([s.request for s in batch])
 
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
@@ -206,6 +204,12 @@ class StepExecutor:
         logprobs)."""
         request, drafts = s.request, s.draft_token_ids
         start = request.num_computed_tokens
+        if s.num_new_tokens == 1 and not drafts and first_logit is None:  # a decode, most rows: no slicing
+            known = start < len(request.all_token_ids)  # else its token is a placeholder, on the device
+            assert known or device_row >= 0
+            return ForwardItem([request.all_token_ids[start]] if known else [0], start,
+                               self.pool.block_table(request.request_id), 1 if s.samples else 0, device_row,
+                               0 if known else 1)
         tokens = request.all_token_ids[start:start + s.num_new_tokens]  # the known ones: a list of its own
         num_placeholders = s.num_new_tokens - len(tokens)
         assert not (num_placeholders and drafts) and (device_row >= 0 or not num_placeholders)
@@ -298,7 +302,7 @@ class StepExecutor:
 def _argmax_only(requests: list[Request]) -> bool:
     """Every request's token is its logits' argmax (under its grammar's mask, if any), without logprobs: no
     sampling rows needed."""
-    return all(plain_greedy(r) and not r.params.logprobs for r in requests)
+    return all(r.argmax_always or (plain_greedy(r) and not r.params.logprobs) for r in requests)
 
 
 def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],
@@ -351,12 +355,6 @@ def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: to
         start = offset + r * width
         s.draft_token_ids = values[start:start + len(s.draft_token_ids)]
     return None if picks is None else values[:offset]
-
-
-def _samples_on_device(request: Request) -> bool:
-    """Whether the request's next token can be drawn, and the one after it prepared, without the host
-    knowing the tokens in flight before the forward is launched (see StepExecutor.can_defer)."""
-    return not has_penalty(request.params)
 
 
 def _packed(out: SamplerOutput) -> torch.Tensor:

@@ -61,6 +61,11 @@ class BlockPool:
         """The ids of the blocks the request holds, in order."""
         return list(self.req_block_ids.get(request_id, ()))
 
+    def has_room(self, request: Request, num_tokens: int) -> bool:
+        """Whether the blocks the request holds already take num_tokens tokens (allocate would take none)."""
+        held = self.req_block_ids.get(request.request_id)
+        return held is not None and len(held) * self.block_size >= num_tokens
+
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """Longest run of leading full blocks already in the cache. At least one token is
         always left to compute, since the step must produce logits for the next one."""
@@ -119,6 +124,16 @@ class BlockPool:
     def num_held_tokens(self, request: Request) -> int:
         """Tokens the blocks a request holds can take (a forked request holds its shared prompt blocks early)."""
         return len(self.req_blocks.get(request.request_id, ())) * self.block_size
+
+    def cache_filled_blocks(self, requests: list[Request]) -> None:
+        """cache_full_blocks for each unfinished request, up to the tokens the host knows; a request whose
+        blocks stay as they were (most rows of a decode step) costs a comparison."""
+        bs, hashes = self.block_size, self.req_hashes
+        for request in requests:
+            if not request.is_finished:
+                num_tokens = min(request.num_computed_tokens, len(request.all_token_ids))
+                if num_tokens // bs > len(hashes[request.request_id]):
+                    self.cache_full_blocks(request, num_tokens)
 
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the blocks that computing up to num_computed_tokens has filled."""

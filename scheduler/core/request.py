@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.sampling.params import SamplingParams
+from scheduler.sampling.params import SamplingParams, has_penalty
 
 
 class RequestStatus(enum.Enum):
@@ -58,9 +58,16 @@ class Request:
     prompt_logprobs: list | None = None
     guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
     stream: Any = None  # its outputs' RequestStream, whose reader may fall behind and pause it
-
+    rank: tuple[float, float] = (0.0, 0.0)  # the scheduler's static order (Scheduler._rank), set when it is queued
 
     def __post_init__(self) -> None:
+        # Fixed by the params, read for every row of every step: worked out once. penalised: a penalty reads the
+        # token history. argmax_always: every next token is the argmax of the raw logits (greedy; no penalty, logit
+        # bias, min_tokens or logprobs), whatever the step.
+        params = self.params
+        self.penalised = has_penalty(params)
+        self.argmax_always = params.greedy and not self.penalised and not params.logit_bias \
+            and not params.min_tokens and not params.logprobs
         self.all_token_ids = list(self.prompt_token_ids)
         self.output_id = self.output_id or self.request_id
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:

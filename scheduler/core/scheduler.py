@@ -94,6 +94,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        request.rank = self._rank(request)  # fixed while it is queued or running: worked out once
         self.waiting.append(request)
 
     def finish(self, request: Request) -> None:
@@ -126,6 +127,8 @@ class Scheduler:
         a sampled token also advances its grammar (a verified request's grammar was settled by verification)."""
         assert not out.applied, "a step's output is applied once"
         out.applied = True
+        if out.drafts is None and out.logprobs is None:
+            return _apply_tokens(out)
         results = []
         for i, (request, token) in enumerate(zip(out.requests, out.token_ids)):
             if out.in_flight:
@@ -159,16 +162,17 @@ class Scheduler:
             self._schedule_waiting(out, budget, now)
         return out
 
-    def _rank(self, request: Request) -> tuple[bool, float, float]:
-        """Sorts as (paused, priority value - age / priority_aging_s, arrival): the age's `now` is common to every
-        request, so it is left out. Paused requests (their readers far behind) come last, so they are skipped
-        together and preempted first."""
+    def _rank(self, request: Request) -> tuple[float, float]:
+        """(priority value - age / priority_aging_s, arrival): the age's `now` is common to every request, so it is
+        left out and a request's rank does not change while it waits (add() sets it once). _order puts paused
+        requests after it."""
         aging = request.arrival_time / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
-        return (request.paused, request.priority + aging, request.arrival_time)
+        return (request.priority + aging, request.arrival_time)
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=self._rank)
+        self.running.sort(key=_order)
+        room = self.pool.has_room
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -177,6 +181,12 @@ class Scheduler:
             num_tokens = request.num_tokens_with_placeholders
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
+                continue
+            if not spec_depth and num_tokens - request.num_computed_tokens == 1 and room(request, num_tokens):
+                # Most rows of a decode step: one token, in a block it already holds.
+                out.scheduled.append(ScheduledRequest(request, 1, samples=True))
+                budget -= 1
+                i += 1
                 continue
             # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
             # allocated for it, and its id comes from the device.
@@ -200,7 +210,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=self._rank)
+        self.waiting.sort(key=_order)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.paused or request in out.preempted:
@@ -243,3 +253,26 @@ class Scheduler:
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+
+def _apply_tokens(out: StepOutput) -> list[StepResult]:
+    """update_from_output for a step without verification or logprobs (most steps): one token a row."""
+    results = []
+    for request, token in zip(out.requests, out.token_ids):
+        if out.in_flight:
+            request.num_placeholders -= 1
+        if request.is_finished:
+            continue
+        new_tokens = [token]
+        if request.guide is not None:
+            request.guide.accept(new_tokens)
+        request.output_token_ids.append(token)
+        request.all_token_ids.append(token)
+        results.append(StepResult(request, new_tokens, None))
+    return results
+
+
+def _order(request: Request) -> tuple[bool, tuple[float, float]]:
+    """How the scheduler sorts: paused requests (their readers far behind) last, so they are skipped together and
+    preempted first; the rest by rank (Scheduler._rank, set when queued)."""
+    return request.paused, request.rank

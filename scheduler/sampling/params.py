@@ -107,6 +107,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def has_penalty(params: SamplingParams) -> bool:
+    """Whether a penalty reads the request's token history (repetition, frequency, presence)."""
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
 def _logit_bias(bias) -> dict[int, float]:
     _check(isinstance(bias, dict), f"logit_bias must map token ids to biases, got {type(bias).__name__}")
     for token_id, value in bias.items():

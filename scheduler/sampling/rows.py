@@ -8,11 +8,9 @@ import torch
 from scheduler.core.request import Request
 from scheduler.core.stopping import blocked_ids
 from scheduler.sampling.batch import SamplingBatch
-from scheduler.sampling.params import SamplingParams
+from scheduler.sampling.params import has_penalty
 
-
-def has_penalty(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+__all__ = ["draft_rows", "has_penalty", "num_outputs", "plain_greedy", "positions_differ", "sampling_rows"]
 
 
 def num_outputs(request: Request) -> int:

@@ -3,6 +3,7 @@ logits rows, block tables, and where tokens the device holds go."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,13 @@ class ForwardItem:
 
 
 def fill_block_tables(tables: np.ndarray, items: list[ForwardItem]) -> None:
-    for row, it in enumerate(items):
-        tables[row, :len(it.block_table)] = it.block_table
+    """Row i of tables starts with items[i]'s block ids (the rest of the row is left as it is): one fill of every
+    row's ids laid end to end, not a numpy assignment a row."""
+    count = len(items)
+    lens = np.fromiter((len(it.block_table) for it in items), np.int64, count)
+    ids = np.fromiter(itertools.chain.from_iterable(it.block_table for it in items), np.int64, int(lens.sum()))
+    rows = tables[:count]
+    rows[np.arange(tables.shape[1]) < lens[:, None]] = ids  # row-major: each row's ids in order
 
 
 def positions_and_slots(query_lens, query_start_loc, starts, block_tables, block_size: int):
