@@ -95,6 +95,8 @@ class Engine:
             self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len,
                                        max_batched_tokens=config.max_num_batched_tokens)
         self.executor = StepExecutor(self.runner, self.sampler, self.scheduler, self.speculator)
+        if config.overlap_scheduling and self.ranks is None:
+            self.executor.speculate_in_loop(config.max_num_seqs, self.max_model_len)
         torch.manual_seed(config.seed)
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
@@ -216,7 +218,9 @@ class Engine:
         spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead()) if self.speculator else 0
         # A step with drafts must be verified before the next is scheduled, and drafts are made from the host's
         # token history: such tokens come to the host now, their stop checks wait for this step's launch.
-        early = self._in_flight is not None and (spec_depth or isinstance(self._in_flight, Verification))
+        # Drafts the device proposes and verifies (executor.loop) need none of this.
+        early = self._in_flight is not None and ((spec_depth and self.executor.loop is None)
+                                                 or isinstance(self._in_flight, Verification))
         results = self._collect() if early else []  # on their requests, not checked for stops yet
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled

@@ -19,6 +19,7 @@ from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
+from scheduler.speculative.loop import DraftStepInFlight, SpeculativeLoop, device_inputs
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks, masked_argmax
@@ -39,6 +40,10 @@ class StepInFlight:
     host: torch.Tensor
     copied: torch.cuda.Event | None
     results: list[StepResult] | None = None
+
+    def device_outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Its tokens on the device, one a row [R, 1], and their counts (None: one each)."""
+        return self.token_ids.view(-1, 1), None
 
 
 @dataclass
@@ -91,6 +96,14 @@ class StepExecutor:
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
         self.copies = TokenCopies(self.device)
+        self.loop: SpeculativeLoop | None = None
+
+    def speculate_in_loop(self, max_rows: int, max_model_len: int) -> None:
+        """Verify drafts inside the overlapped loop (speculative/loop.py), where the proposer drafts on the
+        device; the other proposers draft on the host, and a step with their drafts waits for the one before."""
+        if self.speculator is not None and hasattr(self.speculator.proposer, "propose_on_device"):
+            self.loop = SpeculativeLoop(self.runner, self.scheduler, self.speculator.proposer, self.copies, max_rows,
+                                        max_model_len, self.speculator.k_max)
 
     def plan(self, num_decodes: int, prefill: bool) -> int:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
@@ -123,15 +136,21 @@ class StepExecutor:
         min_tokens needs only the count. The choice is made for each step."""
         return all(not (r := s.request).needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
 
-    def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight | Verification:
+    def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | DraftStepInFlight | None
+               ) -> StepInFlight | DraftStepInFlight | Verification:
         """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
-        the device; the step before's, still in flight, are its placeholders' inputs, read from there."""
+        the device; the step before's, still in flight, are its placeholders' inputs, read from there. A step
+        with drafts does too where the loop verifies them (self.loop); else it waits for the step before."""
         if any(s.num_spec_slots for s in batch):
-            assert previous is None, "drafts are made once the host knows every token"
+            if self.loop is not None and self.loop.accepts(batch):
+                return self.loop.launch(batch, previous, self._item)
+            if previous is not None:
+                self.collect(previous)  # the host drafts from, and verifies with, every token
             return self._start(batch)
         rows = previous.rows if previous is not None else {}
+        tokens, shifts = device_inputs(previous)  # shifts: where the step in flight verified drafts
         items = [self._item(s, rows.get(s.request, -1)) for s in batch]
-        logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        logits = self.runner.forward(items, device_tokens=tokens if rows else None, device_shifts=shifts)
         self.scheduler.advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
@@ -144,14 +163,20 @@ class StepExecutor:
         return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, out.token_ids, num_top,
                             *self.copies.start(_packed(out)))
 
-    def collect(self, step: StepInFlight | Verification) -> list[StepResult]:
+    def collect(self, step: StepInFlight | DraftStepInFlight | Verification) -> list[StepResult]:
         """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
         step before, an abort) takes none: never an extra token."""
         if isinstance(step, Verification):
             return self._finish(step)
         if step.results is None:
-            step.results = self._read(step)
+            step.results = self._read(step) if isinstance(step, StepInFlight) else self._read_verified(step)
         return step.results
+
+    def _read_verified(self, step: DraftStepInFlight) -> list[StepResult]:
+        """Wait for a step verified in the loop; its tokens applied, its acceptance learnt (a step late)."""
+        out = step.output()
+        self.speculator.observe_counts(step.num_spec, [len(d) for d in out.drafts], out.num_accepted)
+        return self.scheduler.update_from_output(out)
 
     def _read(self, step: StepInFlight) -> list[StepResult]:
         """Wait for a launched step's tokens and have them applied."""

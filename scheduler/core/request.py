@@ -39,6 +39,9 @@ class Request:
     num_computed_tokens: int = 0
     # Output tokens sampled in a step still in flight: the device holds them, the host learns them a step later.
     num_placeholders: int = 0
+    # Drafts verified in a step still in flight: the device knows how many it accepted, the host a step later.
+    # The request's next tokens may start this much further on: their KV slots are reserved for it.
+    num_drafts_in_flight: int = 0
     speculative: bool = True  # may this request speculate (when the engine does)
     max_draft_tokens: int | None = None  # per-request cap on k
     num_draft_tokens: int = 0  # drafts verified so far
@@ -113,8 +116,9 @@ class Request:
         if not self.speculative or step_depth == 0:
             return 0
         cap = step_depth if self.max_draft_tokens is None else min(step_depth, self.max_draft_tokens)
-        # The drafts' KV slots must stay within the request's token limit.
-        return max(0, min(cap, self.max_total_tokens - self.num_tokens))
+        # The drafts' KV slots must stay within the request's token limit, whatever the step in flight accepts.
+        return max(0, min(cap, self.max_total_tokens - self.num_tokens_with_placeholders
+                                - self.num_drafts_in_flight))
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""

@@ -143,7 +143,10 @@ class Scheduler:
             else:
                 drafts, num_accepted = out.drafts[i], out.num_accepted[i]
                 new_tokens, num_drafts = drafts[:num_accepted] + [token], len(drafts)
-                request.num_computed_tokens += num_accepted
+                if out.in_flight and not request.num_placeholders:
+                    request.num_drafts_in_flight = 0  # no step of its own is in flight any more
+                if request.status == RequestStatus.RUNNING:  # preempted meanwhile: all is computed again
+                    request.num_computed_tokens += num_accepted
                 request.num_draft_tokens += num_drafts
                 request.num_accepted_tokens += num_accepted
             for token_id in new_tokens:
@@ -182,7 +185,9 @@ class Scheduler:
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
-            if not spec_depth and num_tokens - request.num_computed_tokens == 1 and room(request, num_tokens):
+            # A step in flight may have accepted drafts the host does not know of yet: room for those too.
+            reserve = request.num_drafts_in_flight
+            if not spec_depth and num_tokens - request.num_computed_tokens == 1 and room(request, num_tokens + reserve):
                 # Most rows of a decode step: one token, in a block it already holds.
                 out.scheduled.append(ScheduledRequest(request, 1, samples=True))
                 budget -= 1
@@ -193,9 +198,10 @@ class Scheduler:
             num_new = min(num_tokens - request.num_computed_tokens, budget)
             decoding = num_tokens - request.num_computed_tokens == 1
             num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding and spec_depth else 0
-            if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
+            needed = request.num_computed_tokens + num_new + reserve
+            if num_spec and not self.pool.allocate(request, needed + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
-            while not self.pool.allocate(request, request.num_computed_tokens + num_new):
+            while not self.pool.allocate(request, needed):
                 # Lowest priority, latest arrival; never one already scheduled, as those rank higher.
                 victim = self.running.pop()
                 self._preempt(victim)

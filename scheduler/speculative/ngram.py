@@ -6,7 +6,10 @@ from array import array
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
+import torch
+
 from scheduler.core.request import Request
+from scheduler.speculative.ngram_device import propose_ngram_on_device
 from scheduler.speculative.proposer import Proposal, ProposerContext
 
 if TYPE_CHECKING:
@@ -59,6 +62,10 @@ class NgramProposer:
         for s in spec:
             s.draft_token_ids = self.lookup(s.request, s.num_spec_slots)
         return Proposal()
+
+    def propose_on_device(self, history: torch.Tensor, lengths: torch.Tensor, k: int):
+        """The same lookup over device token histories (speculative/loop.py): (drafts [R, k], num_found [R])."""
+        return propose_ngram_on_device(history, lengths, k, self.n_min, self.n_max)
 
     def observe(self, spec, num_accepted, hidden_states) -> None:
         pass  # a lookup learns nothing from verification

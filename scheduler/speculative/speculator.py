@@ -81,6 +81,15 @@ class Speculator:
             hidden_states = hidden_states[torch.tensor(rows, device=hidden_states.device)]
         self.proposer.observe([s for s, _ in spec], [n for _, n in spec], hidden_states)
 
+    def observe_counts(self, num_spec: list[int], num_drafts: list[int], num_accepted: list[int]) -> None:
+        """After verification on the device (speculative/loop.py), one entry a sampled row: the drafts it had
+        room for (0: it did not speculate), those proposed, those accepted."""
+        speculating = [(k, d, n) for k, d, n in zip(num_spec, num_drafts, num_accepted) if k]
+        for k, d, n in speculating:
+            if d:  # as observe: a proposal shorter than the depth fails where it ends
+                self.depth.observe_acceptance(k, n)
+        self.depth.observe_coverage(sum(1 for _, d, _ in speculating if d), len(speculating))
+
     def observe_step(self, num_decodes: int, prefill: bool, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""
         self.depth.observe_step(num_decodes, self.step_k, seconds, prefill)

@@ -21,6 +21,7 @@ import torch
 
 from scheduler.worker.attention import AttentionMetadata
 from scheduler.worker.packing import ForwardItem, fill_block_tables, positions_and_slots
+from scheduler.worker.shifts import apply_shifts
 
 log = logging.getLogger(__name__)
 
@@ -141,26 +142,28 @@ class CudaGraphs:
             return None
         return seqs, tokens
 
-    def replay_mixed(self, items: list[ForwardItem], bucket: tuple[int, int], patch=None) -> torch.Tensor:
-        """Hidden states of every item's new tokens, in order; patch as from ModelRunner._patch."""
+    def replay_mixed(self, items: list[ForwardItem], bucket: tuple[int, int], patch=None, shifts=None) -> torch.Tensor:
+        """Hidden states of every item's new tokens, in order; patch as from ModelRunner._patch, shifts from
+        shifts.shift_plan."""
         self.num_mixed_replays += 1
-        out, num_tokens = self._replay(self.mixed, bucket, items, bucket[1], None, patch)
+        out, num_tokens = self._replay(self.mixed, bucket, items, bucket[1], None, patch, shifts)
         return out[:num_tokens]
 
-    def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None, patch=None) -> torch.Tensor:
+    def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None, patch=None,
+               shifts=None) -> torch.Tensor:
         """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward,
-        patch as from ModelRunner._patch."""
+        patch as from ModelRunner._patch, shifts from shifts.shift_plan."""
         num_seqs = self._batch_bucket(items)
         query_len = max(len(it.token_ids) for it in items)
         out, num_tokens = self._replay(self.graphs, (num_seqs, query_len), items, num_seqs * query_len, token_ids,
-                                      patch)
+                                      patch, shifts)
         return out[:num_tokens]
 
     def _batch_bucket(self, items: list[ForwardItem]) -> int:
         return next(b for b in self.sizes if b >= len(items))
 
     def _replay(self, graphs: dict, key: tuple[int, int], items: list[ForwardItem], padded_tokens: int,
-                token_ids: torch.Tensor | None, patch) -> tuple[torch.Tensor, int]:
+                token_ids: torch.Tensor | None, patch, shifts=None) -> tuple[torch.Tensor, int]:
         """Fill and upload the inputs, put the device-held tokens in, replay graphs[key] (its first
         number is its sequence bucket). Returns its output and the number of real tokens."""
         num_tokens = self._fill(items, padded_tokens)
@@ -168,6 +171,12 @@ class CudaGraphs:
         if token_ids is not None:  # queued after the upload, so it overwrites the placeholders
             self._view(self.device_buf, "input_ids", num_tokens).copy_(token_ids, non_blocking=True)
         self._apply(patch)
+        if shifts is not None:  # queued after the upload, like the patch
+            buf = self.device_buf
+            apply_shifts(shifts, self._view(buf, "positions", num_tokens), self._view(buf, "slots", num_tokens),
+                         self._view(buf, "seq_lens", len(items)),
+                         self._view(buf, "block_tables", self.sizes[-1] * self.width).view(-1, self.width),
+                         self.block_size)
         graph, out = graphs[key]
         graph.replay()
         self.num_replays += 1

@@ -228,7 +228,8 @@ class LeaderRunner(ModelRunner):
         self._checked(self.ranks.send, (("capture", args, kwargs),))
         self._checked(super().capture_graphs, args, kwargs)
 
-    def forward(self, items, token_ids=None, device_tokens=None, with_hidden: bool = False):
+    def forward(self, items, token_ids=None, device_tokens=None, with_hidden: bool = False, device_shifts=None):
+        assert device_shifts is None, "drafts are verified in the overlapped loop by one rank only"
         self._checked(self.ranks.send, (("forward", items, with_hidden), (token_ids, device_tokens)))
         return self._checked(super().forward, (items, token_ids, device_tokens, with_hidden))
 

@@ -23,6 +23,7 @@ from scheduler.worker.packing import (
     positions_and_slots,
 )
 from scheduler.worker.parallel import max_kv_heads
+from scheduler.worker.shifts import apply_shifts, shift_plan
 
 __all__ = ["ForwardItem", "ModelRunner", "fused_kernels_available", "kv_bytes_per_block"]
 
@@ -82,7 +83,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None,
-                device_tokens: torch.Tensor | None = None, with_hidden: bool = False):
+                device_tokens: torch.Tensor | None = None, with_hidden: bool = False,
+                device_shifts: torch.Tensor | None = None):
         """Compute the items' new tokens into the KV cache in one pass. Returns fp32 logits for
         each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab];
         with_hidden, also the model's last hidden states at those rows: (logits, hidden).
@@ -90,18 +92,21 @@ class ModelRunner:
         Tokens the device holds and the host has not learnt yet, so the host never waits for them:
         token_ids, for items of one token each (a draft pass feeding on the last one's output),
         replaces every item's token; device_tokens [rows, width] fills the trailing placeholders of
-        items that name a device_row (drafts to verify)."""
+        items that name a device_row (drafts to verify). device_shifts [rows]: where the host does not know
+        yet how far such an item starts (the step before's accepted drafts), the device moves it on by
+        device_shifts[device_row] (shifts.py)."""
         assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
         patch = None if device_tokens is None or self.graphs is None else self._patch(items, device_tokens)
+        shifts = None if device_shifts is None or self.graphs is None else shift_plan(items, device_shifts)
         if self.graphs is not None and self.graphs.fits(items):
-            hidden = self.graphs.replay(items, token_ids, patch)
+            hidden = self.graphs.replay(items, token_ids, patch, shifts)
         elif self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(items)):
-            hidden = self.graphs.replay_mixed(items, bucket, patch)
+            hidden = self.graphs.replay_mixed(items, bucket, patch, shifts)
             rows = logits_indices(np.fromiter((len(it.token_ids) for it in items), np.int64, len(items)),
                                    np.fromiter((it.num_logits for it in items), np.int64, len(items)))
             hidden = hidden[self._to_device(rows)]
         else:
-            hidden = self._forward_eager(items, token_ids, device_tokens)
+            hidden = self._forward_eager(items, token_ids, device_tokens, device_shifts)
         logits = self.model.compute_logits(hidden).float()
         return (logits, hidden) if with_hidden else logits
 
@@ -115,10 +120,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_eager(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None,
-                       device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                       device_tokens: torch.Tensor | None = None,
+                       device_shifts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of the rows forward() returns logits for."""
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
         input_ids, positions, meta, logit_rows = self._prepare([items[i] for i in order])
+        if device_shifts is not None and (shifts := shift_plan([items[i] for i in order], device_shifts)):
+            apply_shifts(shifts, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, self.block_size)
+            meta.max_seq_len = meta.block_tables.shape[1] * self.block_size  # a bound the host knows
         if token_ids is not None:  # every item is a decode, so the order is the caller's
             input_ids = token_ids.to(input_ids.dtype)
         if device_tokens is not None and (patch := self._patch([items[i] for i in order], device_tokens)):

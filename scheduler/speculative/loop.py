@@ -1,0 +1,214 @@
+"""Speculation inside the overlapped loop: a step with drafts is launched while the step before is still in
+flight, its drafts proposed on the device from that step's tokens, and verified in its own launch; the host
+learns the accepted counts a step later, as it learns tokens.
+
+Each speculating request has a row of a device token history (DeviceHistory): the host writes the tokens it
+knows that the row lacks, the device appends the step in flight's, and the proposer's device lookup drafts
+from it. Verification (greedy: a draft stands while the target's argmax agrees) leaves each row's new tokens
+and their count on the device, where the next step's inputs and positions read them (ModelRunner.forward's
+device_shifts): the host planned that step as if no draft were accepted, and reserved KV slots for all of them.
+When the counts arrive, accepted drafts count as computed (Scheduler.update_from_output); the slots of
+rejected ones are simply written over later.
+
+Requests whose tokens are not their logits' argmax (sampling, logprobs, grammars) verify the synchronous way
+(StepExecutor._start); so do steps under tensor parallelism."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scheduler.core.request import Request, RequestStatus
+from scheduler.core.scheduler import ScheduledRequest, StepOutput
+from scheduler.tensors import to_device
+from scheduler.worker.packing import ForwardItem
+
+
+@dataclass
+class DraftStepInFlight:
+    """A launched step with drafts verified on the device. Row i of tokens [R, W] holds requests[i]'s new
+    tokens (accepted drafts, then the target's next), counts[i] of them; `host` receives [R, K + 3]: the
+    drafts verified, the next token, the accepted count and the count of drafts (complete once `copied`).
+    num_spec[i]: the drafts requests[i] had room for (0: it did not speculate)."""
+
+    requests: list[Request]
+    rows: dict[Request, int]
+    tokens: torch.Tensor
+    counts: torch.Tensor
+    num_spec: list[int]
+    host: torch.Tensor
+    copied: torch.cuda.Event | None
+    results: list | None = None
+
+    def device_outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.tokens, self.counts
+
+    def output(self) -> StepOutput:
+        """Wait for the copy; what the step verified, as the scheduler applies it."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        values = self.host.tolist()
+        k = self.host.shape[1] - 3
+        drafts = [row[:row[k + 2]] for row in values]
+        return StepOutput(self.requests, [row[k] for row in values], None, drafts, [row[k + 1] for row in values],
+                          in_flight=True)
+
+
+class DeviceHistory:
+    """Each speculating request's tokens on the device, one row a request, as the host knows them plus those of
+    the step in flight. Rows are reused once their requests have ended (or, when none has, once they are not
+    running: such a request is written again in full when it comes back)."""
+
+    def __init__(self, num_rows: int, width: int, device: torch.device):
+        self.tokens = torch.zeros(num_rows, width, dtype=torch.long, device=device)
+        self.device = device
+        self.row_of: dict[Request, int] = {}
+        self.written: dict[Request, int] = {}  # tokens of the host's the row holds
+        self.free = list(range(num_rows - 1, -1, -1))
+
+    def update(self, requests: list[Request], previous_rows: list[int], previous) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bring the requests' rows up to date: the host's tokens they lack, then (previous_rows[i] >= 0) row
+        previous_rows[i] of the step in flight's tokens. Returns (history rows [R, L], lengths [R]) on the
+        device, L a bound on every length."""
+        rows, starts, slots, positions, values = [], [], [], [], []
+        for request in requests:
+            row = self.row_of.get(request)
+            if row is None:
+                row = self.row_of[request] = self._take()
+            tokens, done = request.all_token_ids, self.written.get(request, 0)
+            if done < len(tokens):
+                slots.append(np.full(len(tokens) - done, row))
+                positions.append(np.arange(done, len(tokens)))
+                values.extend(tokens[done:])
+                self.written[request] = len(tokens)
+            rows.append(row)
+            starts.append(len(tokens))
+        if values:
+            self.tokens[to_device(np.concatenate(slots), torch.long, self.device),
+                        to_device(np.concatenate(positions), torch.long, self.device)] = \
+                to_device(values, torch.long, self.device)
+        row_index = to_device(rows, torch.long, self.device)
+        lengths = to_device(starts, torch.long, self.device)
+        width = max(starts)
+        if previous is not None and max(previous_rows) >= 0:
+            tokens, counts = previous.device_outputs()
+            prev = to_device(previous_rows, torch.long, self.device)
+            known = prev >= 0
+            prev = prev.clamp(min=0)
+            columns = lengths.unsqueeze(1) + torch.arange(tokens.shape[1], device=self.device)
+            # Every column of the step in flight is written (past its count too: later writes put the truth
+            # there): a fixed-size write, with no count read back.
+            current = self.tokens[row_index.unsqueeze(1), columns]
+            self.tokens[row_index.unsqueeze(1), columns] = torch.where(known.unsqueeze(1), tokens[prev], current)
+            counts = counts[prev] if counts is not None else torch.ones_like(prev)
+            lengths = lengths + torch.where(known, counts, 0)
+            width += tokens.shape[1]
+        return self.tokens[row_index, :width], lengths
+
+    def _take(self) -> int:
+        if not self.free:
+            self._release(lambda r: r.is_finished)
+        if not self.free:
+            self._release(lambda r: r.status != RequestStatus.RUNNING)
+        return self.free.pop()
+
+    def _release(self, gone: Callable[[Request], bool]) -> None:
+        for request in [r for r in self.row_of if gone(r)]:
+            self.free.append(self.row_of.pop(request))
+            self.written.pop(request, None)
+
+
+def device_inputs(previous) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The step in flight's last token of each row [R, 1] and, where it verified drafts, how far on each row's
+    next token starts from where the host thinks (its accepted count) [R]; (None, None) with nothing in flight."""
+    if previous is None:
+        return None, None
+    tokens, counts = previous.device_outputs()
+    if counts is None:
+        return tokens, None
+    return tokens.gather(1, (counts - 1).unsqueeze(1)), counts - 1
+
+
+class SpeculativeLoop:
+    """Launches the steps with drafts of the overlapped loop (see the module's docstring)."""
+
+    def __init__(self, runner, scheduler, proposer, copies, max_rows: int, max_model_len: int, k_max: int):
+        self.runner, self.scheduler, self.proposer, self.copies = runner, scheduler, proposer, copies
+        self.pool = scheduler.pool
+        self.history = DeviceHistory(max_rows, max_model_len + 2 * (k_max + 1), runner.device)
+        self.device = runner.device
+
+    @staticmethod
+    def accepts(batch: list[ScheduledRequest]) -> bool:
+        """Whether every token the step samples is its logits' argmax (nothing else shapes them): what the
+        device verifies here."""
+        return all(s.request.argmax_always and s.request.guide is None for s in batch if s.samples)
+
+    def launch(self, batch: list[ScheduledRequest], previous,
+               item_of: Callable[[ScheduledRequest, int], ForwardItem]) -> DraftStepInFlight:
+        """Propose, run and verify a step with drafts without waiting for the host. previous: the step in flight
+        (its tokens feed this one's drafts and inputs). item_of(s, device_row): the ForwardItem of a row
+        without drafts, whose placeholder (if any) is row device_row of the device tokens."""
+        spec = [s for s in batch if s.num_spec_slots]
+        k = max(s.num_spec_slots for s in spec)
+        prev_rows = previous.rows if previous is not None else {}
+        history, lengths = self.history.update([s.request for s in spec],
+                                               [prev_rows.get(s.request, -1) for s in spec], previous)
+        drafts, num_found = self.proposer.propose_on_device(history, lengths, k)
+        last = history.gather(1, (lengths - 1).unsqueeze(1))
+        starts = to_device([s.request.num_computed_tokens for s in spec], torch.long, self.device)
+        device_tokens, device_shifts = torch.cat([last, drafts], dim=1), lengths - 1 - starts
+        prev_tokens, prev_shifts = device_inputs(previous)
+        if prev_tokens is not None:  # rows without drafts take their placeholders from after the spec rows'
+            device_tokens = torch.cat([device_tokens, torch.nn.functional.pad(prev_tokens, (0, k))])
+            device_shifts = torch.cat([device_shifts, prev_shifts if prev_shifts is not None
+                                       else torch.zeros_like(prev_tokens[:, 0])])
+        items, spec_row = [], 0
+        for s in batch:
+            if s.num_spec_slots:
+                n = 1 + s.num_spec_slots
+                items.append(ForwardItem([0] * n, s.request.num_computed_tokens,
+                                         self.pool.block_table(s.request.request_id), n, spec_row, n))
+                spec_row += 1
+            else:
+                prev = prev_rows.get(s.request, -1)
+                items.append(item_of(s, len(spec) + prev if prev >= 0 else -1))
+        logits = self.runner.forward(items, device_tokens=device_tokens, device_shifts=device_shifts)
+        self.scheduler.advance(batch)
+        if self.pool.enable_prefix_caching:
+            self.pool.cache_filled_blocks([s.request for s in batch])
+        sampled = [s for s in batch if s.samples]
+        tokens, counts, host = self._verify(logits, sampled, spec, drafts, num_found, k)
+        requests = [s.request for s in sampled]
+        self.scheduler.add_placeholders(requests)
+        for s in spec:
+            s.request.num_drafts_in_flight = s.num_spec_slots
+        return DraftStepInFlight(requests, {r: i for i, r in enumerate(requests)}, tokens, counts,
+                                 [s.num_spec_slots for s in sampled], *self.copies.start(host))
+
+    def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], spec: list[ScheduledRequest],
+                drafts: torch.Tensor, num_found: torch.Tensor, k: int):
+        """Greedy verification on the device: row i's drafts stand while they equal the target's argmax, the
+        argmax after the last one is its next token. Returns (tokens [R, k + 1], counts [R], what the host
+        reads [R, k + 3])."""
+        num_spec = np.fromiter((s.num_spec_slots for s in sampled), np.int64, len(sampled))
+        first = np.concatenate(([0], np.cumsum(num_spec + 1)[:-1]))
+        spec_index = np.flatnonzero(num_spec)
+        upload = to_device(np.concatenate([first, num_spec, spec_index]), torch.long, self.device)
+        first, num_spec, spec_index = upload.split([len(sampled), len(sampled), len(spec_index)])
+        positions = torch.arange(k + 1, device=self.device)
+        picks = logits.argmax(dim=-1)[first.unsqueeze(1) + torch.minimum(positions, num_spec.unsqueeze(1))]
+        verified = drafts.new_zeros(len(sampled), k)
+        verified[spec_index] = drafts
+        num_drafts = num_found.new_zeros(len(sampled))
+        num_drafts[spec_index] = num_found
+        num_drafts = torch.minimum(num_drafts, num_spec)
+        agree = (verified == picks[:, :k]) & (positions[:k].unsqueeze(0) < num_drafts.unsqueeze(1))
+        num_accepted = agree.long().cumprod(dim=1).sum(dim=1)
+        following = picks.gather(1, num_accepted.unsqueeze(1))
+        tokens = torch.cat([verified, following], dim=1).scatter(1, num_accepted.unsqueeze(1), following)
+        host = torch.cat([verified, following, num_accepted.unsqueeze(1), num_drafts.unsqueeze(1)], dim=1)
+        return tokens, num_accepted + 1, host
