@@ -100,8 +100,10 @@ class StepExecutor:
 
     def speculate_in_loop(self, max_rows: int, max_model_len: int) -> None:
         """Verify drafts inside the overlapped loop (speculative/loop.py), where the proposer drafts on the
-        device; the other proposers draft on the host, and a step with their drafts waits for the one before."""
-        if self.speculator is not None and hasattr(self.speculator.proposer, "propose_on_device"):
+        device and learns nothing from the target's hidden states; the other proposers draft on the host, and a
+        step with their drafts waits for the one before."""
+        proposer = self.speculator.proposer if self.speculator is not None else None
+        if hasattr(proposer, "propose_on_device") and not proposer.needs_hidden_states:
             self.loop = SpeculativeLoop(self.runner, self.scheduler, self.speculator.proposer, self.copies, max_rows,
                                         max_model_len, self.speculator.k_max)
 

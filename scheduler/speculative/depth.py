@@ -28,7 +28,9 @@ smaller depth if the optimistic costs rate one above k_max; once two depths >= 1
 fit is exact for costs of that shape.
 
 The depth the model rates best is taken; while it has fewer than MIN_SAMPLES timed steps, it is
-probed, and a probe runs to MIN_SAMPLES steps before anything is decided from it. Once settled,
+probed, and a probe runs to MIN_SAMPLES steps before anything is decided from it. A settled choice
+stands for HOLD_STEPS steps before the model is worked out again, so a step pays a dictionary look-up
+for its depth, not the model (tens of microseconds), whether it speculates or not. Once settled,
 about one step in EXPLORE_EVERY (fewer when the explored depth is slow: the gap grows with its
 cost) re-times another depth (k = 0 every other time, else 1, k_max and the best's neighbours in
 turn), so the fit follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
@@ -47,6 +49,8 @@ without drafts) would keep the depth from being chosen, and so re-timed, for a l
 from __future__ import annotations
 
 EXPLORE_EVERY = 64
+HOLD_STEPS = 16  # a settled choice stands this many steps (or to the next re-timing) before it is worked out again
+HOLD_DRIFT = 0.05  # ... unless the share of sequences whose first draft is accepted moves this much
 MIN_SAMPLES = 3  # steps timed at a depth, per load bucket, before trusting its average
 MARGIN = 0.03  # least gain in expected tokens per second for a depth k >= 1 over k = 0
 COST_SMOOTHING = 0.2  # weight of the newest step in S_b(k)
@@ -66,6 +70,7 @@ class AdaptiveDepth:
         self.coverage = 1.0
         self.bucket_steps: dict[tuple, int] = {}
         self.next_explore: dict[tuple, int] = {}  # bucket -> step that re-times a depth other than the best
+        self.held: dict[tuple, tuple[int, int]] = {}  # bucket -> (settled depth, step it stands until)
         self.explore_k = 0
 
     def acceptance(self) -> list[float]:
@@ -85,8 +90,11 @@ class AdaptiveDepth:
         if num_decodes == 0:
             return 0  # nothing to draft for
         bucket = _bucket(num_decodes, prefill)
-        costs = self.model_costs(num_decodes, prefill)
         step = self.bucket_steps[bucket] = self.bucket_steps.get(bucket, 0) + 1
+        held = self.held.get(bucket)
+        if held is not None and step < held[1] and abs(self._drafting() - held[2]) < HOLD_DRIFT:
+            return held[0]  # most steps: the model is worked out again every HOLD_STEPS, not every step
+        costs = self.model_costs(num_decodes, prefill)
         samples = self.samples[bucket]
         if costs is None or samples[0] < MIN_SAMPLES:
             return 0  # S_b(0) comes first: never worse than no speculation
@@ -98,7 +106,11 @@ class AdaptiveDepth:
         best = max(range(self.k_max + 1), key=lambda k: rates[k])
         if rates[best] < (1 + MARGIN) * rates[0]:
             best = 0
-        if samples[best] < MIN_SAMPLES or step < self.next_explore.get(bucket, EXPLORE_EVERY):
+        if samples[best] < MIN_SAMPLES:
+            return best
+        if step < self.next_explore.get(bucket, EXPLORE_EVERY):
+            self.held[bucket] = best, min(step + HOLD_STEPS, self.next_explore.get(bucket, EXPLORE_EVERY)), \
+                self._drafting()
             return best
         others = [k for k in dict.fromkeys((1, self.k_max, best - 1, best + 1)) if 1 <= k <= self.k_max and k != best]
         self.explore_k += 1
@@ -142,6 +154,11 @@ class AdaptiveDepth:
         for i in range(min(num_drafts, num_accepted + 1)):
             self.attempts[i] = ACCEPT_DECAY * self.attempts[i] + 1
             self.accepts[i] = ACCEPT_DECAY * self.accepts[i] + (1 if i < num_accepted else 0)
+
+    def _drafting(self) -> float:
+        """The expected share of sequences whose first draft stands: a held choice is worked out again as soon as
+        it moves by HOLD_DRIFT (drafts stop being found or accepted)."""
+        return self.coverage * self.accepts[0] / self.attempts[0] if self.k_max else 0.0
 
     def _costs(self, num_decodes: int, prefill: bool) -> list[float | None]:
         bucket = _bucket(num_decodes, prefill)
