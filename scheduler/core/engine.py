@@ -255,7 +255,7 @@ class Engine:
             num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
             accepted_per_position=_per_position(drafted, accepted=True),
             verified_per_position=_per_position(drafted, accepted=False))
-        self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start)
+        self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start, overlapped=defer)
         for live, output in outputs:
             self._deliver(live, output)
         return [output for _, output in outputs]

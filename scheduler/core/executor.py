@@ -111,11 +111,13 @@ class StepExecutor:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
         return self.speculator.plan(num_decodes, prefill) if self.speculator is not None else 0
 
-    def observe_step(self, batch: list[ScheduledRequest], prefill: bool, seconds: float) -> None:
-        """The whole step's wall time; steps with prompt chunks are timed apart (their own buckets)."""
+    def observe_step(self, batch: list[ScheduledRequest], prefill: bool, seconds: float,
+                     overlapped: bool = False) -> None:
+        """The whole step's wall time; steps with prompt chunks are timed apart (their own buckets). overlapped:
+        the step was launched and the one before collected (its time is mostly the device's work on that one)."""
         if self.speculator is not None and batch:
             num_decodes = sum(1 for s in batch if s.samples and s.num_new_tokens == 1)
-            self.speculator.observe_step(num_decodes, prefill, seconds)
+            self.speculator.observe_step(num_decodes, prefill, seconds, overlapped)
 
     def execute(self, batch: list[ScheduledRequest]) -> list[StepResult]:
         """Run a step and return its tokens, on the host."""

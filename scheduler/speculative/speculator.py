@@ -30,6 +30,7 @@ class Speculator:
         self.sampler = sampler
         self.depth = AdaptiveDepth(k_max, fixed=not adaptive)
         self.step_k = 0
+        self.in_flight: tuple[int, int, bool] | None = None  # (num_decodes, depth, prefill) of the step in flight
 
     @classmethod
     def for_config(cls, config: EngineConfig, proposer: Proposer, sampler: Sampler) -> Speculator:
@@ -90,9 +91,18 @@ class Speculator:
                 self.depth.observe_acceptance(k, n)
         self.depth.observe_coverage(sum(1 for _, d, _ in speculating if d), len(speculating))
 
-    def observe_step(self, num_decodes: int, prefill: bool, seconds: float) -> None:
-        """The whole step's wall time, with this step's depth."""
-        self.depth.observe_step(num_decodes, self.step_k, seconds, prefill)
+    def observe_step(self, num_decodes: int, prefill: bool, seconds: float, overlapped: bool = False) -> None:
+        """The whole step's wall time, with this step's depth. An overlapped step waits for the device to finish
+        the step before: its time counts for that step's depth and load (timed on this one's, a depth just
+        switched to would take its predecessor's cost)."""
+        step = (num_decodes, self.step_k, prefill)
+        if overlapped:
+            step, self.in_flight = self.in_flight, step
+            if step is None:
+                return
+        else:
+            self.in_flight = None
+        self.depth.observe_step(step[0], step[1], seconds, step[2])
 
     @staticmethod
     def _per_sampled_row(draft_probs: torch.Tensor, sampled: list[ScheduledRequest]) -> torch.Tensor:
