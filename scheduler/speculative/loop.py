@@ -60,20 +60,21 @@ class DraftStepInFlight:
 class DeviceHistory:
     """Each speculating request's tokens on the device, one row a request, as the host knows them plus those of
     the step in flight. Rows are reused once their requests have ended (or, when none has, once they are not
-    running: such a request is written again in full when it comes back)."""
+    running: such a request is written again in full when it comes back). A last row takes the writes of rows
+    that have none to make, so every write is one fixed-shape operation."""
 
     def __init__(self, num_rows: int, width: int, device: torch.device):
-        self.tokens = torch.zeros(num_rows, width, dtype=torch.long, device=device)
-        self.device = device
+        self.tokens = torch.zeros(num_rows + 1, width, dtype=torch.long, device=device)
+        self.scratch = num_rows
         self.row_of: dict[Request, int] = {}
         self.written: dict[Request, int] = {}  # tokens of the host's the row holds
         self.free = list(range(num_rows - 1, -1, -1))
 
-    def update(self, requests: list[Request], previous_rows: list[int], previous) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bring the requests' rows up to date: the host's tokens they lack, then (previous_rows[i] >= 0) row
-        previous_rows[i] of the step in flight's tokens. Returns (history rows [R, L], lengths [R]) on the
-        device, L a bound on every length."""
-        rows, starts, slots, positions, values = [], [], [], [], []
+    def plan(self, requests: list[Request], previous_rows: list[int]) -> list[np.ndarray]:
+        """Host side, for `update`: [rows, host lengths, rows to take the step in flight's tokens (scratch for
+        none), their rows in it, whether they have any] and [row, position, token] of each host token a row
+        lacks."""
+        rows, lengths, slots, positions, values = [], [], [], [], []
         for request in requests:
             row = self.row_of.get(request)
             if row is None:
@@ -85,28 +86,29 @@ class DeviceHistory:
                 values.extend(tokens[done:])
                 self.written[request] = len(tokens)
             rows.append(row)
-            starts.append(len(tokens))
-        if values:
-            self.tokens[to_device(np.concatenate(slots), torch.long, self.device),
-                        to_device(np.concatenate(positions), torch.long, self.device)] = \
-                to_device(values, torch.long, self.device)
-        row_index = to_device(rows, torch.long, self.device)
-        lengths = to_device(starts, torch.long, self.device)
-        width = max(starts)
-        if previous is not None and max(previous_rows) >= 0:
+            lengths.append(len(tokens))
+        prev = np.array(previous_rows, dtype=np.int64)
+        in_flight = prev >= 0
+        targets = np.where(in_flight, rows, self.scratch)
+        new = [np.concatenate(slots), np.concatenate(positions), np.array(values, dtype=np.int64)] if values \
+            else [np.zeros(0, np.int64)] * 3
+        return [np.array(rows, np.int64), np.array(lengths, np.int64), targets, np.maximum(prev, 0),
+                in_flight.astype(np.int64)] + new
+
+    def update(self, uploaded: list[torch.Tensor], bound: int, previous) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device side: write the host's tokens, then the step in flight's after them. Returns (history rows
+        [R, L], lengths [R]), L = bound plus the step in flight's width: no length is longer."""
+        rows, lengths, targets, prev, in_flight, slots, positions, values = uploaded
+        if values.shape[0]:
+            self.tokens[slots, positions] = values
+        if previous is not None:
             tokens, counts = previous.device_outputs()
-            prev = to_device(previous_rows, torch.long, self.device)
-            known = prev >= 0
-            prev = prev.clamp(min=0)
-            columns = lengths.unsqueeze(1) + torch.arange(tokens.shape[1], device=self.device)
-            # Every column of the step in flight is written (past its count too: later writes put the truth
-            # there): a fixed-size write, with no count read back.
-            current = self.tokens[row_index.unsqueeze(1), columns]
-            self.tokens[row_index.unsqueeze(1), columns] = torch.where(known.unsqueeze(1), tokens[prev], current)
-            counts = counts[prev] if counts is not None else torch.ones_like(prev)
-            lengths = lengths + torch.where(known, counts, 0)
-            width += tokens.shape[1]
-        return self.tokens[row_index, :width], lengths
+            # Every column of the step in flight is written (past its count too: later writes put the truth there).
+            columns = lengths.unsqueeze(1) + torch.arange(tokens.shape[1], device=lengths.device)
+            self.tokens[targets.unsqueeze(1), columns] = tokens[prev]
+            lengths = lengths + (in_flight * counts[prev] if counts is not None else in_flight)
+            bound += tokens.shape[1]
+        return self.tokens[rows, :bound], lengths
 
     def _take(self) -> int:
         if not self.free:
@@ -153,14 +155,17 @@ class SpeculativeLoop:
         (its tokens feed this one's drafts and inputs). item_of(s, device_row): the ForwardItem of a row
         without drafts, whose placeholder (if any) is row device_row of the device tokens."""
         spec = [s for s in batch if s.num_spec_slots]
+        sampled = [s for s in batch if s.samples]
         k = max(s.num_spec_slots for s in spec)
         prev_rows = previous.rows if previous is not None else {}
-        history, lengths = self.history.update([s.request for s in spec],
-                                               [prev_rows.get(s.request, -1) for s in spec], previous)
+        requests = [s.request for s in spec]
+        history_arrays = self.history.plan(requests, [prev_rows.get(r, -1) for r in requests])
+        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, len(requests))
+        uploaded = self._upload(history_arrays + [starts] + self._verify_plan(sampled))
+        history, lengths = self.history.update(uploaded[:8], int(history_arrays[1].max()), previous)
         drafts, num_found = self.proposer.propose_on_device(history, lengths, k)
         last = history.gather(1, (lengths - 1).unsqueeze(1))
-        starts = to_device([s.request.num_computed_tokens for s in spec], torch.long, self.device)
-        device_tokens, device_shifts = torch.cat([last, drafts], dim=1), lengths - 1 - starts
+        device_tokens, device_shifts = torch.cat([last, drafts], dim=1), lengths - 1 - uploaded[8]
         prev_tokens, prev_shifts = device_inputs(previous)
         if prev_tokens is not None:  # rows without drafts take their placeholders from after the spec rows'
             device_tokens = torch.cat([device_tokens, torch.nn.functional.pad(prev_tokens, (0, k))])
@@ -180,32 +185,37 @@ class SpeculativeLoop:
         self.scheduler.advance(batch)
         if self.pool.enable_prefix_caching:
             self.pool.cache_filled_blocks([s.request for s in batch])
-        sampled = [s for s in batch if s.samples]
-        tokens, counts, host = self._verify(logits, sampled, spec, drafts, num_found, k)
-        requests = [s.request for s in sampled]
-        self.scheduler.add_placeholders(requests)
+        tokens, counts, host = self._verify(logits, uploaded[9:], drafts, num_found, k)
+        outputs = [s.request for s in sampled]
+        self.scheduler.add_placeholders(outputs)
         for s in spec:
             s.request.num_drafts_in_flight = s.num_spec_slots
-        return DraftStepInFlight(requests, {r: i for i, r in enumerate(requests)}, tokens, counts,
+        return DraftStepInFlight(outputs, {r: i for i, r in enumerate(outputs)}, tokens, counts,
                                  [s.num_spec_slots for s in sampled], *self.copies.start(host))
 
-    def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], spec: list[ScheduledRequest],
-                drafts: torch.Tensor, num_found: torch.Tensor, k: int):
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The step's host-made int arrays on the device, in one copy."""
+        sizes = [len(a) for a in arrays]
+        return list(to_device(np.concatenate(arrays), torch.long, self.device).split(sizes))
+
+    @staticmethod
+    def _verify_plan(sampled: list[ScheduledRequest]) -> list[np.ndarray]:
+        """For _verify: each sampled row's first logits row, its draft slots, and the sampled rows that draft."""
+        num_spec = np.fromiter((s.num_spec_slots for s in sampled), np.int64, len(sampled))
+        first = np.concatenate(([0], np.cumsum(num_spec + 1)[:-1]))
+        return [first, num_spec, np.flatnonzero(num_spec)]
+
+    def _verify(self, logits: torch.Tensor, plan: list[torch.Tensor], drafts: torch.Tensor, num_found: torch.Tensor,
+                k: int):
         """Greedy verification on the device: row i's drafts stand while they equal the target's argmax, the
         argmax after the last one is its next token. Returns (tokens [R, k + 1], counts [R], what the host
         reads [R, k + 3])."""
-        num_spec = np.fromiter((s.num_spec_slots for s in sampled), np.int64, len(sampled))
-        first = np.concatenate(([0], np.cumsum(num_spec + 1)[:-1]))
-        spec_index = np.flatnonzero(num_spec)
-        upload = to_device(np.concatenate([first, num_spec, spec_index]), torch.long, self.device)
-        first, num_spec, spec_index = upload.split([len(sampled), len(sampled), len(spec_index)])
+        first, num_spec, spec_index = plan
         positions = torch.arange(k + 1, device=self.device)
         picks = logits.argmax(dim=-1)[first.unsqueeze(1) + torch.minimum(positions, num_spec.unsqueeze(1))]
-        verified = drafts.new_zeros(len(sampled), k)
-        verified[spec_index] = drafts
-        num_drafts = num_found.new_zeros(len(sampled))
-        num_drafts[spec_index] = num_found
-        num_drafts = torch.minimum(num_drafts, num_spec)
+        verified = drafts.new_zeros(first.shape[0], k).index_copy_(0, spec_index, drafts)
+        num_drafts = torch.minimum(num_found.new_zeros(first.shape[0]).index_copy_(0, spec_index, num_found),
+                                   num_spec)
         agree = (verified == picks[:, :k]) & (positions[:k].unsqueeze(0) < num_drafts.unsqueeze(1))
         num_accepted = agree.long().cumprod(dim=1).sum(dim=1)
         following = picks.gather(1, num_accepted.unsqueeze(1))

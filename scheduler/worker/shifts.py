@@ -22,9 +22,9 @@ def shift_plan(items: list[ForwardItem], device_shifts: torch.Tensor) -> tuple[t
     rows[rows < 0] = device_shifts.shape[0]  # a zero appended below
     query_lens = np.fromiter((len(it.token_ids) for it in items), np.int64, count)
     token_item = np.repeat(np.arange(count), query_lens)
-    device = device_shifts.device
-    shifts = torch.cat([device_shifts.long(), device_shifts.new_zeros(1, dtype=torch.long)])
-    return to_device(token_item, torch.long, device), shifts[to_device(rows, torch.long, device)]
+    token_item, rows = to_device(np.concatenate([token_item, rows]), torch.long, device_shifts.device).split(
+        [len(token_item), count])  # one copy
+    return token_item, torch.cat([device_shifts.long(), device_shifts.new_zeros(1, dtype=torch.long)])[rows]
 
 
 def apply_shifts(plan: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, slots: torch.Tensor,
