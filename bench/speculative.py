@@ -1,7 +1,10 @@
 """Speculative decoding in the engine: time per output token and throughput at several
 concurrencies, with speculation off, n-gram, and a draft model, adaptive and fixed depth.
 
-    python -m bench.speculative --model default --concurrency 1,4,16,64 --out bench/results/speculative_gpu
+    python -m bench.speculative --out bench/results/speculative_gpu
+
+runs the matrix that matters by default: copy and chat, c = 1, 4, 16, 64, speculation off, n-gram with
+adaptive depth and n-gram at fixed depth (--modes adds the draft modes, MODES below).
 
 Greedy, so every mode must produce the same tokens; the script checks that too. With
 --draft-model equal to --model (the default), the draft agrees with the target on every
@@ -155,7 +158,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--draft-model", default=None, help="default: the target itself (all drafts accepted)")
     parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="off,ngram,ngram-fixed-k", help=f"of {', '.join(MODES)}; off first")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)

@@ -64,7 +64,7 @@ class DeviceHistory:
     that have none to make, so every write is one fixed-shape operation."""
 
     def __init__(self, num_rows: int, width: int, device: torch.device):
-        self.tokens = torch.zeros(num_rows + 1, width, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(num_rows + 1, width, dtype=torch.int32, device=device)  # 32 MiB at 1024 x 8K
         self.scratch = num_rows
         self.row_of: dict[Request, int] = {}
         self.written: dict[Request, int] = {}  # tokens of the host's the row holds
@@ -100,12 +100,12 @@ class DeviceHistory:
         [R, L], lengths [R]), L = bound plus the step in flight's width: no length is longer."""
         rows, lengths, targets, prev, in_flight, slots, positions, values = uploaded
         if values.shape[0]:
-            self.tokens[slots, positions] = values
+            self.tokens[slots, positions] = values.to(torch.int32)
         if previous is not None:
             tokens, counts = previous.device_outputs()
             # Every column of the step in flight is written (past its count too: later writes put the truth there).
             columns = lengths.unsqueeze(1) + torch.arange(tokens.shape[1], device=lengths.device)
-            self.tokens[targets.unsqueeze(1), columns] = tokens[prev]
+            self.tokens[targets.unsqueeze(1), columns] = tokens[prev].to(torch.int32)
             lengths = lengths + (in_flight * counts[prev] if counts is not None else in_flight)
             bound += tokens.shape[1]
         return self.tokens[rows, :bound], lengths
@@ -164,7 +164,7 @@ class SpeculativeLoop:
         uploaded = self._upload(history_arrays + [starts] + self._verify_plan(sampled))
         history, lengths = self.history.update(uploaded[:8], int(history_arrays[1].max()), previous)
         drafts, num_found = self.proposer.propose_on_device(history, lengths, k)
-        last = history.gather(1, (lengths - 1).unsqueeze(1))
+        drafts, last = drafts.long(), history.gather(1, (lengths - 1).unsqueeze(1)).long()
         device_tokens, device_shifts = torch.cat([last, drafts], dim=1), lengths - 1 - uploaded[8]
         prev_tokens, prev_shifts = device_inputs(previous)
         if prev_tokens is not None:  # rows without drafts take their placeholders from after the spec rows'
