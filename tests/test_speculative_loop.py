@@ -10,6 +10,7 @@ import torch
 from scheduler import Engine, SamplingParams
 from scheduler.core.executor import StepInFlight
 from scheduler.core.request import Request
+from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.loop import DeviceHistory, DraftStepInFlight
 from scheduler.speculative.ngram import propose_ngram
 from scheduler.speculative.ngram_device import propose_ngram_on_device
@@ -103,3 +104,17 @@ def test_counts_reach_the_host_a_step_late_and_rejected_slots_are_never_counted(
     drafted, accepted = sum(m.draft_tokens for m in metrics), sum(m.accepted_tokens for m in metrics)
     assert loop_steps > steps / 2 and 0 < accepted < drafted  # drafts verified in the loop, some rejected
     assert_pool_idle(engine)
+
+
+def test_when_no_draft_is_accepted_the_depth_stays_at_0_and_only_k_1_is_re_timed():
+    depth = AdaptiveDepth(k_max=4)
+    chosen = []
+    for _ in range(2000):
+        k = depth.choose(16)
+        chosen.append(k)
+        depth.observe_step(16, k, 0.010 + 0.001 * k)
+        if k:
+            for _ in range(16):
+                depth.observe_acceptance(k, 0)
+    late = chosen[200:]
+    assert set(late) <= {0, 1} and late.count(1) < 0.01 * len(late)

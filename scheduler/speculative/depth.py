@@ -33,7 +33,9 @@ stands for HOLD_STEPS steps before the model is worked out again, so a step pays
 for its depth, not the model (tens of microseconds), whether it speculates or not. Once settled,
 about one step in EXPLORE_EVERY (fewer when the explored depth is slow: the gap grows with its
 cost) re-times another depth (k = 0 every other time, else 1, k_max and the best's neighbours in
-turn), so the fit follows the load: under 2% of steps and under 2% of the time. When speculation does not pay
+turn), so the fit follows the load: under 2% of steps and under 2% of the time. While even free
+drafts would not repay (E(k_max) < 1 + MARGIN: few found, fewer accepted), only k = 1 is re-timed, and
+HOPELESS_WAIT times less often: its acceptance is all that could change the choice. When speculation does not pay
 (steps under load, low acceptance) the model rates k = 0 best and finding that out costs a few
 probe steps per bucket. A depth k >= 1 is taken only when its rate beats k = 0's by MARGIN:
 the costs are measured, with noise, and a wrong step towards speculating costs more than a
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 EXPLORE_EVERY = 64
 HOLD_STEPS = 16  # a settled choice stands this many steps (or to the next re-timing) before it is worked out again
+HOPELESS_WAIT = 4  # re-timings come this many times less often while no depth could pay
 HOLD_DRIFT = 0.05  # ... unless the share of sequences whose first draft is accepted moves this much
 MIN_SAMPLES = 3  # steps timed at a depth, per load bucket, before trusting its average
 MARGIN = 0.03  # least gain in expected tokens per second for a depth k >= 1 over k = 0
@@ -113,6 +116,11 @@ class AdaptiveDepth:
                 self._drafting()
             return best
         others = [k for k in dict.fromkeys((1, self.k_max, best - 1, best + 1)) if 1 <= k <= self.k_max and k != best]
+        # When even free drafts would not repay (few found, fewer accepted), no cost re-timed can change the
+        # choice: only whether drafts start to be accepted can, and the cheapest depth tells that, less often.
+        hopeless = best == 0 and self.expected_tokens(self.k_max) < 1 + MARGIN
+        if hopeless:
+            others = others[:1]
         self.explore_k += 1
         if best != 0 and (self.explore_k % 2 or not others):
             k = 0  # every other time: S_b(0) is what speculating at all is weighed against
@@ -122,7 +130,8 @@ class AdaptiveDepth:
             return best
         # The next re-timing waits in proportion to this one's cost, so exploring never takes more
         # than 1 / EXPLORE_EVERY of the time, however slow the explored depth is.
-        self.next_explore[bucket] = step + round(EXPLORE_EVERY * max(1.0, costs[k] / costs[best]))
+        self.next_explore[bucket] = step + round(EXPLORE_EVERY * max(1.0, costs[k] / costs[best])
+                                                 * (HOPELESS_WAIT if hopeless else 1))
         return k
 
     def model_costs(self, num_decodes: int, prefill: bool = False) -> list[float] | None:
