@@ -29,7 +29,9 @@ from scheduler import LLM, SamplingParams
 from server.loadgen import machine
 
 MODES = {"off": dict(speculative="off"), "ngram": dict(speculative="ngram"),
-         "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False)}
+         "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
+         "ngram-sync": dict(speculative="ngram", speculation_in_loop=False),
+         "ngram-fixed-k-sync": dict(speculative="ngram", adaptive_speculation=False, speculation_in_loop=False)}
 
 
 def build(mode: str, workload: str, concurrency: int, args) -> tuple[LLM, ModelClock]:

@@ -95,7 +95,7 @@ class Engine:
             self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, self.max_model_len,
                                        max_batched_tokens=config.max_num_batched_tokens)
         self.executor = StepExecutor(self.runner, self.sampler, self.scheduler, self.speculator)
-        if config.overlap_scheduling and self.ranks is None:
+        if config.overlap_scheduling and config.speculation_in_loop and self.ranks is None:
             self.executor.speculate_in_loop(config.max_num_seqs, self.max_model_len)
         torch.manual_seed(config.seed)
         self.vocab_size = target.config.vocab_size

@@ -213,9 +213,12 @@ class SpeculativeLoop:
         first, num_spec, spec_index = plan
         positions = torch.arange(k + 1, device=self.device)
         picks = logits.argmax(dim=-1)[first.unsqueeze(1) + torch.minimum(positions, num_spec.unsqueeze(1))]
-        verified = drafts.new_zeros(first.shape[0], k).index_copy_(0, spec_index, drafts)
-        num_drafts = torch.minimum(num_found.new_zeros(first.shape[0]).index_copy_(0, spec_index, num_found),
-                                   num_spec)
+        if spec_index.shape[0] == first.shape[0]:  # every sampled row drafts (most steps)
+            verified, num_drafts = drafts, torch.minimum(num_found, num_spec)
+        else:
+            verified = drafts.new_zeros(first.shape[0], k).index_copy_(0, spec_index, drafts)
+            num_drafts = torch.minimum(num_found.new_zeros(first.shape[0]).index_copy_(0, spec_index, num_found),
+                                       num_spec)
         agree = (verified == picks[:, :k]) & (positions[:k].unsqueeze(0) < num_drafts.unsqueeze(1))
         num_accepted = agree.long().cumprod(dim=1).sum(dim=1)
         following = picks.gather(1, num_accepted.unsqueeze(1))
