@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
@@ -51,23 +52,28 @@ def test_drafts_come_from_the_tokens_of_the_step_in_flight():
     assert propose_ngram(request.all_token_ids, 3, 1, 4) == [8, 9, 5]
 
 
-def test_a_moved_item_computes_what_the_item_at_its_true_start_does():
-    model = load_model(tiny_config(), None, "dummy", torch.float32, CPU, None).model
-    runner = ModelRunner(model, num_blocks=8, block_size=4, dtype=torch.float32, device=CPU)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_moved_item_computes_what_the_item_at_its_true_start_does(device):
+    device = torch.device(device)
+    model = load_model(tiny_config(), None, "dummy", torch.float32, device, None).model
+    runner = ModelRunner(model, num_blocks=8, block_size=4, dtype=torch.float32, device=device)
+    if device.type == "cuda":  # the moves are made in the graphs' own input buffers
+        runner.capture_graphs(max_num_seqs=2, max_query_len=2, max_model_len=32)
     table = [0, 1, 2, 3]
     runner.forward([ForwardItem([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 0, table, 1)])
-    tokens = torch.tensor([[7, 8]])
+    tokens = torch.tensor([[7, 8]], device=device)
     at_ten = runner.forward([ForwardItem([0, 0], 10, table, 2, 0, 2)], device_tokens=tokens)
     k_cache = runner.kv_caches[0][0]
     before = k_cache.clone()
     # The host thinks the item starts at 7 (no draft of the step before accepted); the device knows 3 were.
     moved = runner.forward([ForwardItem([0, 0], 7, table, 2, 0, 2)], device_tokens=tokens,
-                           device_shifts=torch.tensor([3]))
+                           device_shifts=torch.tensor([3], device=device))
     # (The attention reads the context padded to a bound the host knows: the same sums, in another order.)
     assert torch.allclose(moved, at_ten, rtol=1e-5, atol=1e-6)
     assert torch.equal(k_cache, before)  # it wrote the slots of positions 10 and 11 again, those of 7 and 8 not
     unmoved = runner.forward([ForwardItem([0, 0], 7, table, 2, 0, 2)], device_tokens=tokens)
     assert not torch.allclose(unmoved, at_ten, rtol=1e-2, atol=1e-3)
+    assert runner.graphs is None or runner.graphs.num_replays == 3
 
 
 def test_counts_reach_the_host_a_step_late_and_rejected_slots_are_never_counted(tiny_model_dir):
