@@ -23,7 +23,7 @@ def propose_ngram_on_device(history: torch.Tensor, lengths: torch.Tensor, k: int
     tail = padded.gather(1, lengths.unsqueeze(1) + torch.arange(n_max, device=device))
     # Window s covers tokens s - n_max .. s - 1: the run of tokens agreeing with the tail that ends at s - 1.
     agree = padded.unfold(1, n_max, 1) == tail.unsqueeze(1)  # [R, L + 1, n_max]
-    run = agree.flip(2).cumprod(dim=2).sum(dim=2)
+    run = agree.flip(2).cumprod(dim=2, dtype=torch.int32).sum(dim=2)
     ends = torch.arange(width + 1, device=device)  # s: the place after the match, where the drafts start
     usable = (ends >= 1) & (ends.unsqueeze(0) <= (lengths - 1).unsqueeze(1)) & (run >= max(n_min, 1))
     best = torch.where(usable, run * (width + 2) + ends, -1).amax(dim=1)
