@@ -13,7 +13,7 @@ from scheduler.core.executor import StepInFlight
 from scheduler.core.request import Request
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.loop import DeviceHistory, DraftStepInFlight
-from scheduler.speculative.ngram import propose_ngram
+from scheduler.speculative.ngram import NgramProposer, propose_ngram
 from scheduler.speculative.ngram_device import propose_ngram_on_device
 from scheduler.worker.models import load_model
 from scheduler.worker.packing import ForwardItem
@@ -24,16 +24,20 @@ from tests.helpers import assert_pool_idle
 CPU = torch.device("cpu")
 
 
-def test_the_device_lookup_proposes_what_the_host_lookup_does():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_device_lookup_proposes_what_the_host_lookup_does(device):
+    proposer = NgramProposer(1, 1)  # on CUDA, the Triton kernel
     rng = random.Random(3)
     for _ in range(200):
         histories = [[rng.randrange(4) for _ in range(rng.randrange(1, 40))] for _ in range(4)]
         k, n_min = rng.randrange(1, 5), rng.randrange(1, 3)
         n_max = rng.randrange(n_min, 5)
-        rows = torch.randint(0, 4, (4, max(map(len, histories)) + 3))  # past each length: what a row held before
+        rows = torch.randint(0, 4, (4, max(map(len, histories)) + 3), dtype=torch.int32)  # past each length: junk
         for r, h in enumerate(histories):
             rows[r, :len(h)] = torch.tensor(h)
-        drafts, found = propose_ngram_on_device(rows, torch.tensor([len(h) for h in histories]), k, n_min, n_max)
+        proposer.n_min, proposer.n_max = n_min, n_max
+        drafts, found = proposer.propose_on_device(rows.to(device), torch.tensor([len(h) for h in histories],
+                                                                                 device=device), k)
         assert [drafts[r, :found[r]].tolist() for r in range(4)] == \
             [propose_ngram(h, k, n_min, n_max) for h in histories]
 

@@ -11,6 +11,7 @@ import torch
 from scheduler.core.request import Request
 from scheduler.speculative.ngram_device import propose_ngram_on_device
 from scheduler.speculative.proposer import Proposal, ProposerContext
+from scheduler.worker.runner import fused_kernels_available
 
 if TYPE_CHECKING:
     from scheduler.core.kv_cache import BlockPool
@@ -64,7 +65,12 @@ class NgramProposer:
         return Proposal()
 
     def propose_on_device(self, history: torch.Tensor, lengths: torch.Tensor, k: int):
-        """The same lookup over device token histories (speculative/loop.py): (drafts [R, k], num_found [R])."""
+        """The same lookup over device token histories (speculative/loop.py): (drafts [R, k], num_found [R]);
+        on CUDA one Triton kernel (ngram_kernel.py), where Triton is installed."""
+        if history.is_cuda and fused_kernels_available(history.device):
+            from scheduler.speculative.ngram_kernel import lookup
+
+            return lookup(history, lengths, k, self.n_min, self.n_max)
         return propose_ngram_on_device(history, lengths, k, self.n_min, self.n_max)
 
     def observe(self, spec, num_accepted, hidden_states) -> None:
