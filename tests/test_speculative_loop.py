@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
-from scheduler.core.executor import StepInFlight
+from scheduler.loop.executor import StepInFlight
 from scheduler.core.request import Request
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.loop import DeviceHistory, DraftStepInFlight
