@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from scheduler import Engine, SamplingParams
-from scheduler.loop.executor import StepInFlight
 from scheduler.core.request import Request
+from scheduler.loop.executor import StepInFlight
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.loop import DeviceHistory, DraftStepInFlight
 from scheduler.speculative.ngram import NgramProposer, propose_ngram
