@@ -14,11 +14,11 @@ def _lookup_kernel(history_ptr, row_stride, lengths_ptr, drafts_ptr, found_ptr, 
                    K: tl.constexpr, K_BLOCK: tl.constexpr, N_MIN: tl.constexpr, N_MAX: tl.constexpr,
                    BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    length = tl.load(lengths_ptr + row).to(tl.int64)
+    length = tl.load(lengths_ptr + row).to(tl.int32)  # loop bounds and places in int32, scores in int64
     base = history_ptr + row.to(tl.int64) * row_stride
     best = tl.zeros([], dtype=tl.int64) - 1
     for start in range(1, length, BLOCK):  # s: the place after a match, where its drafts start
-        ends = start + tl.arange(0, BLOCK).to(tl.int64)
+        ends = start + tl.arange(0, BLOCK)
         usable = ends <= length - 1  # a match ends before the last token
         alive = usable
         run = tl.zeros([BLOCK], dtype=tl.int64)
@@ -29,7 +29,7 @@ def _lookup_kernel(history_ptr, row_stride, lengths_ptr, drafts_ptr, found_ptr, 
             wanted = tl.load(base + tail, mask=tail >= 0, other=-2)
             alive = alive & (place >= 0) & (token == wanted)
             run += alive.to(tl.int64)
-        score = tl.where(usable & (run >= N_MIN), run * score_base + ends, -1)
+        score = tl.where(usable & (run >= N_MIN), run * score_base + ends.to(tl.int64), -1)
         best = tl.maximum(best, tl.max(score, axis=0))
     match_end = best % score_base
     found = tl.where(best >= 0, tl.minimum(tl.maximum(length - match_end, 0), K), 0)
