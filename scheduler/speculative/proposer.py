@@ -1,6 +1,11 @@
 """What a speculative proposer is: it drafts tokens for the step's decoding sequences before the
 target's pass and learns how many of them the target accepted after it. The speculator
-(speculator.py) drives one, chosen by name from PROPOSERS (registry.py)."""
+(speculator.py) drives one, chosen by name from PROPOSERS (registry.py).
+
+A proposer may also offer `propose_on_device(history [R, L], lengths [R], k) -> (drafts [R, k], num_found [R])`,
+drafting from token histories on the device (NgramProposer does): with the overlapped loop, the steps it drafts
+for are then verified inside the loop (loop.py), and its observe() is not called. It is optional: a proposer
+without it drafts through propose() as ever."""
 
 from __future__ import annotations
 
