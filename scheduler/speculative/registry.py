@@ -7,7 +7,10 @@ import importlib
 PROPOSERS = {
     "ngram": "scheduler.speculative.ngram:NgramProposer",
     "draft": "scheduler.speculative.draft.proposer:DraftModelProposer",
+    "eagle": "scheduler.speculative.eagle.proposer:EagleProposer",
 }
+# Methods that borrow the target's whole embedding table and LM head (gathered under tensor parallelism).
+BORROWS_VOCAB = ("draft", "eagle", "best")
 
 
 def proposer_class(name: str):
