@@ -86,6 +86,8 @@ class EagleProposer:
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem], aux: torch.Tensor) -> None:
         """After a target pass over items (batch's, in order): store the features of every row, then write
         the rows that have waited long enough."""
+        if not any(s.request.speculative for s in batch):
+            return  # nothing here will draft
         self.runner.store(items, aux)
         ready = []
         for s, item in zip(batch, items):
