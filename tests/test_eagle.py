@@ -223,3 +223,33 @@ def test_shipped_head_found_by_fingerprint_and_best(setup, tmp_path, monkeypatch
     best_draft = Engine(model=str(other), speculative="best", draft_model=str(path)).speculator.proposer
     assert isinstance(best_draft, DraftModelProposer)
 
+
+
+def test_the_daemon_serves_with_the_head_on_both_protocols(tiny_text_model_dir, tmp_path):
+    """--speculative best with --eagle-head: the daemon drafts with the head (GetModelInfo says which method
+    best chose); gRPC and HTTP answer what a request that opts out of speculation gets."""
+    from server.client import Client
+    from tests.daemon import Daemon
+    from tests.openai_http import call
+
+    path, model = tiny_text_model_dir
+    save_head(EagleHead.for_target(model.config).bind(model.model.embed_tokens.weight, model.lm_head.weight),
+              model, tmp_path / "head")
+    daemon = Daemon(str(path), "--speculative", "best", "--eagle-head", str(tmp_path / "head"),
+                    "--no-adaptive-speculation", "--dtype", "float32", "--kv-cache-bytes", str(16 << 20),
+                    log_path=tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        prompt = "The capital of France is"
+        with Client(daemon.address, timeout=60) as client:
+            assert client.model_info().speculative_mode == "eagle"
+            got = client.generate(prompt, max_tokens=12, temperature=0)
+            opted_out = client.generate(prompt, max_tokens=12, temperature=0, speculative=False)
+        status, body = call(daemon.http_url + "/v1/completions", {"prompt": prompt, "max_tokens": 12,
+                                                                   "temperature": 0})
+        assert status == 200, body
+        assert got.text == opted_out.text == body["choices"][0]["text"] and got.text
+        assert got.timing.draft_tokens > 0 and opted_out.timing.draft_tokens == 0
+        assert "speculative=best: eagle" in daemon.log()
+    finally:
+        assert daemon.close() == 0
