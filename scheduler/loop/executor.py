@@ -155,6 +155,8 @@ class StepExecutor:
         tokens, shifts = device_inputs(previous)  # shifts: where the step in flight verified drafts
         items = [self._item(s, rows.get(s.request, -1)) for s in batch]
         logits = self.runner.forward(items, device_tokens=tokens if rows else None, device_shifts=shifts)
+        if self.speculator is not None:
+            self.speculator.observe_forward(batch, items, self.runner)
         self.scheduler.advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
@@ -203,6 +205,8 @@ class StepExecutor:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
         else:
             logits = self.runner.forward(items, device_tokens=drafts)
+        if self.speculator is not None:
+            self.speculator.observe_forward(batch, items, self.runner)
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         self.scheduler.advance(batch)

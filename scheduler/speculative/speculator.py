@@ -10,6 +10,7 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.scheduler import ScheduledRequest
 from scheduler.sampling.batch import SamplingBatch
 from scheduler.sampling.sampler import Sampler
+from scheduler.speculative.best import best_proposer
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.proposer import Proposal, Proposer, ProposerContext
 from scheduler.speculative.registry import proposer_class
@@ -18,9 +19,12 @@ from scheduler.speculative.rejection import verify, verify_greedy
 
 def build_proposer(ctx: ProposerContext) -> Proposer | None:
     """The proposer config.speculative names; None when off."""
-    if ctx.config.speculative == "off":
+    name = ctx.config.speculative
+    if name == "off":
         return None
-    return proposer_class(ctx.config.speculative).create(ctx)
+    if name == "best":
+        name = best_proposer(ctx.config, ctx.target)
+    return proposer_class(name).create(ctx)
 
 
 class Speculator:
@@ -90,6 +94,11 @@ class Speculator:
             if d:  # as observe: a proposal shorter than the depth fails where it ends
                 self.depth.observe_acceptance(k, n)
         self.depth.observe_coverage(sum(1 for _, d, _ in speculating if d), len(speculating))
+
+    def observe_forward(self, batch: list[ScheduledRequest], items: list, runner) -> None:
+        """After every target pass: the streams a proposer reads the target with (aux_layers), if any."""
+        if self.proposer.aux_layers is not None:
+            self.proposer.observe_forward(batch, items, runner.aux_hidden_states(items))
 
     def observe_step(self, num_decodes: int, prefill: bool, seconds: float, overlapped: bool = False) -> None:
         """The whole step's wall time, with this step's depth. An overlapped step waits for the device to finish

@@ -1,0 +1,172 @@
+"""An EAGLE head as proposer: k drafts per speculating sequence from the target's own hidden states,
+batched, chained on the device (each pass reads the last one's tokens and hidden states from there).
+
+The target keeps the residual streams after the head's layers at every token it computes
+(CausalLM.keep_aux_hidden_states); after each target pass they are fused into features and stored at
+the tokens' slots in the head's feature cache (observe_forward), paged like its KV cache through the
+target's block tables. Head row t (position t) reads feature t and token t + 1, so it waits until
+token t + 1 is known: rows the prompt already covers (prefill chunks) have their keys and values
+written in the target's step; the rest, at most a verification's worth, are the first pass of the next
+proposal. The only state is how many rows of each request the head has written (`held`): rows past
+the accepted tokens are rolled back by counting (a verification's rejected rows, the chained drafts'
+rows), a preemption by starting over: bookkeeping, never data motion. Blocks from the prefix cache hold
+the head's rows too, since the head writes the same slots as the target.
+"""
+
+from __future__ import annotations
+
+import logging
+from weakref import WeakKeyDictionary
+
+import numpy as np
+import torch
+
+from scheduler.config import EngineConfig
+from scheduler.core.kv_cache import BlockPool
+from scheduler.core.request import Request
+from scheduler.core.scheduler import ScheduledRequest
+from scheduler.sampling.rows import draft_rows
+from scheduler.sampling.sampler import Sampler
+from scheduler.speculative.eagle import files
+from scheduler.speculative.eagle.head import EagleHead
+from scheduler.speculative.eagle.runner import HeadRunner, planned_config
+from scheduler.speculative.proposer import Proposal, ProposerContext
+from scheduler.tensors import to_device
+from scheduler.worker.models import LoadedModel
+from scheduler.worker.packing import ForwardItem
+
+log = logging.getLogger(__name__)
+
+
+def load_eagle_head(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, device: torch.device) -> EagleHead:
+    """The head config.eagle_head names, else the one shipped for this target; ValueError names the problem."""
+    path = config.eagle_head
+    if path is None:
+        path = files.shipped_head_for(target)
+        if path is None:
+            raise ValueError("speculative='eagle' needs eagle_head (--eagle-head): no head shipped with beastserve "
+                             f"(in {files.SHIPPED_HEADS}) was made for this target")
+        log.info("EAGLE head: %s, shipped for this target", path)
+    try:
+        return files.load_head(path, target, dtype, device)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"eagle_head: {exc}") from None
+
+
+class EagleProposer:
+    needs_hidden_states = False  # it reads the kept streams of every target pass instead (observe_forward)
+    max_positions = None
+
+    def __init__(self, head: EagleHead, target: LoadedModel, config: EngineConfig, sampler: Sampler,
+                 dtype: torch.dtype, device: torch.device):
+        self.head, self.config, self.sampler = head.requires_grad_(False), config, sampler
+        self.dtype, self.device = dtype, device
+        self.kv_model_config = planned_config(head)  # the memory plan gives each block room for the head
+        self.aux_layers = head.layer_ids
+        self.vocab_size = target.config.vocab_size
+        # Rows written during the target's step once a request has this many waiting (prefill chunks, and
+        # decodes that went on without drafts); fewer wait for the proposal's first pass.
+        self.fill_at = config.max_query_len
+        max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs * config.max_query_len)
+        target.model.keep_aux_hidden_states(self.aux_layers, max_tokens)
+        self.runner: HeadRunner | None = None  # once prepared
+        # request -> (rows of its history the head has written, the request's preemptions then)
+        self._held: WeakKeyDictionary[Request, tuple[int, int]] = WeakKeyDictionary()
+
+    @classmethod
+    def create(cls, ctx: ProposerContext) -> EagleProposer:
+        head = load_eagle_head(ctx.config, ctx.target, ctx.dtype, ctx.device)
+        return cls(head, ctx.target, ctx.config, ctx.sampler, ctx.dtype, ctx.device)
+
+    def prepare(self, num_blocks: int, max_model_len: int) -> None:
+        self.runner = HeadRunner(self.head, num_blocks, self.config.block_size, self.dtype, self.device)
+
+    def observe(self, spec, num_accepted, hidden_states) -> None:
+        pass  # the rows past the accepted tokens are not counted: the next catch-up rewrites them
+
+    def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem], aux: torch.Tensor) -> None:
+        """After a target pass over items (batch's, in order): store the features of every row, then write
+        the rows that have waited long enough."""
+        if not any(s.request.speculative for s in batch):
+            return  # nothing here will draft
+        self.runner.store(items, aux)
+        ready = []
+        for s, item in zip(batch, items):
+            request = s.request
+            if not request.speculative:
+                continue
+            held = self._held_rows(request, item.start)
+            count = min(item.start + len(item.token_ids), request.num_tokens - 1) - held
+            if count >= self.fill_at:
+                ready.append(ForwardItem(request.all_token_ids[held + 1:held + 1 + count], held, item.block_table, 0))
+                held += count
+            self._held[request] = (held, request.num_preemptions)
+        if ready:
+            self.runner.fill(sorted(ready, key=lambda it: len(it.token_ids) != 1))
+
+    @torch.no_grad()
+    def propose(self, spec: list[ScheduledRequest], pool: BlockPool) -> Proposal:
+        """Draft s.num_spec_slots tokens for each s, on the device (Proposal.device_drafts, row r for
+        spec[r]); q where some request drafts by sampling. s.draft_token_ids gets placeholders."""
+        ks = [s.num_spec_slots for s in spec]
+        depth, device = max(ks), self.device
+        tables = [pool.block_table(s.request.request_id) for s in spec]
+        # The first pass: every row still waiting, decodes (one row) first as packing wants. Pass j >= 1
+        # reads draft j and the head's own output of the pass before, at row num_tokens - 2 + j, for the
+        # requests drafting more than j tokens. Every pass's inputs go to the device before the first runs,
+        # so no copy waits for a pass and the passes follow each other on the device.
+        first = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
+        order = sorted(range(len(spec)), key=lambda r: len(first[r].token_ids) != 1)
+        rows, passes = [list(range(len(spec)))], [self.runner.prepare([first[r] for r in order])]
+        for j in range(1, depth):
+            rows.append([r for r in rows[-1] if ks[r] > j])
+            passes.append(self.runner.prepare([ForwardItem([0], spec[r].request.num_tokens - 2 + j, tables[r], 1)
+                                               for r in rows[-1]]))
+        unsort = None if order == sorted(order) else to_device(np.argsort(order).tolist(), torch.long, device)
+        where = [None if len(active) == len(spec) else to_device(active, torch.long, device) for active in rows]
+        keep = [None] + [None if len(now) == len(before) else to_device([before.index(r) for r in now], torch.long,
+                                                                        device) for before, now in zip(rows, rows[1:])]
+        batch = self._sampling(spec, rows[0])
+        q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
+        drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
+        tokens = None
+        for j, prepared in enumerate(passes):
+            if j == 0:
+                hidden = self.runner.run(prepared)
+                hidden = hidden if unsort is None else hidden[unsort]
+            else:
+                if keep[j] is not None:
+                    tokens, hidden = tokens[keep[j]], hidden[keep[j]]
+                    batch = self._sampling(spec, rows[j])
+                hidden = self.runner.run(prepared, hidden, tokens)
+            tokens = self._pick(hidden, batch, q, where[j], j)
+            drafted[slice(None) if where[j] is None else where[j], j] = tokens
+        for s, k in zip(spec, ks):
+            s.draft_token_ids = [0] * k
+        return Proposal(drafted, q)
+
+    def _pick(self, hidden, batch, q, where: torch.Tensor | None, j: int) -> torch.Tensor:
+        """Draft j of the rows `where` (None: all) from the head's output hidden states."""
+        logits = self.head.logits(hidden).float()
+        if batch is None:
+            return self.head.token_ids(logits.argmax(dim=-1))
+        probs = self.sampler.compute_probs(self.head.full_vocab_logits(logits), batch)
+        q[slice(None) if where is None else where, j] = probs
+        return self.sampler.sample_probs(probs, batch)
+
+    def _sampling(self, spec: list[ScheduledRequest], rows):
+        return draft_rows([spec[r].request for r in rows], self.vocab_size, self.device)
+
+    def _held_rows(self, request: Request, start: int) -> int:
+        """Rows of request the head has written, never past `start` (the target's computed tokens). A request
+        seen first (or again after a preemption) starts at start: rows before it come from the prefix cache."""
+        held, preemptions = self._held.get(request, (start, request.num_preemptions))
+        return min(held, start) if preemptions == request.num_preemptions else start
+
+    def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
+        """Rows [held, num_tokens - 1): feature t and token t + 1 each (at least the last); the last one's
+        output drafts. Rows [0, num_tokens - 1) are then written."""
+        last = request.num_tokens - 1
+        start = min(self._held_rows(request, request.num_computed_tokens), last - 1)
+        self._held[request] = (last, request.num_preemptions)
+        return ForwardItem(request.all_token_ids[start + 1:last + 1], start, table, 1)
