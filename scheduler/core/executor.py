@@ -8,6 +8,7 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,8 @@ from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks, masked_argmax
-from scheduler.worker.runner import ForwardItem, ModelRunner
+from scheduler.worker.input_batch import InputBatch
+from scheduler.worker.runner import ForwardItem, ModelRunner, StepInputs
 
 
 @dataclass
@@ -91,6 +93,7 @@ class StepExecutor:
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
         self.copies = TokenCopies(self.device)
+        self.input_batch = InputBatch(scheduler.max_num_seqs)  # per-row state kept across steps (the block tables)
 
     def plan(self, num_decodes: int, prefill: bool) -> int:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
@@ -130,8 +133,8 @@ class StepExecutor:
             assert previous is None, "drafts are made once the host knows every token"
             return self._start(batch)
         rows = previous.rows if previous is not None else {}
-        items = [self._item(s, rows.get(s.request, -1)) for s in batch]
-        logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        logits = self.runner.forward(self._inputs(batch, rows),
+                                     device_tokens=previous.token_ids.view(-1, 1) if rows else None)
         self.scheduler.advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
@@ -167,8 +170,11 @@ class StepExecutor:
         drafts = proposal.device_drafts if proposal is not None else None
         rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
         prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch]
-        items = [self._item(s, rows.get(id(s), -1), first if count else None)
-                 for s, (first, count) in zip(batch, prompt_rows)]
+        if spec or any(count for _, count in prompt_rows):
+            items = [self._item(s, rows.get(id(s), -1), first if count else None)
+                     for s, (first, count) in zip(batch, prompt_rows)]
+        else:  # every row's tokens known: the persistent batch's
+            items = self._inputs(batch, {})
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
@@ -197,6 +203,35 @@ class StepExecutor:
         """Put the blocks the step filled into the prefix cache, up to the tokens the host knows."""
         if self.pool.enable_prefix_caching:
             self.pool.cache_filled_blocks([s.request for s in batch])
+
+    def _inputs(self, batch: list[ScheduledRequest], device_rows: dict[Request, int]) -> StepInputs:
+        """The step's inputs for rows without drafts or prompt logprobs, gathered by vector operations: block tables
+        from the persistent batch's rows, tokens from the requests only where the host knows them (a placeholder's
+        is row device_rows[request] of the step in flight's tokens)."""
+        self.input_batch.sync(*self.pool.take_row_changes(), self.pool.req_block_ids)
+        n = len(batch)
+        requests = [s.request for s in batch]
+        query_lens = np.fromiter((s.num_new_tokens for s in batch), np.int64, n)
+        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n)
+        num_logits = np.fromiter((s.samples for s in batch), np.int64, n)
+        known = np.clip(np.fromiter((len(r.all_token_ids) for r in requests), np.int64, n) - starts, 0, query_lens)
+        token_ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
+        if known.any():
+            pick = np.flatnonzero(known)
+            counts = known[pick]
+            values = np.fromiter(itertools.chain.from_iterable(
+                requests[i].all_token_ids[start:start + count] for i, start, count
+                in zip(pick.tolist(), starts[pick].tolist(), counts.tolist())), np.int64, int(counts.sum()))
+            firsts = (np.cumsum(query_lens) - query_lens)[pick]
+            token_ids[np.repeat(firsts, counts) + (np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts,
+                                                                                      counts))] = values
+        num_device = query_lens - known  # placeholders: tokens of the step in flight
+        on_device = np.fromiter((device_rows.get(r, -1) for r in requests), np.int64, n) if device_rows \
+            else np.full(n, -1, dtype=np.int64)
+        assert not ((num_device > 0) & (on_device < 0)).any(), "a placeholder's token is on the device"
+        tables, num_blocks = self.input_batch.tables(self.input_batch.rows(r.request_id for r in requests))
+        return StepInputs(query_lens, starts, num_logits, token_ids, tables, num_blocks, on_device,
+                          np.where(on_device >= 0, num_device, 0))
 
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
