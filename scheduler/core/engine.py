@@ -126,9 +126,13 @@ class Engine:
 
     def add_request(self, prompt: Prompt | None, params: SamplingParams | None = None, *, request_id: str | None = None,
                     priority: int = 0, prompt_token_ids: list[int] | None = None, speculative: bool | None = None,
-                    max_draft_tokens: int | None = None, on_output=None) -> RequestStream:
+                    max_draft_tokens: int | None = None, on_output=None, deltas: bool = True,
+                    detokenize: bool = True) -> RequestStream:
         """Validate and queue a request. Raises ValueError naming the bad field. speculative and
-        max_draft_tokens turn speculation off for this request or cap its depth."""
+        max_draft_tokens turn speculation off for this request or cap its depth. deltas=False: the stream is told
+        once, at the end (every token in one output), as an offline caller reads it; no output is built for the
+        steps between. detokenize=False: the caller reads token ids only (a token-in, token-out protocol), so no
+        text is made, but to match stop strings."""
         params = params or SamplingParams()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.inputs.tokenize(prompt)
         token_ids = self.inputs.prepare(token_ids, params)
@@ -154,8 +158,8 @@ class Engine:
             if own.seed is not None and not own.greedy:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own, self.token_bytes) \
-                if self.tokenizer is not None else None
-            lives.append(Live(request, stream, detokenizer, grammar))
+                if self.tokenizer is not None and (detokenize or own.stop) else None
+            lives.append(Live(request, stream, detokenizer, grammar, deltas))
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
@@ -274,11 +278,20 @@ class Engine:
     def _settle(self, results: list[StepResult], outputs: list[tuple[Live, RequestOutput]]) -> None:
         """Check new tokens for stops, their outputs onto `outputs`. A request whose host work raises ends with
         the error (its blocks freed); the step and the other requests go on."""
-        now = time.monotonic()
+        now, lives = time.monotonic(), self._live
         for result in results:
-            live = self._live[result.request.request_id]
+            request = result.request
+            live = lives[request.request_id]
+            if live.silent and len(result.new_token_ids) == 1 and request.first_token_time is not None \
+                    and result.new_token_ids[0] not in request.ending_token_ids \
+                    and len(request.all_token_ids) < request.max_total_tokens:
+                continue  # nobody reads it before its end, and this token cannot end it (check_stop's cases)
             try:
-                outputs.append(self._append(live, result, now))
+                reason = check_new_tokens(live, result, now)
+                if reason is not None:
+                    outputs.append((live, self._finish(live, reason)))
+                elif live.deltas:
+                    outputs.append((live, delta_output(live)))
             except Exception as exc:  # noqa: BLE001 - isolated to the request it came from
                 outputs.append((live, self._fail(live, exc)))
 
@@ -354,10 +367,6 @@ class Engine:
                 output.error = f"structured_outputs.{live.request.params.structured_outputs.kind}: {error}"
                 outputs.append((live, output))
         return outputs
-
-    def _append(self, live: Live, result: StepResult, now: float) -> tuple[Live, RequestOutput]:
-        reason = check_new_tokens(live, result, now)
-        return live, self._finish(live, reason) if reason is not None else delta_output(live)
 
     def _finish(self, live: Live, reason: FinishReason) -> RequestOutput:
         live.request.finish_reason = reason
