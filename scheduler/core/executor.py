@@ -124,7 +124,8 @@ class StepExecutor:
         built make their step synchronous: penalties (they read the output history) and prompt logprobs
         (collected on the host from the chunk's logits). Logprobs of sampled tokens travel with them;
         min_tokens needs only the count. The choice is made for each step."""
-        return all(not (r := s.request).needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
+        return all((r := s.request).prompt_logprobs is None and not r.penalised  # most rows: two reads
+                   or not r.needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight | Verification:
         """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
@@ -133,10 +134,10 @@ class StepExecutor:
             assert previous is None, "drafts are made once the host knows every token"
             return self._start(batch)
         rows = previous.rows if previous is not None else {}
-        logits = self.runner.forward(self._inputs(batch, rows),
-                                     device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        inputs, batch_rows, lengths = self._inputs(batch, rows)
+        logits = self.runner.forward(inputs, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
         self.scheduler.advance(batch)
-        self._cache_blocks(batch)
+        self._cache_rows(batch, inputs, batch_rows, lengths)
         requests = [s.request for s in batch if s.samples]
         if previous is not None and any(r.guide is not None for r in requests):
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
@@ -174,7 +175,7 @@ class StepExecutor:
             items = [self._item(s, rows.get(id(s), -1), first if count else None)
                      for s, (first, count) in zip(batch, prompt_rows)]
         else:  # every row's tokens known: the persistent batch's
-            items = self._inputs(batch, {})
+            items = self._inputs(batch, {})[0]
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
@@ -204,17 +205,34 @@ class StepExecutor:
         if self.pool.enable_prefix_caching:
             self.pool.cache_filled_blocks([s.request for s in batch])
 
-    def _inputs(self, batch: list[ScheduledRequest], device_rows: dict[Request, int]) -> StepInputs:
+    def _cache_rows(self, batch: list[ScheduledRequest], inputs: StepInputs, rows: np.ndarray,
+                    lengths: np.ndarray) -> None:
+        """_cache_blocks for a launched step built by _inputs: only the rows that filled a block since their last
+        look (a decode row fills one every block_size steps) reach the pool."""
+        if not self.pool.enable_prefix_caching:
+            return
+        # What BlockPool.cache_filled_blocks caches: up to the tokens computed (the step's included) and known.
+        blocks = np.minimum(inputs.starts + inputs.query_lens, lengths) // self.pool.block_size
+        looked = self.input_batch.num_cached_blocks
+        filled = np.flatnonzero(blocks > looked[rows])
+        if len(filled):
+            self.pool.cache_filled_blocks([batch[i].request for i in filled.tolist()])
+            looked[rows[filled]] = blocks[filled]
+
+    def _inputs(self, batch: list[ScheduledRequest], device_rows: dict[Request, int]) \
+            -> tuple[StepInputs, np.ndarray, np.ndarray]:
         """The step's inputs for rows without drafts or prompt logprobs, gathered by vector operations: block tables
         from the persistent batch's rows, tokens from the requests only where the host knows them (a placeholder's
-        is row device_rows[request] of the step in flight's tokens)."""
+        is row device_rows[request] of the step in flight's tokens). Also each sequence's row in the persistent
+        batch, and how many of its tokens the host knows."""
         self.input_batch.sync(*self.pool.take_row_changes(), self.pool.req_block_ids)
         n = len(batch)
         requests = [s.request for s in batch]
         query_lens = np.fromiter((s.num_new_tokens for s in batch), np.int64, n)
         starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n)
         num_logits = np.fromiter((s.samples for s in batch), np.int64, n)
-        known = np.clip(np.fromiter((len(r.all_token_ids) for r in requests), np.int64, n) - starts, 0, query_lens)
+        lengths = np.fromiter((len(r.all_token_ids) for r in requests), np.int64, n)
+        known = np.clip(lengths - starts, 0, query_lens)
         token_ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
         if known.any():
             pick = np.flatnonzero(known)
@@ -229,9 +247,10 @@ class StepExecutor:
         on_device = np.fromiter((device_rows.get(r, -1) for r in requests), np.int64, n) if device_rows \
             else np.full(n, -1, dtype=np.int64)
         assert not ((num_device > 0) & (on_device < 0)).any(), "a placeholder's token is on the device"
-        tables, num_blocks = self.input_batch.tables(self.input_batch.rows(r.request_id for r in requests))
+        rows = self.input_batch.rows(r.request_id for r in requests)
+        tables, num_blocks = self.input_batch.tables(rows)
         return StepInputs(query_lens, starts, num_logits, token_ids, tables, num_blocks, on_device,
-                          np.where(on_device >= 0, num_device, 0))
+                          np.where(on_device >= 0, num_device, 0)), rows, lengths
 
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token

@@ -172,19 +172,20 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
         self.running.sort(key=_order)
-        room = self.pool.has_room
+        block_ids, block_size, scheduled = self.pool.req_block_ids, self.pool.block_size, out.scheduled
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.paused:
+            if request.stream is not None and request.stream.paused:  # Request.paused, without a call a row
                 break  # so are all after it
-            num_tokens = request.num_tokens_with_placeholders
+            num_tokens = len(request.all_token_ids) + request.num_placeholders  # num_tokens_with_placeholders
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
-            if not spec_depth and num_tokens - request.num_computed_tokens == 1 and room(request, num_tokens):
-                # Most rows of a decode step: one token, in a block it already holds.
-                out.scheduled.append(ScheduledRequest(request, 1, samples=True))
+            if not spec_depth and num_tokens - request.num_computed_tokens == 1 \
+                    and len(block_ids.get(request.request_id, ())) * block_size >= num_tokens:
+                # Most rows of a decode step: one token, in a block it already holds (BlockPool.has_room).
+                scheduled.append(ScheduledRequest(request, 1, samples=True))
                 budget -= 1
                 i += 1
                 continue
@@ -258,10 +259,11 @@ class Scheduler:
 def _apply_tokens(out: StepOutput) -> list[StepResult]:
     """update_from_output for a step without verification or logprobs (most steps): one token a row."""
     results = []
+    in_flight, finished = out.in_flight, RequestStatus.FINISHED
     for request, token in zip(out.requests, out.token_ids):
-        if out.in_flight:
+        if in_flight:
             request.num_placeholders -= 1
-        if request.is_finished:
+        if request.status is finished:  # Request.is_finished, without a call a row
             continue
         new_tokens = [token]
         if request.guide is not None:
@@ -275,4 +277,5 @@ def _apply_tokens(out: StepOutput) -> list[StepResult]:
 def _order(request: Request) -> tuple[bool, tuple[float, float]]:
     """How the scheduler sorts: paused requests (their readers far behind) last, so they are skipped together and
     preempted first; the rest by rank (Scheduler._rank, set when queued)."""
-    return request.paused, request.rank
+    stream = request.stream
+    return stream is not None and stream.paused, request.rank

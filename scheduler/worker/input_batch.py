@@ -15,6 +15,8 @@ class InputBatch:
     def __init__(self, num_rows: int = 256, width: int = 64):
         self.block_tables = np.zeros((num_rows, width), dtype=np.int32)
         self.num_blocks = np.zeros(num_rows, dtype=np.int64)
+        # Full blocks the prefix cache was last asked to take for the row: it is asked again once more filled.
+        self.num_cached_blocks = np.zeros(num_rows, dtype=np.int64)
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(num_rows - 1, -1, -1))  # popped from the end: lowest rows first
 
@@ -60,9 +62,11 @@ class InputBatch:
             old = self.num_rows
             self.block_tables = np.concatenate([self.block_tables, np.zeros_like(self.block_tables)])
             self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+            self.num_cached_blocks = np.concatenate([self.num_cached_blocks, np.zeros_like(self.num_cached_blocks)])
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
         row = self._free_rows.pop()
         self.row_of[seq_id] = row
+        self.num_cached_blocks[row] = 0
         return row
 
     def _widen(self, width: int) -> None:
