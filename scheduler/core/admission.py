@@ -23,9 +23,9 @@ class Live:
         self.detokenizer = detokenizer
         self.grammar = grammar  # the compiled grammar of a structured request, until it is ready
         self.deltas = deltas  # the stream is told after every step with news (else at the end only)
-        # Nothing to do for a step's token but a stop check: the stream is told only at the end (deltas=False),
-        # and there is no text, grammar or logprob to follow.
-        self.silent = not deltas and detokenizer is None and grammar is None and not request.params.logprobs
+        # A step's token needs no more than a stop check and, where the stream is told every step, an output: no
+        # text, grammar or logprob to follow.
+        self.plain = detokenizer is None and grammar is None and not request.params.logprobs
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
         self.prompt_logprobs_sent = request.prompt_logprobs is None

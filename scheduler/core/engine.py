@@ -282,10 +282,14 @@ class Engine:
         for result in results:
             request = result.request
             live = lives[request.request_id]
-            if live.silent and len(result.new_token_ids) == 1 and request.first_token_time is not None \
+            if live.plain and len(result.new_token_ids) == 1 and request.first_token_time is not None \
                     and result.new_token_ids[0] not in request.ending_token_ids \
                     and len(request.all_token_ids) < request.max_total_tokens:
-                continue  # nobody reads it before its end, and this token cannot end it (check_stop's cases)
+                # This token cannot end it (check_stop's cases), and there is no text, grammar or logprob to follow:
+                # an output only where the stream is told every step.
+                if live.deltas:
+                    outputs.append((live, delta_output(live)))
+                continue
             try:
                 reason = check_new_tokens(live, result, now)
                 if reason is not None:

@@ -87,6 +87,9 @@ class Scheduler:
         self.priority_aging_s = priority_aging_s
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # Whether running may be out of _order: a request joined it, or one was paused last step (and may have
+        # resumed since). Otherwise it is in rank order, and sorted again only when a paused request turns up.
+        self._unsorted = False
 
     @property
     def num_unfinished(self) -> int:
@@ -171,12 +174,19 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=_order)
+        sorted_now, self._unsorted = self._unsorted, False
+        if sorted_now:
+            self.running.sort(key=_order)
         block_ids, block_size, scheduled = self.pool.req_block_ids, self.pool.block_size, out.scheduled
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if request.stream is not None and request.stream.paused:  # Request.paused, without a call a row
+                self._unsorted = True  # it may resume before the next step
+                if not sorted_now:  # those before it are the first in rank order, and stay first when sorted
+                    sorted_now = True
+                    self.running.sort(key=_order)
+                    continue
                 break  # so are all after it
             num_tokens = len(request.all_token_ids) + request.num_placeholders  # num_tokens_with_placeholders
             if 0 < request.max_total_tokens <= num_tokens:
@@ -197,6 +207,9 @@ class Scheduler:
             if num_spec and not self.pool.allocate(request, request.num_computed_tokens + num_new + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
             while not self.pool.allocate(request, request.num_computed_tokens + num_new):
+                if not sorted_now:  # paused requests last, to go first; this one and those before it stay put
+                    sorted_now = True
+                    self.running.sort(key=_order)
                 # Lowest priority, latest arrival; never one already scheduled, as those rank higher.
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -208,6 +221,8 @@ class Scheduler:
                                                       - request.num_computed_tokens))
                 budget -= num_new + num_spec
                 i += 1
+        if i < len(self.running):
+            self._unsorted = True  # paused requests may be among those not reached: sorted again next step
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
@@ -234,6 +249,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self._unsorted = True
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
