@@ -114,7 +114,8 @@ def steady(args: argparse.Namespace, overlap: bool, reader: str) -> dict:
     engine = llm.engine
     streams = {}
     for ids in prompts(args, args.num_requests):
-        stream = engine.add_request(None, params(args), prompt_token_ids=ids, deltas=reader == "step")
+        stream = engine.add_request(None, params(args), prompt_token_ids=ids,
+                                    **({} if reader == "step" else dict(deltas=False)))
         streams[stream.request_id] = stream
 
     def read(outputs: list) -> int:

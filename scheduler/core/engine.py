@@ -232,7 +232,7 @@ class Engine:
             settled = len(results)
             batch = [s for s in batch if not s.request.is_finished]  # scheduled, then ended by a token in flight
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
-                                < s.request.num_prompt_tokens)
+                                < len(s.request.prompt_token_ids))
         if defer:
             launched = self.executor.launch(batch, self._in_flight)
             results += self._collect()  # the step before's tokens, while the device runs this one
