@@ -76,7 +76,7 @@ def test_rows_follow_requests_through_preemption_and_abort_and_greedy_output_is_
 
     # 12 blocks for five requests that each grow to 5 blocks: requests are preempted, and come back.
     engine = Engine(model=str(path), kv_cache_bytes=12 * BLOCK_BYTES)
-    batch, pool = engine.executor.input_batch, engine.pool
+    batch, pool = engine.executor.row_inputs.batch, engine.pool
     streams = [engine.add_request(None, params, prompt_token_ids=p) for p in prompts]
     aborted = engine.add_request(None, params, prompt_token_ids=prompts[0])
     steps, rows_used, preempted = 0, set(), 0

@@ -8,13 +8,13 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from scheduler.core.request import Request
+from scheduler.core.row_inputs import RowInputs
 from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
 from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
@@ -23,8 +23,7 @@ from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
 from scheduler.structured.guide import TokenMasks, masked_argmax
-from scheduler.worker.input_batch import InputBatch
-from scheduler.worker.runner import ForwardItem, ModelRunner, StepInputs
+from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
 @dataclass
@@ -93,7 +92,7 @@ class StepExecutor:
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
         self.copies = TokenCopies(self.device)
-        self.input_batch = InputBatch(scheduler.max_num_seqs)  # per-row state kept across steps (the block tables)
+        self.row_inputs = RowInputs(self.pool, scheduler.max_num_seqs)  # per-row state kept across steps
 
     def plan(self, num_decodes: int, prefill: bool) -> int:
         """Draft tokens a decoding sequence may verify in the next step (0 without speculation)."""
@@ -134,10 +133,10 @@ class StepExecutor:
             assert previous is None, "drafts are made once the host knows every token"
             return self._start(batch)
         rows = previous.rows if previous is not None else {}
-        inputs, batch_rows, lengths = self._inputs(batch, rows)
-        logits = self.runner.forward(inputs, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        gathered = self.row_inputs.gather(batch, rows)
+        logits = self.runner.forward(gathered.inputs, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
         self.scheduler.advance(batch)
-        self._cache_rows(batch, inputs, batch_rows, lengths)
+        self.row_inputs.cache_filled_blocks(batch, gathered)
         requests = [s.request for s in batch if s.samples]
         if previous is not None and any(r.guide is not None for r in requests):
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
@@ -175,7 +174,7 @@ class StepExecutor:
             items = [self._item(s, rows.get(id(s), -1), first if count else None)
                      for s, (first, count) in zip(batch, prompt_rows)]
         else:  # every row's tokens known: the persistent batch's
-            items = self._inputs(batch, {})[0]
+            items = self.row_inputs.gather(batch, {}).inputs
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
@@ -204,53 +203,6 @@ class StepExecutor:
         """Put the blocks the step filled into the prefix cache, up to the tokens the host knows."""
         if self.pool.enable_prefix_caching:
             self.pool.cache_filled_blocks([s.request for s in batch])
-
-    def _cache_rows(self, batch: list[ScheduledRequest], inputs: StepInputs, rows: np.ndarray,
-                    lengths: np.ndarray) -> None:
-        """_cache_blocks for a launched step built by _inputs: only the rows that filled a block since their last
-        look (a decode row fills one every block_size steps) reach the pool."""
-        if not self.pool.enable_prefix_caching:
-            return
-        # What BlockPool.cache_filled_blocks caches: up to the tokens computed (the step's included) and known.
-        blocks = np.minimum(inputs.starts + inputs.query_lens, lengths) // self.pool.block_size
-        looked = self.input_batch.num_cached_blocks
-        filled = np.flatnonzero(blocks > looked[rows])
-        if len(filled):
-            self.pool.cache_filled_blocks([batch[i].request for i in filled.tolist()])
-            looked[rows[filled]] = blocks[filled]
-
-    def _inputs(self, batch: list[ScheduledRequest], device_rows: dict[Request, int]) \
-            -> tuple[StepInputs, np.ndarray, np.ndarray]:
-        """The step's inputs for rows without drafts or prompt logprobs, gathered by vector operations: block tables
-        from the persistent batch's rows, tokens from the requests only where the host knows them (a placeholder's
-        is row device_rows[request] of the step in flight's tokens). Also each sequence's row in the persistent
-        batch, and how many of its tokens the host knows."""
-        self.input_batch.sync(*self.pool.take_row_changes(), self.pool.req_block_ids)
-        n = len(batch)
-        requests = [s.request for s in batch]
-        query_lens = np.fromiter((s.num_new_tokens for s in batch), np.int64, n)
-        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n)
-        num_logits = np.fromiter((s.samples for s in batch), np.int64, n)
-        lengths = np.fromiter((len(r.all_token_ids) for r in requests), np.int64, n)
-        known = np.clip(lengths - starts, 0, query_lens)
-        token_ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
-        if known.any():
-            pick = np.flatnonzero(known)
-            counts = known[pick]
-            values = np.fromiter(itertools.chain.from_iterable(
-                requests[i].all_token_ids[start:start + count] for i, start, count
-                in zip(pick.tolist(), starts[pick].tolist(), counts.tolist())), np.int64, int(counts.sum()))
-            firsts = (np.cumsum(query_lens) - query_lens)[pick]
-            token_ids[np.repeat(firsts, counts) + (np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts,
-                                                                                      counts))] = values
-        num_device = query_lens - known  # placeholders: tokens of the step in flight
-        on_device = np.fromiter((device_rows.get(r, -1) for r in requests), np.int64, n) if device_rows \
-            else np.full(n, -1, dtype=np.int64)
-        assert not ((num_device > 0) & (on_device < 0)).any(), "a placeholder's token is on the device"
-        rows = self.input_batch.rows(r.request_id for r in requests)
-        tables, num_blocks = self.input_batch.tables(rows)
-        return StepInputs(query_lens, starts, num_logits, token_ids, tables, num_blocks, on_device,
-                          np.where(on_device >= 0, num_device, 0)), rows, lengths
 
     def _item(self, s: ScheduledRequest, device_row: int = -1, first_logit: int | None = None) -> ForwardItem:
         """device_row: the row of the device tokens that holds this item's drafts, or its placeholder (a token
