@@ -128,11 +128,9 @@ class Engine:
                     priority: int = 0, prompt_token_ids: list[int] | None = None, speculative: bool | None = None,
                     max_draft_tokens: int | None = None, on_output=None, deltas: bool = True,
                     detokenize: bool = True) -> RequestStream:
-        """Validate and queue a request. Raises ValueError naming the bad field. speculative and
-        max_draft_tokens turn speculation off for this request or cap its depth. deltas=False: the stream is told
-        once, at the end (every token in one output), as an offline caller reads it; no output is built for the
-        steps between. detokenize=False: the caller reads token ids only (a token-in, token-out protocol), so no
-        text is made, but to match stop strings."""
+        """Validate and queue a request. Raises ValueError naming the bad field. speculative and max_draft_tokens
+        turn speculation off for this request or cap its depth. deltas=False: the stream is told once, at the end
+        (no output built between); detokenize=False: token ids only, no text (but to match stop strings)."""
         params = params or SamplingParams()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.inputs.tokenize(prompt)
         token_ids = self.inputs.prepare(token_ids, params)
@@ -282,19 +280,16 @@ class Engine:
         for result in results:
             request = result.request
             live = lives[request.request_id]
-            if live.plain and len(result.new_token_ids) == 1 and request.first_token_time is not None \
-                    and result.new_token_ids[0] not in request.ending_token_ids \
-                    and len(request.all_token_ids) < request.max_total_tokens:
-                # This token cannot end it (check_stop's cases), and there is no text, grammar or logprob to follow:
-                # an output only where the stream is told every step.
-                if live.deltas:
-                    outputs.append((live, delta_output(live)))
-                continue
             try:
-                reason = check_new_tokens(live, result, now)
+                if live.plain and len(result.new_token_ids) == 1 and request.first_token_time is not None \
+                        and result.new_token_ids[0] not in request.ending_token_ids \
+                        and len(request.all_token_ids) < request.max_total_tokens:
+                    reason = None  # none of check_stop's cases; no text, grammar or logprob to follow
+                else:
+                    reason = check_new_tokens(live, result, now)
                 if reason is not None:
                     outputs.append((live, self._finish(live, reason)))
-                elif live.deltas:
+                elif live.deltas:  # else the stream is told at the end only
                     outputs.append((live, delta_output(live)))
             except Exception as exc:  # noqa: BLE001 - isolated to the request it came from
                 outputs.append((live, self._fail(live, exc)))
