@@ -9,6 +9,7 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -123,13 +124,15 @@ class StepExecutor:
         built make their step synchronous: penalties (they read the output history) and prompt logprobs
         (collected on the host from the chunk's logits). Logprobs of sampled tokens travel with them;
         min_tokens needs only the count. The choice is made for each step."""
-        return all((r := s.request).prompt_logprobs is None and not r.penalised  # most rows: two reads
-                   or not r.needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
+        requests = list(map(_REQUEST, batch))  # map and attrgetter: a pass over the rows without Python frames
+        if not any(map(_PENALISED, requests)) and list(map(_PROMPT_LOGPROBS, requests)).count(None) == len(requests):
+            return True  # most steps: no penalty, no prompt logprobs
+        return all(not (r := s.request).needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | None) -> StepInFlight | Verification:
         """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
         the device; the step before's, still in flight, are its placeholders' inputs, read from there."""
-        if any(s.num_spec_slots for s in batch):
+        if any(map(_SPEC_SLOTS, batch)):
             assert previous is None, "drafts are made once the host knows every token"
             return self._start(batch)
         rows = previous.rows if previous is not None else {}
@@ -138,13 +141,13 @@ class StepExecutor:
         self.scheduler.advance(batch)
         self.row_inputs.cache_filled_blocks(batch, gathered)
         requests = [s.request for s in batch if s.samples]
-        if previous is not None and any(r.guide is not None for r in requests):
+        if previous is not None and list(map(_GUIDE, requests)).count(None) != len(requests):
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
         out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
                                                                           None, None, None)
         self.scheduler.add_placeholders(requests)
         num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
-        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, out.token_ids, num_top,
+        return StepInFlight(requests, dict(zip(requests, range(len(requests)))), out.token_ids, num_top,
                             *self.copies.start(_packed(out)))
 
     def collect(self, step: StepInFlight | Verification) -> list[StepResult]:
@@ -238,8 +241,8 @@ class StepExecutor:
         """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
         Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
         overwritten), without the sampler's rows."""
-        guides = [r.guide for r in requests]
-        constrained = any(g is not None for g in guides)
+        guides = list(map(_GUIDE, requests))
+        constrained = guides.count(None) != len(guides)
         if _argmax_only(requests):
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
@@ -308,7 +311,13 @@ class StepExecutor:
 def _argmax_only(requests: list[Request]) -> bool:
     """Every request's token is its logits' argmax (under its grammar's mask, if any), without logprobs: no
     sampling rows needed."""
-    return all(r.argmax_always or (plain_greedy(r) and not r.params.logprobs) for r in requests)
+    return all(map(_ARGMAX_ALWAYS, requests)) \
+        or all(r.argmax_always or (plain_greedy(r) and not r.params.logprobs) for r in requests)
+
+
+_REQUEST, _GUIDE, _SPEC_SLOTS = attrgetter("request"), attrgetter("guide"), attrgetter("num_spec_slots")
+_PENALISED, _PROMPT_LOGPROBS, _ARGMAX_ALWAYS = (attrgetter("penalised"), attrgetter("prompt_logprobs"),
+                                                attrgetter("argmax_always"))
 
 
 def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -35,12 +36,13 @@ class RowInputs:
         rows, tokens from the requests only where the host knows them (a placeholder's is row device_rows[request]
         of the step in flight's tokens)."""
         self.batch.sync(*self.pool.take_row_changes(), self.pool.req_block_ids)
+        # Each column read by map and attrgetter: a pass over the rows without a Python frame a row.
         n = len(batch)
-        requests = [s.request for s in batch]
-        query_lens = np.fromiter((s.num_new_tokens for s in batch), np.int64, n)
-        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, n)
-        num_logits = np.fromiter((s.samples for s in batch), np.int64, n)
-        lengths = np.fromiter((len(r.all_token_ids) for r in requests), np.int64, n)
+        requests = list(map(_REQUEST, batch))
+        query_lens = np.fromiter(map(_NUM_NEW, batch), np.int64, n)
+        starts = np.fromiter(map(_NUM_COMPUTED, requests), np.int64, n)
+        num_logits = np.fromiter(map(_SAMPLES, batch), np.int64, n)
+        lengths = np.fromiter(map(len, map(_TOKENS, requests)), np.int64, n)
         known = np.clip(lengths - starts, 0, query_lens)
         token_ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
         if known.any():
@@ -53,10 +55,10 @@ class RowInputs:
             token_ids[np.repeat(firsts, counts) + (np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts,
                                                                                       counts))] = values
         num_device = query_lens - known  # placeholders: tokens of the step in flight
-        on_device = np.fromiter((device_rows.get(r, -1) for r in requests), np.int64, n) if device_rows \
-            else np.full(n, -1, dtype=np.int64)
+        on_device = np.fromiter(map(device_rows.get, requests, itertools.repeat(-1, n)), np.int64, n) \
+            if device_rows else np.full(n, -1, dtype=np.int64)
         assert not ((num_device > 0) & (on_device < 0)).any(), "a placeholder's token is on the device"
-        rows = self.batch.rows(r.request_id for r in requests)
+        rows = self.batch.rows(map(_SEQ_ID, requests))
         tables, num_blocks = self.batch.tables(rows)
         inputs = StepInputs(query_lens, starts, num_logits, token_ids, tables, num_blocks, on_device,
                             np.where(on_device >= 0, num_device, 0))
@@ -76,3 +78,8 @@ class RowInputs:
         if len(filled):
             self.pool.cache_filled_blocks([batch[i].request for i in filled.tolist()])
             looked[rows[filled]] = blocks[filled]
+
+
+_REQUEST, _NUM_NEW, _SAMPLES = attrgetter("request"), attrgetter("num_new_tokens"), attrgetter("samples")
+_NUM_COMPUTED, _TOKENS = attrgetter("num_computed_tokens"), attrgetter("all_token_ids")
+_SEQ_ID = attrgetter("request_id")

@@ -48,8 +48,7 @@ class InputBatch:
 
     def rows(self, seq_ids) -> np.ndarray:
         """The rows of these sequences (each must hold blocks), in order."""
-        row_of = self.row_of
-        return np.fromiter((row_of[i] for i in seq_ids), np.int64)
+        return np.fromiter(map(self.row_of.__getitem__, seq_ids), np.int64)
 
     def tables(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(block tables [len(rows), widest of them], block counts) of these rows."""
