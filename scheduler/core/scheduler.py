@@ -93,6 +93,9 @@ class Scheduler:
         # Whether running may be out of _order: a request joined it, or one was paused last step (and may have
         # resumed since). Otherwise it is in rank order, and sorted again only when a paused request turns up.
         self._unsorted = False
+        # A decoding row (one token, no drafts, sampled) is the same every step: its ScheduledRequest is made once
+        # and scheduled again, not made again each step (by sequence id; dropped when the request leaves running).
+        self._decode_rows: dict[str, ScheduledRequest] = {}
 
     @property
     def num_unfinished(self) -> int:
@@ -105,6 +108,7 @@ class Scheduler:
 
     def finish(self, request: Request) -> None:
         """Remove a request however it ended, returning its blocks."""
+        self._decode_rows.pop(request.request_id, None)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -181,6 +185,7 @@ class Scheduler:
         if sorted_now:
             self.running.sort(key=_order)
         block_ids, block_size, scheduled = self.pool.req_block_ids, self.pool.block_size, out.scheduled
+        decode_rows = self._decode_rows
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -198,7 +203,10 @@ class Scheduler:
             if not spec_depth and num_tokens - request.num_computed_tokens == 1 \
                     and len(block_ids.get(request.request_id, ())) * block_size >= num_tokens:
                 # Most rows of a decode step: one token, in a block it already holds (BlockPool.has_room).
-                scheduled.append(ScheduledRequest(request, 1, samples=True))
+                row = decode_rows.get(request.request_id)
+                if row is None:
+                    row = decode_rows[request.request_id] = ScheduledRequest(request, 1, samples=True)
+                scheduled.append(row)
                 budget -= 1
                 i += 1
                 continue
@@ -269,6 +277,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free the blocks now and recompute later (prompt plus what was generated)."""
         self.pool.free(request)
+        self._decode_rows.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
