@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, overlap: bool, with_table: bool) -> dict:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(make_prompts(config.vocab_size, 2, 16, 16, args.seed + 1), SamplingParams(max_tokens=4))
     for ids in make_prompts(config.vocab_size, args.num_requests, args.min_prompt, args.max_prompt, args.seed):
-        engine.add_request(None, params, prompt_token_ids=ids)
+        engine.add_request(None, params, prompt_token_ids=ids, deltas=False)  # read at the end, as LLM.generate does
     ramp = 0
     while ramp < args.ramp_steps and (engine.num_waiting or ramp < 10) and engine.has_unfinished:
         engine.step()

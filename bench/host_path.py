@@ -8,7 +8,8 @@ out, so what is reported is host Python per step.
 
 Two workloads, each with the overlapped loop on and off:
 - steady: --num-requests (1024) decoding at once; after the ramp-up (no request waiting), --window steps are
-  timed one by one;
+  timed one by one; each with two kinds of reader (--readers): "step", a server's, which takes every step's new
+  tokens off the streams, and "end", an offline caller's (LLM.generate), told once a request ends;
 - whole: --whole-requests (2048) through LLM.generate, the whole run timed, prefill and tail included
   (bench.gpu_profile's and bench.offline_gpu's workload: prompts U(64, 512) random ids, 256 output tokens, greedy,
   EOS ignored).
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256, help="tokens generated per request (EOS ignored)")
     p.add_argument("--window", type=int, default=100, help="steady steps timed after the ramp-up")
     p.add_argument("--loops", default="on,off", help="overlapped loop: on, off or both (comma-separated)")
+    p.add_argument("--readers", default="step,end", help="steady workload's readers: step, end or both")
     p.add_argument("--forward", default="stand-in", choices=["stand-in", "real"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/host_path_cpu_latest.json"),
@@ -61,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.loops = args.loops.split(",")
     if not args.loops or any(loop not in LOOPS for loop in args.loops):
         p.error(f"--loops takes on, off or on,off; got {','.join(args.loops)}")
+    args.readers = args.readers.split(",")
+    if not args.readers or any(reader not in ("step", "end") for reader in args.readers):
+        p.error(f"--readers takes step, end or step,end; got {','.join(args.readers)}")
     return args
 
 
@@ -85,10 +90,11 @@ class ModelClock:
 
 
 def build(args: argparse.Namespace, overlap: bool, num_running: int) -> tuple[LLM, ModelClock]:
+    """An engine as a big GPU's for the 1B shape, taking at least num_running sequences at once."""
     max_model_len = args.max_prompt + args.output_len
     kv_bytes_per_token = 2 * TINY["hidden_size"] * 4  # K and V, one layer, one KV head of width 8, float32
     llm = LLM(model=LlamaConfig(**TINY, max_position_embeddings=max_model_len), load_format="dummy", device="cpu",
-              dtype="float32", max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_BATCHED_TOKENS,
+              dtype="float32", max_num_seqs=max(MAX_NUM_SEQS, num_running), max_num_batched_tokens=MAX_BATCHED_TOKENS,
               max_model_len=max_model_len, overlap_scheduling=overlap,
               kv_cache_bytes=(num_running + 1) * (max_model_len + 16) * kv_bytes_per_token)
     return llm, ModelClock(llm.engine.model, args.forward == "real")
@@ -102,13 +108,14 @@ def prompts(args: argparse.Namespace, num_requests: int) -> list[list[int]]:
     return make_prompts(TINY["vocab_size"], num_requests, args.min_prompt, args.max_prompt, args.seed)
 
 
-def steady(args: argparse.Namespace, overlap: bool) -> dict:
+def steady(args: argparse.Namespace, overlap: bool, reader: str) -> dict:
     """Host time of each of --window decoding steps at --num-requests running."""
     llm, clock = build(args, overlap, args.num_requests)
     engine = llm.engine
     streams = {}
     for ids in prompts(args, args.num_requests):
-        stream = engine.add_request(None, params(args), prompt_token_ids=ids)
+        stream = engine.add_request(None, params(args), prompt_token_ids=ids,
+                                    **({} if reader == "step" else dict(deltas=False)))
         streams[stream.request_id] = stream
 
     def read(outputs: list) -> int:
@@ -129,11 +136,12 @@ def steady(args: argparse.Namespace, overlap: bool) -> dict:
         outputs = engine.step()  # a sequence's new tokens, or its end
         host = time.thread_time() - cpu - (clock.seconds - model_before)
         wall_ms.append(1e3 * (time.perf_counter() - wall))
-        num_outputs = read(outputs)
+        read(outputs)
+        num_sequences = engine.last_step_stats.num_generation_tokens  # each decoding sequence's new token
         host_ms.append(1e3 * host)
-        running.append(num_outputs)
-        per_seq_us.append(1e6 * host / max(num_outputs, 1))
-    return dict(loop="on" if overlap else "off", ramp_steps=ramp, steps=len(host_ms),
+        running.append(num_sequences)
+        per_seq_us.append(1e6 * host / max(num_sequences, 1))
+    return dict(loop="on" if overlap else "off", reader=reader, ramp_steps=ramp, steps=len(host_ms),
                 sequences=statistics.median(running), host_ms_per_step=summary(host_ms),
                 host_us_per_seq=summary(per_seq_us), wall_ms_per_step=summary(wall_ms),
                 model_ms_per_step=1e3 * clock.seconds / max(ramp + len(host_ms), 1))
@@ -147,7 +155,7 @@ def whole(args: argparse.Namespace, overlap: bool) -> dict:
     def counted():
         outputs = step()
         counts["steps"] += 1
-        counts["seq_steps"] += len(outputs)
+        counts["seq_steps"] += llm.engine.last_step_stats.num_generation_tokens  # sequences given a token
         return outputs
 
     llm.engine.step = counted
@@ -170,11 +178,11 @@ def to_markdown(result: dict) -> str:
              f"{m['date']} · {m['cpu']} ({m['logical_cores']} cores, load {m['load_average_at_start']}) · torch "
              f"{m['torch']} · forward: {w['forward']}", "",
              f"Steady: {w['num_requests']} requests decoding, {w['window']} steps timed after the ramp-up.", "",
-             "| loop | steps | sequences a step | host ms/step (mean, median) | host µs/seq/step (mean) "
+             "| loop | reader | steps | sequences a step | host ms/step (mean, median) | host µs/seq/step (mean) "
              "| wall ms/step (mean) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["steady"]:
-        lines.append(f"| overlap {r['loop']} | {r['steps']} | {r['sequences']:.0f} | "
+        lines.append(f"| overlap {r['loop']} | {r['reader']} | {r['steps']} | {r['sequences']:.0f} | "
                      f"{r['host_ms_per_step']['mean']:.2f}, {r['host_ms_per_step']['median']:.2f} | "
                      f"{r['host_us_per_seq']['mean']:.2f} | {r['wall_ms_per_step']['mean']:.2f} |")
     if result["whole"]:
@@ -196,9 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
     result = dict(machine=facts, workload=workload, steady=[], whole=[])
     for loop in args.loops:
-        result["steady"].append(steady(args, LOOPS[loop]))
-        print(f"steady, overlap {loop}: {result['steady'][-1]['host_ms_per_step']['mean']:.2f} host ms/step",
-              flush=True)
+        for reader in args.readers:
+            r = steady(args, LOOPS[loop], reader)
+            result["steady"].append(r)
+            print(f"steady, overlap {loop}, reader {reader}: {r['host_ms_per_step']['mean']:.2f} host ms/step, "
+                  f"{r['host_us_per_seq']['mean']:.2f} µs/seq/step", flush=True)
     for loop in args.loops if args.whole_requests else []:
         result["whole"].append(whole(args, LOOPS[loop]))
         print(f"whole, overlap {loop}: {result['whole'][-1]['host_us_per_seq']:.2f} host µs/seq/step", flush=True)

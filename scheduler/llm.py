@@ -51,15 +51,14 @@ class LLM:
         token_ids = [self.engine.inputs.prepare(ids, p) for ids, p in zip(token_ids, params)]
         results, streams = [], []
         for ids, p in zip(token_ids, params):
-            stream = self.engine.add_request(None, p, prompt_token_ids=ids)
+            stream = self.engine.add_request(None, p, prompt_token_ids=ids, deltas=False)  # read at the end only
             completions = [CompletionOutput(stream.request_id, ids, index=i) for i in range(p.n)]
             completions[0].outputs = completions
             results.append(completions[0])
             streams.append(stream)
         by_id = {stream.request_id: (result, stream) for result, stream in zip(results, streams)}
         while not all(s.finished for s in streams):
-            # Each step's outputs are read as they come: left queued until the end they would pile up, one per
-            # token of the whole run, for the garbage collector to walk again and again.
+            # Each step's outputs (the requests that ended) are read as they come.
             for output in self.engine.step():
                 result, stream = by_id[output.request_id]
                 delta = stream.get_nowait()

@@ -4,6 +4,9 @@ Cancellation and deadlines reach the engine: when a consumer stops early (client
 deadline hit, task cancelled), the request is aborted and its KV blocks are freed at the
 next step. If a step raises, every live request is failed and the engine is marked dead.
 
+A step's outputs reach the event loop in one hop (call_soon_threadsafe wakes the loop through a pipe: one write a
+step, not one an output).
+
 Backpressure: a request's outputs wait for its consumer in a queue of at most about
 MAX_PENDING_OUTPUTS; at that many the request is paused in the engine (not scheduled, so
 nothing more is generated for it; its blocks are kept until others need them), and it runs
@@ -59,6 +62,7 @@ class AsyncEngine:
         self._calls: list[tuple[Callable, asyncio.AbstractEventLoop, asyncio.Future]] = []  # for the engine thread
         self._generated = deque()  # (time, tokens) of recent steps, for the generation rate
         self._kv_followers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []  # engine thread's own
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable, RequestOutput]] = []  # engine thread's own
 
     def start(self) -> None:
         self._thread.start()
@@ -99,7 +103,10 @@ class AsyncEngine:
 
         def on_output(output: RequestOutput) -> None:  # engine thread
             timer.observe(output)
-            loop.call_soon_threadsafe(receive, output)
+            if threading.current_thread() is self._thread:
+                self._outbox.append((loop, receive, output))  # posted with the step's others (_flush)
+            else:
+                _post(loop, receive, output)
 
         try:
             stream = self.engine.add_request(None, params, request_id=request_id, priority=priority,
@@ -181,8 +188,10 @@ class AsyncEngine:
             try:
                 result = fn()
             except Exception as exc:  # noqa: BLE001 - the caller gets it
+                self._flush()
                 _post(loop, _settle, future, None, exc)
             else:
+                self._flush()
                 _post(loop, _settle, future, result, None)
             if self._kv_followers:  # a call may change the cache (a flush)
                 self._publish_kv_events()
@@ -207,6 +216,7 @@ class AsyncEngine:
                 if self._num_steps == self._fault_after_steps:
                     raise RuntimeError("injected fault")
                 outputs = self.engine.step()
+                self._flush()
                 self._num_steps += 1
                 self.last_progress = time.monotonic()
                 self._count_generated(self.engine.last_step_stats.num_generation_tokens)
@@ -225,6 +235,19 @@ class AsyncEngine:
             log.exception("engine step failed; failing %d live requests", len(self._live))
             self.error = exc
             self.engine.fail_all(f"engine fault: {exc!r}")
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Post the outputs the engine gave since the last flush, in order: one hop onto each event loop."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, receive, output in outbox:
+            by_loop.setdefault(loop, []).append((receive, output))
+        for loop, calls in by_loop.items():
+            _post(loop, _receive_all, calls)
 
 
     def _count_generated(self, num_tokens: int) -> None:
@@ -241,6 +264,11 @@ def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         pass
+
+
+def _receive_all(calls: list[tuple[Callable, RequestOutput]]) -> None:
+    for receive, output in calls:
+        receive(output)
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:

@@ -60,7 +60,8 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         responses = Responses(request.stream, logprobs, token_ids)
         request_id = request.request_id or uuid.uuid4().hex
-        await self.stream(context, token_ids, params, request_id, responses.add)
+        # The gateway detokenizes itself: no text is made here (but to match stop strings).
+        await self.stream(context, token_ids, params, request_id, responses.add, detokenize=False)
 
     async def Embed(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Embed: beastserve is a generation daemon; it serves "

@@ -16,7 +16,8 @@ def test_a_short_run_times_every_workload_and_loop(tmp_path):
     main(["--num-requests", "12", "--whole-requests", "10", "--min-prompt", "4", "--max-prompt", "40",
           "--output-len", "16", "--window", "4", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [r["loop"] for r in result["steady"]] == ["on", "off"]
+    assert [(r["loop"], r["reader"]) for r in result["steady"]] == [("on", "step"), ("on", "end"), ("off", "step"),
+                                                                     ("off", "end")]
     for r in result["steady"]:
         assert r["steps"] == 4 and r["sequences"] == 12  # every sequence decodes in every timed step
         assert 0 < r["host_ms_per_step"]["min"] <= r["host_ms_per_step"]["median"]
@@ -28,7 +29,8 @@ def test_a_short_run_times_every_workload_and_loop(tmp_path):
     assert "overlap on" in markdown and "overlap off" in markdown and "Whole run: 10 requests" in markdown
 
 
-@pytest.mark.parametrize("argv", [["--loops", "sideways"], ["--window", "0"], ["--whole-requests", "-1"]])
+@pytest.mark.parametrize("argv", [["--loops", "sideways"], ["--window", "0"], ["--whole-requests", "-1"],
+                                  ["--readers", "never"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)

@@ -47,6 +47,10 @@ class BlockPool:
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self.events: list | None = None  # recorded only while someone follows them (see record_events)
+        # Which requests' block lists grew or were freed since take_row_changes: the persistent batch's rows
+        # follow them (None: nobody follows).
+        self._grown: dict[str, None] | None = None
+        self._released: list[str] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -119,6 +123,8 @@ class BlockPool:
             self._take(block)
         self.req_blocks[child.request_id] = list(blocks)
         self.req_block_ids[child.request_id] = [b.block_id for b in blocks]
+        if self._grown is not None:
+            self._grown[child.request_id] = None
         self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, [])[:num_blocks])
 
     def num_held_tokens(self, request: Request) -> int:
@@ -163,7 +169,8 @@ class BlockPool:
         """Return a request's blocks. Tail blocks go first into the eviction order, so a
         shared prefix outlives the suffixes that hang off it."""
         blocks = self.req_blocks.pop(request.request_id, [])
-        self.req_block_ids.pop(request.request_id, None)
+        if self.req_block_ids.pop(request.request_id, None) is not None and self._released is not None:
+            self._released.append(request.request_id)
         self.req_hashes.pop(request.request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1
@@ -189,6 +196,18 @@ class BlockPool:
     def _hold(self, request_id: str, block: Block) -> None:
         self.req_blocks[request_id].append(block)
         self.req_block_ids[request_id].append(block.block_id)
+        if self._grown is not None:
+            self._grown[request_id] = None
+
+    def take_row_changes(self) -> tuple[list[str], list[str]]:
+        """(requests whose blocks were freed, requests whose block lists grew) since the last call, in order; the
+        first call starts following them. What InputBatch.sync applies."""
+        if self._grown is None:
+            self._grown, self._released = {}, []
+            return [], list(self.req_block_ids)
+        released, grown = self._released, list(self._grown)
+        self._released, self._grown = [], {}
+        return released, grown
 
     def _take(self, block: Block) -> None:
         if block.ref_cnt == 0:

@@ -72,6 +72,9 @@ class Request:
         self.argmax_always = params.greedy and not self.penalised and not params.logit_bias \
             and not params.min_tokens and not params.logprobs
         self.all_token_ids = list(self.prompt_token_ids)
+        # Every token that may end the request once min_tokens allows (check_stop): others are passed over at once.
+        self.ending_token_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
+                                                                           else self.eos_token_ids)
         self.output_id = self.output_id or self.request_id
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]

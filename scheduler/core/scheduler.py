@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.request import Request, RequestStatus
@@ -72,7 +73,9 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens + len(s.draft_token_ids) for s in self.scheduled)
+        scheduled = self.scheduled  # map and attrgetter: no Python frame a row
+        return sum(map(attrgetter("num_new_tokens"), scheduled)) + sum(map(len, map(attrgetter("draft_token_ids"),
+                                                                                   scheduled)))
 
 
 class Scheduler:
@@ -87,6 +90,12 @@ class Scheduler:
         self.priority_aging_s = priority_aging_s
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # Whether running may be out of _order: a request joined it, or one was paused last step (and may have
+        # resumed since). Otherwise it is in rank order, and sorted again only when a paused request turns up.
+        self._unsorted = False
+        # A decoding row (one token, no drafts, sampled) is the same every step: its ScheduledRequest is made once
+        # and scheduled again, not made again each step (by sequence id; dropped when the request leaves running).
+        self._decode_rows: dict[str, ScheduledRequest] = {}
 
     @property
     def num_unfinished(self) -> int:
@@ -99,6 +108,7 @@ class Scheduler:
 
     def finish(self, request: Request) -> None:
         """Remove a request however it ended, returning its blocks."""
+        self._decode_rows.pop(request.request_id, None)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -174,22 +184,34 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
         budget = self.max_num_batched_tokens
-        self.running.sort(key=_order)
-        room = self.pool.has_room
+        sorted_now, self._unsorted = self._unsorted, False
+        if sorted_now:
+            self.running.sort(key=_order)
+        block_ids, block_size, scheduled = self.pool.req_block_ids, self.pool.block_size, out.scheduled
+        decode_rows = self._decode_rows
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.paused:
+            if request.stream is not None and request.stream.paused:  # Request.paused, without a call a row
+                self._unsorted = True  # it may resume before the next step
+                if not sorted_now:  # those before it are the first in rank order, and stay first when sorted
+                    sorted_now = True
+                    self.running.sort(key=_order)
+                    continue
                 break  # so are all after it
-            num_tokens = request.num_tokens_with_placeholders
+            num_tokens = len(request.all_token_ids) + request.num_placeholders  # num_tokens_with_placeholders
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
             # A step in flight may have accepted drafts the host does not know of yet: room for those too.
             reserve = request.num_drafts_in_flight
-            if not spec_depth and num_tokens - request.num_computed_tokens == 1 and room(request, num_tokens + reserve):
-                # Most rows of a decode step: one token, in a block it already holds.
-                out.scheduled.append(ScheduledRequest(request, 1, samples=True))
+            if not spec_depth and num_tokens - request.num_computed_tokens == 1 \
+                    and len(block_ids.get(request.request_id, ())) * block_size >= num_tokens + reserve:
+                # Most rows of a decode step: one token, in a block it already holds (BlockPool.has_room).
+                row = decode_rows.get(request.request_id)
+                if row is None:
+                    row = decode_rows[request.request_id] = ScheduledRequest(request, 1, samples=True)
+                scheduled.append(row)
                 budget -= 1
                 i += 1
                 continue
@@ -202,6 +224,9 @@ class Scheduler:
             if num_spec and not self.pool.allocate(request, needed + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
             while not self.pool.allocate(request, needed):
+                if not sorted_now:  # paused requests last, to go first; this one and those before it stay put
+                    sorted_now = True
+                    self.running.sort(key=_order)
                 # Lowest priority, latest arrival; never one already scheduled, as those rank higher.
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -213,6 +238,8 @@ class Scheduler:
                                                       - request.num_computed_tokens))
                 budget -= num_new + num_spec
                 i += 1
+        if i < len(self.running):
+            self._unsorted = True  # paused requests may be among those not reached: sorted again next step
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
@@ -239,6 +266,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self._unsorted = True
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
@@ -255,6 +283,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free the blocks now and recompute later (prompt plus what was generated)."""
         self.pool.free(request)
+        self._decode_rows.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -264,10 +293,11 @@ class Scheduler:
 def _apply_tokens(out: StepOutput) -> list[StepResult]:
     """update_from_output for a step without verification or logprobs (most steps): one token a row."""
     results = []
+    in_flight, finished = out.in_flight, RequestStatus.FINISHED
     for request, token in zip(out.requests, out.token_ids):
-        if out.in_flight:
+        if in_flight:
             request.num_placeholders -= 1
-        if request.is_finished:
+        if request.status is finished:  # Request.is_finished, without a call a row
             continue
         new_tokens = [token]
         if request.guide is not None:
@@ -281,4 +311,5 @@ def _apply_tokens(out: StepOutput) -> list[StepResult]:
 def _order(request: Request) -> tuple[bool, tuple[float, float]]:
     """How the scheduler sorts: paused requests (their readers far behind) last, so they are skipped together and
     preempted first; the rest by rank (Scheduler._rank, set when queued)."""
-    return request.paused, request.rank
+    stream = request.stream
+    return stream is not None and stream.paused, request.rank

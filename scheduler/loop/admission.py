@@ -16,11 +16,16 @@ from scheduler.structured.guide import Guide
 class Live:
     """Engine-side companions of a request: its stream and detokenizer."""
 
-    def __init__(self, request: Request, stream: RequestStream, detokenizer, grammar: Future | None = None):
+    def __init__(self, request: Request, stream: RequestStream, detokenizer, grammar: Future | None = None,
+                 deltas: bool = True):
         self.request = request
         self.stream = stream
         self.detokenizer = detokenizer
         self.grammar = grammar  # the compiled grammar of a structured request, until it is ready
+        self.deltas = deltas  # the stream is told after every step with news (else at the end only)
+        # A step's token needs no more than a stop check and, where the stream is told every step, an output: no
+        # text, grammar or logprob to follow.
+        self.plain = detokenizer is None and grammar is None and not request.params.logprobs
         self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
         self.prompt_logprobs_sent = request.prompt_logprobs is None

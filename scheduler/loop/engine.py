@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from operator import attrgetter
 
 import torch
 
@@ -44,6 +45,7 @@ from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+_NEW_TOKENS = attrgetter("new_token_ids")  # read by map: a pass over the rows without a Python frame each
 GC_OBJECTS_PER_SEQUENCE = 16  # young objects a step may hold per running sequence before the collector runs
 
 
@@ -128,9 +130,11 @@ class Engine:
 
     def add_request(self, prompt: Prompt | None, params: SamplingParams | None = None, *, request_id: str | None = None,
                     priority: int = 0, prompt_token_ids: list[int] | None = None, speculative: bool | None = None,
-                    max_draft_tokens: int | None = None, on_output=None) -> RequestStream:
-        """Validate and queue a request. Raises ValueError naming the bad field. speculative and
-        max_draft_tokens turn speculation off for this request or cap its depth."""
+                    max_draft_tokens: int | None = None, on_output=None, deltas: bool = True,
+                    detokenize: bool = True) -> RequestStream:
+        """Validate and queue a request. Raises ValueError naming the bad field. speculative and max_draft_tokens
+        turn speculation off for this request or cap its depth. deltas=False: the stream is told once, at the end
+        (no output built between); detokenize=False: token ids only, no text (but to match stop strings)."""
         params = params or SamplingParams()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.inputs.tokenize(prompt)
         token_ids = self.inputs.prepare(token_ids, params)
@@ -156,8 +160,8 @@ class Engine:
             if own.seed is not None and not own.greedy:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own, self.token_bytes) \
-                if self.tokenizer is not None else None
-            lives.append(Live(request, stream, detokenizer, grammar))
+                if self.tokenizer is not None and (detokenize or own.stop) else None
+            lives.append(Live(request, stream, detokenizer, grammar, deltas))
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
@@ -232,7 +236,7 @@ class Engine:
             settled = len(results)
             batch = [s for s in batch if not s.request.is_finished]  # scheduled, then ended by a token in flight
         num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
-                                < s.request.num_prompt_tokens)
+                                < len(s.request.prompt_token_ids))
         if defer:
             launched = self.executor.launch(batch, self._in_flight)
             results += self._collect()  # the step before's tokens, while the device runs this one
@@ -249,7 +253,7 @@ class Engine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
             kv_blocks_total=self.pool.num_blocks, num_batched_tokens=sched.num_batched_tokens,
-            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(len(r.new_token_ids) for r in results),
+            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(map(len, map(_NEW_TOKENS, results))),
             num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
             prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
             num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
@@ -278,11 +282,21 @@ class Engine:
     def _settle(self, results: list[StepResult], outputs: list[tuple[Live, RequestOutput]]) -> None:
         """Check new tokens for stops, their outputs onto `outputs`. A request whose host work raises ends with
         the error (its blocks freed); the step and the other requests go on."""
-        now = time.monotonic()
+        now, lives = time.monotonic(), self._live
         for result in results:
-            live = self._live[result.request.request_id]
+            request = result.request
+            live = lives[request.request_id]
             try:
-                outputs.append(self._append(live, result, now))
+                if live.plain and len(result.new_token_ids) == 1 and request.first_token_time is not None \
+                        and result.new_token_ids[0] not in request.ending_token_ids \
+                        and len(request.all_token_ids) < request.max_total_tokens:
+                    reason = None  # none of check_stop's cases; no text, grammar or logprob to follow
+                else:
+                    reason = check_new_tokens(live, result, now)
+                if reason is not None:
+                    outputs.append((live, self._finish(live, reason)))
+                elif live.deltas:  # else the stream is told at the end only
+                    outputs.append((live, delta_output(live)))
             except Exception as exc:  # noqa: BLE001 - isolated to the request it came from
                 outputs.append((live, self._fail(live, exc)))
 
@@ -358,10 +372,6 @@ class Engine:
                 output.error = f"structured_outputs.{live.request.params.structured_outputs.kind}: {error}"
                 outputs.append((live, output))
         return outputs
-
-    def _append(self, live: Live, result: StepResult, now: float) -> tuple[Live, RequestOutput]:
-        reason = check_new_tokens(live, result, now)
-        return live, self._finish(live, reason) if reason is not None else delta_output(live)
 
     def _finish(self, live: Live, reason: FinishReason) -> RequestOutput:
         live.request.finish_reason = reason

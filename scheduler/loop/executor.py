@@ -9,6 +9,7 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from scheduler.core.outputs import TokenLogprob
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
+from scheduler.loop.row_inputs import RowInputs
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
@@ -97,6 +99,7 @@ class StepExecutor:
         self.masks = TokenMasks(self.vocab_size, self.device)
         self.copies = TokenCopies(self.device)
         self.loop: SpeculativeLoop | None = None
+        self.row_inputs = RowInputs(self.pool, scheduler.max_num_seqs)  # per-row state kept across steps
 
     def speculate_in_loop(self, max_rows: int, max_model_len: int) -> None:
         """Verify drafts inside the overlapped loop (speculative/loop.py), where the proposer drafts on the
@@ -138,6 +141,9 @@ class StepExecutor:
         built make their step synchronous: penalties (they read the output history) and prompt logprobs
         (collected on the host from the chunk's logits). Logprobs of sampled tokens travel with them;
         min_tokens needs only the count. The choice is made for each step."""
+        requests = list(map(_REQUEST, batch))  # map and attrgetter: a pass over the rows without Python frames
+        if not any(map(_PENALISED, requests)) and list(map(_PROMPT_LOGPROBS, requests)).count(None) == len(requests):
+            return True  # most steps: no penalty, no prompt logprobs
         return all(not (r := s.request).needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | DraftStepInFlight | None
@@ -145,7 +151,7 @@ class StepExecutor:
         """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
         the device; the step before's, still in flight, are its placeholders' inputs, read from there. A step
         with drafts does too where the loop verifies them (self.loop); else it waits for the step before."""
-        if any(s.num_spec_slots for s in batch):
+        if any(map(_SPEC_SLOTS, batch)):
             if self.loop is not None and self.loop.accepts(batch):
                 return self.loop.launch(batch, previous, self._item)
             if previous is not None:
@@ -153,20 +159,20 @@ class StepExecutor:
             return self._start(batch)
         rows = previous.rows if previous is not None else {}
         tokens, shifts = device_inputs(previous)  # shifts: where the step in flight verified drafts
-        items = [self._item(s, rows.get(s.request, -1)) for s in batch]
-        logits = self.runner.forward(items, device_tokens=tokens if rows else None, device_shifts=shifts)
+        gathered = self.row_inputs.gather(batch, rows)
+        logits = self.runner.forward(gathered.inputs, device_tokens=tokens if rows else None, device_shifts=shifts)
         if self.speculator is not None:
-            self.speculator.observe_forward(batch, items, self.runner)
+            self.speculator.observe_forward(batch, gathered.inputs, self.runner)
         self.scheduler.advance(batch)
-        self._cache_blocks(batch)
+        self.row_inputs.cache_filled_blocks(batch, gathered)
         requests = [s.request for s in batch if s.samples]
-        if previous is not None and any(r.guide is not None for r in requests):
+        if previous is not None and list(map(_GUIDE, requests)).count(None) != len(requests):
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
         out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
                                                                           None, None, None)
         self.scheduler.add_placeholders(requests)
         num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
-        return StepInFlight(requests, {r: i for i, r in enumerate(requests)}, out.token_ids, num_top,
+        return StepInFlight(requests, dict(zip(requests, range(len(requests)))), out.token_ids, num_top,
                             *self.copies.start(_packed(out)))
 
     def collect(self, step: StepInFlight | DraftStepInFlight | Verification) -> list[StepResult]:
@@ -198,8 +204,11 @@ class StepExecutor:
         drafts = proposal.device_drafts if proposal is not None else None
         rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
         prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch]
-        items = [self._item(s, rows.get(id(s), -1), first if count else None)
-                 for s, (first, count) in zip(batch, prompt_rows)]
+        if spec or any(count for _, count in prompt_rows):
+            items = [self._item(s, rows.get(id(s), -1), first if count else None)
+                     for s, (first, count) in zip(batch, prompt_rows)]
+        else:  # every row's tokens known: the persistent batch's
+            items = self.row_inputs.gather(batch, {}).inputs
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
@@ -265,8 +274,8 @@ class StepExecutor:
         """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
         Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
         overwritten), without the sampler's rows."""
-        guides = [r.guide for r in requests]
-        constrained = any(g is not None for g in guides)
+        guides = list(map(_GUIDE, requests))
+        constrained = guides.count(None) != len(guides)
         if _argmax_only(requests):
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
@@ -335,7 +344,13 @@ class StepExecutor:
 def _argmax_only(requests: list[Request]) -> bool:
     """Every request's token is its logits' argmax (under its grammar's mask, if any), without logprobs: no
     sampling rows needed."""
-    return all(r.argmax_always or (plain_greedy(r) and not r.params.logprobs) for r in requests)
+    return all(map(_ARGMAX_ALWAYS, requests)) \
+        or all(r.argmax_always or (plain_greedy(r) and not r.params.logprobs) for r in requests)
+
+
+_REQUEST, _GUIDE, _SPEC_SLOTS = attrgetter("request"), attrgetter("guide"), attrgetter("num_spec_slots")
+_PENALISED, _PROMPT_LOGPROBS, _ARGMAX_ALWAYS = (attrgetter("penalised"), attrgetter("prompt_logprobs"),
+                                                attrgetter("argmax_always"))
 
 
 def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],

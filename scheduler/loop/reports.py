@@ -40,17 +40,19 @@ def delta_output(live: Live) -> RequestOutput:
     """The request's tokens since its last output (none when nothing is new), its prompt's logprobs the first time
     they are complete."""
     request = live.request
+    num_output_tokens = len(request.output_token_ids)  # read directly, as below: one output a row a step
     new_ids = request.output_token_ids[live.num_sent_tokens:]
     new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
-    live.num_sent_tokens = request.num_output_tokens
-    text = live.detokenizer.take_delta(request.is_finished) if live.detokenizer is not None else ""
+    live.num_sent_tokens = num_output_tokens
+    text, held_back = "", 0
+    if live.detokenizer is not None:
+        text, held_back = live.detokenizer.take_delta(request.is_finished), live.detokenizer.held_back_bytes
     prompt_logprobs = None
     if not live.prompt_logprobs_sent and not request.needs_prompt_logprobs:  # an abort mid-prompt sends none
         prompt_logprobs, live.prompt_logprobs_sent = request.prompt_logprobs, True
-    held_back = live.detokenizer.held_back_bytes if live.detokenizer is not None else 0
-    return RequestOutput(request.output_id, new_ids, text, new_logprobs, prompt_logprobs,
-                         num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=request.num_output_tokens,
-                         num_cached_tokens=request.num_cached_tokens, index=request.index, held_back_bytes=held_back)
+    return RequestOutput(request.output_id, new_ids, text, new_logprobs, prompt_logprobs, False, None, None,
+                         len(request.prompt_token_ids), num_output_tokens, request.num_cached_tokens, None, None,
+                         request.index, held_back)
 
 
 def final_output(live: Live) -> RequestOutput:

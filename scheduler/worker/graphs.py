@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from scheduler.worker.attention import AttentionMetadata
-from scheduler.worker.packing import ForwardItem, fill_block_tables, positions_and_slots
+from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs, fill_block_tables, positions_and_slots
 from scheduler.worker.shifts import apply_shifts
 
 log = logging.getLogger(__name__)
@@ -127,42 +127,43 @@ class CudaGraphs:
                  f", steps with prompts of up to {self.mixed_tokens[-1]} tokens" if self.mixed_tokens else "",
                  time.perf_counter() - started, self.memory_bytes / 2**20)
 
-    def fits(self, items: list[ForwardItem]) -> bool:
-        if len(items) > self.sizes[-1]:
+    def fits(self, inputs: StepInputs) -> bool:
+        if len(inputs) > self.sizes[-1]:
             return False
-        return all(it.num_logits == len(it.token_ids) <= self.max_query_len and len(it.block_table) <= self.width
-                   for it in items)
+        lens = inputs.query_lens
+        return bool((inputs.num_logits == lens).all() and (lens <= self.max_query_len).all()
+                    and (inputs.num_blocks <= self.width).all())
 
-    def mixed_bucket(self, items: list[ForwardItem]) -> tuple[int, int] | None:
-        """The smallest (sequences, tokens) mixed graph that holds these items, if any."""
-        num_tokens = sum(len(it.token_ids) for it in items)
-        seqs = next((b for b in self.mixed_seqs if b >= len(items)), None)
+    def mixed_bucket(self, inputs: StepInputs) -> tuple[int, int] | None:
+        """The smallest (sequences, tokens) mixed graph that holds these sequences, if any."""
+        num_tokens = int(inputs.query_lens.sum())
+        seqs = next((b for b in self.mixed_seqs if b >= len(inputs)), None)
         tokens = next((t for t in self.mixed_tokens if t >= num_tokens), None)
-        if seqs is None or tokens is None or any(len(it.block_table) > self.width for it in items):
+        if seqs is None or tokens is None or bool((inputs.num_blocks > self.width).any()):
             return None
         return seqs, tokens
 
-    def replay_mixed(self, items: list[ForwardItem], bucket: tuple[int, int], patch=None, shifts=None) -> torch.Tensor:
+    def replay_mixed(self, items: StepInputs, bucket: tuple[int, int], patch=None, shifts=None) -> torch.Tensor:
         """Hidden states of every item's new tokens, in order; patch as from ModelRunner._patch, shifts from
         shifts.shift_plan."""
         self.num_mixed_replays += 1
         out, num_tokens = self._replay(self.mixed, bucket, items, bucket[1], None, patch, shifts)
         return out[:num_tokens]
 
-    def replay(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None, patch=None,
+    def replay(self, items: StepInputs, token_ids: torch.Tensor | None = None, patch=None,
                shifts=None) -> torch.Tensor:
-        """Hidden states of every item's new tokens, in order; token_ids as in ModelRunner.forward,
+        """Hidden states of every sequence's new tokens, in order; token_ids as in ModelRunner.forward,
         patch as from ModelRunner._patch, shifts from shifts.shift_plan."""
         num_seqs = self._batch_bucket(items)
-        query_len = max(len(it.token_ids) for it in items)
+        query_len = int(items.query_lens.max())
         out, num_tokens = self._replay(self.graphs, (num_seqs, query_len), items, num_seqs * query_len, token_ids,
                                       patch, shifts)
         return out[:num_tokens]
 
-    def _batch_bucket(self, items: list[ForwardItem]) -> int:
+    def _batch_bucket(self, items: list[ForwardItem] | StepInputs) -> int:
         return next(b for b in self.sizes if b >= len(items))
 
-    def _replay(self, graphs: dict, key: tuple[int, int], items: list[ForwardItem], padded_tokens: int,
+    def _replay(self, graphs: dict, key: tuple[int, int], items: list[ForwardItem] | StepInputs, padded_tokens: int,
                 token_ids: torch.Tensor | None, patch, shifts=None) -> tuple[torch.Tensor, int]:
         """Fill and upload the inputs, put the device-held tokens in, replay graphs[key] (its first
         number is its sequence bucket). Returns its output and the number of real tokens."""
@@ -188,11 +189,11 @@ class CudaGraphs:
             ids = self._view(self.device_buf, "input_ids", self.max_tokens)
             ids.index_copy_(0, patch[0], patch[1].to(ids.dtype))
 
-    def _fill(self, items: list[ForwardItem], padded_tokens: int) -> int:
+    def _fill(self, items: list[ForwardItem] | StepInputs, padded_tokens: int) -> int:
         host, bs = self.host_np, self.block_size
         self.copied.synchronize()  # the last step's copy has left the host buffer
-        query_lens = np.fromiter((len(it.token_ids) for it in items), dtype=np.int64, count=len(items))
-        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
+        items = as_inputs(items)
+        query_lens, starts = items.query_lens, items.starts
         num_tokens = int(query_lens.sum())
         qsl = self._view(host, "query_start_loc", self.sizes[-1] + 1)
         qsl[0] = 0
@@ -208,7 +209,7 @@ class CudaGraphs:
         positions[:num_tokens], slots[:num_tokens] = positions_and_slots(query_lens, qsl, starts, tables, bs)
         positions[num_tokens:], slots[num_tokens:] = 0, -1
         ids = self._view(host, "input_ids", padded)
-        ids[:num_tokens] = [t for it in items for t in it.token_ids]
+        ids[:num_tokens] = items.token_ids
         ids[num_tokens:] = 0
         return num_tokens
 

@@ -17,15 +17,16 @@ from scheduler.worker.graphs import CudaGraphs
 from scheduler.worker.models.base import CausalLMModel, head_dim
 from scheduler.worker.packing import (
     ForwardItem,
+    StepInputs,
+    as_inputs,
     device_token_patch,
-    fill_block_tables,
     logits_indices,
     positions_and_slots,
 )
 from scheduler.worker.parallel import max_kv_heads
 from scheduler.worker.shifts import apply_shifts, shift_plan
 
-__all__ = ["ForwardItem", "ModelRunner", "fused_kernels_available", "kv_bytes_per_block"]
+__all__ = ["ForwardItem", "ModelRunner", "StepInputs", "fused_kernels_available", "kv_bytes_per_block"]
 
 log = logging.getLogger(__name__)
 
@@ -83,94 +84,101 @@ class ModelRunner:
                                  max_model_len, max_batched_tokens)
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None,
+    def forward(self, items: list[ForwardItem] | StepInputs, token_ids: torch.Tensor | None = None,
                 device_tokens: torch.Tensor | None = None, with_hidden: bool = False,
                 device_shifts: torch.Tensor | None = None):
-        """Compute the items' new tokens into the KV cache in one pass. Returns fp32 logits for
-        each item's last `num_logits` tokens, items in the order given: [sum num_logits, vocab];
-        with_hidden, also the model's last hidden states at those rows: (logits, hidden).
+        """Compute the sequences' new tokens into the KV cache in one pass (items: ForwardItems, or the same as
+        arrays). Returns fp32 logits for each sequence's last `num_logits` tokens, in the order given:
+        [sum num_logits, vocab]; with_hidden, also the model's last hidden states at those rows: (logits, hidden).
 
         Tokens the device holds and the host has not learnt yet, so the host never waits for them:
-        token_ids, for items of one token each (a draft pass feeding on the last one's output),
-        replaces every item's token; device_tokens [rows, width] fills the trailing placeholders of
-        items that name a device_row (drafts to verify). device_shifts [rows]: where the host does not know
-        yet how far such an item starts (the step before's accepted drafts), the device moves it on by
-        device_shifts[device_row] (shifts.py)."""
-        assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
-        self._packed_order = None  # the eager pass sets the order it packed the items in
-        patch = None if device_tokens is None or self.graphs is None else self._patch(items, device_tokens)
-        shifts = None if device_shifts is None or self.graphs is None else shift_plan(items, device_shifts)
-        if self.graphs is not None and self.graphs.fits(items):
-            hidden = self.graphs.replay(items, token_ids, patch, shifts)
-        elif self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(items)):
-            hidden = self.graphs.replay_mixed(items, bucket, patch, shifts)
-            rows = logits_indices(np.fromiter((len(it.token_ids) for it in items), np.int64, len(items)),
-                                   np.fromiter((it.num_logits for it in items), np.int64, len(items)))
-            hidden = hidden[self._to_device(rows)]
+        token_ids, for sequences of one token each (a draft pass feeding on the last one's output),
+        replaces every sequence's token; device_tokens [rows, width] fills the trailing placeholders of
+        sequences that name a device_row (drafts to verify, or the tokens of the step in flight). device_shifts
+        [rows]: where the host does not know yet how far such a sequence starts (the step before's accepted
+        drafts), the device moves it on by device_shifts[device_row] (shifts.py)."""
+        inputs = as_inputs(items)
+        assert token_ids is None or bool((inputs.query_lens == 1).all())
+        self._packed_order = None  # the eager pass sets the order it packed the sequences in
+        patch = None if device_tokens is None or self.graphs is None else self._patch(inputs, device_tokens)
+        shifts = None if device_shifts is None or self.graphs is None else shift_plan(inputs, device_shifts)
+        if self.graphs is not None and self.graphs.fits(inputs):
+            hidden = self.graphs.replay(inputs, token_ids, patch, shifts)
+        elif self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(inputs)):
+            hidden = self.graphs.replay_mixed(inputs, bucket, patch, shifts)
+            hidden = hidden[self._to_device(logits_indices(inputs.query_lens, inputs.num_logits))]
         else:
-            hidden = self._forward_eager(items, token_ids, device_tokens, device_shifts)
+            hidden = self._forward_eager(inputs, token_ids, device_tokens, device_shifts)
         logits = self.model.compute_logits(hidden).float()
         return (logits, hidden) if with_hidden else logits
 
-    def aux_hidden_states(self, items: list[ForwardItem]) -> torch.Tensor:
+    def aux_hidden_states(self, items: list[ForwardItem] | StepInputs) -> torch.Tensor:
         """After forward(items): the model's kept streams (CausalLM.keep_aux_hidden_states) at every new
-        token of the items, in their order: [sum of len(token_ids), width]. A view of the model's buffer,
+        token of the sequences, in their order: [sum of query lengths, width]. A view of the model's buffer,
         which the next pass overwrites."""
-        lens = [len(it.token_ids) for it in items]
-        out = self.model.aux.out[:sum(lens)]
+        lens = as_inputs(items).query_lens
+        out = self.model.aux.out[:int(lens.sum())]
         order = self._packed_order
-        if order is None or order == sorted(order):
+        if order is None:
             return out
-        starts = np.cumsum([0] + [lens[i] for i in order])
-        packed_at = {item: starts[pos] for pos, item in enumerate(order)}
-        back = np.concatenate([np.arange(packed_at[i], packed_at[i] + lens[i]) for i in range(len(items))])
+        packed_lens = lens[order]
+        packed_starts = np.cumsum(packed_lens) - packed_lens
+        where = np.empty_like(packed_starts)
+        where[order] = packed_starts  # each sequence's first token in the packed pass
+        back = np.repeat(where, lens) + (np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens))
         return out[self._to_device(back.astype(np.int64))]
 
-    def _patch(self, items: list[ForwardItem], device_tokens: torch.Tensor):
-        """(destinations in the packed input, tokens) for the items' device-held tokens, or None."""
-        where = device_token_patch(items, device_tokens.shape[1])
+    def _patch(self, inputs: StepInputs, device_tokens: torch.Tensor):
+        """(destinations in the packed input, tokens) for the sequences' device-held tokens, or None."""
+        where = device_token_patch(inputs, device_tokens.shape[1])
         if where is None:
             return None
         where = to_device(where, torch.long, self.device)
         return where[0], device_tokens.reshape(-1)[where[1]]
 
     @torch.inference_mode()
-    def _forward_eager(self, items: list[ForwardItem], token_ids: torch.Tensor | None = None,
+    def _forward_eager(self, inputs: list[ForwardItem] | StepInputs, token_ids: torch.Tensor | None = None,
                        device_tokens: torch.Tensor | None = None,
                        device_shifts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of the rows forward() returns logits for."""
-        order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids) != 1)  # decodes first
-        input_ids, positions, meta, logit_rows = self._prepare([items[i] for i in order])
-        if device_shifts is not None and (shifts := shift_plan([items[i] for i in order], device_shifts)):
+        inputs = as_inputs(inputs)
+        decodes = inputs.query_lens == 1
+        in_order = not (np.diff(decodes.astype(np.int8)) > 0).any()  # no decode after another kind of row
+        order = None if in_order else np.argsort(~decodes, kind="stable")  # decodes first
+        if order is not None:
+            inputs = inputs.take(order)
+        input_ids, positions, meta, logit_rows = self._prepare(inputs)
+        if device_shifts is not None and (shifts := shift_plan(inputs, device_shifts)):
             apply_shifts(shifts, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, self.block_size)
             meta.max_seq_len = meta.block_tables.shape[1] * self.block_size  # a bound the host knows
-        if token_ids is not None:  # every item is a decode, so the order is the caller's
+        if token_ids is not None:  # every sequence is a decode, so the order is the caller's
             input_ids = token_ids.to(input_ids.dtype)
-        if device_tokens is not None and (patch := self._patch([items[i] for i in order], device_tokens)):
+        if device_tokens is not None and (patch := self._patch(inputs, device_tokens)):
             input_ids.index_copy_(0, patch[0], patch[1].to(input_ids.dtype))
         hidden = self.model(input_ids, positions, self.kv_caches, meta)[logit_rows]
         self._packed_order = order
-        if order == sorted(order):
+        if order is None:
             return hidden
         # Rows come out in the sorted order; hand them back in the caller's.
-        row_starts = np.cumsum([0] + [items[i].num_logits for i in order])
-        sorted_pos = {item: pos for pos, item in enumerate(order)}
-        back = np.concatenate([np.arange(row_starts[sorted_pos[i]], row_starts[sorted_pos[i]] + items[i].num_logits)
-                               for i in range(len(items))]).astype(np.int64)
-        return hidden[self._to_device(back)]
+        num_logits = inputs.num_logits  # in the sorted order
+        sorted_starts = np.cumsum(num_logits) - num_logits
+        where = np.empty_like(sorted_starts)
+        where[order] = sorted_starts  # each caller's row's first logit row, in the sorted output
+        counts = num_logits[np.argsort(order)]
+        back = np.repeat(where, counts) + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts,
+                                                                                    counts))
+        return hidden[self._to_device(back.astype(np.int64))]
 
-    def _prepare(self, items: list[ForwardItem]):
+    def _prepare(self, inputs: list[ForwardItem] | StepInputs):
+        inputs = as_inputs(inputs)
         bs = self.block_size
-        query_lens = np.array([len(it.token_ids) for it in items], dtype=np.int64)
-        starts = np.array([it.start for it in items], dtype=np.int64)
+        query_lens, starts = inputs.query_lens, inputs.starts
         seq_lens = starts + query_lens
         query_start_loc = np.concatenate(([0], np.cumsum(query_lens)))
-        block_tables = np.zeros((len(items), max(len(it.block_table) for it in items)), dtype=np.int64)
-        fill_block_tables(block_tables, items)
+        # As wide as the longest table, as int64 (the attention's metadata).
+        block_tables = inputs.block_tables[:, :int(inputs.num_blocks.max())].astype(np.int64)
         positions, slot_mapping = positions_and_slots(query_lens, query_start_loc, starts, block_tables, bs)
-        input_ids = np.fromiter((t for it in items for t in it.token_ids), dtype=np.int64,
-                                count=int(query_start_loc[-1]))
-        logit_rows = logits_indices(query_lens, np.array([it.num_logits for it in items], dtype=np.int64))
+        logit_rows = logits_indices(query_lens, inputs.num_logits)
         num_decodes = int((query_lens == 1).sum())  # all at the front
         non_decode_lens = query_lens[num_decodes:]
         to_dev = self._to_device
@@ -178,7 +186,7 @@ class ModelRunner:
             slot_mapping=to_dev(slot_mapping), query_start_loc=to_dev(query_start_loc), seq_lens=to_dev(seq_lens),
             block_tables=to_dev(block_tables), num_decodes=num_decodes,
             max_query_len=int(non_decode_lens.max()) if len(non_decode_lens) else 1, max_seq_len=int(seq_lens.max()))
-        return to_dev(input_ids), to_dev(positions), meta, to_dev(logit_rows)
+        return to_dev(inputs.token_ids), to_dev(positions), meta, to_dev(logit_rows)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)

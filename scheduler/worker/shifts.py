@@ -9,18 +9,20 @@ import numpy as np
 import torch
 
 from scheduler.tensors import to_device
-from scheduler.worker.packing import ForwardItem
+from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs
 
 
-def shift_plan(items: list[ForwardItem], device_shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def shift_plan(items: list[ForwardItem] | StepInputs, device_shifts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(the item of each packed token, each item's shift) on the device, items in the order given; an item moves by
     device_shifts[its device_row], one without a device row stays. None when no item moves."""
-    count = len(items)
-    rows = np.fromiter((it.device_row for it in items), np.int64, count)
+    inputs = as_inputs(items)
+    count = len(inputs)
+    rows = inputs.device_rows.copy()
     if not (rows >= 0).any():
         return None
     rows[rows < 0] = device_shifts.shape[0]  # a zero appended below
-    query_lens = np.fromiter((len(it.token_ids) for it in items), np.int64, count)
+    query_lens = inputs.query_lens
     token_item = np.repeat(np.arange(count), query_lens)
     token_item, rows = to_device(np.concatenate([token_item, rows]), torch.long, device_shifts.device).split(
         [len(token_item), count])  # one copy

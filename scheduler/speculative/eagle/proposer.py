@@ -33,7 +33,7 @@ from scheduler.speculative.eagle.runner import HeadRunner, planned_config
 from scheduler.speculative.proposer import Proposal, ProposerContext
 from scheduler.tensors import to_device
 from scheduler.worker.models import LoadedModel
-from scheduler.worker.packing import ForwardItem
+from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +84,25 @@ class EagleProposer:
     def observe(self, spec, num_accepted, hidden_states) -> None:
         pass  # the rows past the accepted tokens are not counted: the next catch-up rewrites them
 
-    def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem], aux: torch.Tensor) -> None:
+    def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem] | StepInputs,
+                        aux: torch.Tensor) -> None:
         """After a target pass over items (batch's, in order): store the features of every row, then write
         the rows that have waited long enough."""
         if not any(s.request.speculative for s in batch):
             return  # nothing here will draft
-        self.runner.store(items, aux)
+        inputs = as_inputs(items)
+        self.runner.store(inputs, aux)
         ready = []
-        for s, item in zip(batch, items):
+        ends = (inputs.starts + inputs.query_lens).tolist()
+        for i, s in enumerate(batch):
             request = s.request
             if not request.speculative:
                 continue
-            held = self._held_rows(request, item.start)
-            count = min(item.start + len(item.token_ids), request.num_tokens - 1) - held
+            held = self._held_rows(request, int(inputs.starts[i]))
+            count = min(ends[i], request.num_tokens - 1) - held
             if count >= self.fill_at:
-                ready.append(ForwardItem(request.all_token_ids[held + 1:held + 1 + count], held, item.block_table, 0))
+                table = inputs.block_tables[i, :inputs.num_blocks[i]].tolist()
+                ready.append(ForwardItem(request.all_token_ids[held + 1:held + 1 + count], held, table, 0))
                 held += count
             self._held[request] = (held, request.num_preemptions)
         if ready:

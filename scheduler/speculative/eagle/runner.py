@@ -13,7 +13,7 @@ import torch
 from scheduler.speculative.eagle.head import EagleHead
 from scheduler.worker.models.base import head_dim
 from scheduler.worker.models.llama import load_fused_ops
-from scheduler.worker.packing import ForwardItem, fill_block_tables, positions_and_slots
+from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs, positions_and_slots
 from scheduler.worker.runner import ModelRunner, fused_kernels_available, kv_zeros
 
 
@@ -46,16 +46,14 @@ class HeadRunner(ModelRunner):
         self._packed_order = None
 
     @torch.inference_mode()
-    def store(self, items: list[ForwardItem], aux: torch.Tensor) -> None:
+    def store(self, items: list[ForwardItem] | StepInputs, aux: torch.Tensor) -> None:
         """The features of every new token of the target's items (aux: their kept streams, in order), at
         their slots."""
-        count = len(items)
-        query_lens = np.fromiter((len(it.token_ids) for it in items), np.int64, count)
-        starts = np.fromiter((it.start for it in items), np.int64, count)
-        tables = np.zeros((count, max(len(it.block_table) for it in items)), dtype=np.int64)
-        fill_block_tables(tables, items)
-        _, slots = positions_and_slots(query_lens, np.concatenate(([0], np.cumsum(query_lens))), starts, tables,
-                                       self.block_size)
+        inputs = as_inputs(items)
+        query_lens = inputs.query_lens
+        tables = inputs.block_tables[:, :int(inputs.num_blocks.max())].astype(np.int64)
+        _, slots = positions_and_slots(query_lens, np.concatenate(([0], np.cumsum(query_lens))), inputs.starts,
+                                       tables, self.block_size)
         self.features.index_copy_(0, self._to_device(slots), self.model.fuse(aux))
 
     def prepare(self, items: list[ForwardItem]) -> tuple:
