@@ -19,7 +19,8 @@ from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
 from scheduler.loop.row_inputs import RowInputs
 from scheduler.sampling import prompt_logprobs
-from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
+from scheduler.sampling.picking import argmax_only, deferrable, greedy_verify, positions_differ
+from scheduler.sampling.rows import sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.loop import DraftStepInFlight, SpeculativeLoop, device_inputs
 from scheduler.speculative.proposer import Proposal
@@ -126,25 +127,7 @@ class StepExecutor:
         """Run a step and return its tokens, on the host."""
         return self._finish(self._start(batch))
 
-    @staticmethod
-    def can_defer(batch: list[ScheduledRequest]) -> bool:
-        """Whether the step may be launched and its host work left for later, while the device runs it.
-
-        Plain decoding and prefill overlap fully, greedy or sampled, seeded or not, with logit_bias: the next
-        step needs nothing of the host but the count of tokens, so it is launched before the host has read
-        this one's (launch). A step with drafts overlaps in part: the next step's positions hang on how many
-        drafts are accepted, and drafting reads the token history, so its tokens reach the host before the
-        next step is scheduled, but their stop checks, detokenization and streaming wait until the next step
-        is launched. A grammar's next mask follows the token in flight, but only the sampling needs it: the
-        step's forward is launched first, then the host reads the tokens in flight and fills the masks while
-        the device runs it (launch). Requests that need the host to know every token before the next step is
-        built make their step synchronous: penalties (they read the output history) and prompt logprobs
-        (collected on the host from the chunk's logits). Logprobs of sampled tokens travel with them;
-        min_tokens needs only the count. The choice is made for each step."""
-        requests = list(map(_REQUEST, batch))  # map and attrgetter: a pass over the rows without Python frames
-        if not any(map(_PENALISED, requests)) and list(map(_PROMPT_LOGPROBS, requests)).count(None) == len(requests):
-            return True  # most steps: no penalty, no prompt logprobs
-        return all(not (r := s.request).needs_prompt_logprobs and (not s.samples or not r.penalised) for s in batch)
+    can_defer = staticmethod(deferrable)  # sampling/picking.py says which steps may run ahead of the host
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | DraftStepInFlight | None
                ) -> StepInFlight | DraftStepInFlight | Verification:
@@ -228,7 +211,7 @@ class StepExecutor:
             target_ids = None
             if step.proposal.device_drafts is not None:  # one copy brings the drafts and, if greedy, the target's picks
                 target_ids = _learn_drafts(step.spec, step.proposal.device_drafts,
-                                           step.logits if self._greedy_verify(sampled) else None)
+                                           step.logits if greedy_verify(sampled) else None)
             results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden)
         else:
             results = self._sample(step.logits, sampled)
@@ -266,17 +249,13 @@ class StepExecutor:
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            num_device_tokens)
 
-    @staticmethod
-    def _greedy_verify(sampled: list[ScheduledRequest]) -> bool:
-        return all(plain_greedy(s.request) and s.request.guide is None for s in sampled)
-
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
         Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
         overwritten), without the sampler's rows."""
         guides = list(map(_GUIDE, requests))
         constrained = guides.count(None) != len(guides)
-        if _argmax_only(requests):
+        if argmax_only(requests):
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
         rows = sampling_rows(requests, self.vocab_size, self.device)
@@ -296,13 +275,13 @@ class StepExecutor:
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
                 target_ids: list[int] | None, hidden: torch.Tensor | None) -> list[StepResult]:
         requests = [s.request for s in sampled]
-        if self._greedy_verify(sampled):
+        if greedy_verify(sampled):
             # Greedy verification is an argmax comparison: one argmax over every verified position,
             # one copy to the host, no sampling rows.
             if target_ids is None:
                 target_ids = logits.argmax(dim=-1).tolist()
             num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
-        elif _argmax_only(requests):
+        elif argmax_only(requests):
             # Greedy rows under grammars: the same argmax comparison, each verified position's argmax taken
             # among the tokens its grammar allows there (what the sampler's one-hot would pick).
             bitmask, walked = self._draft_masks(sampled)
@@ -341,16 +320,7 @@ class StepExecutor:
         return self.masks.to_device(host), walked
 
 
-def _argmax_only(requests: list[Request]) -> bool:
-    """Every request's token is its logits' argmax (under its grammar's mask, if any), without logprobs: no
-    sampling rows needed."""
-    return all(map(_ARGMAX_ALWAYS, requests)) \
-        or all(r.argmax_always or (plain_greedy(r) and not r.params.logprobs) for r in requests)
-
-
 _REQUEST, _GUIDE, _SPEC_SLOTS = attrgetter("request"), attrgetter("guide"), attrgetter("num_spec_slots")
-_PENALISED, _PROMPT_LOGPROBS, _ARGMAX_ALWAYS = (attrgetter("penalised"), attrgetter("prompt_logprobs"),
-                                                attrgetter("argmax_always"))
 
 
 def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],

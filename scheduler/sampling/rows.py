@@ -9,29 +9,9 @@ from scheduler.core.params import has_penalty
 from scheduler.core.request import Request
 from scheduler.core.stopping import blocked_ids
 from scheduler.sampling.batch import SamplingBatch
+from scheduler.sampling.picking import num_outputs, plain_greedy
 
-__all__ = ["draft_rows", "has_penalty", "num_outputs", "plain_greedy", "positions_differ", "sampling_rows"]
-
-
-def num_outputs(request: Request) -> int:
-    """Output tokens before the one sampled next: those in flight count, though the host has not read them."""
-    return request.num_output_tokens + request.num_placeholders
-
-
-def plain_greedy(request: Request) -> bool:
-    """Greedy, and nothing changes the logits it takes the argmax of (penalties, logit_bias, tokens
-    blocked by min_tokens): its next token is the argmax of the raw logits, and so is every verified one."""
-    params = request.params
-    return params.greedy and not has_penalty(params) and not params.logit_bias and (
-        not params.min_tokens or not blocked_ids(request, num_outputs(request)))
-
-
-def positions_differ(request: Request) -> bool:
-    """Whether a verified position samples differently from the request's own row: penalties see
-    the drafts before it, min_tokens may block stops at some positions only, and a grammar allows what
-    follows the drafts before it."""
-    return request.guide is not None or has_penalty(request.params) or bool(
-        blocked_ids(request, num_outputs(request)))
+__all__ = ["draft_rows", "sampling_rows"]
 
 
 def sampling_rows(requests: list[Request], vocab_size: int, device: torch.device,

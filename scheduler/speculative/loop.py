@@ -23,6 +23,7 @@ import torch
 
 from scheduler.core.request import Request, RequestStatus
 from scheduler.core.scheduler import ScheduledRequest, StepOutput
+from scheduler.sampling.picking import verifiable_on_device
 from scheduler.tensors import to_device
 from scheduler.worker.packing import ForwardItem
 
@@ -143,11 +144,7 @@ class SpeculativeLoop:
         self.history = DeviceHistory(max_rows, max_model_len + 2 * (k_max + 1), runner.device)
         self.device = runner.device
 
-    @staticmethod
-    def accepts(batch: list[ScheduledRequest]) -> bool:
-        """Whether every token the step samples is its logits' argmax (nothing else shapes them): what the
-        device verifies here."""
-        return all(s.request.argmax_always and s.request.guide is None for s in batch if s.samples)
+    accepts = staticmethod(verifiable_on_device)  # the device verifies what the step samples
 
     def launch(self, batch: list[ScheduledRequest], previous,
                item_of: Callable[[ScheduledRequest, int], ForwardItem]) -> DraftStepInFlight:
