@@ -57,11 +57,17 @@ def test_the_kv_cache_is_sized_from_measured_steps_and_the_largest_steps_fit(tmp
     assert_pool_idle(engine)
 
 
-@pytest.mark.parametrize("mode", ["ngram", "draft"])
-def test_cuda_speculative_greedy_matches_hf(tiny_model_dir, mode):
+@pytest.mark.parametrize("mode", ["ngram", "draft", "eagle"])
+def test_cuda_speculative_greedy_matches_hf(tiny_model_dir, mode, tmp_path):
+    """CUDA graphs of the target (with the layers an EAGLE head reads kept) and of the drafts."""
     path, model = tiny_model_dir
     prompts = random_prompts(model.config.vocab_size) + [[3, 4, 5, 6] * 10]
     extra = dict(draft_model=str(path)) if mode == "draft" else {}
+    if mode == "eagle":
+        from tests.test_eagle import save_head, train_head
+
+        save_head(train_head(model, steps=40), model, tmp_path)
+        extra = dict(eagle_head=str(tmp_path), num_speculative_tokens=3)
     engine = Engine(model=str(path), device="cuda", dtype="float32", speculative=mode, adaptive_speculation=False,
                     max_num_batched_tokens=32, kv_cache_bytes=16 * 2 * 8192, **extra)
     params = SamplingParams(temperature=0, max_tokens=24)
