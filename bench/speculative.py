@@ -44,9 +44,9 @@ MODES = {  # name -> engine options
     "off": dict(speculative="off"),
     "ngram": dict(speculative="ngram"),
     "ngram-fixed-k": dict(speculative="ngram", adaptive_speculation=False),
-    # The same, verified the synchronous way (a step with drafts waits for the one before).
-    "ngram-sync": dict(speculative="ngram", speculation_in_loop=False),
-    "ngram-fixed-k-sync": dict(speculative="ngram", adaptive_speculation=False, speculation_in_loop=False),
+    # The same, verified on the device inside the overlapped loop (speculative/loop.py).
+    "ngram-loop": dict(speculative="ngram", speculation_in_loop=True),
+    "ngram-fixed-k-loop": dict(speculative="ngram", adaptive_speculation=False, speculation_in_loop=True),
     "draft": dict(speculative="draft"),
     "draft-fixed-k": dict(speculative="draft", adaptive_speculation=False),
     # The draft shipped for the target (scheduler/speculative/drafts/), found by the target's fingerprint.

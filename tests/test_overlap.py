@@ -230,6 +230,8 @@ def test_seeded_sampling_draws_the_same_tokens_with_overlap_on_and_off(tiny, ove
 
 SPECULATION = {
     "ngram": lambda path: dict(speculative="ngram", adaptive_speculation=False),
+    # Drafts verified on the device inside the loop (speculative/loop.py).
+    "ngram_in_loop": lambda path: dict(speculative="ngram", adaptive_speculation=False, speculation_in_loop=True),
     "draft": lambda path: dict(speculative="draft", draft_model=str(path), adaptive_speculation=False),
     # The measured depth comes and goes: drafting steps and overlapped steps take turns.
     "draft_adaptive": lambda path: dict(speculative="draft", draft_model=str(path)),

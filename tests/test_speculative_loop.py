@@ -83,7 +83,7 @@ def test_a_moved_item_computes_what_the_item_at_its_true_start_does(device):
 def test_counts_reach_the_host_a_step_late_and_rejected_slots_are_never_counted(tiny_model_dir):
     path, model = tiny_model_dir
     engine = Engine(model=str(path), dtype="float32", speculative="ngram", num_speculative_tokens=3,
-                    adaptive_speculation=False)
+                    adaptive_speculation=False, speculation_in_loop=True)
     prompt, aborted = [7, 8, 9, 10, 11] * 8, [3, 4, 5] * 10
     stream = engine.add_request(None, SamplingParams(temperature=0, max_tokens=30, n=2, ignore_eos=True),
                                 prompt_token_ids=prompt)
