@@ -149,7 +149,9 @@ def train_head(head: EagleHead, features: list[Features], config: HeadTrainConfi
         optimizer.load_state_dict(saved["optimizer"])
         state = dict(saved["state"], seconds_before=saved["state"]["seconds"])
     torch.manual_seed(config.seed + state["step"])
-    start, last_save, base_progress = time.monotonic(), time.monotonic(), state["progress"]
+    # A resumed run goes on towards config.epochs within its own max_seconds: the learning rate picks up the
+    # schedule where the steps done put it and decays by whichever of steps and time runs out first.
+    start, last_save, base_progress = time.monotonic(), time.monotonic(), min(state["step"] / total_steps, 1.0)
     head.train()
     bar = tqdm(total=total_steps, initial=min(state["step"], total_steps), desc="training head", unit="step",
                disable=not show_progress, mininterval=1.0)
@@ -184,7 +186,6 @@ def train_head(head: EagleHead, features: list[Features], config: HeadTrainConfi
             save_checkpoint(checkpoint, head, optimizer, state)
             last_save = time.monotonic()
     bar.close()
-    state["progress"] = 1.0 if state["step"] >= total_steps else state["progress"]
     save_checkpoint(checkpoint, head, optimizer, state)
     head.eval()
     return {"steps": state["step"], "epochs": round(state["step"] / batches_per_epoch, 2),
