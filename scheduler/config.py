@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 # command line's client commands and `serve --help` never load it.
 _DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-SPECULATIVE_METHODS = ("off", *PROPOSERS)
+# best: the best proposer this target has (scheduler/speculative/best.py).
+SPECULATIVE_METHODS = ("off", "best", *PROPOSERS)
 
 
 def option(default, help: str, choices: tuple | None = None, unset: str | None = None, **kwargs):
@@ -61,6 +62,8 @@ class EngineConfig:
     speculative: str = option("off", "speculative decoding method", SPECULATIVE_METHODS)
     draft_model: Any = option(None, "draft model for --speculative draft: what --model accepts, or a compact "
                               "draft (default: the draft shipped for the model, if one was made for it)")
+    eagle_head: Any = option(None, "EAGLE head for --speculative eagle (and best): a head directory made by "
+                             "distill-draft (default: the head shipped for the model, if one was made for it)")
     num_speculative_tokens: int = option(4, "most tokens drafted per sequence per step")
     adaptive_speculation: bool = option(True, "choose each step's depth from measured acceptance and cost "
                                         "(else always --num-speculative-tokens)")
@@ -86,7 +89,7 @@ class EngineConfig:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.speculative != "off" and self.speculative not in PROPOSERS:
+        if self.speculative not in ("off", "best") and self.speculative not in PROPOSERS:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")

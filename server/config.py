@@ -152,6 +152,10 @@ def check_available(engine: EngineConfig) -> None:
                 resolve_model(model)
         except (ValueError, FileNotFoundError) as exc:
             raise ValueError(f"{flag} {exc}" if str(exc).startswith(model) else f"{flag}: {exc}") from None
+    head = engine.eagle_head
+    if head is not None and engine.speculative in ("eagle", "best") and \
+            not (Path(head).expanduser() / "head.json").is_file():
+        raise ValueError(f"--eagle-head {head}: no head.json there (an EAGLE head directory, made by distill-draft)")
     device = str(engine.device)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

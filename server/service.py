@@ -8,6 +8,7 @@ import uuid
 import grpc
 
 from scheduler import SamplingParams
+from scheduler.speculative.registry import method_of
 from server.calls import EngineCalls
 from server.config import served_name
 from server.convert import (
@@ -63,8 +64,9 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         engine = (await self.engine(context)).engine
         config = self.state.config
+        method = method_of(engine.speculator.proposer) if engine.speculator else "off"  # what "best" chose
         return pb.ModelInfo(model=served_name(config), max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
-                            eos_token_ids=engine.eos_token_ids, speculative_mode=config.engine.speculative,
+                            eos_token_ids=engine.eos_token_ids, speculative_mode=method,
                             draft_model=config.engine.draft_model or "")
 
     async def GetLoad(self, request, context):

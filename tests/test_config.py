@@ -77,3 +77,12 @@ def test_the_http_port_is_on_by_default_and_turns_off_by_flag_or_environment():
         parse(["--http-port", "70000"])
     with pytest.raises(ValueError, match="BEASTSERVE_HTTP_PORT='web' is not a valid Port"):
         parse([], {"BEASTSERVE_HTTP_PORT": "web"})
+
+
+def test_speculative_best_and_an_eagle_head_directory(tmp_path):
+    from server.config import check_available
+
+    config = parse(["--speculative", "best", "--eagle-head", str(tmp_path)]).engine
+    assert (config.speculative, config.eagle_head) == ("best", str(tmp_path))
+    with pytest.raises(ValueError, match=r"^--eagle-head .*: no head.json there"):
+        check_available(config)

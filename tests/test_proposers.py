@@ -45,6 +45,6 @@ def test_a_registered_proposer_runs_and_gets_the_targets_hidden_states(tiny_mode
 
 
 def test_an_unknown_method_is_refused_naming_the_field():
-    with pytest.raises(ValueError, match="speculative must be one of off, ngram, draft, got 'eagle'"):
-        Engine(model="default", speculative="eagle")
+    with pytest.raises(ValueError, match="speculative must be one of off, best, ngram, draft, eagle, got 'medusa'"):
+        Engine(model="default", speculative="medusa")
     assert "probe" not in registry.PROPOSERS  # the registration above was undone

@@ -132,6 +132,8 @@ class StepExecutor:
         rows = previous.rows if previous is not None else {}
         items = [self._item(s, rows.get(s.request, -1)) for s in batch]
         logits = self.runner.forward(items, device_tokens=previous.token_ids.view(-1, 1) if rows else None)
+        if self.speculator is not None:
+            self.speculator.observe_forward(batch, items, self.runner)
         self.scheduler.advance(batch)
         self._cache_blocks(batch)
         requests = [s.request for s in batch if s.samples]
@@ -174,6 +176,8 @@ class StepExecutor:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
         else:
             logits = self.runner.forward(items, device_tokens=drafts)
+        if self.speculator is not None:
+            self.speculator.observe_forward(batch, items, self.runner)
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         self.scheduler.advance(batch)

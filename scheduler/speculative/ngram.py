@@ -43,6 +43,7 @@ class NgramProposer:
     kv_model_config = None
     max_positions = None
     needs_hidden_states = False
+    aux_layers = None
 
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max

@@ -49,6 +49,9 @@ class Proposer(Protocol):
     # Whether observe() wants the target's last hidden states at the verified positions
     # (EAGLE-style heads draft from them).
     needs_hidden_states: bool
+    # The target layers whose residual streams observe_forward() wants at every token of every target pass
+    # (an EAGLE head's features), None for none: the target keeps them only when asked.
+    aux_layers: list[int] | None
 
     @classmethod
     def create(cls, ctx: ProposerContext) -> Proposer:
@@ -64,3 +67,8 @@ class Proposer(Protocol):
                 hidden_states: torch.Tensor | None) -> None:
         """After verification: num_accepted[r] of spec[r]'s drafts were taken. hidden_states (when
         asked for) are the target's, one row per verified position, spec's requests in order."""
+
+    def observe_forward(self, batch: list[ScheduledRequest], items: list, aux: torch.Tensor) -> None:
+        """With aux_layers only: after every target pass over items (batch's ForwardItems, in order, before
+        the step's tokens are applied), aux [rows, width] holds those layers' streams at each item's every
+        new token, in order. A view of a buffer the next pass overwrites."""

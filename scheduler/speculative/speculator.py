@@ -10,6 +10,7 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.scheduler import ScheduledRequest
 from scheduler.sampling.batch import SamplingBatch
 from scheduler.sampling.sampler import Sampler
+from scheduler.speculative.best import best_proposer
 from scheduler.speculative.depth import AdaptiveDepth
 from scheduler.speculative.proposer import Proposal, Proposer, ProposerContext
 from scheduler.speculative.registry import proposer_class
@@ -18,9 +19,12 @@ from scheduler.speculative.rejection import verify, verify_greedy
 
 def build_proposer(ctx: ProposerContext) -> Proposer | None:
     """The proposer config.speculative names; None when off."""
-    if ctx.config.speculative == "off":
+    name = ctx.config.speculative
+    if name == "off":
         return None
-    return proposer_class(ctx.config.speculative).create(ctx)
+    if name == "best":
+        name = best_proposer(ctx.config, ctx.target)
+    return proposer_class(name).create(ctx)
 
 
 class Speculator:
@@ -80,6 +84,11 @@ class Speculator:
                 start += 1 + len(s.draft_token_ids)
             hidden_states = hidden_states[torch.tensor(rows, device=hidden_states.device)]
         self.proposer.observe([s for s, _ in spec], [n for _, n in spec], hidden_states)
+
+    def observe_forward(self, batch: list[ScheduledRequest], items: list, runner) -> None:
+        """After every target pass: the streams a proposer reads the target with (aux_layers), if any."""
+        if self.proposer.aux_layers is not None:
+            self.proposer.observe_forward(batch, items, runner.aux_hidden_states(items))
 
     def observe_step(self, num_decodes: int, prefill: bool, seconds: float) -> None:
         """The whole step's wall time, with this step's depth."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from scheduler.config import EngineConfig
+from scheduler.speculative.registry import BORROWS_VOCAB
 from scheduler.worker.parallel import SINGLE, TensorParallel
 from scheduler.worker.runner import ModelRunner
 
@@ -65,7 +66,7 @@ def load_target(config: EngineConfig, dtype: torch.dtype, device: torch.device, 
                         config.cache_dir, ranks.tp if ranks is not None else SINGLE)
     if ranks is not None:
         ranks.wait_loaded()
-        if config.speculative == "draft":
+        if config.speculative in BORROWS_VOCAB:
             target.gather_vocab()  # a compact draft borrows the whole embedding and LM head
     return target
 
@@ -270,7 +271,7 @@ def _serve(config: EngineConfig, rank: int, store, timeout: datetime.timedelta) 
     loaded = load_model(config.model, config.tokenizer, config.load_format, dtype, device, config.max_model_len,
                         config.cache_dir, channel.tp)
     store.set(_status_key(rank), "1")
-    if config.speculative == "draft":
+    if config.speculative in BORROWS_VOCAB:
         loaded.gather_vocab()  # rank 0 gathers the whole vocabulary for its draft model
     (kind, num_blocks), _ = channel.receive()
     assert kind == "init", kind

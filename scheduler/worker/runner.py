@@ -70,6 +70,7 @@ class ModelRunner:
         if self.fused and model.fused_ops is None:
             model.use_fused_kernels()
         self.graphs: CudaGraphs | None = None
+        self._packed_order: list[int] | None = None
 
     def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int,
                        max_batched_tokens: int = 0) -> None:
@@ -92,6 +93,7 @@ class ModelRunner:
         replaces every item's token; device_tokens [rows, width] fills the trailing placeholders of
         items that name a device_row (drafts to verify)."""
         assert token_ids is None or all(len(it.token_ids) == 1 for it in items)
+        self._packed_order = None  # the eager pass sets the order it packed the items in
         patch = None if device_tokens is None or self.graphs is None else self._patch(items, device_tokens)
         if self.graphs is not None and self.graphs.fits(items):
             hidden = self.graphs.replay(items, token_ids, patch)
@@ -104,6 +106,20 @@ class ModelRunner:
             hidden = self._forward_eager(items, token_ids, device_tokens)
         logits = self.model.compute_logits(hidden).float()
         return (logits, hidden) if with_hidden else logits
+
+    def aux_hidden_states(self, items: list[ForwardItem]) -> torch.Tensor:
+        """After forward(items): the model's kept streams (CausalLM.keep_aux_hidden_states) at every new
+        token of the items, in their order: [sum of len(token_ids), width]. A view of the model's buffer,
+        which the next pass overwrites."""
+        lens = [len(it.token_ids) for it in items]
+        out = self.model.aux.out[:sum(lens)]
+        order = self._packed_order
+        if order is None or order == sorted(order):
+            return out
+        starts = np.cumsum([0] + [lens[i] for i in order])
+        packed_at = {item: starts[pos] for pos, item in enumerate(order)}
+        back = np.concatenate([np.arange(packed_at[i], packed_at[i] + lens[i]) for i in range(len(items))])
+        return out[self._to_device(back.astype(np.int64))]
 
     def _patch(self, items: list[ForwardItem], device_tokens: torch.Tensor):
         """(destinations in the packed input, tokens) for the items' device-held tokens, or None."""
@@ -124,6 +140,7 @@ class ModelRunner:
         if device_tokens is not None and (patch := self._patch([items[i] for i in order], device_tokens)):
             input_ids.index_copy_(0, patch[0], patch[1].to(input_ids.dtype))
         hidden = self.model(input_ids, positions, self.kv_caches, meta)[logit_rows]
+        self._packed_order = order
         if order == sorted(order):
             return hidden
         # Rows come out in the sorted order; hand them back in the caller's.

@@ -32,6 +32,7 @@ from scheduler.worker.packing import ForwardItem
 
 class DraftModelProposer:
     needs_hidden_states = False
+    aux_layers = None
 
     def __init__(self, draft: LoadedModel, config: EngineConfig, sampler: Sampler, dtype: torch.dtype,
                  device: torch.device):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scheduler.worker.attention import write_kv
 from scheduler.worker.models.llama import MLP, Attention, RMSNorm, RotaryEmbedding
 from scheduler.worker.parallel import SINGLE
 
@@ -76,9 +77,10 @@ class HeadLayer(nn.Module):
     def attention_input(self, embeds: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(feature)], dim=-1)
 
-    def finish(self, attn_out: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    def finish(self, attn_out: torch.Tensor, feature: torch.Tensor, ops=None) -> torch.Tensor:
         x = feature + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h) if ops is None else self.mlp.forward_fused(h, ops))
 
 
 class EagleHead(nn.Module):
@@ -150,7 +152,23 @@ class EagleHead(nn.Module):
             attn = layer.self_attn(x, positions, self.rotary, kv_cache, meta)
         else:
             attn = layer.self_attn.forward_fused(x, positions, self.rotary, kv_cache, meta, ops)
-        return layer.finish(attn, feature)
+        return layer.finish(attn, feature, ops)
+
+    def write_kv(self, token_ids, feature, positions, kv_cache, slot_mapping) -> None:
+        """Serving: only the keys and values of rows [N] (rows no draft is read from: they are attended to
+        later), without their attention or MLP."""
+        attn = self.midlayer.self_attn
+        x = self.midlayer.attention_input(self.embed(token_ids), feature)
+        if hasattr(attn, "qkv_proj"):  # fused projections
+            q_size = attn.num_heads * attn.head_dim
+            k, v = attn.qkv_proj(x)[:, q_size:].chunk(2, dim=-1)
+        else:
+            k, v = attn.k_proj(x), attn.v_proj(x)
+        k = k.reshape(len(x), attn.num_kv_heads, attn.head_dim)
+        v = v.reshape(len(x), attn.num_kv_heads, attn.head_dim)
+        k = self.rotary(positions, k, k)[1]
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
 
     def unroll(self, input_ids: torch.Tensor, aux: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """Training (dense, full causal attention over each sequence): the head's `steps` draft steps at

@@ -186,23 +186,45 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
+    def forward(self, input_ids, positions, kv_caches, meta, aux: AuxHiddenStates | None = None):
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, positions, self.rotary, kv_cache, meta)
+            if aux is not None:
+                aux.keep(i, x)
         return self.norm(x)
 
-    def forward_fused(self, input_ids, positions, kv_caches, meta, ops):
+    def forward_fused(self, input_ids, positions, kv_caches, meta, ops, aux: AuxHiddenStates | None = None):
         """The same computation through the Triton kernels: the residual stream is carried beside the
         hidden states so each add meets the next norm in one kernel."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             h, residual = ops.add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
             x = layer.self_attn.forward_fused(h, positions, self.rotary, kv_cache, meta, ops)
             norm = layer.post_attention_layernorm
             h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
             x = layer.mlp.forward_fused(h, ops)
+            if aux is not None:
+                aux.keep(i, x + residual)  # the residual stream after layer i
         return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+
+
+class AuxHiddenStates:
+    """The residual streams after some layers (an EAGLE head's input), kept in one buffer that outlives
+    the pass: row r of `out` [max_tokens, len(layer_ids) * hidden] is the pass's packed token r, the
+    streams concatenated in layer_ids' order. A fixed buffer, so CUDA graphs captured with it write it too."""
+
+    def __init__(self, layer_ids: list[int], max_tokens: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.layer_ids = list(layer_ids)
+        self.out = torch.zeros(max_tokens, len(layer_ids) * hidden_size, dtype=dtype, device=device)
+        self.hidden_size = hidden_size
+
+    def keep(self, layer: int, stream: torch.Tensor) -> None:
+        h = self.hidden_size
+        for j, wanted in enumerate(self.layer_ids):
+            if wanted == layer:
+                self.out[:stream.shape[0], j * h:(j + 1) * h].copy_(stream)
 
 
 def _split_into(state: dict, merged: str, parts: tuple[str, ...], sizes: list[int]) -> None:
@@ -222,6 +244,14 @@ class _FusedOps:
     paged_attention: Callable
 
 
+def load_fused_ops() -> _FusedOps:
+    """The Triton kernels (CUDA only) a fused forward runs through."""
+    from scheduler.worker.attention.fused import paged_attention as fused_paged_attention
+    from scheduler.worker.models import fused_ops
+
+    return _FusedOps(fused_ops.add_rms_norm, fused_ops.rope_and_cache, fused_ops.silu_mul, fused_paged_attention)
+
+
 class CausalLM(nn.Module):
     """Token ids + paged-KV metadata in, hidden states out; logits only for the rows asked."""
 
@@ -236,6 +266,14 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fused_ops = None  # set by use_fused_kernels()
         self.vocab_ids: torch.Tensor | None = None  # set by restrict_vocab()
+        self.aux: AuxHiddenStates | None = None  # set by keep_aux_hidden_states()
+
+    def keep_aux_hidden_states(self, layer_ids: list[int], max_tokens: int) -> AuxHiddenStates:
+        """From now on every pass also writes the residual streams after these layers into one buffer
+        (AuxHiddenStates.out) of rows for up to max_tokens tokens: what an EAGLE head drafts from."""
+        weight = self.model.embed_tokens.weight
+        self.aux = AuxHiddenStates(layer_ids, max_tokens, self.config.hidden_size, weight.dtype, weight.device)
+        return self.aux
 
     def restrict_vocab(self, token_ids: torch.Tensor) -> None:
         """Compute logits over these token ids only (a draft's frequent tokens): the LM head keeps
@@ -247,14 +285,10 @@ class CausalLM(nn.Module):
 
     def use_fused_kernels(self) -> None:
         """Run through the Triton kernels (CUDA only) from now on; merges q/k/v and gate/up weights."""
-        from scheduler.worker.attention.fused import paged_attention as fused_paged_attention
-        from scheduler.worker.models import fused_ops
-
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
-        self.fused_ops = _FusedOps(fused_ops.add_rms_norm, fused_ops.rope_and_cache, fused_ops.silu_mul,
-                                   fused_paged_attention)
+        self.fused_ops = load_fused_ops()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' names, with merged projections split back."""
@@ -272,8 +306,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         if self.fused_ops is not None:
-            return self.model.forward_fused(input_ids, positions, kv_caches, meta, self.fused_ops)
-        return self.model(input_ids, positions, kv_caches, meta)
+            return self.model.forward_fused(input_ids, positions, kv_caches, meta, self.fused_ops, self.aux)
+        return self.model(input_ids, positions, kv_caches, meta, self.aux)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the model's vocabulary, or over vocab_ids once restricted."""

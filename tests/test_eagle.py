@@ -1,0 +1,216 @@
+"""EAGLE heads: a head trained here for a tiny target drafts what its dense forward predicts, outputs stay
+the target's (greedy and sampled), and the head is found by the target's fingerprint."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scheduler import LLM, Engine, SamplingParams, StructuredOutputsParams
+from scheduler.speculative.draft import compact
+from scheduler.speculative.draft.proposer import DraftModelProposer
+from scheduler.speculative.eagle import files
+from scheduler.speculative.eagle.head import EagleHead, aux_hidden_states, default_layer_ids
+from scheduler.speculative.eagle.proposer import EagleProposer
+from scheduler.speculative.ngram import NgramProposer
+from tests.conftest import hf_greedy, save_tiny_model, tiny_config
+from tests.helpers import assert_pool_idle, run_engine
+from tests.test_speculative import _chi_square_critical, _reference_joint
+
+MAX_TOKENS = 24
+DEPTH = 3
+
+
+def train_head(model, steps: int, seed: int = 0) -> EagleHead:
+    """A head for `model` (a transformers Llama) after `steps` steps of training-time test on the model's
+    own greedy continuations of random prompts: each of DEPTH unrolled steps learns the model's next pick."""
+    torch.manual_seed(seed)
+    embed, lm_head = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+    head = EagleHead.for_target(model.config).bind(embed, lm_head)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        pool = model.generate(torch.randint(0, vocab, (32, 4)), attention_mask=torch.ones(32, 4, dtype=torch.long),
+                              max_new_tokens=28, do_sample=False, pad_token_id=0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    length = pool.shape[1]
+    for _ in range(steps):
+        ids = pool[torch.randint(0, len(pool), (8,))]
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        aux, picks = aux_hidden_states(out.hidden_states, head.layer_ids), out.logits.argmax(-1)
+        loss = 0
+        for s, hidden in enumerate(head.unroll(ids, aux, DEPTH)):
+            rows = length - 2 - s  # row i reads token i + 1 + s and predicts the model's pick after it
+            loss = loss + F.cross_entropy(head.logits(hidden[:, :rows]).flatten(0, 1), picks[:, 1 + s:1 + s + rows]
+                                          .flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+def save_head(head: EagleHead, model, path) -> None:
+    files.save_head(head, path, {"target": "tiny", "target_fingerprint": compact.target_fingerprint(model),
+                                 "command": "tests/test_eagle.py"})
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    path, model = tiny_model_dir
+    head_dir = tmp_path_factory.mktemp("eagle-head")
+    save_head(train_head(model, steps=40), model, head_dir)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 9, 30, 70, 100)]
+    prompts += [prompts[2] * 3]  # its first block comes from the prefix cache
+    return path, model, head_dir, prompts, [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
+
+
+def eagle_engine(path, head_dir, **options) -> Engine:
+    return Engine(model=str(path), dtype="float32", speculative="eagle", eagle_head=str(head_dir),
+                  num_speculative_tokens=DEPTH, **options)
+
+
+def test_head_layers_and_file():
+    assert default_layer_ids(30) == (1, 14, 26)  # the default model's: low, middle, high, never the last
+    assert default_layer_ids(2) == (0, 0, 0)
+    config = tiny_config(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=30)
+    own = sum(p.numel() for p in EagleHead.for_target(config).parameters())
+    assert own * 2 < 20e6  # the default model's head in bfloat16 fits the 20 MB it may take in the wheel
+
+
+def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
+    """Every first draft, and every later one after drafts the target took, is what unroll() predicts over
+    the final sequence: the paged head reads the same features, positions and keys as the dense one.
+    Chunked prompts, preemption and a prefix-cache hit included."""
+    path, model, head_dir, prompts, expected = setup
+    engine = eagle_engine(path, head_dir, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
+                          adaptive_speculation=False, overlap_scheduling=False)
+    proposer = engine.speculator.proposer
+    seen, propose = [], proposer.propose
+
+    def spy(spec, pool):
+        proposal = propose(spec, pool)
+        drafts = proposal.device_drafts.tolist()
+        seen.extend((s.request.prompt_token_ids, s.request.num_tokens, drafts[r]) for r, s in enumerate(spec))
+        return proposal
+
+    proposer.propose = spy
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
+    assert [o.token_ids for o in outputs] == expected
+    assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
+    head, compared = proposer.head, 0
+    for prompt, num_tokens, drafts in seen:
+        sequence = prompt + expected[prompts.index(prompt)]
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+            steps = head.unroll(ids, aux_hidden_states(out.hidden_states, head.layer_ids), DEPTH)
+        for j, draft in enumerate(drafts):
+            logits = head.logits(steps[j][0, num_tokens - 2]).float()
+            top2 = logits.topk(2).values
+            if num_tokens + j - 1 >= len(sequence) or top2[0] - top2[1] < 1e-3:
+                break  # past the sequence, or a near tie that rounding may flip
+            assert draft == int(logits.argmax()), (num_tokens, j)
+            compared += 1
+            if draft != sequence[num_tokens + j]:
+                break  # later drafts read this one, not the sequence's token
+    assert compared > len(seen)
+    drafted = sum(o.metrics.draft_tokens for o in outputs)
+    assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < drafted
+    assert_pool_idle(engine)
+
+
+def test_adaptive_overlapped_steps_and_mixed_requests(setup):
+    """Adaptive depth (steps without drafts overlap), opt-outs, capped depths, n > 1 and an abort."""
+    path, _, head_dir, prompts, expected = setup
+    engine = eagle_engine(path, head_dir)
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    streams = [engine.add_request(None, greedy, prompt_token_ids=p, speculative=i % 3 != 0,
+                                  max_draft_tokens=2 if i % 3 == 1 else None) for i, p in enumerate(prompts)]
+    pair = engine.add_request(None, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, n=2),
+                              prompt_token_ids=prompts[3])
+    doomed = engine.add_request(None, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True),
+                                prompt_token_ids=prompts[4])
+    for step in range(400):
+        engine.step()
+        if step == 6:
+            assert engine.abort(doomed.request_id)
+        if not engine.has_unfinished():
+            break
+    for i, (stream, want) in enumerate(zip(streams, expected)):
+        deltas = list(iter(stream.get_nowait, None))
+        assert [t for d in deltas for t in d.token_ids] == want
+        assert (deltas[-1].metrics.draft_tokens == 0) == (i % 3 == 0)
+    deltas = list(iter(pair.get_nowait, None))
+    for index in (0, 1):
+        assert [t for d in deltas if d.index == index for t in d.token_ids] == expected[3]
+    assert engine.num_overlapped_steps > 0
+    assert_pool_idle(engine)
+
+
+def test_sampling_with_the_head_keeps_the_target_distribution(tmp_path):
+    vocab, prompt, length, samples = 5, [1, 2, 3], 3, 4000
+    target = save_tiny_model(tmp_path / "target", tiny_config(vocab_size=vocab), seed=1)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.05)  # a spread-out distribution, so many continuations matter
+    target.save_pretrained(tmp_path / "target")
+    torch.manual_seed(3)
+    head = EagleHead.for_target(target.config).bind(target.model.embed_tokens.weight, target.lm_head.weight)
+    save_head(head, target, tmp_path / "head")
+    engine = eagle_engine(tmp_path / "target", tmp_path / "head", adaptive_speculation=False, max_num_seqs=1024,
+                          max_num_batched_tokens=8192)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=length, ignore_eos=True) for i in range(samples)]
+    outputs = run_engine(engine, [prompt] * samples, params)
+    assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < sum(o.metrics.draft_tokens for o in outputs)
+    counts: dict[tuple, int] = {}
+    for o in outputs:
+        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
+    expected = _reference_joint(target, prompt, vocab, 1.0, 1.0, length)
+    big = [k for k, p in expected.items() if p * samples >= 5]
+    chi2 = sum((counts.get(k, 0) - samples * expected[k]) ** 2 / (samples * expected[k]) for k in big)
+    rest_p, rest = 1 - sum(expected[k] for k in big), samples - sum(counts.get(k, 0) for k in big)
+    if rest_p * samples >= 5:
+        chi2 += (rest - samples * rest_p) ** 2 / (samples * rest_p)
+    assert chi2 < _chi_square_critical(len(big)), f"chi2 {chi2:.1f} over {len(big)} cells"
+    assert_pool_idle(engine)
+
+
+def test_grammars_with_the_head(tiny_text_model_dir, tmp_path):
+    path, model = tiny_text_model_dir
+    save_head(EagleHead.for_target(model.config).bind(model.model.embed_tokens.weight, model.lm_head.weight),
+              model, tmp_path)
+    params = [SamplingParams(temperature=0, max_tokens=16, structured_outputs=StructuredOutputsParams(**so))
+              for so in (dict(regex=r"[a-z]{3,12}"), dict(choice=["yes", "no"]), dict(json_object=True))]
+    prompts = ["Say a word.", "Yes or no?", "JSON please."]
+    off = LLM(str(path), dtype="float32").generate(prompts, params)
+    llm = LLM(str(path), dtype="float32", speculative="eagle", eagle_head=str(tmp_path), num_speculative_tokens=DEPTH,
+              adaptive_speculation=False)
+    on = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
+    assert_pool_idle(llm.engine)
+
+
+def test_shipped_head_found_by_fingerprint_and_best(setup, tmp_path, monkeypatch):
+    path, model, head_dir, _, _ = setup
+    shipped = tmp_path / "heads"
+    shipped.mkdir()
+    (shipped / "tiny").symlink_to(head_dir)
+    monkeypatch.setattr(files, "SHIPPED_HEADS", shipped)
+    monkeypatch.setattr(compact, "SHIPPED_DRAFTS", tmp_path / "no-drafts")
+    found = Engine(model=str(path), dtype="float32", speculative="eagle").speculator.proposer
+    assert isinstance(found, EagleProposer) and found.head.layer_ids == [0, 0, 0]
+    assert isinstance(Engine(model=str(path), speculative="best").speculator.proposer, EagleProposer)
+    other = tmp_path / "other"
+    save_tiny_model(other, tiny_config(), seed=11)
+    with pytest.raises(ValueError, match="needs eagle_head .* no head shipped"):
+        Engine(model=str(other), speculative="eagle")
+    with pytest.raises(ValueError, match="eagle_head: made for another target"):
+        Engine(model=str(other), speculative="eagle", eagle_head=str(head_dir))
+    assert isinstance(Engine(model=str(other), speculative="best").speculator.proposer, NgramProposer)
+    best_draft = Engine(model=str(other), speculative="best", draft_model=str(path)).speculator.proposer
+    assert isinstance(best_draft, DraftModelProposer)
+
