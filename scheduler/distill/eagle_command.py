@@ -157,7 +157,8 @@ def run_eagle(args: argparse.Namespace) -> int:
     manifest = {"target": _target_name(args.target), "target_fingerprint": fingerprint, "command": args.command_line,
                 "made_with": _versions(), "data": data, "train": stats}
     size = save_head(head, out, manifest)
-    result = {"k": args.k, "simulated": report, "train": stats, "data": data, "head_bytes": size,
+    vocab = head.config["vocab_size"] if head.vocab_ids is None else len(head.vocab_ids)
+    result = {"k": args.k, "simulated": report, "train": stats, "data": data, "head_bytes": size, "head_vocab": vocab,
               "seconds": round(time.monotonic() - start, 1)}
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"head: {size / 2**20:.1f} MiB of weights in {out}")

@@ -69,17 +69,20 @@ def held_out_chats(llm: LLM, count: int, max_prompt_tokens: int) -> list[list[di
     return write_prompts(llm, count, EVAL_SEED, max_prompt_tokens) if count else []
 
 
-def held_out_samples(llm: LLM, local: LocalData, count: int, max_tokens: int,
-                     max_prompt_tokens: int, max_prompt_chars: int = 1500) -> list[Sample]:
-    """Greedy answers to `count` held-out code prompts and `count` held-out chat prompts (the target's
-    own, from held-out seeds, and prose prompts from held-out files, half and half): the sets the
-    head is judged on."""
-    code = _chats(local.held_out_code_prompts[:count], max_prompt_chars)
+def held_out_prompts(llm: LLM, local: LocalData, count: int, max_prompt_tokens: int,
+                     max_prompt_chars: int = 1500) -> dict[str, list[list[dict]]]:
+    """`count` held-out code prompts and `count` held-out chat prompts (half written by the target from
+    held-out seeds, half prose prompts from held-out files): the sets a head is judged on."""
     prose = _chats(local.held_out_prose_prompts[:count // 2], max_prompt_chars)
-    chat = held_out_chats(llm, count - len(prose), max_prompt_tokens) + prose
+    return {"code": _chats(local.held_out_code_prompts[:count], max_prompt_chars),
+            "chat": held_out_chats(llm, count - len(prose), max_prompt_tokens) + prose}
+
+
+def held_out_samples(llm: LLM, local: LocalData, count: int, max_tokens: int, max_prompt_tokens: int) -> list[Sample]:
+    """The target's greedy answers to held_out_prompts()."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     samples = []
-    for kind, conversations in (("code", code), ("chat", chat)):
+    for kind, conversations in held_out_prompts(llm, local, count, max_prompt_tokens).items():
         for out in llm.chat(conversations, params) if conversations else []:
             samples.append(Sample(out.prompt_token_ids + out.token_ids, len(out.prompt_token_ids), kind))
     return samples

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from scheduler.distill.features import Features
 from scheduler.speculative.eagle.head import EagleHead
