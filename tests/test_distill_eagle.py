@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from scheduler import LLM, SamplingParams
 from scheduler.distill.data import Sample
 from scheduler.distill.eagle_evaluate import simulated_acceptance
 from scheduler.distill.eagle_train import HeadTrainConfig, train_head
@@ -129,10 +130,18 @@ SHIPPED = files.SHIPPED_HEADS / "smollm2-135m-instruct"
 
 
 @pytest.mark.skipif(not (SHIPPED / files.HEAD_JSON).is_file(), reason="no head shipped for the default model yet")
-def test_the_head_shipped_for_the_default_model_is_found_by_its_fingerprint():
-    assert (SHIPPED / files.WEIGHTS_FILE).stat().st_size <= 20_000_000
-    assert files.read_manifest(SHIPPED)["command"]
+def test_the_head_shipped_for_the_default_model_is_found_by_its_fingerprint_and_leaves_greedy_output_unchanged():
+    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
+    assert size <= 20_000_000
+    assert files.read_manifest(SHIPPED)["command"].startswith("python3 -m scheduler.distill --kind eagle")
     target = load_model("default", None, "auto", torch.float32, torch.device("cpu"), None)
     assert files.shipped_head_for(target) == SHIPPED
-    head = files.load_head(SHIPPED, target, torch.float32, torch.device("cpu"))
-    assert head.layer_ids == files.read_manifest(SHIPPED)["config"]["layer_ids"]
+    del target
+    plain = LLM("default", dtype="float32")
+    chat = [{"role": "user", "content": "Write a Python function that returns the largest of three numbers."}]
+    params = SamplingParams(temperature=0, max_tokens=32)
+    expected = plain.chat(chat, params)[0].token_ids
+    del plain
+    drafted = LLM("default", dtype="float32", speculative="eagle", adaptive_speculation=False).chat(chat, params)[0]
+    assert drafted.token_ids == expected
+    assert drafted.metrics.accepted_tokens > 0

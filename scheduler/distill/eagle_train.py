@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from scheduler.distill.features import Features
+from scheduler.distill.train import length_groups
 from scheduler.speculative.eagle.head import EagleHead
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,16 +48,7 @@ def batches_for_epoch(features: list[Features], batch_tokens: int, seed: int, ep
     """Feature indices grouped by similar length (at most batch_tokens padded tokens), in an order that
     depends only on (seed, epoch): a resumed run sees the same batches."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    order = sorted(range(len(features)), key=lambda i: (len(features[i].token_ids), rng.random()))
-    groups, group, width = [], [], 0
-    for i in order:
-        length = len(features[i].token_ids)
-        if group and max(width, length) * (len(group) + 1) > batch_tokens:
-            groups.append(group)
-            group, width = [], 0
-        group.append(i)
-        width = max(width, length)
-    groups += [group] if group else []
+    groups = length_groups([len(f.token_ids) for f in features], batch_tokens, rng)
     rng.shuffle(groups)
     return groups
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from scheduler.distill.data import Sample
+from scheduler.distill.train import length_groups
 from scheduler.speculative.eagle.head import aux_hidden_states
 
 SHARD_SAMPLES = 64
@@ -30,26 +31,13 @@ class Features:
         return dict(vars(self))
 
 
-def _groups(samples: list[Sample], batch_tokens: int, max_len: int) -> list[list[int]]:
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].token_ids))
-    groups, group, width = [], [], 0
-    for i in order:
-        length = min(len(samples[i].token_ids), max_len)
-        if group and max(width, length) * (len(group) + 1) > batch_tokens:
-            groups.append(group)
-            group, width = [], 0
-        group.append(i)
-        width = max(width, length)
-    return groups + [group] if group else groups
-
-
 @torch.no_grad()
 def teacher_features(teacher, samples: list[Sample], layer_ids: list[int], top_k: int, batch_tokens: int = 4096,
                      max_len: int = 1024) -> list[Features]:
     """The target (a transformers model) over each sample, cut to max_len tokens."""
     device = teacher.lm_head.weight.device
     found: dict[int, Features] = {}
-    for group in _groups(samples, batch_tokens, max_len):
+    for group in length_groups([min(len(s.token_ids), max_len) for s in samples], batch_tokens):
         rows = [samples[i].token_ids[:max_len] for i in group]
         width = max(map(len, rows))
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)
