@@ -10,7 +10,9 @@ all Python and framework overhead: the regime a GPU step is in once it replays C
 Prompts repeat a short pattern; greedy decoding of a random model falls into loops too, so
 n-gram drafts are mostly accepted. The draft modes draft with the target itself (every draft is
 accepted; its passes cost what a tiny draft's do), draft-unrelated with a 1-layer random model
-(almost no draft accepted: the adaptive depth must find that no depth pays).
+(almost no draft accepted: the adaptive depth must find that no depth pays). The eagle modes draft
+with an untrained EAGLE head for the target (its passes and the target's kept hidden states cost what
+a trained head's do; almost nothing is accepted, so eagle-fixed-k shows the cost of a step's k passes).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ MODES = {  # name -> engine options
     "draft-fixed-k": dict(speculative="draft", adaptive_speculation=False),
     "draft": dict(speculative="draft"),
     "draft-unrelated": dict(speculative="draft"),  # a random draft: almost nothing accepted
+    "eagle-fixed-k": dict(speculative="eagle", adaptive_speculation=False),
+    "eagle": dict(speculative="eagle"),
 }
 
 
@@ -55,6 +59,19 @@ def save_random_model(path: Path, num_layers: int, seed: int) -> None:
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # peaked distributions: greedy decoding loops sooner
     model.save_pretrained(path)
+
+
+def save_random_head(model_dir: Path, path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from scheduler.speculative.draft.compact import target_fingerprint
+    from scheduler.speculative.eagle.files import save_head
+    from scheduler.speculative.eagle.head import EagleHead
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(2)
+    save_head(EagleHead.for_target(target.config), path, {"target": "random", "command": "bench/spec_overhead.py",
+                                                          "target_fingerprint": target_fingerprint(target)})
 
 
 def prompts_for(num: int, seed: int = 0) -> list[list[int]]:
@@ -94,6 +111,8 @@ def bench(args, mode: str, model_dir: Path, concurrency: int, profiler: cProfile
     options = dict(MODES[mode], num_speculative_tokens=args.k)
     if options["speculative"] == "draft":
         options["draft_model"] = str(model_dir.parent / "unrelated" if mode == "draft-unrelated" else model_dir)
+    if options["speculative"] == "eagle":
+        options["eagle_head"] = str(model_dir.parent / "head")
     engine = Engine(model=str(model_dir), dtype="float32", max_num_seqs=max(concurrency, 1),
                     max_num_batched_tokens=4096, kv_cache_bytes=KV_CACHE_BYTES, **options)
     prompts = prompts_for(args.requests_per_concurrency * concurrency)
@@ -135,6 +154,7 @@ def main(argv=None) -> None:
         model_dir = Path(tmp) / "target"
         save_random_model(model_dir, 2, seed=0)
         save_random_model(Path(tmp) / "unrelated", 1, seed=1)
+        save_random_head(model_dir, Path(tmp) / "head")
         if args.profile:
             return profile(args, model_dir)
         print(f"# {platform.processor() or platform.machine()}, {args.threads} torch thread(s), torch "

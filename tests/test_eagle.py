@@ -152,7 +152,9 @@ def test_adaptive_overlapped_steps_and_mixed_requests(setup):
     assert_pool_idle(engine)
 
 
-def test_sampling_with_the_head_keeps_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("head_vocab", [None, [0, 2, 4]])
+def test_sampling_with_the_head_keeps_the_target_distribution(tmp_path, head_vocab):
+    """head_vocab: the head proposes only these tokens (its logits restricted to them)."""
     vocab, prompt, length, samples = 5, [1, 2, 3], 3, 4000
     target = save_tiny_model(tmp_path / "target", tiny_config(vocab_size=vocab), seed=1)
     with torch.no_grad():
@@ -161,11 +163,16 @@ def test_sampling_with_the_head_keeps_the_target_distribution(tmp_path):
     torch.manual_seed(3)
     head = EagleHead.for_target(target.config).bind(target.model.embed_tokens.weight, target.lm_head.weight)
     save_head(head, target, tmp_path / "head")
+    if head_vocab:
+        compact.save_vocab(tmp_path / "head", head_vocab)
     engine = eagle_engine(tmp_path / "target", tmp_path / "head", adaptive_speculation=False, max_num_seqs=1024,
                           max_num_batched_tokens=8192)
+    vocab_ids = engine.speculator.proposer.head.vocab_ids
+    assert (vocab_ids is None) == (head_vocab is None)
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=length, ignore_eos=True) for i in range(samples)]
     outputs = run_engine(engine, [prompt] * samples, params)
     assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < sum(o.metrics.draft_tokens for o in outputs)
+    assert {t for o in outputs for t in o.token_ids} == set(range(vocab))  # tokens the head never proposes too
     counts: dict[tuple, int] = {}
     for o in outputs:
         counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1

@@ -2,20 +2,20 @@
 batched, chained on the device (each pass reads the last one's tokens and hidden states from there).
 
 The target keeps the residual streams after the head's layers at every token it computes
-(CausalLM.keep_aux_hidden_states); after each target pass the head takes them as features
-(observe_forward). Head row t (position t of the request, the same block tables as the target's)
-needs feature t and token t + 1, so a row waits, pending, until its next token is known: rows whose
-next token the prompt already holds (prefill chunks) have their keys and values written in the
-target's step; the rest, at most a verification's worth, are the first pass of the next proposal.
-Rows past the accepted tokens are rolled back by counting (`held` never passes the target's computed
-tokens), a preemption by starting over: bookkeeping, never data motion. Blocks taken from the prefix
-cache hold the head's rows too, since the head writes the same slots as the target.
+(CausalLM.keep_aux_hidden_states); after each target pass they are fused into features and stored at
+the tokens' slots in the head's feature cache (observe_forward), paged like its KV cache through the
+target's block tables. Head row t (position t) reads feature t and token t + 1, so it waits until
+token t + 1 is known: rows the prompt already covers (prefill chunks) have their keys and values
+written in the target's step; the rest, at most a verification's worth, are the first pass of the next
+proposal. The only state is how many rows of each request the head has written (`held`): rows past
+the accepted tokens are rolled back by counting (a verification's rejected rows, the chained drafts'
+rows), a preemption by starting over: bookkeeping, never data motion. Blocks from the prefix cache hold
+the head's rows too, since the head writes the same slots as the target.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import numpy as np
@@ -29,40 +29,12 @@ from scheduler.sampling.rows import draft_rows
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.eagle import files
 from scheduler.speculative.eagle.head import EagleHead
-from scheduler.speculative.eagle.runner import HeadRunner
+from scheduler.speculative.eagle.runner import HeadRunner, planned_config
 from scheduler.speculative.proposer import Proposal, ProposerContext
 from scheduler.worker.models import LoadedModel
 from scheduler.worker.packing import ForwardItem
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HeadRows:
-    """One request's rows in the head: rows [0, held) written, features of rows [held, held + len(pending))
-    waiting for their next token, features of a verification's rows until its acceptance is known."""
-
-    held: int
-    preemptions: int
-    pending: torch.Tensor | None = None
-    verifying: torch.Tensor | None = None
-
-    @property
-    def end(self) -> int:
-        return self.held + (0 if self.pending is None else self.pending.shape[0])
-
-    def take(self, count: int) -> torch.Tensor:
-        """The first count pending features, now written."""
-        taken, self.pending = self.pending[:count], self.pending[count:] if count < self.pending.shape[0] else None
-        self.held += count
-        return taken
-
-    def cut(self, end: int) -> None:
-        """Forget rows from `end` on (rows the target recomputes, or has not computed)."""
-        if end <= self.held:
-            self.held, self.pending = end, None
-        elif end < self.end:
-            self.pending = self.pending[:end - self.held]
 
 
 def load_eagle_head(config: EngineConfig, target: LoadedModel, dtype: torch.dtype, device: torch.device) -> EagleHead:
@@ -81,23 +53,24 @@ def load_eagle_head(config: EngineConfig, target: LoadedModel, dtype: torch.dtyp
 
 
 class EagleProposer:
-    needs_hidden_states = False  # it reads the aux streams of every target pass instead (observe_forward)
+    needs_hidden_states = False  # it reads the kept streams of every target pass instead (observe_forward)
     max_positions = None
 
     def __init__(self, head: EagleHead, target: LoadedModel, config: EngineConfig, sampler: Sampler,
                  dtype: torch.dtype, device: torch.device):
-        self.head, self.config, self.sampler = head, config, sampler
+        self.head, self.config, self.sampler = head.requires_grad_(False), config, sampler
         self.dtype, self.device = dtype, device
-        self.kv_model_config = head.llama_config  # one layer: the memory plan gives each block room for it
+        self.kv_model_config = planned_config(head)  # the memory plan gives each block room for the head
         self.aux_layers = head.layer_ids
         self.vocab_size = target.config.vocab_size
-        # Rows written during the target's step once a request has this many waiting: prefill chunks, and
-        # decodes that went on without drafts; fewer wait for the proposal's first pass.
+        # Rows written during the target's step once a request has this many waiting (prefill chunks, and
+        # decodes that went on without drafts); fewer wait for the proposal's first pass.
         self.fill_at = config.max_query_len
         max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs * config.max_query_len)
         target.model.keep_aux_hidden_states(self.aux_layers, max_tokens)
         self.runner: HeadRunner | None = None  # once prepared
-        self._rows: WeakKeyDictionary[Request, HeadRows] = WeakKeyDictionary()
+        # request -> (rows of its history the head has written, the request's preemptions then)
+        self._held: WeakKeyDictionary[Request, tuple[int, int]] = WeakKeyDictionary()
 
     @classmethod
     def create(cls, ctx: ProposerContext) -> EagleProposer:
@@ -107,39 +80,28 @@ class EagleProposer:
     def prepare(self, num_blocks: int, max_model_len: int) -> None:
         self.runner = HeadRunner(self.head, num_blocks, self.config.block_size, self.dtype, self.device)
 
+    def observe(self, spec, num_accepted, hidden_states) -> None:
+        pass  # the rows past the accepted tokens are not counted: the next catch-up rewrites them
+
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem], aux: torch.Tensor) -> None:
-        """After a target pass over items (batch's, in order): aux [rows, width], its streams at every row."""
-        starts = np.cumsum([0] + [len(it.token_ids) for it in items])
-        chosen = [i for i, s in enumerate(batch) if s.request.speculative and not s.request.is_finished]
-        if not chosen:
-            return
-        if len(chosen) != len(batch):
-            aux = aux[torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in chosen]))
-                      .to(aux.device)]
-            starts = np.cumsum([0] + [len(items[i].token_ids) for i in chosen])
-        features = self.head.fuse(aux)
-        for n, i in enumerate(chosen):
-            s, item = batch[i], items[i]
-            rows = self._rows_of(s.request, item.start)
-            rows.cut(item.start)
-            if rows.end != item.start:  # rows the target never showed the head: left as the cache holds them
-                rows.held, rows.pending = item.start, None
-            mine, rows.verifying = features[starts[n]:starts[n + 1]], None
-            if s.draft_token_ids:  # which rows count is known after verification (observe)
-                rows.verifying = mine.clone()
-            else:
-                rows.pending = mine if rows.pending is None else torch.cat([rows.pending, mine])
-        self._fill([(batch[i].request, items[i].block_table) for i in chosen])
-
-    def observe(self, spec: list[ScheduledRequest], num_accepted: list[int], hidden_states) -> None:
-        """The verified rows that were accepted (and the one after them) wait for the next proposal."""
-        for s, accepted in zip(spec, num_accepted):
-            rows = self._rows.get(s.request)
-            if rows is None or rows.verifying is None:
+        """After a target pass over items (batch's, in order): store the features of every row, then write
+        the rows that have waited long enough."""
+        self.runner.store(items, aux)
+        ready = []
+        for s, item in zip(batch, items):
+            request = s.request
+            if not request.speculative:
                 continue
-            mine, rows.verifying = rows.verifying[:accepted + 1], None
-            rows.pending = mine if rows.pending is None else torch.cat([rows.pending, mine])
+            held = self._held_rows(request, item.start)
+            count = min(item.start + len(item.token_ids), request.num_tokens - 1) - held
+            if count >= self.fill_at:
+                ready.append(ForwardItem(request.all_token_ids[held + 1:held + 1 + count], held, item.block_table, 0))
+                held += count
+            self._held[request] = (held, request.num_preemptions)
+        if ready:
+            self.runner.fill(sorted(ready, key=lambda it: len(it.token_ids) != 1))
 
+    @torch.no_grad()
     def propose(self, spec: list[ScheduledRequest], pool: BlockPool) -> Proposal:
         """Draft s.num_spec_slots tokens for each s, on the device (Proposal.device_drafts, row r for
         spec[r]); q where some request drafts by sampling. s.draft_token_ids gets placeholders."""
@@ -148,9 +110,10 @@ class EagleProposer:
         tables = [pool.block_table(s.request.request_id) for s in spec]
         # The first pass: every row still waiting, decodes (one row) first as packing wants.
         first = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
-        order = sorted(range(len(spec)), key=lambda r: len(first[r][0].token_ids) != 1)
-        hidden = self.runner.run([first[r][0] for r in order], torch.cat([first[r][1] for r in order]))
-        hidden = hidden[torch.from_numpy(np.argsort(order)).to(device)] if order != sorted(order) else hidden
+        order = sorted(range(len(spec)), key=lambda r: len(first[r].token_ids) != 1)
+        hidden = self.runner.run([first[r] for r in order])
+        if order != sorted(order):
+            hidden = hidden[torch.from_numpy(np.argsort(order)).to(device)]
         batch = self._sampling(spec, range(len(spec)))
         q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
         drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
@@ -166,7 +129,7 @@ class EagleProposer:
                 tokens, hidden = tokens[keep], hidden[keep]
                 active = [active[n] for n in still]
                 batch = self._sampling(spec, active)
-            # Pass j + 1 reads draft j + 1 and the head's own output at the row after the last.
+            # Pass j + 1 reads draft j + 1 and the head's own output, at the row after the last one.
             items = [ForwardItem([0], spec[r].request.num_tokens - 1 + j, tables[r], 1) for r in active]
             hidden = self.runner.run(items, hidden, tokens)
         for s, k in zip(spec, ks):
@@ -184,36 +147,16 @@ class EagleProposer:
     def _sampling(self, spec: list[ScheduledRequest], rows):
         return draft_rows([spec[r].request for r in rows], self.vocab_size, self.device)
 
-    def _rows_of(self, request: Request, start: int) -> HeadRows:
-        rows = self._rows.get(request)
-        if rows is None or rows.preemptions != request.num_preemptions:
-            rows = self._rows[request] = HeadRows(start, request.num_preemptions)
-        return rows
+    def _held_rows(self, request: Request, start: int) -> int:
+        """Rows of request the head has written, never past `start` (the target's computed tokens). A request
+        seen first (or again after a preemption) starts at start: rows before it come from the prefix cache."""
+        held, preemptions = self._held.get(request, (start, request.num_preemptions))
+        return min(held, start) if preemptions == request.num_preemptions else start
 
-    def _catch_up(self, request: Request, table: list[int]) -> tuple[ForwardItem, torch.Tensor]:
-        """Rows [held, num_tokens - 1): feature t and token t + 1 each; the last one's output drafts."""
-        rows, last = self._rows_of(request, request.num_tokens - 1), request.num_tokens - 1
-        rows.cut(last)
-        if rows.end < last:  # no features for these rows (never shown): start from the last one, featureless
-            rows.held, rows.pending = last - 1, None
-        if rows.held == last:  # its last row's feature is gone: drafts from the token alone
-            rows.held = last - 1
-        if rows.pending is None:
-            rows.pending = torch.zeros(last - rows.held, self.head.hidden_size, dtype=self.dtype, device=self.device)
-        start = rows.held
-        features = rows.take(last - start)
-        return ForwardItem(request.all_token_ids[start + 1:last + 1], start, table, 1), features
-
-    def _fill(self, requests: list[tuple[Request, list[int]]]) -> None:
-        """Write the keys and values of the rows that have waited long enough and whose next token is known
-        (requests: with their block tables)."""
-        ready = []
-        for request, table in requests:
-            rows = self._rows[request]
-            count = min(rows.end, request.num_tokens - 1) - rows.held
-            if count >= self.fill_at:
-                tokens = request.all_token_ids[rows.held + 1:rows.held + 1 + count]
-                ready.append((ForwardItem(tokens, rows.held, table, 0), rows.take(count)))
-        if ready:
-            ready.sort(key=lambda r: len(r[0].token_ids) != 1)
-            self.runner.fill([item for item, _ in ready], torch.cat([f for _, f in ready]))
+    def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
+        """Rows [held, num_tokens - 1): feature t and token t + 1 each (at least the last); the last one's
+        output drafts. Rows [0, num_tokens - 1) are then written."""
+        last = request.num_tokens - 1
+        start = min(self._held_rows(request, request.num_computed_tokens), last - 1)
+        self._held[request] = (last, request.num_preemptions)
+        return ForwardItem(request.all_token_ids[start + 1:last + 1], start, table, 1)
