@@ -94,6 +94,8 @@ def test_distill_eagle_trains_a_head_end_to_end_and_resumes_from_its_checkpoint(
     head = files.load_head(out, target, torch.float32, torch.device("cpu"))
     assert head.vocab_ids is not None and len(head.vocab_ids) >= 300
 
+    assert main(argv + ["--layers", "3"]) == 2
+    assert "--layers: not used by --kind eagle" in capsys.readouterr().err
     data_file = out / "data" / "train.jsonl"
     written = data_file.stat().st_mtime_ns
     assert main(argv + ["--epochs", "2", "--resume"]) == 0

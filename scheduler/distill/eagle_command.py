@@ -72,6 +72,10 @@ def _shares(text: str) -> dict:
 
 
 def check_eagle_args(args: argparse.Namespace) -> None:
+    unused = {"prompts": None, "layers": 2, "loss": "kl", "compact": True}  # flags of the small draft only
+    for flag, default in unused.items():
+        if getattr(args, flag) != default:
+            raise ValueError(f"--{flag}: not used by --kind eagle (its data: README, 'Making an EAGLE head')")
     for flag, minimum in (("unroll", 1), ("text_tokens", 0), ("text_chunk", 16), ("max_files", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
