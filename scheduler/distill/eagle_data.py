@@ -50,15 +50,15 @@ def answer_samples(llm: LLM, local: LocalData, tokens: int, deadline: float, tem
                "prose": _cycle(_chats(local.prose_prompts, max_prompt_chars), temperatures),
                "chat": prompt_stream(llm, None, list(held_out), temperatures, max_num_seqs, max_prompt_tokens)}
     samples = []
-    start = time.monotonic()
     total = sum(shares.values())
     with tqdm(total=tokens, desc="answering", unit="tok", mininterval=1.0) as bar:
-        for kind in ANSWER_KINDS:
-            share = shares.get(kind, 0) / total
+        for n, kind in enumerate(ANSWER_KINDS):
+            share, left = shares.get(kind, 0), sum(shares.get(k, 0) for k in ANSWER_KINDS[n:])
             if share <= 0:
                 continue
-            until = min(deadline, time.monotonic() + share * (deadline - start))
-            made = generate_samples(llm, streams[kind], int(share * tokens), until, max_answer_tokens,
+            # This kind's share of the time still left: one that finished early leaves its time to the rest.
+            until = time.monotonic() + share / left * (deadline - time.monotonic())
+            made = generate_samples(llm, streams[kind], int(share / total * tokens), until, max_answer_tokens,
                                     max_num_seqs, bar)
             samples += [Sample(s.token_ids, s.num_prompt_tokens, kind) for s in made]
     return samples
