@@ -41,6 +41,7 @@ else
           --draft-vocab 8192 --eval-prompts 16
           --generation-share 0.35)
 fi
+extra=$(printf ' %q' "$@")
 args=("${common[@]}" "${budget[@]}" "$@")
 start=$(date +%s)
 python3 -m scheduler.distill "${args[@]}" 2>&1 | tee -a "$out/distill.log"
@@ -56,7 +57,7 @@ Held-out acceptance (simulated, depth 4, greedy) and the training data: \`eval.j
 
 Made on $machine in $(( $(date +%s) - start )) s with
 
-    bench/distill_eagle_default.sh --device $device
+    bench/distill_eagle_default.sh --device $device OUT_DIR${extra}
 
 which ran
 
