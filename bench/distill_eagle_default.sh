@@ -37,7 +37,7 @@ if [[ $device == cuda* ]]; then
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   budget=(--device cpu --dtype float32 --tokens 20000 --text-tokens 30000 --max-answer-tokens 128
-          --max-num-seqs 32 --max-files 2000 --batch-tokens 2048 --epochs 3 --max-minutes 40
+          --max-num-seqs 32 --max-files 2000 --batch-tokens 2048 --epochs 10 --max-minutes 40
           --draft-vocab 8192 --eval-prompts 16
           --generation-share 0.35)
 fi
