@@ -88,6 +88,7 @@ def check_eagle_args(args: argparse.Namespace) -> None:
 
 def make_data(args: argparse.Namespace, data_dir: Path, deadline: float) -> dict:
     """Generate the training and held-out samples into data_dir (train.jsonl, held_out.jsonl)."""
+    start = time.monotonic()
     local = local_data([Path(s) for s in args.sources] if args.sources else None, args.seed, args.max_files)
     llm = LLM(args.target, device=args.device, dtype=args.data_dtype or args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=max(2048, 4 * args.max_num_seqs), seed=args.seed)
@@ -100,21 +101,22 @@ def make_data(args: argparse.Namespace, data_dir: Path, deadline: float) -> dict
     save_samples(data_dir / HELD_OUT_FILE, held_out)
     save_samples(data_dir / TRAIN_FILE, answers + texts)
     summary = {"files": local.files, "held_out_files": local.held_out_files,
-               "prompts": {"code": len(local.code_prompts), "prose": len(local.prose_prompts)}}
+               "prompts": {"code": len(local.code_prompts), "prose": len(local.prose_prompts)},
+               "seconds": round(time.monotonic() - start, 1)}
     (data_dir / "sources.json").write_text(json.dumps(summary, indent=1) + "\n")
     del llm
     free_memory()
     return summary
 
 
-def data_summary(samples, seconds: float | None = None) -> dict:
+def data_summary(samples) -> dict:
     kinds = {}
     for s in samples:
         entry = kinds.setdefault(s.kind, {"samples": 0, "tokens": 0, "trained_tokens": 0})
         entry["samples"] += 1
         entry["tokens"] += len(s.token_ids)
         entry["trained_tokens"] += len(s.token_ids) - s.num_prompt_tokens
-    return {"by_kind": kinds, "seconds": seconds}
+    return {"by_kind": kinds}
 
 
 def run_eagle(args: argparse.Namespace) -> int:
@@ -129,8 +131,7 @@ def run_eagle(args: argparse.Namespace) -> int:
     if not (data_dir / TRAIN_FILE).is_file():
         make_data(args, data_dir, start + 60 * args.max_minutes * args.generation_share)
     samples, held_out = load_samples(data_dir / TRAIN_FILE), load_samples(data_dir / HELD_OUT_FILE)
-    data = dict(data_summary(samples, round(time.monotonic() - start, 1)),
-                sources=json.loads((data_dir / "sources.json").read_text()))
+    data = dict(data_summary(samples), sources=json.loads((data_dir / "sources.json").read_text()))
     print(f"data: {json.dumps(data['by_kind'])}; {len(held_out)} held-out answers", flush=True)
 
     engine_config = EngineConfig(model=args.target, device=args.device, dtype=args.dtype)
