@@ -20,8 +20,8 @@ from pathlib import Path
 import tokenizers
 import transformers
 
+from scheduler.core.params import SamplingParams
 from scheduler.io.detokenizer import IncrementalDetokenizer
-from scheduler.sampling.params import SamplingParams
 from scheduler.worker.models import load_tokenizer
 
 PROMPT_TOKENS = 32

@@ -10,14 +10,14 @@ import importlib
 
 _EXPORTS = {
     "LLM": "scheduler.llm",
-    "CompletionOutput": "scheduler.io.outputs",
-    "Engine": "scheduler.core.engine",
+    "CompletionOutput": "scheduler.core.outputs",
+    "Engine": "scheduler.loop.engine",
     "EngineConfig": "scheduler.config",
-    "RequestOutput": "scheduler.io.outputs",
-    "RequestStream": "scheduler.io.outputs",
-    "SamplingParams": "scheduler.sampling.params",
-    "StructuredOutputsParams": "scheduler.sampling.structured",
-    "TokenLogprob": "scheduler.io.outputs",
+    "RequestOutput": "scheduler.core.outputs",
+    "RequestStream": "scheduler.core.outputs",
+    "SamplingParams": "scheduler.core.params",
+    "StructuredOutputsParams": "scheduler.core.structured",
+    "TokenLogprob": "scheduler.core.outputs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from scheduler.speculative.registry import PROPOSERS
-
 if TYPE_CHECKING:
     import torch
 
@@ -16,8 +14,17 @@ if TYPE_CHECKING:
 # command line's client commands and `serve --help` never load it.
 _DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# speculative= names and the proposer classes they build (scheduler/speculative/registry.py imports them
+# lazily). A new method is one file and one line here.
+PROPOSERS = {
+    "ngram": "scheduler.speculative.ngram:NgramProposer",
+    "draft": "scheduler.speculative.draft.proposer:DraftModelProposer",
+    "eagle": "scheduler.speculative.eagle.proposer:EagleProposer",
+}
 # best: the best proposer this target has (scheduler/speculative/best.py).
 SPECULATIVE_METHODS = ("off", "best", *PROPOSERS)
+# Methods that borrow the target's whole embedding table and LM head (gathered under tensor parallelism).
+BORROWS_VOCAB = ("draft", "eagle", "best")
 
 
 def option(default, help: str, choices: tuple | None = None, unset: str | None = None, **kwargs):

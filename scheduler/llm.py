@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scheduler.config import EngineConfig
-from scheduler.core.engine import Engine
+from scheduler.core.outputs import CompletionOutput
+from scheduler.core.params import SamplingParams
 from scheduler.io.inputs import Prompt
-from scheduler.io.outputs import CompletionOutput
-from scheduler.sampling.params import SamplingParams
+from scheduler.loop.engine import Engine
 
 
 class LLM:

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from scheduler import Engine, SamplingParams
-from scheduler.io.outputs import RequestOutput
+from scheduler.core.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0

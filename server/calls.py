@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from scheduler import SamplingParams
-from scheduler.io.outputs import RequestOutput
+from scheduler.core.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
 from server.config import ServerConfig
 from server.convert import field_error

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from scheduler.sampling.params import SamplingParams
-from scheduler.sampling.structured import StructuredOutputsParams
+from scheduler.core.params import SamplingParams
+from scheduler.core.structured import StructuredOutputsParams
 from server.convert import check_request, field_error, finish_reason_name
 from server.defaults import DEFAULT_ADDRESS, READINESS_SERVICE  # noqa: F401 (READINESS_SERVICE: for users)
 from server.proto.beastserve.v1 import generate_pb2 as pb

@@ -7,8 +7,8 @@ import math
 from typing import TYPE_CHECKING
 
 from scheduler import SamplingParams, StructuredOutputsParams
+from scheduler.core.outputs import RequestOutput
 from scheduler.io.inputs import InputProcessor
-from scheduler.io.outputs import RequestOutput
 from server.proto.beastserve.v1 import generate_pb2 as pb
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from scheduler.core.outputs import StepStats
 from scheduler.core.request import FinishReason
-from scheduler.io.outputs import StepStats
 
 # Spans a fast decode step on a small model (~1 ms) to a long request stuck behind a queue (minutes).
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from scheduler import SamplingParams, StructuredOutputsParams
+from scheduler.core.outputs import RequestOutput
 from scheduler.io.inputs import InputProcessor
-from scheduler.io.outputs import RequestOutput
 from server.convert import InvalidArgument, tokenize_text
 
 if TYPE_CHECKING:

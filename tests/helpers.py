@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scheduler import Engine, SamplingParams
-from scheduler.io.outputs import CompletionOutput
+from scheduler.core.outputs import CompletionOutput
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -9,9 +9,9 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from scheduler.core.params import SamplingParams
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.token_bytes import TokenBytes
-from scheduler.sampling.params import SamplingParams
 
 PROMPT = "Write a short reply:"
 TEXTS = [

@@ -76,8 +76,10 @@ def eagle_engine(path, head_dir, **options) -> Engine:
 def test_head_layers_and_file():
     assert default_layer_ids(30) == (1, 14, 26)  # the default model's: low, middle, high, never the last
     assert default_layer_ids(2) == (0, 0, 0)
-    config = tiny_config(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                         num_hidden_layers=30)
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=30, vocab_size=49152)
     own = sum(p.numel() for p in EagleHead.for_target(config).parameters())
     assert own * 2 < 20e6  # the default model's head in bfloat16 fits the 20 MB it may take in the wheel
 
@@ -221,3 +223,33 @@ def test_shipped_head_found_by_fingerprint_and_best(setup, tmp_path, monkeypatch
     best_draft = Engine(model=str(other), speculative="best", draft_model=str(path)).speculator.proposer
     assert isinstance(best_draft, DraftModelProposer)
 
+
+
+def test_the_daemon_serves_with_the_head_on_both_protocols(tiny_text_model_dir, tmp_path):
+    """--speculative best with --eagle-head: the daemon drafts with the head (GetModelInfo says which method
+    best chose); gRPC and HTTP answer what a request that opts out of speculation gets."""
+    from server.client import Client
+    from tests.daemon import Daemon
+    from tests.openai_http import call
+
+    path, model = tiny_text_model_dir
+    save_head(EagleHead.for_target(model.config).bind(model.model.embed_tokens.weight, model.lm_head.weight),
+              model, tmp_path / "head")
+    daemon = Daemon(str(path), "--speculative", "best", "--eagle-head", str(tmp_path / "head"),
+                    "--no-adaptive-speculation", "--dtype", "float32", "--kv-cache-bytes", str(16 << 20),
+                    log_path=tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        prompt = "The capital of France is"
+        with Client(daemon.address, timeout=60) as client:
+            assert client.model_info().speculative_mode == "eagle"
+            got = client.generate(prompt, max_tokens=12, temperature=0)
+            opted_out = client.generate(prompt, max_tokens=12, temperature=0, speculative=False)
+        status, body = call(daemon.http_url + "/v1/completions", {"prompt": prompt, "max_tokens": 12,
+                                                                   "temperature": 0})
+        assert status == 200, body
+        assert got.text == opted_out.text == body["choices"][0]["text"] and got.text
+        assert got.timing.draft_tokens > 0 and opted_out.timing.draft_tokens == 0
+        assert "speculative=best: eagle" in daemon.log()
+    finally:
+        assert daemon.close() == 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scheduler.core.executor import StepExecutor
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.params import SamplingParams
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler, StepOutput
-from scheduler.sampling.params import SamplingParams
+from scheduler.loop.executor import StepExecutor
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.ngram import NgramProposer
 from scheduler.speculative.speculator import Speculator

@@ -12,7 +12,7 @@ import pytest
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
-from scheduler.sampling.params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from scheduler.core.params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from tests.test_server import sample, scrape

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.params import SamplingParams
 from scheduler.core.request import Request
-from scheduler.sampling.params import SamplingParams
 
 
 def make_request(request_id: str, prompt: list[int]) -> Request:

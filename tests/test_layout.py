@@ -1,5 +1,6 @@
 """The layout's rules: serving never loads training or benchmark code, scheduler/ has no import
-cycles and never imports server/, the wheel installs server and scheduler only."""
+cycles and never imports server/, its packages stand on floors (none imports one above it), the wheel
+installs server and scheduler only."""
 
 from __future__ import annotations
 
@@ -53,6 +54,55 @@ def test_scheduler_has_no_import_cycles_and_never_imports_server_or_bench():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     outside = {name: sorted(m for m in deps if m.split(".")[0] in ("server", "bench")) for name, deps in graph.items()}
     assert not {name: deps for name, deps in outside.items() if deps}
+
+
+# scheduler/'s packages and top-level modules, lowest first. A module may import its own floor and those below;
+# within the middle the order is a chain too.
+FLOORS = [
+    ("tensors", "phases", "config", "device_defaults", "core"),  # ground: options, state, public types
+    ("structured",),
+    ("sampling",),
+    ("io",),
+    ("worker",),
+    ("speculative",),
+    ("loop",),  # the engine, the step, admission: drives everything
+    ("llm",),
+    ("distill",),  # makes drafts; nothing serving imports it
+]
+
+
+def upward_imports(root: Path) -> list[str]:
+    """Every import (inside functions and TYPE_CHECKING too) of a scheduler module on a floor above the
+    importer's, as 'file:line imports module'."""
+    floor = {name: level for level, names in enumerate(FLOORS) for name in names}
+    bad = []
+    for path in sorted((root / "scheduler").rglob("*.py")):
+        own = path.relative_to(root / "scheduler").with_suffix("").parts[0]
+        if own == "__init__":
+            continue
+        assert own in floor, f"scheduler/{own} stands on no floor: add it to FLOORS"
+        for node in ast.walk(ast.parse(path.read_text())):
+            assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}: a relative import"
+            if isinstance(node, ast.ImportFrom) and node.module == "scheduler":
+                names = [f"scheduler.{alias.name}" for alias in node.names]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            else:
+                continue
+            for name in (n for n in names if n and n.startswith("scheduler.")):
+                if floor[name.split(".")[1]] > floor[own]:
+                    bad.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
+    return bad
+
+
+def test_no_scheduler_package_imports_one_on_a_floor_above_its_own():
+    assert upward_imports(ROOT) == []
+
+
+def test_the_floor_check_finds_an_upward_import(tmp_path):
+    (tmp_path / "scheduler" / "core").mkdir(parents=True)
+    (tmp_path / "scheduler" / "core" / "state.py").write_text("if x:\n    from scheduler.loop.engine import Engine\n")
+    assert upward_imports(tmp_path) == ["scheduler/core/state.py:2 imports scheduler.loop.engine"]
 
 
 def test_the_cycle_check_finds_cycles():

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client import generate_latest
 
-from scheduler.io.outputs import StepStats
+from scheduler.core.outputs import StepStats
 from server.metrics import METRIC_NAMES, ServerMetrics
 
 MODEL = "tiny-llama"

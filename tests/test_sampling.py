@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from scheduler.core.params import SamplingParams
 from scheduler.sampling.batch import SamplingBatch
-from scheduler.sampling.params import SamplingParams
 from scheduler.sampling.sampler import Sampler
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

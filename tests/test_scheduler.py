@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.params import SamplingParams
 from scheduler.core.request import Request, RequestStatus
 from scheduler.core.scheduler import Scheduler, SchedulerOutput
-from scheduler.sampling.params import SamplingParams
 
 FIRST_FAKE_TOKEN = 1000
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.sampling.params import SamplingParams, has_penalty
+from scheduler.core.params import SamplingParams, has_penalty
 
 
 class RequestStatus(enum.Enum):

@@ -4,8 +4,8 @@ would stop a request too early, and the detokenizer asks before matching stop st
 
 from __future__ import annotations
 
+from scheduler.core.params import SamplingParams
 from scheduler.core.request import FinishReason, Request
-from scheduler.sampling.params import SamplingParams
 
 
 def may_stop(params: SamplingParams, num_output_tokens: int) -> bool:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from scheduler.core.params import SamplingParams
 from scheduler.llm import LLM
-from scheduler.sampling.params import SamplingParams
 
 TEMPERATURES = (0.0, 0.7, 1.0)
 EVAL_SEED = 1_000_000  # self-written evaluation prompts come from seeds training never uses

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.core.engine import Engine
-from scheduler.sampling.params import SamplingParams
+from scheduler.core.params import SamplingParams
+from scheduler.loop.engine import Engine
 
 EVAL_TEMPERATURES = (0.0, 0.7)
 

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerFast
 
+from scheduler.core.params import SamplingParams
 from scheduler.core.stopping import may_stop
 from scheduler.io.token_bytes import TokenBytes, incomplete_utf8_suffix
-from scheduler.sampling.params import SamplingParams
 
 # Tokenizers that drop a token's leading space when it starts the decoded text (SentencePiece,
 # some BPEs) need a few tokens of context before the first output token.

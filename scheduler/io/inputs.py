@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scheduler.sampling.params import SamplingParams
+from scheduler.core.params import SamplingParams
 
 Prompt = str | Sequence[int]
 MIN_BYTES_PER_TOKEN = 16

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.sampling.params import SamplingParams
+from scheduler.core.params import SamplingParams
 from scheduler.tensors import to_device
 
 

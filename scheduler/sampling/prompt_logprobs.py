@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from scheduler.core.outputs import TokenLogprob
 from scheduler.core.request import Request
-from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling.sampler import logprobs_of
 
 

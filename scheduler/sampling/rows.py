@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from scheduler.core.params import has_penalty
 from scheduler.core.request import Request
 from scheduler.core.stopping import blocked_ids
 from scheduler.sampling.batch import SamplingBatch
-from scheduler.sampling.params import has_penalty
 
 __all__ = ["draft_rows", "has_penalty", "num_outputs", "plain_greedy", "positions_differ", "sampling_rows"]
 

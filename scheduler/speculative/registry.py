@@ -1,16 +1,13 @@
-"""speculative= names and the proposers they build. A new method is one file and one line here."""
+"""The proposer a speculative= name builds. The names live with the engine's options
+(scheduler/config.py PROPOSERS), so the configuration validates them without importing any proposer."""
 
 from __future__ import annotations
 
 import importlib
 
-PROPOSERS = {
-    "ngram": "scheduler.speculative.ngram:NgramProposer",
-    "draft": "scheduler.speculative.draft.proposer:DraftModelProposer",
-    "eagle": "scheduler.speculative.eagle.proposer:EagleProposer",
-}
-# Methods that borrow the target's whole embedding table and LM head (gathered under tensor parallelism).
-BORROWS_VOCAB = ("draft", "eagle", "best")
+from scheduler.config import PROPOSERS
+
+__all__ = ["PROPOSERS", "method_of", "proposer_class"]
 
 
 def proposer_class(name: str):

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from scheduler.sampling.structured import StructuredOutputsParams
+from scheduler.core.structured import StructuredOutputsParams
 
 # Compact JSON: with any whitespace allowed, a small model can write newlines forever inside a valid object.
 _ANY_WHITESPACE = False

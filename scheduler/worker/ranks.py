@@ -29,8 +29,7 @@ import weakref
 import numpy as np
 import torch
 
-from scheduler.config import EngineConfig
-from scheduler.speculative.registry import BORROWS_VOCAB
+from scheduler.config import BORROWS_VOCAB, EngineConfig
 from scheduler.worker.parallel import SINGLE, TensorParallel
 from scheduler.worker.runner import ModelRunner
 

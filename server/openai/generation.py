@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from scheduler.io.outputs import RequestOutput
+from scheduler.core.outputs import RequestOutput
 from server.calls import EngineCalls
 from server.openai.convert import Prepared
 from server.openai.errors import HttpStatusError

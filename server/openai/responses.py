@@ -4,7 +4,7 @@ prompt_logprobs, and usage."""
 
 from __future__ import annotations
 
-from scheduler.io.outputs import RequestOutput, TokenLogprob
+from scheduler.core.outputs import RequestOutput, TokenLogprob
 
 
 class TokenText:

@@ -114,11 +114,16 @@ def load_vocab(path, vocab_size: int) -> torch.Tensor | None:
 
 def shipped_draft_for(target) -> Path | None:
     """The draft shipped with beastserve that was made for this target, if any."""
-    if not SHIPPED_DRAFTS.is_dir():
+    return shipped_for(target, SHIPPED_DRAFTS, is_compact, read_manifest)
+
+
+def shipped_for(target, directory: Path, is_kind, manifest) -> Path | None:
+    """The directory in `directory` of one kind (is_kind) whose manifest records this target's fingerprint."""
+    if not directory.is_dir():
         return None
     found = vocab_fingerprint(*target.vocab_weights())
-    for path in sorted(SHIPPED_DRAFTS.iterdir()):
-        if is_compact(path) and read_manifest(path).get("target_fingerprint") == found:
+    for path in sorted(directory.iterdir()):
+        if is_kind(path) and manifest(path).get("target_fingerprint") == found:
             return path
     return None
 

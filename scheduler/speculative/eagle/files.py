@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from scheduler.speculative.draft.compact import BORROWED, load_vocab, vocab_fingerprint
+from scheduler.speculative.draft.compact import BORROWED, load_vocab, shipped_for, vocab_fingerprint
 from scheduler.speculative.eagle.head import EagleHead
 
 HEAD_FORMAT = "beastserve-eagle-head-v1"
@@ -92,10 +92,4 @@ def load_head(path, target, dtype: torch.dtype, device: torch.device) -> EagleHe
 
 def shipped_head_for(target) -> Path | None:
     """The head shipped with beastserve that was made for this target, if any."""
-    if not SHIPPED_HEADS.is_dir():
-        return None
-    found = vocab_fingerprint(*target.vocab_weights())
-    for path in sorted(SHIPPED_HEADS.iterdir()):
-        if is_head(path) and read_manifest(path).get("target_fingerprint") == found:
-            return path
-    return None
+    return shipped_for(target, SHIPPED_HEADS, is_head, read_manifest)

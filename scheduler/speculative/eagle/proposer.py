@@ -31,6 +31,7 @@ from scheduler.speculative.eagle import files
 from scheduler.speculative.eagle.head import EagleHead
 from scheduler.speculative.eagle.runner import HeadRunner, planned_config
 from scheduler.speculative.proposer import Proposal, ProposerContext
+from scheduler.tensors import to_device
 from scheduler.worker.models import LoadedModel
 from scheduler.worker.packing import ForwardItem
 
@@ -86,6 +87,8 @@ class EagleProposer:
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem], aux: torch.Tensor) -> None:
         """After a target pass over items (batch's, in order): store the features of every row, then write
         the rows that have waited long enough."""
+        if not any(s.request.speculative for s in batch):
+            return  # nothing here will draft
         self.runner.store(items, aux)
         ready = []
         for s, item in zip(batch, items):
@@ -108,40 +111,47 @@ class EagleProposer:
         ks = [s.num_spec_slots for s in spec]
         depth, device = max(ks), self.device
         tables = [pool.block_table(s.request.request_id) for s in spec]
-        # The first pass: every row still waiting, decodes (one row) first as packing wants.
+        # The first pass: every row still waiting, decodes (one row) first as packing wants. Pass j >= 1
+        # reads draft j and the head's own output of the pass before, at row num_tokens - 2 + j, for the
+        # requests drafting more than j tokens. Every pass's inputs go to the device before the first runs,
+        # so no copy waits for a pass and the passes follow each other on the device.
         first = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
         order = sorted(range(len(spec)), key=lambda r: len(first[r].token_ids) != 1)
-        hidden = self.runner.run([first[r] for r in order])
-        if order != sorted(order):
-            hidden = hidden[torch.from_numpy(np.argsort(order)).to(device)]
-        batch = self._sampling(spec, range(len(spec)))
+        rows, passes = [list(range(len(spec)))], [self.runner.prepare([first[r] for r in order])]
+        for j in range(1, depth):
+            rows.append([r for r in rows[-1] if ks[r] > j])
+            passes.append(self.runner.prepare([ForwardItem([0], spec[r].request.num_tokens - 2 + j, tables[r], 1)
+                                               for r in rows[-1]]))
+        unsort = None if order == sorted(order) else to_device(np.argsort(order).tolist(), torch.long, device)
+        where = [None if len(active) == len(spec) else to_device(active, torch.long, device) for active in rows]
+        keep = [None] + [None if len(now) == len(before) else to_device([before.index(r) for r in now], torch.long,
+                                                                        device) for before, now in zip(rows, rows[1:])]
+        batch = self._sampling(spec, rows[0])
         q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
         drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
-        active = list(range(len(spec)))
-        for j in range(depth):
-            tokens = self._pick(hidden, batch, q, active, j)
-            drafted[active if len(active) != len(spec) else slice(None), j] = tokens
-            still = [n for n, r in enumerate(active) if ks[r] > j + 1]
-            if not still:
-                break
-            if len(still) != len(active):
-                keep = torch.tensor(still, device=device)
-                tokens, hidden = tokens[keep], hidden[keep]
-                active = [active[n] for n in still]
-                batch = self._sampling(spec, active)
-            # Pass j + 1 reads draft j + 1 and the head's own output, at the row after the last one.
-            items = [ForwardItem([0], spec[r].request.num_tokens - 1 + j, tables[r], 1) for r in active]
-            hidden = self.runner.run(items, hidden, tokens)
+        tokens = None
+        for j, prepared in enumerate(passes):
+            if j == 0:
+                hidden = self.runner.run(prepared)
+                hidden = hidden if unsort is None else hidden[unsort]
+            else:
+                if keep[j] is not None:
+                    tokens, hidden = tokens[keep[j]], hidden[keep[j]]
+                    batch = self._sampling(spec, rows[j])
+                hidden = self.runner.run(prepared, hidden, tokens)
+            tokens = self._pick(hidden, batch, q, where[j], j)
+            drafted[slice(None) if where[j] is None else where[j], j] = tokens
         for s, k in zip(spec, ks):
             s.draft_token_ids = [0] * k
         return Proposal(drafted, q)
 
-    def _pick(self, hidden, batch, q, active: list[int], j: int) -> torch.Tensor:
+    def _pick(self, hidden, batch, q, where: torch.Tensor | None, j: int) -> torch.Tensor:
+        """Draft j of the rows `where` (None: all) from the head's output hidden states."""
         logits = self.head.logits(hidden).float()
         if batch is None:
             return self.head.token_ids(logits.argmax(dim=-1))
         probs = self.sampler.compute_probs(self.head.full_vocab_logits(logits), batch)
-        q[torch.tensor(active, device=self.device), j] = probs
+        q[slice(None) if where is None else where, j] = probs
         return self.sampler.sample_probs(probs, batch)
 
     def _sampling(self, spec: list[ScheduledRequest], rows):

@@ -58,13 +58,17 @@ class HeadRunner(ModelRunner):
                                        self.block_size)
         self.features.index_copy_(0, self._to_device(slots), self.model.fuse(aux))
 
+    def prepare(self, items: list[ForwardItem]) -> tuple:
+        """A pass's inputs on the device (items decodes first), ahead of running it."""
+        return self._prepare(items)
+
     @torch.inference_mode()
-    def run(self, items: list[ForwardItem], features: torch.Tensor | None = None,
+    def run(self, prepared: tuple, features: torch.Tensor | None = None,
             token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One pass of the head over the items' rows (decodes first). Row t reads the feature stored at its
-        slot, or features [rows, H] given in the same order; token_ids (on the device) replace every item's
-        one token. Returns the output hidden states of each item's last row [len(items), H]."""
-        input_ids, positions, meta, logit_rows = self._prepare(items)
+        """One pass of the head over prepared items' rows. Row t reads the feature stored at its slot, or
+        features [rows, H] given in the same order; token_ids (on the device) replace every item's one
+        token. Returns the output hidden states of each item's last row [len(items), H]."""
+        input_ids, positions, meta, logit_rows = prepared
         if token_ids is not None:
             input_ids = token_ids.to(input_ids.dtype)
         if features is None:

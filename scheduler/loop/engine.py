@@ -22,18 +22,18 @@ from dataclasses import replace
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.core.admission import Admission, Live
-from scheduler.core.executor import StepExecutor, StepInFlight, Verification
 from scheduler.core.kv_cache import BlockPool
-from scheduler.core.reports import check_new_tokens, delta_output, failed_output, final_output
+from scheduler.core.outputs import RequestOutput, RequestStream, StepStats
+from scheduler.core.params import SamplingParams
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import Scheduler, StepResult
 from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt
-from scheduler.io.outputs import RequestOutput, RequestStream, StepStats
 from scheduler.io.token_bytes import TokenBytes
-from scheduler.sampling.params import SamplingParams
+from scheduler.loop.admission import Admission, Live
+from scheduler.loop.executor import StepExecutor, StepInFlight, Verification
+from scheduler.loop.reports import check_new_tokens, delta_output, failed_output, final_output
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer

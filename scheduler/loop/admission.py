@@ -7,9 +7,9 @@ from __future__ import annotations
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.outputs import RequestStream, TokenLogprob
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler
-from scheduler.io.outputs import RequestStream, TokenLogprob
 from scheduler.structured.guide import Guide
 
 

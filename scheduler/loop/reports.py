@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from scheduler.core.admission import Live
+from scheduler.core.outputs import RequestMetrics, RequestOutput
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import StepResult
 from scheduler.core.stopping import check_stop, first_stop
-from scheduler.io.outputs import RequestMetrics, RequestOutput
+from scheduler.loop.admission import Live
 
 
 def check_new_tokens(live: Live, result: StepResult, now: float) -> FinishReason | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from scheduler.sampling.structured import StructuredOutputsParams
+from scheduler.core.structured import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_N = 16  # parallel samples of one prompt

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from scheduler.core.outputs import TokenLogprob
 from scheduler.core.request import Request
 from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
-from scheduler.io.outputs import TokenLogprob
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.rows import plain_greedy, positions_differ, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
