@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from scheduler.core.params import SamplingParams
 from scheduler.distill.data import EVAL_SEED, Sample, generate_samples, prompt_stream, write_prompts
 from scheduler.distill.sources import LocalData
 from scheduler.llm import LLM
-from scheduler.core.params import SamplingParams
 
 ANSWER_KINDS = ("code", "chat", "prose")
 TRAIN_FILE, HELD_OUT_FILE = "train.jsonl", "held_out.jsonl"
