@@ -28,6 +28,9 @@ from scheduler.worker.models import load_model, resolve_model
 
 def add_distill_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
+    parser.add_argument("--kind", choices=("draft", "eagle"), default="draft",
+                        help="draft: a small model made of the target's first layers; eagle: an EAGLE head that "
+                             "drafts from the target's hidden states (default: %(default)s)")
     parser.add_argument("--target", default=env("BEASTSERVE_MODEL", "default"),
                         help="the model to make a draft for: 'default', a GGUF file or a Hugging Face directory "
                              "[BEASTSERVE_MODEL]")
@@ -159,6 +162,10 @@ def generate_data(args: argparse.Namespace, start: float) -> TargetData:
 
 def run_distill(args: argparse.Namespace) -> int:
     check_args(args)
+    if args.kind == "eagle":
+        from scheduler.distill.eagle_command import run_eagle
+
+        return run_eagle(args)
     start = time.monotonic()
     data = generate_data(args, start)
     generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in data.samples)
@@ -225,6 +232,9 @@ def free_memory() -> None:
 def main(argv: list[str] | None = None, prog: str = "python -m scheduler.distill") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_distill_args(parser)
+    from scheduler.distill.eagle_command import add_eagle_args
+
+    add_eagle_args(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.command_line = shlex.join([*prog.split(), *argv])

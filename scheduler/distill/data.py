@@ -45,6 +45,7 @@ TASKS = [
 class Sample:
     token_ids: list[int]  # prompt and answer
     num_prompt_tokens: int
+    kind: str = "chat"  # chat, code, prose (answers) or text (read teacher-forced)
 
 
 def read_prompts(path: str) -> list[list[dict]]:

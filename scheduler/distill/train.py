@@ -82,20 +82,24 @@ def init_draft(target, num_layers: int):
     return draft
 
 
-def make_batches(samples: list[Sample], batch_tokens: int, max_len: int, rng: random.Random) -> list[tuple]:
-    """(input_ids, attention_mask, loss_mask) batches of similar lengths, right-padded, at most
-    batch_tokens padded tokens each. The loss covers the positions that predict answer tokens."""
-    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].token_ids), rng.random()))
+def length_groups(lengths: list[int], batch_tokens: int, rng: random.Random | None = None) -> list[list[int]]:
+    """Indices grouped with others of similar length, at most batch_tokens padded tokens a group (rng
+    breaks ties between equal lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random() if rng else 0.0))
     groups, group, width = [], [], 0
     for i in order:
-        length = min(len(samples[i].token_ids), max_len)
-        if group and max(width, length) * (len(group) + 1) > batch_tokens:
+        if group and max(width, lengths[i]) * (len(group) + 1) > batch_tokens:
             groups.append(group)
             group, width = [], 0
         group.append(i)
-        width = max(width, length)
-    if group:
-        groups.append(group)
+        width = max(width, lengths[i])
+    return groups + [group] if group else groups
+
+
+def make_batches(samples: list[Sample], batch_tokens: int, max_len: int, rng: random.Random) -> list[tuple]:
+    """(input_ids, attention_mask, loss_mask) batches of similar lengths, right-padded, at most
+    batch_tokens padded tokens each. The loss covers the positions that predict answer tokens."""
+    groups = length_groups([min(len(s.token_ids), max_len) for s in samples], batch_tokens, rng)
     rng.shuffle(groups)
     return [_pad([samples[i] for i in g], max_len) for g in groups]
 

@@ -1,0 +1,149 @@
+"""EAGLE head distillation: prompts and texts come from local files with a held-out split by file that
+training never reads, `distill-draft --kind eagle` trains a head end to end and resumes from its
+checkpoint, training-time-test training teaches the head its target, the head shipped for the
+default model is found by its fingerprint."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from scheduler import Engine, SamplingParams
+from scheduler.distill.data import Sample
+from scheduler.distill.eagle_evaluate import simulated_acceptance
+from scheduler.distill.eagle_train import HeadTrainConfig, train_head
+from scheduler.distill.evaluate import _run_alone as run_alone
+from scheduler.distill.features import teacher_features
+from scheduler.distill.sources import is_held_out, local_data
+from scheduler.distill.train import hf_model
+from scheduler.speculative.draft.compact import target_fingerprint
+from scheduler.speculative.eagle import files
+from scheduler.speculative.eagle.head import EagleHead
+from scheduler.worker.models import load_model
+from server.cli import main
+from tests.conftest import save_tiny_model, tiny_config
+
+FUNCTION = '''
+
+def {name}(values: list[int], limit: int = 3) -> list[int]:
+    """Return the first {name} values that are below the limit, in the order given.
+
+    Values equal to the limit are left out.
+    """
+    return [v for v in values if v < limit]
+'''
+PROSE = ("The {name} module keeps a record of every change a user makes to a document, so that any earlier "
+         "version can be restored later. Each record holds the time of the change and what it replaced, and the "
+         "history can be searched by date or by author.\n\n")
+
+
+def write_sources(root, count: int = 24):
+    """count packages of one .py and one .md file each, and a benchmark folder that must never be read;
+    returns the names of the held-out packages (at least one, by choosing enough names)."""
+    names, n = [], 0
+    while len(names) < count or not any(is_held_out(f"{x}/mod.py") for x in names):
+        names.append(f"pkg{n}")
+        n += 1
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "mod.py").write_text(f'"""The {name} package."""' + FUNCTION.format(name=f"take_{name}"))
+        (root / name / "guide.md").write_text(PROSE.format(name=name) * 2)
+    (root / "lm_eval" / "tasks").mkdir(parents=True)
+    (root / "lm_eval" / "tasks" / "bench.py").write_text(FUNCTION.format(name="benchmark_task"))
+    return {x for x in names if is_held_out(f"{x}/mod.py")}, {x for x in names if is_held_out(f"{x}/guide.md")}
+
+
+def test_prompts_and_texts_come_from_local_files_with_held_out_files_never_trained_on(tmp_path):
+    held_code, held_prose = write_sources(tmp_path)
+    data = local_data([tmp_path], seed=0)
+    trained = data.code_prompts + data.prose_prompts + data.texts
+    held = data.held_out_code_prompts + data.held_out_prose_prompts
+    assert data.code_prompts and data.prose_prompts and data.texts and data.held_out_code_prompts
+    assert any("take_pkg" in p and ("def " in p or "Write" in p) for p in data.code_prompts)
+    assert any("restored later" in p for p in data.prose_prompts)
+    for name in held_code:
+        assert not any(f"take_{name}(" in t or f"take_{name}`" in t for t in trained)
+        assert any(f"take_{name}" in p for p in data.held_out_code_prompts)
+    for name in held_prose:
+        assert not any(f"The {name} module" in t for t in data.prose_prompts + data.texts)
+    assert all(any(f"take_{x}" in p or f"The {x} " in p for x in held_code | held_prose) for p in held)
+    assert not any("benchmark_task" in t for t in trained + held)
+
+
+def test_distill_eagle_trains_a_head_end_to_end_and_resumes_from_its_checkpoint(tiny_text_model_dir, tmp_path,
+                                                                                 capsys):
+    path, _ = tiny_text_model_dir
+    write_sources(tmp_path / "src", count=8)
+    out = tmp_path / "head"
+    argv = ["distill-draft", "--kind", "eagle", "--target", str(path), "--out", str(out), "--sources",
+            str(tmp_path / "src"), "--tokens", "96", "--max-answer-tokens", "8", "--max-prompt-tokens", "8",
+            "--max-num-seqs", "8", "--eval-prompts", "2", "--eval-tokens", "8", "--text-tokens", "256",
+            "--text-chunk", "64", "--batch-tokens", "512", "--draft-vocab", "300", "--device", "cpu"]
+    assert main(argv + ["--epochs", "1"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["simulated"]) == {"code", "chat"} and report["k"] == 4
+    assert all(r["chains"] > 0 and 0 <= r["per_drafted_token"] <= 1 for r in report["simulated"].values())
+    assert set(report["data"]["by_kind"]) == {"code", "chat", "prose", "text"}
+    first_steps = report["train"]["steps"]
+    assert first_steps > 0
+    manifest = files.read_manifest(out)
+    assert manifest["command"] == "beastserve " + " ".join(argv + ["--epochs", "1"])
+    assert "held-out code" in capsys.readouterr().out
+    target = load_model(str(path), None, "auto", torch.float32, torch.device("cpu"), None)
+    head = files.load_head(out, target, torch.float32, torch.device("cpu"))
+    assert head.vocab_ids is not None and len(head.vocab_ids) >= 300
+
+    assert main(argv + ["--layers", "3"]) == 2
+    assert "--layers: not used by --kind eagle" in capsys.readouterr().err
+    data_file = out / "data" / "train.jsonl"
+    written = data_file.stat().st_mtime_ns
+    assert main(argv + ["--epochs", "2", "--resume"]) == 0
+    resumed = json.loads((out / "eval.json").read_text())
+    assert resumed["train"]["steps"] == 2 * first_steps  # carried on from the checkpoint, not from scratch
+    assert data_file.stat().st_mtime_ns == written  # and from the data already made
+
+
+def test_training_time_test_teaches_the_head_its_targets_chains(tmp_path):
+    """A random target's greedy answers: after training, the head's simulated chains on held-out
+    answers are accepted more often than the untrained head's."""
+    save_tiny_model(tmp_path / "target", tiny_config(num_hidden_layers=2), seed=5)
+    target = load_model(str(tmp_path / "target"), None, "auto", torch.float32, torch.device("cpu"), None)
+    teacher = hf_model(target.model, torch.device("cpu"), torch.float32)
+    rng = random.Random(0)
+    prompts = torch.tensor([[rng.randrange(512) for _ in range(4)] for _ in range(72)])
+    with torch.no_grad():
+        answers = teacher.generate(prompts, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    samples = [Sample(row.tolist(), 4, "code") for row in answers]
+    torch.manual_seed(0)
+    head = EagleHead.for_target(teacher.config, None, 512).bind(teacher.model.embed_tokens.weight,
+                                                                teacher.lm_head.weight)
+    features = teacher_features(teacher, samples, head.layer_ids, top_k=8)
+    before = simulated_acceptance(head, features[64:], depth=3)
+    stats = train_head(head, features[:64], HeadTrainConfig(unroll=3, lr=3e-3, batch_tokens=1024, epochs=8),
+                       tmp_path, show_progress=False)
+    after = simulated_acceptance(head, features[64:], depth=3)
+    assert stats["steps"] > 0 and after["chains"] == before["chains"] > 0
+    assert after["per_drafted_token"] > before["per_drafted_token"] + 0.05, (before, after)
+    assert after["per_position"][1] > 0  # the unrolled steps learnt too
+
+
+SHIPPED = files.SHIPPED_HEADS / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (SHIPPED / files.HEAD_JSON).is_file(), reason="no head shipped for the default model yet")
+def test_the_head_shipped_for_the_default_model_is_found_by_its_fingerprint_and_leaves_greedy_output_unchanged():
+    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
+    assert size <= 20_000_000
+    assert "distill --kind eagle" in files.read_manifest(SHIPPED)["command"]
+    # No eagle_head: the engine looks the shipped one up by the target's fingerprint.
+    engine = Engine(model="default", dtype="float32", speculative="eagle", adaptive_speculation=False)
+    assert files.read_manifest(SHIPPED)["target_fingerprint"] == target_fingerprint(engine.model)
+    chat = [{"role": "user", "content": "Write a Python function that returns the largest of three numbers."}]
+    prompt, params = engine.inputs.render_chat(chat), SamplingParams(temperature=0, max_tokens=24)
+    expected, _ = run_alone(engine, prompt, params, depth=0)  # this request opts out of speculation
+    drafted, metrics = run_alone(engine, prompt, params, depth=4)
+    assert drafted == expected
+    assert metrics.accepted_tokens > 0
