@@ -8,18 +8,14 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 import torch
 
-from scheduler import Engine, SamplingParams
 from scheduler.distill.data import Sample
 from scheduler.distill.eagle_evaluate import simulated_acceptance
 from scheduler.distill.eagle_train import HeadTrainConfig, train_head
-from scheduler.distill.evaluate import _run_alone as run_alone
 from scheduler.distill.features import teacher_features
 from scheduler.distill.sources import is_held_out, local_data
 from scheduler.distill.train import hf_model
-from scheduler.speculative.draft.compact import target_fingerprint
 from scheduler.speculative.eagle import files
 from scheduler.speculative.eagle.head import EagleHead
 from scheduler.worker.models import load_model
@@ -128,22 +124,3 @@ def test_training_time_test_teaches_the_head_its_targets_chains(tmp_path):
     assert stats["steps"] > 0 and after["chains"] == before["chains"] > 0
     assert after["per_drafted_token"] > before["per_drafted_token"] + 0.05, (before, after)
     assert after["per_position"][1] > 0  # the unrolled steps learnt too
-
-
-SHIPPED = files.SHIPPED_HEADS / "smollm2-135m-instruct"
-
-
-@pytest.mark.skipif(not (SHIPPED / files.HEAD_JSON).is_file(), reason="no head shipped for the default model yet")
-def test_the_head_shipped_for_the_default_model_is_found_by_its_fingerprint_and_leaves_greedy_output_unchanged():
-    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
-    assert size <= 20_000_000
-    assert "distill --kind eagle" in files.read_manifest(SHIPPED)["command"]
-    # No eagle_head: the engine looks the shipped one up by the target's fingerprint.
-    engine = Engine(model="default", dtype="float32", speculative="eagle", adaptive_speculation=False)
-    assert files.read_manifest(SHIPPED)["target_fingerprint"] == target_fingerprint(engine.model)
-    chat = [{"role": "user", "content": "Write a Python function that returns the largest of three numbers."}]
-    prompt, params = engine.inputs.render_chat(chat), SamplingParams(temperature=0, max_tokens=24)
-    expected, _ = run_alone(engine, prompt, params, depth=0)  # this request opts out of speculation
-    drafted, metrics = run_alone(engine, prompt, params, depth=4)
-    assert drafted == expected
-    assert metrics.accepted_tokens > 0
