@@ -17,7 +17,10 @@ from server.client import Client
 from tests.daemon import ROOT, free_port, serve_for_module
 
 # What only the engine needs: a client command that imports one of these pays seconds for nothing.
-ENGINE_MODULES = ("torch", "transformers", "tokenizers", "xgrammar", "numpy", "scheduler.core", "scheduler.worker")
+# The client's types (scheduler.core.params, .structured, .outputs) import none of these.
+ENGINE_MODULES = ("torch", "transformers", "tokenizers", "xgrammar", "numpy", "scheduler.loop",
+                  "scheduler.core.request", "scheduler.core.kv_cache", "scheduler.core.scheduler", "scheduler.worker",
+                  "scheduler.sampling")
 
 
 @pytest.fixture(scope="module")

@@ -133,21 +133,22 @@ def test_a_request_whose_processing_raises_ends_alone(tiny_model_dir):
     assert_pool_idle(engine)
 
 
-def test_a_request_that_fails_alone_is_told_so_and_the_engine_stays_alive(tiny_model_dir):
+def test_a_request_that_fails_alone_is_told_so_and_the_engine_stays_alive(tiny_model_dir, monkeypatch):
     """The service's status for a request that failed alone says so: it is not an engine failure."""
     import asyncio
 
+    from scheduler.loop import engine as engine_module
     from server.async_engine import AsyncEngine, RequestFailedError
 
     engine = Engine(model=str(tiny_model_dir[0]), max_num_batched_tokens=128, kv_cache_bytes=64 << 10)
-    append = engine._append
+    check = engine_module.check_new_tokens
 
-    def append_or_raise(live, result, now):
+    def check_or_raise(live, result, now):  # a request's stop checks: its first token always reaches them
         if live.request.output_id == "bad":
             raise RuntimeError("detokenizer broke")
-        return append(live, result, now)
+        return check(live, result, now)
 
-    engine._append = append_or_raise
+    monkeypatch.setattr(engine_module, "check_new_tokens", check_or_raise)
     served = AsyncEngine(engine)
     served.start()
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
