@@ -34,6 +34,12 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def sigint_by_default() -> None:
+    """preexec_fn for a child the test stops with SIGINT (Ctrl-C): a shell that starts a job in the background
+    hands it SIGINT ignored, and a process (or bash script) that starts with SIGINT ignored never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LoggedProcess:
     """A subprocess with its output in a log file; stopped with SIGTERM on close()."""
 

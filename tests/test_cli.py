@@ -14,7 +14,7 @@ import pytest
 from server.cli import build_parser, main
 from server.cli_client import print_stream, summary
 from server.client import Client
-from tests.daemon import ROOT, free_port, serve_for_module
+from tests.daemon import ROOT, free_port, serve_for_module, sigint_by_default
 
 # What only the engine needs: a client command that imports one of these pays seconds for nothing.
 # The client's types (scheduler.core.params, .structured, .outputs) import none of these.
@@ -115,7 +115,8 @@ def test_a_refused_connection_says_no_daemon_runs_there_and_how_to_start_one(com
 def test_ctrl_c_in_a_real_chat_stops_the_answer_on_the_daemon_and_the_chat_goes_on(daemon):
     chat = subprocess.Popen([sys.executable, "-m", "server.cli", "chat", "--address", daemon.address,
                              "--temperature", "0"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=sigint_by_default)
     try:
         with Client(daemon.address, timeout=10) as client:
             chat.stdin.write(b"tell me everything\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.daemon import READINESS, ROOT, LoggedProcess, free_port
+from tests.daemon import READINESS, ROOT, LoggedProcess, free_port, sigint_by_default
 
 SCRIPT = ["bash", "deploy/local-gateway.sh"]
 
@@ -79,7 +79,7 @@ def _complete(env: dict, model: str) -> bool:
 def test_a_killed_replica_is_restarted_and_ctrl_c_drains(tiny_text_model_dir, tmp_path):
     model = tiny_text_model_dir[0]
     env = _env(model)
-    script = LoggedProcess(SCRIPT, tmp_path / "gateway.log", cwd=ROOT, env=env)
+    script = LoggedProcess(SCRIPT, tmp_path / "gateway.log", cwd=ROOT, env=env, preexec_fn=sigint_by_default)
     try:
         _wait_for(lambda: _complete(env, model.resolve().name), 120, "the gateway answering", script)
         pid = int(re.search(r"replica 0 \(pid (\d+)\)", script.log())[1])
