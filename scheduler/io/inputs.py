@@ -91,3 +91,12 @@ class InputProcessor:
         if self.tokenizer is None:
             raise ValueError(f"{what} need a tokenizer; this model has none (send token ids)")
         return self.tokenizer
+
+
+def eos_token_ids(config, tokenizer) -> tuple[int, ...]:
+    """Every token id that ends an answer: the model config's EOS ids and the tokenizer's."""
+    ids = config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))

@@ -30,11 +30,11 @@ from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import Scheduler, StepResult
 from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
-from scheduler.io.inputs import InputProcessor, Prompt
+from scheduler.io.inputs import InputProcessor, Prompt, eos_token_ids
 from scheduler.io.token_bytes import TokenBytes
 from scheduler.loop.admission import Admission, Live
 from scheduler.loop.executor import StepExecutor, StepInFlight, Verification
-from scheduler.loop.reports import check_new_tokens, delta_output, failed_output, final_output
+from scheduler.loop.reports import check_new_tokens, delta_output, failed_output, final_output, per_position
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
@@ -101,7 +101,7 @@ class Engine:
             self.executor.speculate_in_loop(config.max_num_seqs, self.max_model_len)
         torch.manual_seed(config.seed)
         self.vocab_size = target.config.vocab_size
-        self.eos_token_ids = _eos_token_ids(target.config, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(target.config, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         # Read ahead when serving: the first answer cut inside a character then waits for nothing.
         self.token_bytes = TokenBytes(self.tokenizer, prefetch=serving) if self.tokenizer is not None else None
@@ -257,8 +257,8 @@ class Engine:
             num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
             prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
             num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
-            accepted_per_position=_per_position(drafted, accepted=True),
-            verified_per_position=_per_position(drafted, accepted=False))
+            accepted_per_position=per_position(drafted, accepted=True),
+            verified_per_position=per_position(drafted, accepted=False))
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start, overlapped=defer)
         for live, output in outputs:
             self._deliver(live, output)
@@ -379,15 +379,6 @@ class Engine:
         return final_output(live)
 
 
-def _per_position(results: list[StepResult], accepted: bool) -> list[int]:
-    """Drafts accepted at each position, or (accepted=False) verified there: drafted, every earlier one accepted."""
-    counts = [0] * max((r.num_drafts for r in results), default=0)
-    for r in results:
-        for i in range(r.num_accepted if accepted else min(r.num_drafts, r.num_accepted + 1)):
-            counts[i] += 1
-    return counts
-
-
 def _tune_gc(max_num_seqs: int) -> None:
     """Keep the garbage collector off the step loop. What start-up made (modules, model, block pool) is frozen out of
     later collections, a process's earlier engine unfrozen and collected first (its cycles must not stay frozen).
@@ -400,11 +391,3 @@ def _tune_gc(max_num_seqs: int) -> None:
     gc.freeze()
     threshold, *older = gc.get_threshold()
     gc.set_threshold(max(threshold, GC_OBJECTS_PER_SEQUENCE * max_num_seqs), *older)
-
-
-def _eos_token_ids(config, tokenizer) -> tuple[int, ...]:
-    ids = config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))

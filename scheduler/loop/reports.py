@@ -1,5 +1,5 @@
 """What a request's stream is told after a step: the tokens (with their text and logprobs) since its last output,
-and at its end why it ended and what it cost."""
+and at its end why it ended and what it cost; and the step's drafts counted by position."""
 
 from __future__ import annotations
 
@@ -74,3 +74,12 @@ def failed_output(request: Request, error: str) -> RequestOutput:
     """The last output of a request ended by a failure (its own processing, or the engine's): aborted, with why."""
     return RequestOutput(request.output_id, [], "", finished=True, finish_reason="abort", error=error,
                          index=request.index)
+
+
+def per_position(results: list[StepResult], accepted: bool) -> list[int]:
+    """Drafts accepted at each position, or (accepted=False) verified there: drafted, every earlier one accepted."""
+    counts = [0] * max((r.num_drafts for r in results), default=0)
+    for r in results:
+        for i in range(r.num_accepted if accepted else min(r.num_drafts, r.num_accepted + 1)):
+            counts[i] += 1
+    return counts

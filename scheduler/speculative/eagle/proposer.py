@@ -86,10 +86,8 @@ class EagleProposer:
 
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem] | StepInputs,
                         aux: torch.Tensor) -> None:
-        """After a target pass over items (batch's, in order): store the features of every row, then write
-        the rows that have waited long enough."""
-        if not any(s.request.speculative for s in batch):
-            return  # nothing here will draft
+        """After a target pass over items (batch's, in order) with a request that speculates (the speculator
+        asks): store the features of every row, then write the rows that have waited long enough."""
         inputs = as_inputs(items)
         self.runner.store(inputs, aux)
         ready = []
