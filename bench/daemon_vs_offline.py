@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import pickle
 import platform
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from server.loadgen import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_TID_FILE = "BEASTSERVE_BENCH_ENGINE_TID_FILE"
+PROFILE_DIR = "BEASTSERVE_BENCH_PROFILE_DIR"  # set: the daemon's two threads run under cProfile, stats written here
 CLIENT_START_S = 3.0  # after every client's channel is ready
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4, help="client processes, the requests split between them")
     p.add_argument("--services", default=",".join(SERVICES), help="beastserve.v1, vllm or both (comma-separated)")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--profile", type=Path, help="run the daemon's engine thread and event loop under cProfile, "
+                   "writing their stats to this directory (figures then include the profiler's cost)")
     p.add_argument("--label", default="", help="a name for this run in the results (the change measured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/daemon_vs_offline_cpu_latest.json"),
@@ -109,6 +113,33 @@ def offline(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]])
             [token_digest(o.token_ids) for o in outputs])
 
 
+def engine_core(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], detokenize: bool) -> dict:
+    """What an engine core in a process of its own would cost: the engine making every step's deltas (as the daemon
+    asks, text or not) and packing them into one compact message a step, (request ids, token ids[, texts]) pickled,
+    as it would send them to a front end. No front end: this is the engine process's share alone."""
+    from scheduler import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), **engine_options(args))
+    ModelClock(llm.engine.model, real=False)
+    engine, step_outputs = llm.engine, []
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i, ids in enumerate(prompts):
+        engine.add_request(None, params, request_id=f"r{i}", prompt_token_ids=ids, on_output=step_outputs.append,
+                           detokenize=detokenize)
+    tokens = message_bytes = 0
+    while engine.has_unfinished():
+        engine.step()
+        ids, token_ids = [o.request_id for o in step_outputs], [o.token_ids for o in step_outputs]
+        texts = [o.text for o in step_outputs] if detokenize else None
+        message_bytes += len(pickle.dumps((ids, token_ids, texts), protocol=pickle.HIGHEST_PROTOCOL))
+        tokens += sum(map(len, token_ids))
+        step_outputs.clear()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    engine.shutdown()
+    return dict(detokenize=detokenize, tokens=tokens, wall_s=wall, cpu_s=cpu, message_bytes=message_bytes)
+
+
 # --- (b) the daemon ------------------------------------------------------------------------------------------------
 
 def serve_stand_in(argv: list[str]) -> int:
@@ -125,12 +156,31 @@ def serve_stand_in(argv: list[str]) -> int:
 
     def loop(self):
         Path(os.environ[ENGINE_TID_FILE]).write_text(str(threading.get_native_id()))
-        real_loop(self)
+        profiled(real_loop, "engine-thread", self)
 
     server.app.Engine, AsyncEngine._loop = engine, loop
     from server.cli import main
 
-    return main(["serve", *argv])
+    return profiled(main, "event-loop", ["serve", *argv])
+
+
+def profiled(fn, name: str, *args):
+    """fn(*args), under cProfile when PROFILE_DIR is set (its stats written to PROFILE_DIR/name.prof)."""
+    if not os.environ.get(PROFILE_DIR):
+        return fn(*args)
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(fn, *args)
+    finally:
+        profile.dump_stats(Path(os.environ[PROFILE_DIR]) / f"{name}.prof")
+
+
+def profile_dir(args: argparse.Namespace, service: str) -> Path:
+    path = (args.profile / service).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -184,7 +234,8 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bench.daemon_vs_offline", "serve-stand-in", *flags],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), ENGINE_TID_FILE: str(tid_file)})
+                                env={**os.environ, "PYTHONPATH": str(ROOT), ENGINE_TID_FILE: str(tid_file),
+                                     **({PROFILE_DIR: str(profile_dir(args, service))} if args.profile else {})})
     try:
         address = f"127.0.0.1:{port}"
         wait_ready(address, proc)
@@ -255,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "output_len", "clients",
                                               "seed")}
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
-    result = dict(label=args.label, machine=facts, workload=workload, offline=None, daemon=[])
+    result = dict(label=args.label, machine=facts, workload=workload, offline=None, engine_core=[], daemon=[])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = workdir / "model"
@@ -265,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["offline"], offline_digests = offline(args, model_dir, prompts)
             result["offline"]["output_tok_per_s"] = result["offline"]["tokens"] / result["offline"]["wall_s"]
             print(f"offline: {result['offline']}", flush=True)
+            result["engine_core"] = [engine_core(args, model_dir, prompts, detokenize) for detokenize in (True, False)]
+            print(f"engine core alone: {result['engine_core']}", flush=True)
         for service in args.services:
             run, digests = daemon(args, model_dir, prompts, service, workdir)
             if offline_digests is not None:
