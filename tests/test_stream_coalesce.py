@@ -1,0 +1,127 @@
+"""A stream whose client falls behind the engine gets every token produced since it last took one in one message,
+and nothing is lost, reordered or misaligned: on both generation services, a client that reads nothing until its
+request has finished in the engine, then reads everything, gets the answer of a client that kept up, in fewer
+messages than tokens, each token's logprob beside it, to the last message."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
+
+from server.proto.beastserve.v1 import generate_pb2 as pb
+from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
+from tests.daemon import serve_for_module
+from tests.slow_reader import SlowReader
+
+MAX_TOKENS = 24
+PROMPT = [5, 6, 7, 8, 9]
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model_dir, tmp_path_factory):
+    yield from serve_for_module(tiny_model_dir[0], tmp_path_factory, "--max-model-len", "256")
+
+
+def _ours(request_id: str) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=PROMPT),
+                              sampling=pb.SamplingParams(temperature=0), output=pb.OutputOptions(logprobs=2),
+                              stopping=pb.StoppingCriteria(max_tokens=MAX_TOKENS, ignore_eos=True))
+
+
+def _theirs(request_id: str) -> vpb.GenerateRequest:
+    return vpb.GenerateRequest(request_id=request_id, tokenized=vpb.TokenizedInput(input_ids=PROMPT), stream=True,
+                               sampling_params=vpb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                                  ignore_eos=True, logprobs=2))
+
+
+def _held_then_read(daemon, path: str, request) -> list[bytes]:
+    """The messages of a call whose client reads nothing until the engine has finished its request."""
+    reader = SlowReader(daemon.address, window=16)  # the first message does not fit: the server's writes wait
+    try:
+        stream_id = reader.open_stream(path, request.SerializeToString())
+        _wait_for(lambda: _finished_in_engine(daemon), "the request finished in the engine")
+        reader.read_everything()
+        _wait_for(lambda: stream_id in reader.ended, "the call's end")
+        assert reader.ended[stream_id] == "trailers"
+        return reader.messages(stream_id)
+    finally:
+        reader.close()
+
+
+def _finished_in_engine(daemon) -> bool:
+    with daemon.channel() as channel:
+        load = pb_grpc.GenerationStub(channel).GetLoad(pb.GetLoadRequest(), timeout=5)
+    return load.num_running == 0 and load.num_waiting == 0 and load.kv_blocks_free == load.kv_blocks_total
+
+
+def _wait_for(predicate, what: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _ours_answer(responses) -> tuple[list[int], list[tuple[int, float]], int]:
+    tokens, logprobs = [], []
+    for response in responses:
+        tokens += response.token_ids
+        logprobs += [(lp.token_id, lp.logprob) for lp in response.logprobs]
+        assert len(response.logprobs) == len(response.token_ids), "a message's logprobs align with its tokens"
+    return tokens, logprobs, responses[-1].finish_reason
+
+
+def _theirs_answer(responses) -> tuple[list[int], list[tuple[int, float]], str]:
+    tokens, logprobs = [], []
+    for response in responses[:-1]:
+        chunk = response.chunk
+        assert list(chunk.output_logprobs.token_ids) == list(chunk.token_ids), "logprobs align with tokens"
+        tokens += chunk.token_ids
+        logprobs += zip(chunk.output_logprobs.token_ids, chunk.output_logprobs.token_logprobs)
+        assert len(chunk.output_logprobs.top_logprobs) == len(chunk.token_ids)
+    assert responses[-1].HasField("complete")
+    return tokens, logprobs, responses[-1].complete.finish_reason
+
+
+def _same(held, kept_up):
+    (tokens, logprobs, finish), (want_tokens, want_logprobs, want_finish) = held, kept_up
+    assert len(tokens) == MAX_TOKENS and tokens == want_tokens
+    assert [t for t, _ in logprobs] == tokens
+    assert [v for _, v in logprobs] == pytest.approx([v for _, v in want_logprobs], abs=1e-4)
+    assert finish == want_finish
+
+
+def test_beastserve_stream_joins_what_waited_and_loses_nothing(daemon):
+    held = [pb.GenerateResponse.FromString(m) for m in
+            _held_then_read(daemon, "/beastserve.v1.Generation/GenerateStream", _ours("held"))]
+    with daemon.channel() as channel:
+        kept_up = list(pb_grpc.GenerationStub(channel).GenerateStream(_ours("kept-up"), timeout=30))
+    assert len(held) < MAX_TOKENS, "the deltas that waited went out together"
+    assert held[-1].finish_reason == pb.FINISH_REASON_LENGTH and held[-1].usage.completion_tokens == MAX_TOKENS
+    _same(_ours_answer(held), _ours_answer(kept_up))
+
+
+def test_vllm_stream_joins_what_waited_and_loses_nothing(daemon):
+    held = [vpb.GenerateResponse.FromString(m) for m in
+            _held_then_read(daemon, "/vllm.grpc.engine.VllmEngine/Generate", _theirs("held-vllm"))]
+    with daemon.channel() as channel:
+        kept_up = list(vpb_grpc.VllmEngineStub(channel).Generate(_theirs("kept-up-vllm"), timeout=30))
+    assert len(held) - 1 < MAX_TOKENS, "the deltas that waited went out together"
+    assert held[-2].chunk.completion_tokens == MAX_TOKENS
+    _same(_theirs_answer(held), _theirs_answer(kept_up))
+
+
+def test_a_stream_read_as_it_comes_still_streams(daemon):
+    """Joining is for what waited: a client that keeps up still gets its first tokens before the last."""
+    with daemon.channel() as channel:
+        responses = pb_grpc.GenerationStub(channel).GenerateStream(_ours("streamed"), timeout=30)
+        first = next(responses)
+        assert first.token_ids and not first.finish_reason
+        rest = list(responses)
+    assert rest and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert grpc.StatusCode.OK == responses.code()
