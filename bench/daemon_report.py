@@ -10,7 +10,8 @@ def to_markdown(result: dict) -> str:
              f"{m['date']} · {m['cpu']} ({m['logical_cores']} cores, load {m['load_average_at_start']} at start, "
              f"{m.get('load_average_at_end')} at end) · Python {m['python']} · torch {m['torch']}", "",
              f"{w['num_requests']} requests at once, prompts U({w['min_prompt']}, {w['max_prompt']}) random ids, "
-             f"{w['output_len']} output tokens, greedy, EOS ignored; {w['clients']} client processes.", ""]
+             f"{w['output_len']} output tokens, greedy, EOS ignored; {w['clients']} client processes; daemon flags: "
+             f"{w.get('serve_args') or 'defaults'}.", ""]
     if off is not None:
         lines += [f"Offline engine: {off['tokens']} tokens, {off['output_tok_per_s']:.0f} tok/s wall, "
                   f"{1e3 * off['cpu_s'] / off['tokens']:.3f} CPU s per 1k tokens (model stand-in "

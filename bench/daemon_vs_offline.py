@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import pickle
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4, help="client processes, the requests split between them")
     p.add_argument("--services", default=",".join(SERVICES), help="beastserve.v1, vllm or both (comma-separated)")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--serve-args", default="", help="more `beastserve serve` flags, e.g. '--stream-interval 8'")
     p.add_argument("--profile", type=Path, help="run the daemon's engine thread and event loop under cProfile, "
                    "writing their stats to this directory (figures then include the profiler's cost)")
     p.add_argument("--label", default="", help="a name for this run in the results (the change measured)")
@@ -230,6 +232,7 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
              "--http-port", "0", "--max-queue-size", str(2 * args.num_requests)]
     for name, value in engine_options(args).items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
+    flags += shlex.split(args.serve_args)
     log_path = workdir / f"daemon-{service}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bench.daemon_vs_offline", "serve-stand-in", *flags],
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     prompts = make_prompts(TINY["vocab_size"], args.num_requests, args.min_prompt, args.max_prompt, args.seed)
     workload = {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "output_len", "clients",
-                                              "seed")}
+                                              "seed", "serve_args")}
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
     result = dict(label=args.label, machine=facts, workload=workload, offline=None, engine_core=[], daemon=[])
     with tempfile.TemporaryDirectory() as tmp:

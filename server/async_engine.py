@@ -8,7 +8,7 @@ A step's outputs reach the event loop in one hop (call_soon_threadsafe wakes the
 step, not one an output).
 
 A request's consumer takes every output that waits for it at once, joined into one output per completion
-(server/coalesce.py): a consumer that falls behind the engine sends fewer, fuller messages rather than one a step.
+(server/inbox.py): a consumer that falls behind the engine sends fewer, fuller messages rather than one a step.
 
 Backpressure: a request's outputs wait for its consumer in a list of at most about MAX_PENDING_OUTPUTS; at that
 many the request is paused in the engine (not scheduled, so nothing more is generated for it; its blocks are kept
@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 
 from scheduler import Engine, SamplingParams
 from scheduler.core.outputs import RequestOutput
-from server.coalesce import coalesce
+from server.inbox import Inbox, coalesce
 
 log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0
@@ -48,8 +48,9 @@ class RequestFailedError(Exception):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024):
+    def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024, stream_interval: int = 1):
         self.engine = engine
+        self.stream_interval = stream_interval  # tokens a consumer is woken for (the first and the end at once)
         self.metrics = metrics
         self.max_queue_size = max_queue_size
         self.error: BaseException | None = None
@@ -96,7 +97,7 @@ class AsyncEngine:
             raise QueueFullError(f"{self.engine.num_waiting} requests waiting; max_queue_size is "
                                  f"{self.max_queue_size}")
         loop = asyncio.get_running_loop()
-        inbox = _Inbox(loop)
+        inbox = Inbox(loop, self.stream_interval, MAX_PENDING_OUTPUTS)
         timer = _TokenTimer(self.metrics)
 
         def receive(output: RequestOutput) -> None:  # on the loop, after add_request has returned the stream
@@ -282,33 +283,6 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
         future.set_exception(exc)
     else:
         future.set_result(result)
-
-
-class _Inbox:
-    """One request's outputs on the event loop, waiting for its consumer, which takes all of them at once."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.outputs: list[RequestOutput] = []
-        self.waiter: asyncio.Future | None = None
-
-    def put(self, output: RequestOutput) -> int:
-        """Adds an output; returns how many wait."""
-        self.outputs.append(output)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-        return len(self.outputs)
-
-    async def take(self) -> list[RequestOutput]:
-        """Every output that waits, in order; waits for one if none does."""
-        while not self.outputs:
-            self.waiter = self.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        outputs, self.outputs = self.outputs, []
-        return outputs
 
 
 class _TokenTimer:

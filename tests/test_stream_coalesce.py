@@ -1,13 +1,13 @@
 """A stream whose client falls behind the engine gets every token produced since it last took one in one message,
 and nothing is lost, reordered or misaligned: on both generation services, a client that reads nothing until its
-request has finished in the engine, then reads everything, gets the answer of a client that kept up, in fewer
-messages than tokens, each token's logprob beside it, to the last message."""
+request has finished in the engine, then reads everything, gets the unary call's answer in fewer messages than
+tokens, each token's logprob beside it, to the last message. With --stream-interval N, a client that keeps up gets
+the first token at once, then at least N tokens a message but the last, and the same answer."""
 
 from __future__ import annotations
 
 import time
 
-import grpc
 import pytest
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
@@ -19,11 +19,13 @@ from tests.slow_reader import SlowReader
 
 MAX_TOKENS = 24
 PROMPT = [5, 6, 7, 8, 9]
+INTERVAL = 4
 
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model_dir, tmp_path_factory):
-    yield from serve_for_module(tiny_model_dir[0], tmp_path_factory, "--max-model-len", "256")
+    yield from serve_for_module(tiny_model_dir[0], tmp_path_factory, "--max-model-len", "256",
+                                "--stream-interval", str(INTERVAL))
 
 
 def _ours(request_id: str) -> pb.GenerateRequest:
@@ -32,8 +34,8 @@ def _ours(request_id: str) -> pb.GenerateRequest:
                               stopping=pb.StoppingCriteria(max_tokens=MAX_TOKENS, ignore_eos=True))
 
 
-def _theirs(request_id: str) -> vpb.GenerateRequest:
-    return vpb.GenerateRequest(request_id=request_id, tokenized=vpb.TokenizedInput(input_ids=PROMPT), stream=True,
+def _theirs(request_id: str, stream: bool = True) -> vpb.GenerateRequest:
+    return vpb.GenerateRequest(request_id=request_id, tokenized=vpb.TokenizedInput(input_ids=PROMPT), stream=stream,
                                sampling_params=vpb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                                   ignore_eos=True, logprobs=2))
 
@@ -96,32 +98,42 @@ def _same(held, kept_up):
     assert finish == want_finish
 
 
+def _theirs_unary(response) -> tuple[list[int], list[tuple[int, float]], str]:
+    complete = response.complete
+    return (list(complete.output_ids), list(zip(complete.output_logprobs.token_ids,
+                                                 complete.output_logprobs.token_logprobs)), complete.finish_reason)
+
+
 def test_beastserve_stream_joins_what_waited_and_loses_nothing(daemon):
     held = [pb.GenerateResponse.FromString(m) for m in
             _held_then_read(daemon, "/beastserve.v1.Generation/GenerateStream", _ours("held"))]
     with daemon.channel() as channel:
-        kept_up = list(pb_grpc.GenerationStub(channel).GenerateStream(_ours("kept-up"), timeout=30))
-    assert len(held) < MAX_TOKENS, "the deltas that waited went out together"
+        unary = pb_grpc.GenerationStub(channel).Generate(_ours("unary"), timeout=30)
+    assert len(held) < MAX_TOKENS // INTERVAL, "the deltas that waited went out together"
     assert held[-1].finish_reason == pb.FINISH_REASON_LENGTH and held[-1].usage.completion_tokens == MAX_TOKENS
-    _same(_ours_answer(held), _ours_answer(kept_up))
+    _same(_ours_answer(held), _ours_answer([unary]))
 
 
 def test_vllm_stream_joins_what_waited_and_loses_nothing(daemon):
     held = [vpb.GenerateResponse.FromString(m) for m in
             _held_then_read(daemon, "/vllm.grpc.engine.VllmEngine/Generate", _theirs("held-vllm"))]
     with daemon.channel() as channel:
-        kept_up = list(vpb_grpc.VllmEngineStub(channel).Generate(_theirs("kept-up-vllm"), timeout=30))
-    assert len(held) - 1 < MAX_TOKENS, "the deltas that waited went out together"
+        (unary,) = vpb_grpc.VllmEngineStub(channel).Generate(_theirs("unary-vllm", stream=False), timeout=30)
+    assert len(held) - 1 < MAX_TOKENS // INTERVAL, "the deltas that waited went out together"
     assert held[-2].chunk.completion_tokens == MAX_TOKENS
-    _same(_theirs_answer(held), _theirs_answer(kept_up))
+    _same(_theirs_answer(held), _theirs_unary(unary))
 
 
-def test_a_stream_read_as_it_comes_still_streams(daemon):
-    """Joining is for what waited: a client that keeps up still gets its first tokens before the last."""
+def test_stream_interval_gathers_tokens_but_sends_the_first_at_once(daemon):
     with daemon.channel() as channel:
-        responses = pb_grpc.GenerationStub(channel).GenerateStream(_ours("streamed"), timeout=30)
-        first = next(responses)
-        assert first.token_ids and not first.finish_reason
-        rest = list(responses)
-    assert rest and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    assert grpc.StatusCode.OK == responses.code()
+        ours = list(pb_grpc.GenerationStub(channel).GenerateStream(_ours("gathered"), timeout=30))
+        unary = pb_grpc.GenerationStub(channel).Generate(_ours("unary-2"), timeout=30)
+        theirs = list(vpb_grpc.VllmEngineStub(channel).Generate(_theirs("gathered-vllm"), timeout=30))
+        (their_unary,) = vpb_grpc.VllmEngineStub(channel).Generate(_theirs("unary-vllm-2", stream=False), timeout=30)
+    assert ours[0].token_ids and not ours[0].finish_reason  # the first token did not wait for others
+    assert all(len(r.token_ids) >= INTERVAL for r in ours[1:-1]), [len(r.token_ids) for r in ours]
+    assert len(ours) <= 2 + MAX_TOKENS // INTERVAL
+    _same(_ours_answer(ours), _ours_answer([unary]))
+    chunks = [r.chunk for r in theirs[:-1]]
+    assert all(len(c.token_ids) >= INTERVAL for c in chunks[1:-1]), [len(c.token_ids) for c in chunks]
+    _same(_theirs_answer(theirs), _theirs_unary(their_unary))
