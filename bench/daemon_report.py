@@ -25,6 +25,10 @@ def to_markdown(result: dict) -> str:
                      f"{_ratio(r, 'cpu_ratio')} | {c['engine_thread']:.3f} | {c['event_loop']:.3f} | "
                      f"{c['other_threads']:.3f} | {r['tokens_per_message']:.2f} | {r['clients_cpu_s']} | "
                      f"{r['num_errors']} | {r.get('tokens_equal_offline', '—')} |")
+    gc_lines = [f"- {r['service']}: {r['gc']['passes']} passes by generation (0, 1, 2), {r['gc']['seconds']} s"
+                for r in result["daemon"] if r.get("gc")]
+    if gc_lines:
+        lines += ["", "The daemon's garbage collector while the clients ran:", "", *gc_lines]
     if result.get("engine_core"):
         lines += ["", "Engine core alone (what a process of its own would do: every step's deltas, packed and pickled "
                   "as one message a step; no front end):", "",

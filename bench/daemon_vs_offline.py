@@ -20,6 +20,7 @@ by their CPU time per token together; against the offline engine's CPU time per 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import pickle
@@ -161,9 +162,27 @@ def serve_stand_in(argv: list[str]) -> int:
         profiled(real_loop, "engine-thread", self)
 
     server.app.Engine, AsyncEngine._loop = engine, loop
+    watch_gc(Path(os.environ[ENGINE_TID_FILE]).with_suffix(".gc.json"))
     from server.cli import main
 
     return profiled(main, "event-loop", ["serve", *argv])
+
+
+def watch_gc(out: Path) -> None:
+    """The garbage collector's passes, (end time, generation, wall seconds) each, written to `out` at exit."""
+    import atexit
+    import gc
+
+    passes, started = [], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            passes.append((time.time(), info["generation"], time.perf_counter() - started[0]))
+
+    gc.callbacks.append(on_gc)
+    atexit.register(lambda: out.write_text(json.dumps(passes)))
 
 
 def profiled(fn, name: str, *args):
@@ -251,6 +270,11 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
             proc.kill()
             raise
     result["daemon_exit_code"] = result_code
+    gc_file = tid_file.with_suffix(".gc.json")
+    if gc_file.exists():  # the passes while the clients ran
+        passes = [(gen, s) for t, gen, s in json.loads(gc_file.read_text()) if result["start"] <= t <= result["end"]]
+        result["gc"] = dict(passes=[sum(g == gen for g, _ in passes) for gen in range(3)],
+                            seconds=[round(sum(s for g, s in passes if g == gen), 3) for gen in range(3)])
     if result_code != 0:
         print(log_path.read_text()[-3000:], file=sys.stderr)
     return result, digests
@@ -277,7 +301,8 @@ def drive(args: argparse.Namespace, address: str, prompts: list[list[int]], serv
     tokens = sum(a["tokens"] for a in answers)
     errors = [e for a in answers for e in a["errors"]]
     digests = {rid: d for a in answers for rid, d in a["digests"].items()}
-    return dict(service=service, tokens=tokens, messages=sum(a["messages"] for a in answers), wall_s=end - start,
+    return dict(service=service, start=start, end=end, tokens=tokens, messages=sum(a["messages"] for a in answers),
+                wall_s=end - start,
                 engine_thread_cpu_s=spent.get(engine_tid, 0.0), event_loop_cpu_s=spent.get(pid, 0.0),
                 other_threads_cpu_s=sum(v for tid, v in spent.items() if tid not in (pid, engine_tid)),
                 clients_cpu_s=[round(a["cpu_s"], 2) for a in answers], errors=errors[:10],
