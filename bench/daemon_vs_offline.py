@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4, help="client processes, the requests split between them")
     p.add_argument("--services", default=",".join(SERVICES), help="beastserve.v1, vllm or both (comma-separated)")
     p.add_argument("--skip-offline", action="store_true")
-    p.add_argument("--serve-args", default="", help="more `beastserve serve` flags, e.g. '--stream-interval 8'")
+    p.add_argument("--serve-args", action="append", help="more `beastserve serve` flags, e.g. '--stream-interval 8' "
+                   "(repeatable: each set is a daemon run per service; default: none)")
     p.add_argument("--profile", type=Path, help="run the daemon's engine thread and event loop under cProfile, "
                    "writing their stats to this directory (figures then include the profiler's cost)")
     p.add_argument("--label", default="", help="a name for this run in the results (the change measured)")
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results/daemon_vs_offline_cpu_latest.json"),
                    help="JSON results; the markdown goes next to it with a .md suffix")
     args = p.parse_args(argv)
+    args.serve_args = args.serve_args or [""]
     check_positive(p, args, ("clients",))
     args.services = args.services.split(",")
     if any(s not in SERVICES for s in args.services):
@@ -244,14 +246,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], service: str,
+def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], service: str, serve_args: str,
            workdir: Path) -> tuple[dict, dict[str, str]]:
     port, tid_file = free_port(), workdir / f"engine-tid-{service}"
     flags = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
              "--http-port", "0", "--max-queue-size", str(2 * args.num_requests)]
     for name, value in engine_options(args).items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
-    flags += shlex.split(args.serve_args)
+    flags += shlex.split(serve_args)
     log_path = workdir / f"daemon-{service}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bench.daemon_vs_offline", "serve-stand-in", *flags],
@@ -269,7 +271,7 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    result["daemon_exit_code"] = result_code
+    result["daemon_exit_code"], result["serve_args"] = result_code, serve_args
     gc_file = tid_file.with_suffix(".gc.json")
     if gc_file.exists():  # the passes while the clients ran
         passes = [(gen, s) for t, gen, s in json.loads(gc_file.read_text()) if result["start"] <= t <= result["end"]]
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     prompts = make_prompts(TINY["vocab_size"], args.num_requests, args.min_prompt, args.max_prompt, args.seed)
     workload = {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "output_len", "clients",
-                                              "seed", "serve_args")}
+                                              "seed")}
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
     result = dict(label=args.label, machine=facts, workload=workload, offline=None, engine_core=[], daemon=[])
     with tempfile.TemporaryDirectory() as tmp:
@@ -346,8 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"offline: {result['offline']}", flush=True)
             result["engine_core"] = [engine_core(args, model_dir, prompts, detokenize) for detokenize in (True, False)]
             print(f"engine core alone: {result['engine_core']}", flush=True)
-        for service in args.services:
-            run, digests = daemon(args, model_dir, prompts, service, workdir)
+        for service, serve_args in [(s, a) for a in args.serve_args for s in args.services]:
+            run, digests = daemon(args, model_dir, prompts, service, serve_args, workdir)
             if offline_digests is not None:
                 run["tokens_equal_offline"] = all(digests.get(f"r{i}") == d for i, d in enumerate(offline_digests))
             derive(result["offline"], run)
