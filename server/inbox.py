@@ -11,39 +11,47 @@ end (finish reason, stop reason, usage, timing, held-back bytes) is the joined o
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from scheduler.core.outputs import RequestOutput
 
 
 def coalesce(outputs: list[RequestOutput]) -> list[RequestOutput]:
-    """One output per completion (of n) for consecutive deltas, each at its completion's first place. An output
-    carrying an error ends the list unjoined, after what came before it: the request fails there."""
+    """One output per completion (of n) for consecutive deltas, in the order the completions first appear. An
+    output carrying an error ends the list unjoined, after what came before it: the request fails there."""
     if len(outputs) == 1:
         return outputs
-    joined: list[RequestOutput] = []
-    at: dict[int, int] = {}  # completion index -> its place in joined
+    index = outputs[0].index
+    if all(o.index == index and o.error is None for o in outputs):  # one completion's deltas, as usual
+        return [join(outputs)]
+    by_completion: dict[int, list[RequestOutput]] = {}  # in first-appearance order
+    failed = None
     for output in outputs:
         if output.error is not None:
-            joined.append(output)
+            failed = output
             break
-        place = at.get(output.index)
-        if place is None:
-            at[output.index] = len(joined)
-            joined.append(output)
-        else:
-            joined[place] = join(joined[place], output)
-    return joined
+        by_completion.setdefault(output.index, []).append(output)
+    joined = [deltas[0] if len(deltas) == 1 else join(deltas) for deltas in by_completion.values()]
+    return joined if failed is None else [*joined, failed]
 
 
-def join(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one completion as one (neither is changed)."""
-    logprobs = None
-    if earlier.logprobs is not None or later.logprobs is not None:
-        logprobs = (earlier.logprobs or []) + (later.logprobs or [])  # each delta's align with its tokens
-    return replace(later, token_ids=earlier.token_ids + later.token_ids, text=earlier.text + later.text,
-                   logprobs=logprobs, prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None
-                   else later.prompt_logprobs)
+def join(deltas: list[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one completion as one output (none of them is changed)."""
+    token_ids, text, logprobs, prompt_logprobs = [], [], None, None
+    for d in deltas:
+        token_ids += d.token_ids
+        text.append(d.text)
+        if d.logprobs is not None:  # each delta's align with its tokens
+            logprobs = d.logprobs if logprobs is None else logprobs + d.logprobs
+        if prompt_logprobs is None:
+            prompt_logprobs = d.prompt_logprobs
+    last = deltas[-1]
+    # Not dataclasses.replace: ~12 us against ~1 for the constructor.
+    return RequestOutput(
+        request_id=last.request_id, token_ids=token_ids, text="".join(text), logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, finished=last.finished, finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason, num_prompt_tokens=last.num_prompt_tokens,
+        num_output_tokens=last.num_output_tokens, num_cached_tokens=last.num_cached_tokens, metrics=last.metrics,
+        error=last.error, index=last.index, held_back_bytes=last.held_back_bytes)
 
 
 class Inbox:
