@@ -121,7 +121,7 @@ class AsyncEngine:
         finished, unfinished = False, params.n  # done when all n completions are
         try:
             while not finished:
-                # Every delta that came since the consumer last asked, one output per completion (coalesce.py).
+                # Every delta that came since the consumer last asked, one output per completion (inbox.py).
                 outputs = coalesce(await inbox.take())
                 if stream.paused:  # the consumer has taken everything it had
                     stream.paused = False
