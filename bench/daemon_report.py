@@ -33,6 +33,13 @@ def to_markdown(result: dict) -> str:
             ratio = f"{off['cpu_s'] / off['tokens'] * 1e3 / per_1k:.2f}" if off else "—"
             lines.append(f"| {'yes' if r['detokenize'] else 'no'} | {per_1k:.3f} | "
                          f"{r['message_bytes'] / r['tokens']:.1f} | {ratio} |")
+    if result.get("without_grpc"):
+        lines += ["", "Without gRPC (AsyncEngine's thread and its hop to a uvloop whose tasks take the outputs and "
+                  "send nothing):", "", "| text | CPU s/1k tok: engine thread | event loop | tokens per take |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {'yes' if r['detokenize'] else 'no'} | {r['cpu_s_per_1k_tokens']['engine_thread']:.3f} | "
+                  f"{r['cpu_s_per_1k_tokens']['event_loop']:.3f} | {r['tokens_per_take']:.2f} |"
+                  for r in result["without_grpc"]]
     return "\n".join(lines) + "\n"
 
 

@@ -145,6 +145,47 @@ def engine_core(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     return dict(detokenize=detokenize, tokens=tokens, wall_s=wall, cpu_s=cpu, message_bytes=message_bytes)
 
 
+def without_grpc(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], detokenize: bool) -> dict:
+    """The daemon's engine side without gRPC: the engine in AsyncEngine's thread, its metrics on, one asyncio task a
+    request on a uvloop taking the outputs (as a call does) and sending nothing. Parts the daemon's cost into what
+    the engine thread and the hop to the loop take, and what gRPC adds."""
+    import asyncio
+
+    import uvloop
+
+    from scheduler import LLM, SamplingParams
+    from server.async_engine import AsyncEngine
+    from server.metrics import ServerMetrics
+
+    llm = LLM(model=str(model_dir), **engine_options(args))
+    ModelClock(llm.engine.model, real=False)
+    served = AsyncEngine(llm.engine, ServerMetrics("bench"), max_queue_size=2 * len(prompts))
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    counts = dict(tokens=0, takes=0)
+
+    async def one(i: int, ids: list[int]) -> None:
+        async for output in served.generate(ids, params, f"r{i}", detokenize=detokenize):
+            counts["tokens"] += len(output.token_ids)
+            counts["takes"] += 1
+
+    async def run_all() -> None:
+        await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+
+    served.start()
+    pid = os.getpid()
+    before, wall = thread_cpu(pid), time.perf_counter()
+    uvloop.run(run_all())
+    after, wall = thread_cpu(pid), time.perf_counter() - wall
+    engine_tid = served._thread.native_id
+    served.stop()
+    k = counts["tokens"] / 1000
+    return dict(detokenize=detokenize, tokens=counts["tokens"], tokens_per_take=counts["tokens"] / counts["takes"],
+                wall_s=wall, engine_thread_cpu_s=(after[engine_tid] - before.get(engine_tid, 0.0)),
+                event_loop_cpu_s=after[pid] - before[pid],
+                cpu_s_per_1k_tokens=dict(engine_thread=(after[engine_tid] - before.get(engine_tid, 0.0)) / k,
+                                         event_loop=(after[pid] - before[pid]) / k))
+
+
 # --- (b) the daemon ------------------------------------------------------------------------------------------------
 
 def serve_stand_in(argv: list[str]) -> int:
@@ -336,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "output_len", "clients",
                                               "seed")}
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
-    result = dict(label=args.label, machine=facts, workload=workload, offline=None, engine_core=[], daemon=[])
+    result = dict(label=args.label, machine=facts, workload=workload, offline=None, engine_core=[], without_grpc=[],
+                  daemon=[])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = workdir / "model"
@@ -348,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"offline: {result['offline']}", flush=True)
             result["engine_core"] = [engine_core(args, model_dir, prompts, detokenize) for detokenize in (True, False)]
             print(f"engine core alone: {result['engine_core']}", flush=True)
+            result["without_grpc"] = [without_grpc(args, model_dir, prompts, detokenize)
+                                      for detokenize in (True, False)]
+            print(f"without gRPC: {result['without_grpc']}", flush=True)
         for service, serve_args in [(s, a) for a in args.serve_args for s in args.services]:
             run, digests = daemon(args, model_dir, prompts, service, serve_args, workdir)
             if offline_digests is not None:
