@@ -137,3 +137,25 @@ def test_stream_interval_gathers_tokens_but_sends_the_first_at_once(daemon):
     chunks = [r.chunk for r in theirs[:-1]]
     assert all(len(c.token_ids) >= INTERVAL for c in chunks[1:-1]), [len(c.token_ids) for c in chunks]
     _same(_theirs_answer(theirs), _theirs_unary(their_unary))
+
+
+def test_joining_keeps_each_completion_in_order_with_its_logprobs_and_ends_at_an_error():
+    """n > 1: a step's deltas of two completions interleave; each joins in its own order, an error ends the list."""
+    from scheduler.core.outputs import RequestOutput, TokenLogprob
+    from server.inbox import coalesce
+
+    def delta(index, ids, **kw):
+        return RequestOutput("r", ids, "".join(map(chr, ids)), [TokenLogprob(t, -t / 100) for t in ids], index=index,
+                             **kw)
+
+    first = delta(0, [97, 98], prompt_logprobs=[None])
+    joined = coalesce([first, delta(1, [99]), delta(0, [100], finished=True, finish_reason="length",
+                                                     held_back_bytes=1), delta(1, [101])])
+    assert [(o.index, o.token_ids, o.text, o.finished) for o in joined] == [(0, [97, 98, 100], "abd", True),
+                                                                          (1, [99, 101], "ce", False)]
+    assert all([lp.token_id for lp in o.logprobs] == o.token_ids for o in joined)
+    assert joined[0].prompt_logprobs == [None] and joined[0].held_back_bytes == 1 and joined[1].prompt_logprobs is None
+    assert first.token_ids == [97, 98] and len(first.logprobs) == 2  # the deltas themselves are left as they were
+    failed = RequestOutput("r", [], "", finished=True, finish_reason="abort", error="boom")
+    ended = coalesce([delta(0, [97]), delta(0, [98]), failed, delta(1, [99])])
+    assert [(o.token_ids, o.error) for o in ended] == [([97, 98], None), ([], "boom")]
