@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -16,6 +18,9 @@ class Guide:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled_grammar)
+        # The matcher terminates only on accepting a stop token: other tokens need no is_terminated call.
+        self.stop_token_ids = frozenset(self.matcher.stop_token_ids)
+        self._accept_token = self.matcher.accept_token
         self.num_accepted = 0  # output tokens the matcher has taken
         self.end: int | None = None
         self.complete = False  # the grammar accepted a stop token (rather than refused one)
@@ -32,9 +37,9 @@ class Guide:
         for token_id in token_ids:
             if self.end is not None:
                 return
-            if self.matcher.accept_token(token_id):
+            if self._accept_token(token_id):
                 self.num_accepted += 1
-                if self.matcher.is_terminated():
+                if token_id in self.stop_token_ids and self.matcher.is_terminated():
                     self.complete = True
                     self.end = self.num_accepted
             else:
@@ -77,21 +82,27 @@ class Guide:
 
 class TokenMasks:
     """Builds each step's [rows, ceil(V/32)] int32 bitmask in one reused host buffer (-1 = every token allowed,
-    for the rows no grammar constrains) and copies it to the device in one transfer."""
+    for the rows no grammar constrains) and copies it to the device in one transfer. The constrained rows are
+    filled by one call into xgrammar (BatchGrammarMatcher, one thread: at these batch sizes its own threads'
+    hand-off costs more than the rows), which releases the GIL: `fill_later` runs it on a helper thread while
+    the engine's thread does other work."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self.device = device
         self.width = (vocab_size + 31) // 32
         self._host = torch.empty(0, self.width, dtype=torch.int32)
+        self._batch = None  # xgrammar's BatchGrammarMatcher, made on the first fill
+        self._helper: ThreadPoolExecutor | None = None  # made on the first fill_later
 
-    def rows(self, num_rows: int) -> torch.Tensor:
-        """The host buffer for this step, every row allowing everything; fill the constrained rows."""
+    def rows(self, num_rows: int, reset: bool = True) -> torch.Tensor:
+        """The host buffer for this step, every row allowing everything (reset); fill the constrained rows."""
         if self._host.shape[0] < num_rows:
             self._host = torch.empty(max(num_rows, 2 * self._host.shape[0]), self.width, dtype=torch.int32,
                                      pin_memory=self.device.type == "cuda")
         host = self._host[:num_rows]
-        host.fill_(-1)
+        if reset:
+            host.fill_(-1)
         return host
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
@@ -102,37 +113,59 @@ class TokenMasks:
         # them on the stream.
         return host.to(self.device, non_blocking=True)
 
+    def fill(self, guides: list[Guide | None]) -> torch.Tensor:
+        """One host row per request: what its grammar allows next (a row without a grammar, or whose grammar
+        has ended, allows everything). Only the rows no grammar fills are reset."""
+        live, free = [], []
+        for row, guide in enumerate(guides):
+            (live if guide is not None and guide.end is None else free).append(row)
+        host = self.rows(len(guides), reset=False)
+        if free:
+            host.index_fill_(0, torch.tensor(free), -1)
+        if live:
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher(max_threads=1)
+            self._batch.batch_fill_next_token_bitmask([guides[row].matcher for row in live], host, live)
+        return host
+
+    def fill_later(self, guides: list[Guide | None]) -> Future:
+        """fill(guides) on the helper thread: a future of the host rows. Nothing may touch these guides' matchers
+        (accept, roll back, fill) until it is done."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="token-masks")
+        return self._helper.submit(self.fill, guides)
+
     def for_requests(self, guides: list[Guide | None]) -> torch.Tensor:
-        """One row per request: what its grammar allows next."""
-        return self.to_device(self._fill(guides))
+        """One row per request, on the device: what its grammar allows next."""
+        return self.to_device(self.fill(guides))
 
     def argmax(self, logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
         """Each row's greedy token among those its grammar allows: what the sampler picks for a greedy row
         under the same mask. The logits are overwritten."""
         return masked_argmax(logits, self.for_requests(guides))
 
-    def _fill(self, guides: list[Guide | None]) -> torch.Tensor:
-        host = self.rows(len(guides))
-        for row, guide in enumerate(guides):
-            if guide is not None:
-                guide.fill(host, row)
-        return host
-
 
 def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Each row's argmax among the tokens its bitmask row allows. The logits are overwritten."""
     with torch.inference_mode():  # the forward pass's logits are inference tensors, masked in place
-        apply_token_bitmask(logits, bitmask)
+        # The lowest finite value picks as -inf does (a row allowing nothing takes its first token either way);
+        # the CPU's argmax runs ~2x slower over rows full of -inf.
+        apply_token_bitmask(logits, bitmask, torch.finfo(logits.dtype).min if logits.device.type == "cpu"
+                            else float("-inf"))
         return logits.argmax(dim=-1)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Disallowed tokens' logits to -inf, in place, on the logits' device."""
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, value: float = float("-inf")) -> None:
+    """Disallowed tokens' logits to value (-inf), in place, on the logits' device."""
     if logits.device.type == "cpu":
-        # xgrammar's CPU kernel tests the bits one by one; unpacked in bulk they mask ~3x faster.
-        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[-1]]
-        logits.masked_fill_(torch.from_numpy(allowed.view(np.bool_)).logical_not_(), float("-inf"))
+        # xgrammar's CPU kernel tests the bits one by one; unpacked in bulk (the bits inverted first, so they
+        # say which tokens are refused) they mask ~4x faster.
+        refused = np.unpackbits(np.invert(bitmask.numpy()).view(np.uint8), axis=1, bitorder="little")
+        np.copyto(logits.numpy(), value, where=refused[:, :logits.shape[-1]].view(np.bool_))
         return
     import xgrammar as xgr
 
+    assert value == float("-inf"), "xgrammar's device kernel masks to -inf"
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1])
