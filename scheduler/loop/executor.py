@@ -164,9 +164,8 @@ class StepExecutor:
         return step
 
     def finish_draw(self, step: StepInFlight | DraftStepInFlight | Verification | None) -> None:
-        """Draw a launched step's tokens, once its grammar masks are filled, and start their copy to the host.
-        The engine calls it when its thread has done what it could meanwhile; whatever reads the tokens (the
-        next launch, collect) calls it first."""
+        """Draw a launched step's tokens once its grammar masks are filled, and start their copy to the host: the
+        engine calls it after the work its thread did meanwhile; what reads the tokens calls it first."""
         if isinstance(step, StepInFlight) and step.token_ids is None:
             out = step.draw.result()
             step.token_ids = out.token_ids
@@ -179,7 +178,6 @@ class StepExecutor:
         if isinstance(step, Verification):
             return self._finish(step)
         if step.results is None:
-            self.finish_draw(step)
             step.results = self._read(step) if isinstance(step, StepInFlight) else self._read_verified(step)
         return step.results
 
@@ -191,6 +189,7 @@ class StepExecutor:
 
     def _read(self, step: StepInFlight) -> list[StepResult]:
         """Wait for a launched step's tokens and have them applied."""
+        self.finish_draw(step)
         if step.copied is not None:
             step.copied.synchronize()
         token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
