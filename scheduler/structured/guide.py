@@ -12,7 +12,11 @@ import torch
 class Guide:
     """One request's xgrammar matcher, kept in step with its output tokens. `end` is the output length at which
     the grammar completed (it accepted a stop token) or could not go on (it refused a token, which only happens
-    when every token it allows was blocked), so the engine stops the request there."""
+    when every token it allows was blocked), so the engine stops the request there.
+
+    Where a step's masks were filled (TokenMasks.fill), a token is judged by its bit in the mask of the state it
+    follows (xgrammar's masks are exact: the matcher takes a token if and only if its bit is set, and ends
+    only on a stop token), and the matcher is given it with the next fill, off the engine's thread."""
 
     def __init__(self, compiled_grammar):
         import xgrammar as xgr
@@ -20,8 +24,9 @@ class Guide:
         self.matcher = xgr.GrammarMatcher(compiled_grammar)
         # The matcher terminates only on accepting a stop token: other tokens need no is_terminated call.
         self.stop_token_ids = frozenset(self.matcher.stop_token_ids)
-        self._accept_token = self.matcher.accept_token
-        self.num_accepted = 0  # output tokens the matcher has taken
+        self.num_accepted = 0  # output tokens the matcher has taken (or will, from `pending`)
+        self.pending: list[int] = []  # tokens judged by their bits, not given to the matcher yet
+        self.mask: np.ndarray | None = None  # what the matcher's state allows, until a token follows it
         self.end: int | None = None
         self.complete = False  # the grammar accepted a stop token (rather than refused one)
 
@@ -30,6 +35,7 @@ class Guide:
         stopped on a token read after this step was scheduled, the row's token is dropped, and a terminated
         matcher has no next mask."""
         if self.end is None:
+            self.flush()
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_ids: list[int]) -> None:
@@ -37,13 +43,28 @@ class Guide:
         for token_id in token_ids:
             if self.end is not None:
                 return
-            if self._accept_token(token_id):
-                self.num_accepted += 1
-                if token_id in self.stop_token_ids and self.matcher.is_terminated():
-                    self.complete = True
-                    self.end = self.num_accepted
+            mask, self.mask = self.mask, None
+            if mask is not None:
+                taken = bool((int(mask[token_id >> 5]) >> (token_id & 31)) & 1)
+                if taken:
+                    self.pending.append(token_id)
             else:
+                self.flush()
+                taken = self.matcher.accept_token(token_id)
+            if not taken:
                 self.end = self.num_accepted  # the refused token is dropped
+                return
+            self.num_accepted += 1
+            if token_id in self.stop_token_ids and (mask is not None or self.matcher.is_terminated()):
+                self.complete = True
+                self.end = self.num_accepted
+
+    def flush(self) -> None:
+        """Give the matcher the tokens judged by their bits."""
+        for token_id in self.pending:
+            if not self.matcher.accept_token(token_id):
+                raise RuntimeError(f"the grammar refused token {token_id}, which its mask allowed")
+        self.pending = []
 
     def fill_drafts(self, draft_token_ids: list[int], bitmask: torch.Tensor, first_row: int) -> int:
         """Masks for verifying drafts: row first_row + i holds what the grammar allows after drafts[:i]. The
@@ -54,6 +75,7 @@ class Guide:
         it are dropped (its matcher may have terminated, when it has no next mask)."""
         if self.end is not None:
             return 0
+        self.mask = None  # the matcher is walked
         self.fill(bitmask, first_row)
         walked = 0
         for i, token_id in enumerate(draft_token_ids):
@@ -69,6 +91,8 @@ class Guide:
 
     def settle(self, walked: int, num_accepted: int, next_token_id: int) -> None:
         """After verification: keep the accepted drafts, roll back the rest, take the token that follows."""
+        self.flush()
+        self.mask = None
         kept = min(walked, num_accepted)
         if walked > kept:
             self.matcher.rollback(walked - kept)
@@ -127,7 +151,11 @@ class TokenMasks:
                 import xgrammar as xgr
 
                 self._batch = xgr.BatchGrammarMatcher(max_threads=1)
-            self._batch.batch_fill_next_token_bitmask([guides[row].matcher for row in live], host, live)
+            filled = [guides[row] for row in live]
+            _flush(filled)
+            self._batch.batch_fill_next_token_bitmask([guide.matcher for guide in filled], host, live)
+            for guide, mask in zip(filled, host.numpy()[live]):  # a copy: the buffer is filled again next step
+                guide.mask = mask
         return host
 
     def fill_later(self, guides: list[Guide | None]) -> Future:
@@ -145,6 +173,21 @@ class TokenMasks:
         """Each row's greedy token among those its grammar allows: what the sampler picks for a greedy row
         under the same mask. The logits are overwritten."""
         return masked_argmax(logits, self.for_requests(guides))
+
+
+def _flush(guides: list[Guide]) -> None:
+    """Guide.flush for them all; those with one token waiting (most) in one call."""
+    import xgrammar as xgr
+
+    ones = [guide for guide in guides if len(guide.pending) == 1]
+    if ones and not all(xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in ones],
+                                                                   [g.pending[0] for g in ones])):
+        raise RuntimeError("a grammar refused a token its mask allowed")
+    for guide in ones:
+        guide.pending = []
+    for guide in guides:
+        if guide.pending:
+            guide.flush()
 
 
 def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
