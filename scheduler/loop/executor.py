@@ -39,12 +39,12 @@ class StepInFlight:
 
     requests: list[Request]
     rows: dict[Request, int]
-    draw: PendingDraw
     token_ids: torch.Tensor | None = None  # None until drawn
     num_top: int | None = None
     host: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
     results: list[StepResult] | None = None
+    draw: PendingDraw | None = None
 
     def device_outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Its tokens on the device, one a row [R, 1], and their counts (None: one each)."""
@@ -157,7 +157,7 @@ class StepExecutor:
         if previous is not None and list(map(_GUIDE, requests)).count(None) != len(requests):
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
         step = StepInFlight(requests, dict(zip(requests, range(len(requests)))),
-                            self.drawer.draw_later(logits, requests))
+                            draw=self.drawer.draw_later(logits, requests))
         self.scheduler.add_placeholders(requests)
         if not step.draw.waiting:
             self.finish_draw(step)
