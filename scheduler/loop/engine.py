@@ -262,6 +262,7 @@ class Engine:
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start, overlapped=defer)
         for live, output in outputs:
             self._deliver(live, output)
+        self.executor.finish_draw(self._in_flight)  # its grammar masks were filled meanwhile
         return [output for _, output in outputs]
 
     def _deliver(self, live: Live, output: RequestOutput) -> None:
