@@ -94,7 +94,7 @@ def test_distill_eagle_trains_a_head_end_to_end_and_resumes_from_its_checkpoint(
 
     assert main(argv + ["--layers", "3"]) == 2
     assert "--layers: not used by --kind eagle" in capsys.readouterr().err
-    data_file = out / "data" / "train.jsonl"
+    data_file = out / "data" / "train.npz"
     written = data_file.stat().st_mtime_ns
     assert main(argv + ["--epochs", "2", "--resume"]) == 0
     resumed = json.loads((out / "eval.json").read_text())
