@@ -20,6 +20,7 @@ from scheduler.distill.train import length_groups
 from scheduler.speculative.eagle.head import EagleHead
 
 CHECKPOINT = "checkpoint.pt"
+REWARM_STEPS = 50  # steps over which fresh optimiser moments warm up on a stripped checkpoint
 
 
 @dataclass
@@ -93,6 +94,17 @@ def save_checkpoint(path: Path, head: EagleHead, optimizer, state: dict) -> None
     tmp.replace(path)
 
 
+def strip_checkpoint(path: Path) -> int:
+    """Drop the optimiser's moments from a checkpoint (half its size: what a run carried between leased
+    machines can afford); a resumed run then warms fresh ones up. Returns the new size in bytes."""
+    saved = torch.load(path, weights_only=True)
+    saved.pop("optimizer", None)
+    tmp = path.with_suffix(".tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)
+    return path.stat().st_size
+
+
 def train_head(head: EagleHead, data: FeatureBatches | list[Features], config: HeadTrainConfig, out: Path,
                resume: bool = False, show_progress: bool = True) -> dict:
     """Train `head` (bound to the target's embeddings and LM head) in place for config.epochs passes or
@@ -114,8 +126,11 @@ def train_head(head: EagleHead, data: FeatureBatches | list[Features], config: H
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=True)
         head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
         state = dict(saved["state"], seconds_before=saved["state"]["seconds"])
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        else:  # a checkpoint carried without the optimiser's moments (strip_checkpoint): warm them up again
+            state["rewarm_from"] = state["step"]
     torch.manual_seed(config.seed + state["step"])
     # A resumed run goes on towards config.epochs within its own max_seconds: the learning rate picks up the
     # schedule where the steps done put it and decays by whichever of steps and time runs out first (time:
@@ -138,8 +153,9 @@ def train_head(head: EagleHead, data: FeatureBatches | list[Features], config: H
         if epoch_batches[0] != epoch:
             epoch_batches = (epoch, batches_for_epoch(data.lengths, config.batch_tokens, config.seed, epoch))
         batch = data.batch(epoch_batches[1][index], device)
+        rewarm = min(1.0, (state["step"] - state.get("rewarm_from", -REWARM_STEPS) + 1) / REWARM_STEPS)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, progress)
+            group["lr"] = learning_rate(config, progress) * rewarm
         loss, counts = unrolled_loss(head, batch, config.unroll, config.step_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
