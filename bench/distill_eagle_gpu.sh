@@ -14,7 +14,8 @@
 #    the head (head.json, head.safetensors, draft_vocab.safetensors), eval.json, distill.log and the
 #    run's state (its samples and the checkpoint without the optimiser's moments) as state.tar.part-*,
 #    parts of 15 MiB: 8 files or fewer, ~45 MiB.
-# 3. Here: put what came back where the next call finds it:
+# 3. Here: put what came back where the next call finds it (the state parts into .gpu/eagle, the head
+#    and its report into .gpu/eagle-head, not carried):
 #      bench/distill_eagle_gpu.sh collect FILES_AT     # the reply's files_at
 # 4. On the device, call 2 (and more, the same way; carry: [".gpu/eagle"]):
 #      bench/distill_eagle_gpu.sh call
@@ -22,7 +23,7 @@
 #    the learning rate decays over --train-minutes-total (the training minutes CALLS calls give) across them.
 # Two calls take about 22 of a session's 30 device minutes (each call's start included).
 # The head that came back last ships as bench/distill_eagle_default.sh says, if it beats the draft
-# through the engine (python -m bench.eagle_eval --eagle-head .gpu/eagle/head).
+# through the engine (python -m bench.eagle_eval --eagle-head .gpu/eagle-head).
 #
 # Environment: CALLS (calls planned, default 2), MINUTES (one call's cap, default 8), OUT (the
 # device's $OUT), DEVICE (default cuda; cpu rehearses the plan here with small flags, e.g.
@@ -77,10 +78,11 @@ print('checkpoint carried:', strip_checkpoint(Path(sys.argv[1])), 'bytes')" "$ru
 collect)
   from=${1:?collect: the folder the files of the call came back in}
   rm -f "$carry"/state.tar.part-*
-  mkdir -p "$carry/head"
+  mkdir -p "$carry-head"  # beside the carried folder: the head needs no second trip
   cp "$from"/state.tar.part-* "$carry"/
-  cp "$from"/{head.json,head.safetensors,draft_vocab.safetensors,eval.json,distill.log} "$carry/head"/
-  du -sh "$carry"
+  cp "$from"/{head.json,head.safetensors,draft_vocab.safetensors,eval.json,distill.log} "$carry-head"/
+  cat "$carry-head/distill.log" >> "$carry-head/distill-all.log"
+  du -sh "$carry" "$carry-head"
   ;;
 *)
   echo "unknown verb $verb (prepare, call, collect)" >&2

@@ -1,8 +1,9 @@
-"""What buys an EAGLE head the most per CPU minute: heads trained for the same wall time on one run's
-cached features (`distill-draft --kind eagle` with the CPU's disk cache, DIR/data/features), each
-changing one setting of a base one, judged by simulated held-out acceptance (depth 4, greedy):
+"""What buys an EAGLE head the most per CPU minute: heads trained for the same number of steps on one
+run's cached features (`distill-draft --kind eagle` with the CPU's disk cache, DIR/data/features),
+each changing one setting of a base one, judged by simulated held-out acceptance (depth 4, greedy),
+with the CPU seconds each took (process time: on a shared machine wall time says little):
 
-    python -m bench.eagle_ablate RUN_DIR --seconds 150 --out bench/results/distill_eagle_ablation_cpu.json
+    python -m bench.eagle_ablate RUN_DIR --steps 40 --out bench/results/distill_eagle_ablation_cpu.json
 
 Variants: the base (unroll 4, lr 1e-3, 8,192-token draft vocabulary, 2,048-token batches, every kind
 of sample), lr 3e-3, unroll 2, a 4,096-token vocabulary, 1,024-token batches, answers only (no raw
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from scheduler.distill.eagle_evaluate import simulated_report
-from scheduler.distill.eagle_train import HeadTrainConfig, train_head
+from scheduler.distill.eagle_train import HeadTrainConfig, batches_for_epoch, train_head
 from scheduler.distill.features import Features
 from scheduler.distill.train import hf_model
 from scheduler.distill.vocab import answer_token_counts, frequent_tokens
@@ -30,6 +32,7 @@ BASE = {"unroll": 4, "lr": 1e-3, "vocab": 8192, "batch_tokens": 2048, "kinds": N
 VARIANTS = {"base": {}, "lr3e-3": {"lr": 3e-3}, "unroll2": {"unroll": 2}, "vocab4096": {"vocab": 4096},
             "batch1024": {"batch_tokens": 1024}, "answers_only": {"kinds": ("code", "chat", "prose")},
             "text_only": {"kinds": ("text",)}}
+# Steps are counted in base batches: batch1024 makes twice as many of its half-size ones.
 
 
 def read_shards(folder: Path) -> list[Features]:
@@ -40,7 +43,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a distill-draft --kind eagle --out directory (its data/ cache)")
     parser.add_argument("--target", default="default")
-    parser.add_argument("--seconds", type=float, default=150.0, help="training wall time of each variant")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of each variant")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -49,7 +52,7 @@ def main(argv=None) -> None:
     target = load_model(args.target, None, "auto", torch.float32, torch.device("cpu"), None)
     teacher = hf_model(target.model, torch.device("cpu"), torch.float32)
     counts = answer_token_counts([_sample(f) for f in features], teacher.config.vocab_size)
-    results = {"run": str(run), "seconds_each": args.seconds, "train_tokens": sum(len(f.token_ids) for f in features),
+    results = {"run": str(run), "steps_each": args.steps, "train_tokens": sum(len(f.token_ids) for f in features),
                "variants": {}}
     for name in args.variants.split(","):
         setting = dict(BASE, **VARIANTS[name])
@@ -58,17 +61,21 @@ def main(argv=None) -> None:
         head = EagleHead.for_target(teacher.config, None, target.max_positions)
         vocab = torch.tensor(frequent_tokens(counts, setting["vocab"]))
         head.bind(teacher.model.embed_tokens.weight, teacher.lm_head.weight, vocab)
+        per_epoch = len(batches_for_epoch([len(f.token_ids) for f in chosen], setting["batch_tokens"], 0, 0))
         config = HeadTrainConfig(unroll=setting["unroll"], lr=setting["lr"], batch_tokens=setting["batch_tokens"],
-                                 epochs=100, max_seconds=args.seconds, checkpoint_seconds=1e9)
-        start = time.monotonic()
-        stats = train_head(head, chosen, config, Path("/tmp"), show_progress=False)
+                                 epochs=args.steps * BASE["batch_tokens"] / setting["batch_tokens"] / per_epoch,
+                                 checkpoint_seconds=1e9)
+        start, cpu = time.monotonic(), time.process_time()
+        stats = train_head(head, chosen, config, Path(tempfile.mkdtemp()), show_progress=False)
+        cpu = time.process_time() - cpu
         report = simulated_report(head, held, 4)
         results["variants"][name] = {"setting": {k: v for k, v in setting.items()}, "train": stats,
-                                     "seconds": round(time.monotonic() - start, 1),
+                                     "seconds": round(time.monotonic() - start, 1), "cpu_seconds": round(cpu, 1),
                                      "held_out": {k: {"per_drafted_token": r["per_drafted_token"],
                                                       "accepted_per_step": r["accepted_per_step"]}
                                                   for k, r in report.items()}}
-        print(name, json.dumps(results["variants"][name]["held_out"]), stats["steps"], "steps", flush=True)
+        print(name, json.dumps(results["variants"][name]["held_out"]), stats["steps"], "steps", round(cpu), "cpu s",
+              flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
