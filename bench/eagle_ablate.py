@@ -22,7 +22,7 @@ import torch
 
 from scheduler.distill.eagle_evaluate import simulated_report
 from scheduler.distill.eagle_train import HeadTrainConfig, batches_for_epoch, train_head
-from scheduler.distill.features import Features
+from scheduler.distill.features import as_sample, read_cached
 from scheduler.distill.train import hf_model
 from scheduler.distill.vocab import answer_token_counts, frequent_tokens
 from scheduler.speculative.eagle.head import EagleHead
@@ -35,10 +35,6 @@ VARIANTS = {"base": {}, "lr3e-3": {"lr": 3e-3}, "unroll2": {"unroll": 2}, "vocab
 # Steps are counted in base batches: batch1024 makes twice as many of its half-size ones.
 
 
-def read_shards(folder: Path) -> list[Features]:
-    return [Features(**d) for shard in sorted(folder.glob("shard-*.pt")) for d in torch.load(shard, weights_only=True)]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a distill-draft --kind eagle --out directory (its data/ cache)")
@@ -48,10 +44,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     run = Path(args.run)
-    features, held = read_shards(run / "data" / "features"), read_shards(run / "data" / "held_out_features")
+    features, held = read_cached(run / "data" / "features"), read_cached(run / "data" / "held_out_features")
     target = load_model(args.target, None, "auto", torch.float32, torch.device("cpu"), None)
     teacher = hf_model(target.model, torch.device("cpu"), torch.float32)
-    counts = answer_token_counts([_sample(f) for f in features], teacher.config.vocab_size)
+    counts = answer_token_counts([as_sample(f) for f in features], teacher.config.vocab_size)
     results = {"run": str(run), "steps_each": args.steps, "train_tokens": sum(len(f.token_ids) for f in features),
                "variants": {}}
     for name in args.variants.split(","):
@@ -78,12 +74,6 @@ def main(argv=None) -> None:
               flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-
-
-def _sample(f: Features):
-    from scheduler.distill.data import Sample
-
-    return Sample(f.token_ids.tolist(), f.top_from + 1 if f.top_from else 0, f.kind)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,11 @@ def test_distill_eagle_trains_a_head_end_to_end_and_resumes_from_its_checkpoint(
     assert resumed["train"]["steps"] == 2 * first_steps  # carried on from the checkpoint, not from scratch
     assert data_file.stat().st_mtime_ns == written  # and from the data already made
 
+    other = ["--out" if a == "--out" else str(tmp_path / "other") if a == str(out) else a for a in argv]
+    assert main(other + ["--epochs", "1", "--extra-data", str(out), "--tokens", "16"]) == 0
+    joined = json.loads((tmp_path / "other" / "eval.json").read_text())
+    assert joined["data"]["extra"]["tokens"] == resumed["data"]["read_tokens"]  # the first run's reads, reused
+
 
 def test_training_time_test_teaches_the_head_its_targets_chains(tmp_path):
     """A random target's greedy answers: after training, the head's simulated chains on held-out

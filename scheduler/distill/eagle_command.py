@@ -29,7 +29,15 @@ from scheduler.distill.eagle_data import (
 )
 from scheduler.distill.eagle_evaluate import format_simulated, simulated_report
 from scheduler.distill.eagle_train import CHECKPOINT, HeadTrainConfig, train_head
-from scheduler.distill.features import MAX_LEN, FeatureBatches, LiveBatches, cached_features, column_map
+from scheduler.distill.features import (
+    MAX_LEN,
+    FeatureBatches,
+    LiveBatches,
+    as_sample,
+    cached_features,
+    column_map,
+    read_cached,
+)
 from scheduler.distill.phases import PhaseClock, phase_shares
 from scheduler.distill.sources import LocalData, load_local_data, local_data, save_local_data
 from scheduler.distill.train import hf_model
@@ -79,6 +87,9 @@ def add_eagle_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learn-prompts", action=argparse.BooleanOptionalAction, default=True,
                        help="train on the target's predictions over the prompts of its answers too, not only "
                             "over the answers (the target reads them anyway) (default: %(default)s)")
+    group.add_argument("--extra-data", action="append", default=[],
+                       help="another run's --out (same sources, so the same held-out split) whose cached features "
+                            "join the training set: reads already paid for (--features cache; repeatable)")
     group.add_argument("--train-minutes-total", type=float, default=None,
                        help="training minutes planned over all calls of a resumed run: the learning rate decays "
                             "over those rather than over this call's share (default: this call's)")
@@ -114,6 +125,11 @@ def check_eagle_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompts-from and --sources: give one of them")
     if not args.scan_seconds > 0:
         raise ValueError(f"--scan-seconds must be > 0, got {args.scan_seconds}")
+    for extra in args.extra_data:
+        if not (Path(extra) / "data" / "features").is_dir():
+            raise ValueError(f"--extra-data: no cached features in {extra}/data/features")
+    if args.extra_data and args.features == "live":
+        raise ValueError("--extra-data: joins cached features; not with --features live")
     if args.train_minutes_total is not None and not args.train_minutes_total > 0:
         raise ValueError(f"--train-minutes-total must be > 0, got {args.train_minutes_total}")
 
@@ -209,7 +225,8 @@ def run_eagle(args: argparse.Namespace) -> int:
     teacher = hf_model(target.model, device, target.model.lm_head.weight.dtype)
     fingerprint = target_fingerprint(target.model)
     head = EagleHead.for_target(teacher.config, args.layer_ids, target.max_positions).to(device)
-    vocab_ids = _head_vocab(args, out, samples, target, teacher.config.vocab_size)
+    extra = [f for d in args.extra_data for f in read_cached(Path(d) / "data" / "features")]
+    vocab_ids = _head_vocab(args, out, samples + [as_sample(f) for f in extra], target, teacher.config.vocab_size)
     embed, lm_head = teacher.model.embed_tokens.weight, teacher.lm_head.weight
     head.bind(embed.float(), lm_head.float(), vocab_ids)
     del target
@@ -229,7 +246,10 @@ def run_eagle(args: argparse.Namespace) -> int:
         del teacher
         free_memory()
         data["read_tokens"] = sum(len(f.token_ids) for f in features)
-        source = FeatureBatches(features, columns)
+        if extra:
+            data["extra"] = {"from": args.extra_data, "samples": len(extra),
+                             "tokens": sum(len(f.token_ids) for f in extra)}
+        source = FeatureBatches(features + extra, columns)
     deadline = clock.start("train")
     total = None if args.train_minutes_total is None else 60 * args.train_minutes_total
     config = HeadTrainConfig(unroll=args.unroll, lr=args.lr, batch_tokens=args.batch_tokens, epochs=args.epochs,

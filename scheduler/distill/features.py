@@ -155,6 +155,17 @@ class LiveBatches:
         return batch_tensors(input_ids, aux.to(torch.bfloat16), values, ids, known, self.columns.to(device))
 
 
+def read_cached(cache: Path) -> list[Features]:
+    """Every shard cached_features() kept in `cache`, in order."""
+    shards = sorted(Path(cache).glob("shard-*.pt"))
+    return [Features(**d) for shard in shards for d in torch.load(shard, weights_only=True)]
+
+
+def as_sample(f: Features) -> Sample:
+    """The sample a feature was read from (its learnt positions as the answer)."""
+    return Sample(f.token_ids.tolist(), f.top_from + 1 if f.top_from else 0, f.kind)
+
+
 def cached_features(cache: Path, teacher, samples: list[Sample], layer_ids: list[int], top_k: int,
                     batch_tokens: int, max_len: int, progress: Callable[[int], None] | None = None,
                     deadline: float | None = None, learn_prompts: bool = False) -> list[Features]:
