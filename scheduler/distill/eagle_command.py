@@ -192,13 +192,15 @@ def make_data(args: argparse.Namespace, data_dir: Path, clock: PhaseClock) -> di
     return summary
 
 
-def data_summary(samples) -> dict:
+def data_summary(samples, learn_prompts: bool) -> dict:
+    """Samples and tokens by kind: answer_tokens those the target wrote, trained_tokens those learnt."""
     kinds = {}
     for s in samples:
-        entry = kinds.setdefault(s.kind, {"samples": 0, "tokens": 0, "trained_tokens": 0})
+        entry = kinds.setdefault(s.kind, {"samples": 0, "tokens": 0, "answer_tokens": 0, "trained_tokens": 0})
         entry["samples"] += 1
         entry["tokens"] += len(s.token_ids)
-        entry["trained_tokens"] += len(s.token_ids) - s.num_prompt_tokens
+        entry["answer_tokens"] += len(s.token_ids) - s.num_prompt_tokens
+        entry["trained_tokens"] += len(s.token_ids) - (0 if learn_prompts else max(0, s.num_prompt_tokens - 1))
     return {"by_kind": kinds}
 
 
@@ -216,7 +218,7 @@ def run_eagle(args: argparse.Namespace) -> int:
     if not (data_dir / TRAIN_FILE).is_file():
         make_data(args, data_dir, clock)
     samples, held_out = load_samples(data_dir / TRAIN_FILE), load_samples(data_dir / HELD_OUT_FILE)
-    data = dict(data_summary(samples), sources=json.loads((data_dir / "sources.json").read_text()))
+    data = dict(data_summary(samples, args.learn_prompts), sources=json.loads((data_dir / "sources.json").read_text()))
     print(f"data: {json.dumps(data['by_kind'])}; {len(held_out)} held-out answers", flush=True)
 
     engine_config = EngineConfig(model=args.target, device=args.device, dtype=args.dtype)
