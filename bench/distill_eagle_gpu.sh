@@ -13,7 +13,7 @@
 #    then training with the target read live inside the loop, then the held-out simulation. $OUT gets
 #    the head (head.json, head.safetensors, draft_vocab.safetensors), eval.json, distill.log and the
 #    run's state (its samples and the checkpoint without the optimiser's moments) as state.tar.part-*,
-#    parts of 15 MiB: 8 files or fewer, ~45 MiB.
+#    parts of 15 MiB: 7 files, ~36 MB for 5 M tokens of data.
 # 3. Here: put what came back where the next call finds it (the state parts into .gpu/eagle, the head
 #    and its report into .gpu/eagle-head, not carried):
 #      bench/distill_eagle_gpu.sh collect FILES_AT     # the reply's files_at
