@@ -22,6 +22,7 @@ ANSWER_KINDS = ("code", "chat", "prose")
 # the few held-out ones as JSON lines, easy to read. SOURCES_FILE: what `--stage data` writes.
 TRAIN_FILE, HELD_OUT_FILE, SOURCES_FILE = "train.npz", "held_out.jsonl", "sources.json.gz"
 SAMPLE_KINDS = ("code", "chat", "prose", "text")
+ROUND_BATCHES = 4
 
 
 def save_samples(path: Path, samples: list[Sample]) -> None:
@@ -80,8 +81,10 @@ def answer_samples(llm: LLM, local: LocalData, tokens: int, deadline: float, tem
                 continue
             # This kind's share of the time still left: one that finished early leaves its time to the rest.
             until = time.monotonic() + share / left * (deadline - time.monotonic())
+            # Rounds of ROUND_BATCHES engine batches: as short answers end, queued prompts take their rows, so
+            # the batch stays full rather than draining to the round's longest answer.
             made = generate_samples(llm, streams[kind], int(share / total * tokens), until, max_answer_tokens,
-                                    max_num_seqs, bar)
+                                    ROUND_BATCHES * max_num_seqs, bar)
             samples += [Sample(s.token_ids, s.num_prompt_tokens, kind) for s in made]
     return samples
 
