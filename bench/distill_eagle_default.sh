@@ -8,9 +8,12 @@
 #
 #   bench/distill_eagle_default.sh [--device cuda|cpu] [OUT_DIR] [more distill-draft flags...]
 #
-# cuda (default when a GPU is present): ~1.5M answer tokens and 2M tokens of raw text, 30 minutes at most.
-# cpu: a small budget, 40 minutes at most (one thread each: OpenMP threads that wait on each other on
-# a busy machine cost more than they give). Flags after OUT_DIR override the budget, e.g.
+# cuda (default when a GPU is present): ~3M answer tokens and 2M tokens of raw text, 30 minutes at most, the
+# target read live inside training. On a leased machine whose calls are short, use
+# bench/distill_eagle_gpu.sh instead: the same run as resumable calls of a few minutes each.
+# cpu: a small budget, 40 minutes at most, the target's features cached on disk (one thread each: OpenMP
+# threads that wait on each other on a busy machine cost more than they give). Flags after OUT_DIR
+# override the budget, e.g.
 #   bench/distill_eagle_default.sh --device cpu /tmp/head --max-minutes 3 --tokens 400 --text-tokens 2000
 # A run stopped part way carries on with the same command and --resume.
 # Writes the head (head.json, head.safetensors, draft_vocab.safetensors), eval.json, README.md and
@@ -30,16 +33,16 @@ common=(--kind eagle --target default --out "$out" --unroll 4 --k 4 --top-k 32
         --temperatures 0,0.7 --answer-shares code=4,chat=4,prose=2 --eval-tokens 128 --lr 1e-3 --seed 0)
 if [[ $device == cuda* ]]; then
   # bfloat16 writes the answers faster; the target read for the hidden states and logits is float32.
-  budget=(--device "$device" --dtype float32 --data-dtype bfloat16 --tokens 1500000 --text-tokens 2000000
-          --max-answer-tokens 256 --max-num-seqs 512 --max-files 20000 --batch-tokens 16384 --epochs 6
-          --draft-vocab 16384 --eval-prompts 32
-          --max-minutes 30 --generation-share 0.3)
+  budget=(--device "$device" --dtype float32 --data-dtype bfloat16 --tokens 3000000 --text-tokens 2000000
+          --max-answer-tokens 256 --max-num-seqs 512 --max-files 20000 --scan-seconds 60 --batch-tokens 16384
+          --epochs 8 --draft-vocab 16384 --eval-prompts 32 --features live
+          --max-minutes 30 --phases answers=0.3,train=0.65,eval=0.05)
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   budget=(--device cpu --dtype float32 --tokens 20000 --text-tokens 30000 --max-answer-tokens 128
-          --max-num-seqs 32 --max-files 2000 --batch-tokens 2048 --epochs 10 --max-minutes 40
-          --draft-vocab 8192 --eval-prompts 16
-          --generation-share 0.35)
+          --max-num-seqs 32 --max-files 2000 --scan-seconds 60 --batch-tokens 2048 --epochs 10 --max-minutes 40
+          --draft-vocab 8192 --eval-prompts 16 --features cache
+          --phases answers=0.35,read=0.2,train=0.4,eval=0.05)
 fi
 extra=$(printf ' %q' "$@")
 args=("${common[@]}" "${budget[@]}" "$@")

@@ -34,11 +34,12 @@ def held_out_prompts(args) -> dict[str, list[list[int]]]:
             prompts.setdefault(s.kind, []).append(s.token_ids[:s.num_prompt_tokens])
         return {kind: p[:args.prompts] for kind, p in prompts.items()}
     from scheduler.distill.eagle_data import held_out_prompts as build
-    from scheduler.distill.sources import local_data
+    from scheduler.distill.sources import load_local_data, local_data
     from scheduler.llm import LLM
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
-    chats = build(llm, local_data(seed=0, max_files=args.max_files), args.prompts, 64)
+    local = load_local_data(Path(args.prompts_from)) if args.prompts_from else local_data(max_files=args.max_files)
+    chats = build(llm, local, args.prompts, 64)
     prompts = {kind: [llm.engine.inputs.render_chat(c) for c in convs] for kind, convs in chats.items()}
     del llm  # and its KV cache, before the evaluations' engines plan their own
     free_memory()
@@ -55,6 +56,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts of each kind")
     parser.add_argument("--max-files", type=int, default=4000, help="source files read for held-out code prompts")
+    parser.add_argument("--prompts-from", default=None, help="a prompts file (distill-draft --stage data): its "
+                                                             "held-out prompts, rather than reading local files")
     parser.add_argument("--held-out", default=None, help="a training run's data/held_out.jsonl: its prompts")
     parser.add_argument("--proposers", default=",".join(PROPOSERS))
     parser.add_argument("--out", default=None, help="JSON file for the result")

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from scheduler.core.params import SamplingParams
@@ -17,19 +18,41 @@ from scheduler.distill.sources import LocalData
 from scheduler.llm import LLM
 
 ANSWER_KINDS = ("code", "chat", "prose")
-TRAIN_FILE, HELD_OUT_FILE = "train.jsonl", "held_out.jsonl"
+# The training samples in a compact binary file (millions of tokens travel to and from a leased machine);
+# the few held-out ones as JSON lines, easy to read. SOURCES_FILE: what `--stage data` writes.
+TRAIN_FILE, HELD_OUT_FILE, SOURCES_FILE = "train.npz", "held_out.jsonl", "sources.json.gz"
+SAMPLE_KINDS = ("code", "chat", "prose", "text")
+ROUND_BATCHES = 4
 
 
 def save_samples(path: Path, samples: list[Sample]) -> None:
+    """JSON lines, or (a .npz path) token ids as uint16/uint32 with each sample's length, prompt
+    length and kind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"ids": s.token_ids, "prompt": s.num_prompt_tokens, "kind": s.kind}) + "\n"
-                           for s in samples))
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".npz":
+        flat = [t for s in samples for t in s.token_ids]
+        dtype = np.uint16 if max(flat, default=0) < 2**16 else np.uint32
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, tokens=np.asarray(flat, dtype=dtype),
+                                lengths=np.asarray([len(s.token_ids) for s in samples], dtype=np.int64),
+                                prompts=np.asarray([s.num_prompt_tokens for s in samples], dtype=np.int64),
+                                kinds=np.asarray([SAMPLE_KINDS.index(s.kind) for s in samples], dtype=np.int8))
+    else:
+        tmp.write_text("".join(json.dumps({"ids": s.token_ids, "prompt": s.num_prompt_tokens, "kind": s.kind}) + "\n"
+                               for s in samples))
     tmp.replace(path)
 
 
 def load_samples(path: Path) -> list[Sample]:
-    return [Sample(r["ids"], r["prompt"], r["kind"]) for r in map(json.loads, path.read_text().splitlines())]
+    """What save_samples() wrote."""
+    if path.suffix != ".npz":
+        return [Sample(r["ids"], r["prompt"], r["kind"]) for r in map(json.loads, path.read_text().splitlines())]
+    with np.load(path) as f:
+        tokens, lengths, prompts, kinds = f["tokens"].tolist(), f["lengths"], f["prompts"], f["kinds"]
+    ends = np.cumsum(lengths).tolist()
+    return [Sample(tokens[end - length:end], int(prompt), SAMPLE_KINDS[kind])
+            for end, length, prompt, kind in zip(ends, lengths.tolist(), prompts.tolist(), kinds.tolist())]
 
 
 def _chats(prompts: list[str], max_chars: int) -> list[list[dict]]:
@@ -58,8 +81,10 @@ def answer_samples(llm: LLM, local: LocalData, tokens: int, deadline: float, tem
                 continue
             # This kind's share of the time still left: one that finished early leaves its time to the rest.
             until = time.monotonic() + share / left * (deadline - time.monotonic())
+            # Rounds of ROUND_BATCHES engine batches: as short answers end, queued prompts take their rows, so
+            # the batch stays full rather than draining to the round's longest answer.
             made = generate_samples(llm, streams[kind], int(share / total * tokens), until, max_answer_tokens,
-                                    max_num_seqs, bar)
+                                    ROUND_BATCHES * max_num_seqs, bar)
             samples += [Sample(s.token_ids, s.num_prompt_tokens, kind) for s in made]
     return samples
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.distill.eagle_train import _shifted, collate, column_map
-from scheduler.distill.features import Features
+from scheduler.distill.eagle_train import _shifted
+from scheduler.distill.features import Features, collate, column_map
 from scheduler.speculative.eagle.head import EagleHead
 
 
@@ -17,7 +17,7 @@ from scheduler.speculative.eagle.head import EagleHead
 def simulated_acceptance(head: EagleHead, features: list[Features], depth: int, batch_size: int = 8) -> dict:
     """Per position, the share of chains accepted up to there; the mean share of drafted tokens
     accepted; the mean accepted drafts per step; how many chains were judged."""
-    columns = column_map(head.vocab_ids.cpu() if head.vocab_ids is not None else None, head.config["vocab_size"])
+    columns = column_map(head.vocab_ids, head.config["vocab_size"])
     device = head.fc.weight.device
     accepted = torch.zeros(depth)
     chains = 0

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from scheduler.distill.features import Features
+from scheduler.distill.features import FeatureBatches, Features, column_map
 from scheduler.distill.train import length_groups
 from scheduler.speculative.eagle.head import EagleHead
 
 CHECKPOINT = "checkpoint.pt"
+REWARM_STEPS = 50  # steps over which fresh optimiser moments warm up on a stripped checkpoint
 
 
 @dataclass
@@ -29,53 +30,20 @@ class HeadTrainConfig:
     lr: float = 1e-3
     batch_tokens: int = 4096  # padded tokens per optimiser step
     epochs: float = 4.0
-    max_seconds: float = math.inf
+    max_seconds: float = math.inf  # this call's training time
+    total_seconds: float | None = None  # planned over all calls of a resumed run: the schedule's length
     warmup: float = 0.03
     checkpoint_seconds: float = 120.0
     seed: int = 0
 
 
-def column_map(vocab_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
-    """token id -> the head's logits column (-1: a token the head never proposes)."""
-    if vocab_ids is None:
-        return torch.arange(vocab_size)
-    columns = torch.full((vocab_size,), -1, dtype=torch.long)
-    columns[vocab_ids.long()] = torch.arange(len(vocab_ids))
-    return columns
-
-
-def batches_for_epoch(features: list[Features], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    """Feature indices grouped by similar length (at most batch_tokens padded tokens), in an order that
+def batches_for_epoch(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """Sample indices grouped by similar length (at most batch_tokens padded tokens), in an order that
     depends only on (seed, epoch): a resumed run sees the same batches."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    groups = length_groups([len(f.token_ids) for f in features], batch_tokens, rng)
+    groups = length_groups(lengths, batch_tokens, rng)
     rng.shuffle(groups)
     return groups
-
-
-def collate(features: list[Features], columns: torch.Tensor, device: torch.device) -> dict:
-    """Padded tensors for a batch: tokens, the target's hidden states, and at every position the
-    target's top-k as head columns (-1 outside its vocabulary) with their renormalised probabilities,
-    the target's greedy token, and whether the position is trained on."""
-    width, k = max(len(f.token_ids) for f in features), features[0].top_ids.shape[1]
-    batch = len(features)
-    input_ids = torch.zeros(batch, width, dtype=torch.long)
-    aux = torch.zeros(batch, width, features[0].aux.shape[1], dtype=torch.bfloat16)
-    cols = torch.full((batch, width, k), -1, dtype=torch.long)
-    logits = torch.full((batch, width, k), -math.inf)
-    greedy = torch.full((batch, width), -1, dtype=torch.long)
-    for r, f in enumerate(features):
-        length = len(f.token_ids)
-        input_ids[r, :length], aux[r, :length] = f.token_ids, f.aux
-        cols[r, f.top_from:length] = columns[f.top_ids.long()]
-        logits[r, f.top_from:length] = f.top_values.float()
-        greedy[r, f.top_from:length] = f.top_ids[:, 0].long()
-    logits = logits.masked_fill(cols < 0, -math.inf)
-    valid = logits.isfinite().any(-1)
-    probs = torch.where(valid[..., None], logits.softmax(-1), 0.0).nan_to_num(0.0)
-    tensors = dict(input_ids=input_ids, aux=aux, cols=cols.clamp(min=0), probs=probs, greedy=greedy, valid=valid,
-                   known=greedy >= 0)
-    return {name: t.to(device, non_blocking=True) for name, t in tensors.items()}
 
 
 def _shifted(t: torch.Tensor, shift: int, fill) -> torch.Tensor:
@@ -113,35 +81,60 @@ def learning_rate(config: HeadTrainConfig, progress: float) -> float:
 
 
 def save_checkpoint(path: Path, head: EagleHead, optimizer, state: dict) -> None:
+    """The head's weights as they are (float32) and the optimiser's moments in bfloat16 (~40 MB for the
+    default model's head rather than ~60: what carries a run from one leased machine to the next).
+    Loading casts them back to the weights' dtype."""
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {
+        index: {name: t.to(torch.bfloat16) if t.is_floating_point() and t.dim() > 0 else t
+                for name, t in moments.items()}
+        for index, moments in optimizer_state["state"].items()}
     tmp = path.with_suffix(".tmp")
-    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, tmp)
+    torch.save({"head": head.state_dict(), "optimizer": optimizer_state, "state": state}, tmp)
     tmp.replace(path)
 
 
-def train_head(head: EagleHead, features: list[Features], config: HeadTrainConfig, out: Path, resume: bool = False,
-               show_progress: bool = True) -> dict:
+def strip_checkpoint(path: Path) -> int:
+    """Drop the optimiser's moments from a checkpoint (half its size: what a run carried between leased
+    machines can afford); a resumed run then warms fresh ones up. Returns the new size in bytes."""
+    saved = torch.load(path, weights_only=True)
+    saved.pop("optimizer", None)
+    tmp = path.with_suffix(".tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def train_head(head: EagleHead, data: FeatureBatches | list[Features], config: HeadTrainConfig, out: Path,
+               resume: bool = False, show_progress: bool = True) -> dict:
     """Train `head` (bound to the target's embeddings and LM head) in place for config.epochs passes or
-    config.max_seconds, whichever ends first, checkpointing into out/checkpoint.pt. With resume, the
-    checkpoint there is loaded first and training carries on from it. Returns training statistics."""
+    config.max_seconds, whichever ends first, checkpointing into out/checkpoint.pt. `data` gives the
+    batches (features.FeatureBatches or LiveBatches; a list of Features is cached features). With
+    resume, the checkpoint there is loaded first and training carries on from it. Returns training
+    statistics."""
     from tqdm.auto import tqdm
 
     device = head.fc.weight.device
-    columns = column_map(head.vocab_ids.cpu() if head.vocab_ids is not None else None,
-                         head.config["vocab_size"])
+    if isinstance(data, list):
+        data = FeatureBatches(data, column_map(head.vocab_ids, head.config["vocab_size"]))
     trainable = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    batches_per_epoch = len(batches_for_epoch(features, config.batch_tokens, config.seed, 0))
+    batches_per_epoch = len(batches_for_epoch(data.lengths, config.batch_tokens, config.seed, 0))
     total_steps = max(1, math.ceil(config.epochs * batches_per_epoch))
     state = {"step": 0, "progress": 0.0, "seconds": 0.0, "tokens": 0, "loss": None, "agreement": None}
     checkpoint = out / CHECKPOINT
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=True)
         head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
         state = dict(saved["state"], seconds_before=saved["state"]["seconds"])
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        else:  # a checkpoint carried without the optimiser's moments (strip_checkpoint): warm them up again
+            state["rewarm_from"] = state["step"]
     torch.manual_seed(config.seed + state["step"])
     # A resumed run goes on towards config.epochs within its own max_seconds: the learning rate picks up the
-    # schedule where the steps done put it and decays by whichever of steps and time runs out first.
+    # schedule where the steps done put it and decays by whichever of steps and time runs out first (time:
+    # this call's, or with total_seconds the time of all calls together, so several calls make one schedule).
     start, last_save, base_progress = time.monotonic(), time.monotonic(), min(state["step"] / total_steps, 1.0)
     head.train()
     bar = tqdm(total=total_steps, initial=min(state["step"], total_steps), desc="training head", unit="step",
@@ -149,15 +142,20 @@ def train_head(head: EagleHead, features: list[Features], config: HeadTrainConfi
     epoch_batches = (-1, None)
     while True:
         elapsed = time.monotonic() - start
-        progress = max(state["step"] / total_steps, base_progress + (1 - base_progress) * elapsed / config.max_seconds)
-        if progress >= 1:
+        if config.total_seconds:
+            timed = (state.get("seconds_before", 0.0) + elapsed) / config.total_seconds
+        else:
+            timed = base_progress + (1 - base_progress) * elapsed / config.max_seconds
+        progress = max(state["step"] / total_steps, timed)
+        if progress >= 1 or elapsed >= config.max_seconds:
             break
         epoch, index = divmod(state["step"], batches_per_epoch)
         if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, batches_for_epoch(features, config.batch_tokens, config.seed, epoch))
-        batch = collate([features[i] for i in epoch_batches[1][index]], columns, device)
+            epoch_batches = (epoch, batches_for_epoch(data.lengths, config.batch_tokens, config.seed, epoch))
+        batch = data.batch(epoch_batches[1][index], device)
+        rewarm = min(1.0, (state["step"] - state.get("rewarm_from", -REWARM_STEPS) + 1) / REWARM_STEPS)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, progress)
+            group["lr"] = learning_rate(config, progress) * rewarm
         loss, counts = unrolled_loss(head, batch, config.unroll, config.step_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,11 +12,14 @@ held-out file is ever trained on.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
+import json
 import os
 import random
 import sysconfig
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ PROSE_SUFFIXES = (".md", ".rst", ".txt")
 EXCLUDED_PARTS = {"lm_eval", "humaneval", "human_eval", "mbpp", "evalplus", "bigcode_eval", "datasets", "tests",
                   "test", "__pycache__", "site-packages", "dist-packages"}
 MAX_FILE_BYTES = 200_000
+SOURCES_FORMAT = "beastserve-distill-sources-v1"
 
 
 @dataclass(frozen=True)
@@ -116,20 +120,19 @@ PROSE_ASKS = (
 )
 
 
-def code_prompts(files: list[SourceFile], rng: random.Random, max_code_chars: int = 1200) -> list[str]:
-    """Requests about the functions of Python files: write one from its docstring, complete one from
+def code_prompts(source: str, rng: random.Random, max_code_chars: int = 1200) -> list[str]:
+    """Requests about the functions of one Python file: write one from its docstring, complete one from
     its signature and docstring, explain or annotate one."""
     prompts = []
-    for file in files:
-        for signature, doc, code in functions(read_text(file.path) or ""):
-            summary = " ".join(doc.split("\n\n")[0].split())
-            name = signature.split("def ", 1)[-1].split("(", 1)[0]
-            head = f'{signature.removeprefix("async ")}:\n    """{doc.split(chr(10) * 2)[0].strip()}\n    """'
-            ask = rng.choice(CODE_ASKS)
-            if "{code}" in ask and len(code) > max_code_chars:
-                ask = CODE_ASKS[0]
-            prompts.append(ask.format(name=name, summary=summary, head=head, signature=signature.removeprefix("def "),
-                                      code=code, lower_summary=summary[:1].lower() + summary[1:]))
+    for signature, doc, code in functions(source):
+        summary = " ".join(doc.split("\n\n")[0].split())
+        name = signature.split("def ", 1)[-1].split("(", 1)[0]
+        head = f'{signature.removeprefix("async ")}:\n    """{doc.split(chr(10) * 2)[0].strip()}\n    """'
+        ask = rng.choice(CODE_ASKS)
+        if "{code}" in ask and len(code) > max_code_chars:
+            ask = CODE_ASKS[0]
+        prompts.append(ask.format(name=name, summary=summary, head=head, signature=signature.removeprefix("def "),
+                                  code=code, lower_summary=summary[:1].lower() + summary[1:]))
     return prompts
 
 
@@ -144,21 +147,9 @@ def paragraphs(text: str, min_chars: int = 200, max_chars: int = 1200) -> list[s
     return found
 
 
-def prose_prompts(files: list[SourceFile], rng: random.Random) -> list[str]:
-    """Requests about passages of documentation: .md/.rst/.txt files and Python docstrings."""
-    prompts = []
-    for file in files:
-        text = read_text(file.path) or ""
-        if file.path.suffix == ".py":
-            text = "\n\n".join(doc for _, doc, _ in functions(text))
-        for passage in paragraphs(text):
-            prompts.append(rng.choice(PROSE_ASKS).format(text=passage))
-    return prompts
-
-
-def raw_texts(files: list[SourceFile]) -> list[str]:
-    """Whole files, as the target reads them teacher-forced."""
-    return [text for file in files if (text := read_text(file.path))]
+def prose_prompts(text: str, rng: random.Random) -> list[str]:
+    """Requests about passages of documentation (a .md/.rst/.txt file, or a Python file's docstrings)."""
+    return [rng.choice(PROSE_ASKS).format(text=passage) for passage in paragraphs(text)]
 
 
 @dataclass
@@ -174,24 +165,76 @@ class LocalData:
     held_out_files: int
 
 
-def local_data(roots: list[Path] | None = None, seed: int = 0, max_files: int | None = None) -> LocalData:
+def local_data(roots: list[Path] | None = None, seed: int = 0, max_files: int | None = None,
+               max_seconds: float | None = None) -> LocalData:
     """Read the code and documentation under roots (default: the standard library and installed
-    packages), shuffled by seed, at most max_files of each kind."""
+    packages), shuffled by seed, at most max_files of each kind, each file read and parsed once.
+    Held-out files are read first; with max_seconds, reading stops once that much time has passed
+    (the files found so far make the data), so a machine with many packages never spends a run's
+    budget scanning them."""
     rng = random.Random(seed)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     roots = default_roots() if roots is None else roots
     every = find_files(roots, CODE_SUFFIXES + PROSE_SUFFIXES)
     code = [f for f in every if f.path.suffix in CODE_SUFFIXES]
     prose = [f for f in every if f.path.suffix in PROSE_SUFFIXES]
     rng.shuffle(code)
     rng.shuffle(prose)
-    code, prose = code[:max_files], prose[:max_files]
-    train_code, held_code = [f for f in code if not f.held_out], [f for f in code if f.held_out]
-    train_prose, held_prose = [f for f in prose if not f.held_out], [f for f in prose if f.held_out]
+    chosen = code[:max_files] + prose[:max_files]
+    found = {key: [] for key in ("code", "prose", "texts", "held_code", "held_prose")}
+    files = held_files = 0
+    for file in sorted(chosen, key=lambda f: not f.held_out):  # a stable sort: shuffled within each side
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        text = read_text(file.path)
+        files, held_files = files + 1, held_files + file.held_out
+        if not text:
+            continue
+        held = "held_" if file.held_out else ""
+        if file.path.suffix in CODE_SUFFIXES:
+            found[held + "code"] += code_prompts(text, rng)
+            text_of_docs = "\n\n".join(doc for _, doc, _ in functions(text))
+            found[held + "prose"] += prose_prompts(text_of_docs, rng)
+        else:
+            found[held + "prose"] += prose_prompts(text, rng)
+        if not file.held_out:
+            found["texts"].append(text)
     shuffled = lambda items: rng.sample(items, len(items))  # noqa: E731
-    return LocalData(
-        code_prompts=shuffled(code_prompts(train_code, rng)),
-        prose_prompts=shuffled(prose_prompts(train_prose + train_code, rng)),
-        texts=shuffled(raw_texts(train_code) + raw_texts(train_prose)),
-        held_out_code_prompts=shuffled(code_prompts(held_code, rng)),
-        held_out_prose_prompts=shuffled(prose_prompts(held_prose + held_code, rng)),
-        files=len(code) + len(prose), held_out_files=len(held_code) + len(held_prose))
+    return LocalData(code_prompts=shuffled(found["code"]), prose_prompts=shuffled(found["prose"]),
+                     texts=shuffled(found["texts"]), held_out_code_prompts=shuffled(found["held_code"]),
+                     held_out_prose_prompts=shuffled(found["held_prose"]), files=files, held_out_files=held_files)
+
+
+def save_local_data(path: Path, data: LocalData, max_prompts: int | None = None,
+                    max_text_chars: int | None = None) -> int:
+    """Write data to one gzipped JSON file (what `--prompts-from` reads), keeping at most max_prompts
+    training prompts of each kind and about max_text_chars of raw text: a file small enough to
+    travel with a run to another machine. Returns its size in bytes."""
+    fields = dict(vars(data))
+    for key in ("code_prompts", "prose_prompts"):
+        fields[key] = fields[key][:max_prompts]
+    if max_text_chars is not None:
+        kept, chars = [], 0
+        for text in fields["texts"]:
+            if chars >= max_text_chars:
+                break
+            kept.append(text[:max_text_chars - chars])
+            chars += len(kept[-1])
+        fields["texts"] = kept
+    payload = json.dumps({"format": SOURCES_FORMAT, **fields}).encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_bytes(gzip.compress(payload, compresslevel=6))
+    tmp.replace(path)
+    return Path(path).stat().st_size
+
+
+def load_local_data(path: Path) -> LocalData:
+    """A file save_local_data() wrote."""
+    try:
+        fields = json.loads(gzip.decompress(Path(path).read_bytes()))
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"--prompts-from: {path} is not a prompts file ({exc})") from None
+    if fields.pop("format", None) != SOURCES_FORMAT:
+        raise ValueError(f"--prompts-from: {path} is not a {SOURCES_FORMAT} file")
+    return LocalData(**fields)
