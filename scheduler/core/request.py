@@ -36,12 +36,6 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    # Output tokens sampled in a step still in flight: the device holds them, the host learns them a step later.
-    num_placeholders: int = 0
-    # Drafts verified in a step still in flight: the device knows how many it accepted, the host a step later.
-    # The request's next tokens may start this much further on: their KV slots are reserved for it.
-    num_drafts_in_flight: int = 0
     speculative: bool = True  # may this request speculate (when the engine does)
     max_draft_tokens: int | None = None  # per-request cap on k
     num_draft_tokens: int = 0  # drafts verified so far
@@ -62,11 +56,19 @@ class Request:
     guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
     stream: Any = None  # its outputs' RequestStream, whose reader may fall behind and pause it
     rank: tuple[float, float] = (0.0, 0.0)  # the scheduler's static order (Scheduler._rank), set when it is queued
+    # Set by the engine: whether each new token needs the full stop check (text, grammar, logprobs, stop ids,
+    # min_tokens: else a token-set lookup and a length check do), and whether its stream is told every step.
+    host_checks: bool = True
+    stream_deltas: bool = True
 
     def __post_init__(self) -> None:
         # Fixed by the params, read for every row of every step: worked out once. penalised: a penalty reads the
         # token history. argmax_always: every next token is the argmax of the raw logits (greedy; no penalty, logit
         # bias, min_tokens or logprobs), whatever the step.
+        # num_computed_tokens, num_placeholders, num_drafts_in_flight: here until the scheduler takes the request,
+        # then at its slot of the scheduler's Progress arrays until it ends (progress.py).
+        self._own = dict(computed=0, placeholders=0, drafts_in_flight=0)
+        self._progress, self._slot = None, None
         params = self.params
         self.penalised = has_penalty(params)
         self.argmax_always = params.greedy and not self.penalised and not params.logit_bias \
@@ -78,6 +80,51 @@ class Request:
         self.output_id = self.output_id or self.request_id
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose KV is computed (or counted so: a launched step's). Tokens to compute are
+        all_token_ids[num_computed_tokens:] and the placeholders."""
+        progress = self._progress
+        return self._own["computed"] if progress is None else int(progress.computed[self._slot])
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        progress = self._progress
+        if progress is None:
+            self._own["computed"] = value
+        else:
+            progress.computed[self._slot] = value
+
+    @property
+    def num_placeholders(self) -> int:
+        """Output tokens sampled in a step still in flight: the device holds them, the host learns them a step
+        later."""
+        progress = self._progress
+        return self._own["placeholders"] if progress is None else int(progress.placeholders[self._slot])
+
+    @num_placeholders.setter
+    def num_placeholders(self, value: int) -> None:
+        progress = self._progress
+        if progress is None:
+            self._own["placeholders"] = value
+        else:
+            progress.placeholders[self._slot] = value
+
+    @property
+    def num_drafts_in_flight(self) -> int:
+        """Drafts verified in a step still in flight: the device knows how many it accepted, the host a step
+        later. The request's next tokens may start this much further on: their KV slots are reserved for it."""
+        progress = self._progress
+        return self._own["drafts_in_flight"] if progress is None else int(progress.drafts_in_flight[self._slot])
+
+    @num_drafts_in_flight.setter
+    def num_drafts_in_flight(self, value: int) -> None:
+        progress = self._progress
+        if progress is None:
+            self._own["drafts_in_flight"] = value
+        else:
+            progress.drafts_in_flight[self._slot] = value
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -113,6 +160,8 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self._progress is not None:
+            self._progress.tokens[self._slot] += 1
 
     def draft_depth(self, step_depth: int) -> int:
         """Drafts this request may verify in a step that drafts step_depth tokens a sequence."""
@@ -127,3 +176,5 @@ class Request:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""
         del self.output_token_ids[num_output_tokens:]
         del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+        if self._progress is not None:
+            self._progress.tokens[self._slot] = len(self.all_token_ids)

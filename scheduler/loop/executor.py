@@ -9,6 +9,7 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
 from operator import attrgetter
 
 import numpy as np
@@ -16,7 +17,15 @@ import torch
 
 from scheduler.core.outputs import TokenLogprob
 from scheduler.core.request import Request
-from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
+from scheduler.core.scheduler import (
+    PlainTokens,
+    ScheduledRequest,
+    Scheduler,
+    StepOutput,
+    StepResult,
+    batch_requests,
+    columns,
+)
 from scheduler.loop.row_inputs import RowInputs
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.picking import argmax_only, deferrable, greedy_verify, positions_differ
@@ -37,12 +46,19 @@ class StepInFlight:
     launch does early when its grammar masks follow them."""
 
     requests: list[Request]
-    rows: dict[Request, int]
+    row_of: dict[Request, int] | None  # each request's row (None: worked out when asked, from requests)
     token_ids: torch.Tensor
     num_top: int | None
     host: torch.Tensor
     copied: torch.cuda.Event | None
-    results: list[StepResult] | None = None
+    results: list[StepResult] | PlainTokens | None = None
+    slots: np.ndarray | None = None  # the requests' Progress slots
+
+    @property
+    def rows(self) -> dict[Request, int]:
+        if self.row_of is None:
+            self.row_of = dict(zip(self.requests, range(len(self.requests))))
+        return self.row_of
 
     def device_outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Its tokens on the device, one a row [R, 1], and their counts (None: one each)."""
@@ -59,6 +75,7 @@ class Verification:
     proposal: Proposal | None
     logits: torch.Tensor
     hidden: torch.Tensor | None
+    cached: bool = False  # the blocks it fills are in the prefix cache already
 
 
 class TokenCopies:
@@ -100,7 +117,8 @@ class StepExecutor:
         self.masks = TokenMasks(self.vocab_size, self.device)
         self.copies = TokenCopies(self.device)
         self.loop: SpeculativeLoop | None = None
-        self.row_inputs = RowInputs(self.pool, scheduler.max_num_seqs)  # per-row state kept across steps
+        self.progress = scheduler.progress
+        self.row_inputs = RowInputs(self.pool, scheduler.max_num_seqs, self.progress)  # per-row state kept across steps
 
     def speculate_in_loop(self, max_rows: int, max_model_len: int) -> None:
         """Verify drafts inside the overlapped loop (speculative/loop.py), where the proposer drafts on the
@@ -127,7 +145,11 @@ class StepExecutor:
         """Run a step and return its tokens, on the host."""
         return self._finish(self._start(batch))
 
-    can_defer = staticmethod(deferrable)  # sampling/picking.py says which steps may run ahead of the host
+    def can_defer(self, batch: list[ScheduledRequest]) -> bool:
+        """Whether the step may run ahead of the host (sampling/picking.py says which may): at once where no row
+        has penalties or prompt logprobs."""
+        slots = columns(batch, self.progress)[0]
+        return (slots is not None and not self.progress.synchronous[slots].any()) or deferrable(batch)
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | DraftStepInFlight | None
                ) -> StepInFlight | DraftStepInFlight | Verification:
@@ -140,23 +162,30 @@ class StepExecutor:
             if previous is not None:
                 self.collect(previous)  # the host drafts from, and verifies with, every token
             return self._start(batch)
-        rows = previous.rows if previous is not None else {}
         tokens, shifts = device_inputs(previous)  # shifts: where the step in flight verified drafts
-        gathered = self.row_inputs.gather(batch, rows)
-        logits = self.runner.forward(gathered.inputs, device_tokens=tokens if rows else None, device_shifts=shifts)
+        if isinstance(previous, StepInFlight) and previous.slots is not None:
+            gathered = self.row_inputs.gather(batch, device_slots=previous.slots)
+            on_device = len(previous.slots) > 0
+        else:
+            rows = previous.rows if previous is not None else {}
+            gathered, on_device = self.row_inputs.gather(batch, rows), bool(rows)
+        logits = self.runner.forward(gathered.inputs, device_tokens=tokens if on_device else None,
+                                     device_shifts=shifts)
         if self.speculator is not None:
             self.speculator.observe_forward(batch, gathered.inputs, self.runner)
         self.scheduler.advance(batch)
         self.row_inputs.cache_filled_blocks(batch, gathered)
-        requests = [s.request for s in batch if s.samples]
-        if previous is not None and list(map(_GUIDE, requests)).count(None) != len(requests):
+        slots, _, samples = columns(batch, self.progress)
+        requests = batch_requests(batch)
+        if not samples.all():
+            requests, slots = list(compress(requests, samples)), slots[samples]
+        if previous is not None and self.progress.guided[slots].any():
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
         out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
                                                                           None, None, None)
-        self.scheduler.add_placeholders(requests)
+        self.scheduler.add_placeholders(requests, slots)
         num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
-        return StepInFlight(requests, dict(zip(requests, range(len(requests)))), out.token_ids, num_top,
-                            *self.copies.start(_packed(out)))
+        return StepInFlight(requests, None, out.token_ids, num_top, *self.copies.start(_packed(out)), slots=slots)
 
     def collect(self, step: StepInFlight | DraftStepInFlight | Verification) -> list[StepResult]:
         """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
@@ -178,7 +207,8 @@ class StepExecutor:
         if step.copied is not None:
             step.copied.synchronize()
         token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
-        return self.scheduler.update_from_output(StepOutput(step.requests, token_ids, logprobs, in_flight=True))
+        return self.scheduler.update_from_output(StepOutput(step.requests, token_ids, logprobs, in_flight=True,
+                                                            slots=step.slots))
 
     def _start(self, batch: list[ScheduledRequest]) -> Verification:
         """Drafts, then the target's pass; the logits wait in the Verification."""
@@ -191,7 +221,8 @@ class StepExecutor:
             items = [self._item(s, rows.get(id(s), -1), first if count else None)
                      for s, (first, count) in zip(batch, prompt_rows)]
         else:  # every row's tokens known: the persistent batch's
-            items = self.row_inputs.gather(batch, {}).inputs
+            gathered = self.row_inputs.gather(batch, {})
+            items = gathered.inputs
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
@@ -202,7 +233,10 @@ class StepExecutor:
         if any(count for _, count in prompt_rows):
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         self.scheduler.advance(batch)
-        return Verification(batch, spec, proposal, logits, hidden)
+        if isinstance(items, list):
+            return Verification(batch, spec, proposal, logits, hidden)
+        self.row_inputs.cache_filled_blocks(batch, gathered)
+        return Verification(batch, spec, proposal, logits, hidden, cached=True)
 
     def _finish(self, step: Verification) -> list[StepResult]:
         """Sample or verify; the requests that have ended since the step was launched take nothing."""
@@ -215,7 +249,8 @@ class StepExecutor:
             results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden)
         else:
             results = self._sample(step.logits, sampled)
-        self._cache_blocks(step.batch)
+        if not step.cached:
+            self._cache_blocks(step.batch)
         return results
 
     def _cache_blocks(self, batch: list[ScheduledRequest]) -> None:

@@ -4,10 +4,15 @@ and at its end why it ended and what it cost; and the step's drafts counted by p
 from __future__ import annotations
 
 import time
+from itertools import compress
+from operator import attrgetter
+
+import numpy as np
 
 from scheduler.core.outputs import RequestMetrics, RequestOutput
+from scheduler.core.progress import Progress
 from scheduler.core.request import FinishReason, Request
-from scheduler.core.scheduler import StepResult
+from scheduler.core.scheduler import PlainTokens, StepResult
 from scheduler.core.stopping import check_stop, first_stop
 from scheduler.loop.admission import Live
 
@@ -83,3 +88,47 @@ def per_position(results: list[StepResult], accepted: bool) -> list[int]:
         for i in range(r.num_accepted if accepted else min(r.num_drafts, r.num_accepted + 1)):
             counts[i] += 1
     return counts
+
+
+def num_new_tokens(results: list[StepResult] | PlainTokens) -> int:
+    """Tokens a step's results added to their requests."""
+    return len(results) if isinstance(results, PlainTokens) else sum(map(len, map(_NEW_TOKENS, results)))
+
+
+def plain_checks(plain: PlainTokens, progress: Progress, eos: np.ndarray) -> tuple[list[StepResult], PlainTokens]:
+    """Split a step's plain rows by array operations: those whose token may end them or that need more than a stop
+    check (a first token, an EOS or stop token, the length cap, text, a grammar, logprobs: check_new_tokens), as
+    StepResults; and the rest, whose only news is their token."""
+    slots, tokens = plain.slots, np.array(plain.token_ids, dtype=np.int64)
+    num_tokens = progress.tokens[slots]
+    checked = progress.watched[slots] | (num_tokens >= progress.max_total[slots]) \
+        | (num_tokens == progress.prompt[slots] + 1)
+    if len(eos):
+        checked |= np.isin(tokens, eos) & progress.ends_on_eos[slots]
+    if not checked.any():
+        return [], plain
+    rest = ~checked
+    rows = [StepResult(plain.requests[i], [plain.token_ids[i]], None) for i in np.flatnonzero(checked).tolist()]
+    return rows, PlainTokens(list(compress(plain.requests, rest)), list(compress(plain.token_ids, rest)),
+                             slots[rest])
+
+
+def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
+                 outputs: list[tuple[Live, RequestOutput]]) -> None:
+    """delta_output for rows whose only news is their token (no text, grammar or logprobs; prompt logprobs sent),
+    built only for the rows whose streams are told every step."""
+    told = progress.deltas[quiet.slots]
+    if not told.any():
+        return
+    for request in (quiet.requests if told.all() else compress(quiet.requests, told)):
+        live = lives[request.request_id]
+        output_ids = request.output_token_ids
+        num_output_tokens = len(output_ids)
+        new_ids = output_ids[live.num_sent_tokens:]
+        live.num_sent_tokens = num_output_tokens
+        outputs.append((live, RequestOutput(request.output_id, new_ids, "", None, None, False, None, None,
+                                            len(request.prompt_token_ids), num_output_tokens,
+                                            request.num_cached_tokens, None, None, request.index, 0)))
+
+
+_NEW_TOKENS = attrgetter("new_token_ids")

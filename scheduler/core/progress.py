@@ -1,0 +1,104 @@
+"""Request progress in arrays: each request in the scheduler has a slot, and what a step changes about it (tokens
+computed, tokens known, placeholders and drafts in flight, the tokens its KV blocks take) lives at that slot, so a
+step over a thousand rows is a few array operations and a Python loop over only the rows that need something.
+
+The request reads and writes the same numbers through its properties (Request.num_computed_tokens, ...), so code
+that looks at one request at a time sees no difference. A slot is the request's from Scheduler.add to its end; the
+slot of an ended request is reused only once the step that may still carry it has been applied (release_retired).
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+
+import numpy as np
+
+from scheduler.core.params import has_penalty
+
+# The per-slot integer columns; each has a twin attribute on a request outside the scheduler (Request._own).
+COUNTS = ("computed", "placeholders", "drafts_in_flight")
+
+
+class Progress:
+    """Arrays by slot. computed, placeholders, drafts_in_flight: the request's own numbers (the truth while it holds
+    the slot); tokens: len(all_token_ids); capacity: tokens its KV blocks take; the rest fixed when it joins."""
+
+    def __init__(self, num_slots: int = 256):
+        self.computed = np.zeros(num_slots, dtype=np.int64)
+        self.placeholders = np.zeros(num_slots, dtype=np.int64)
+        self.drafts_in_flight = np.zeros(num_slots, dtype=np.int64)
+        self.tokens = np.zeros(num_slots, dtype=np.int64)
+        self.capacity = np.zeros(num_slots, dtype=np.int64)
+        self.max_total = np.zeros(num_slots, dtype=np.int64)
+        self.prompt = np.zeros(num_slots, dtype=np.int64)
+        self.draft_cap = np.zeros(num_slots, dtype=np.int64)  # max draft tokens: -1 uncapped, 0 never speculates
+        self.finished = np.zeros(num_slots, dtype=bool)
+        self.guided = np.zeros(num_slots, dtype=bool)  # a grammar constrains it
+        self.synchronous = np.zeros(num_slots, dtype=bool)  # penalties or prompt logprobs: the host must keep up
+        self.watched = np.zeros(num_slots, dtype=bool)  # every new token goes through the full stop check
+        self.ends_on_eos = np.zeros(num_slots, dtype=bool)
+        self.deltas = np.zeros(num_slots, dtype=bool)  # its stream is told after every step
+        self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slots first
+        self._retired: list[int] = []
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.computed)
+
+    def join(self, request) -> None:
+        """Give the request a slot and move its numbers there."""
+        if request._progress is not None:
+            return
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        for name in COUNTS:
+            getattr(self, name)[slot] = request._own[name]
+        params = request.params
+        self.tokens[slot] = len(request.all_token_ids)
+        self.capacity[slot] = 0
+        self.max_total[slot] = request.max_total_tokens
+        self.prompt[slot] = len(request.prompt_token_ids)
+        self.draft_cap[slot] = (0 if not request.speculative else
+                                -1 if request.max_draft_tokens is None else request.max_draft_tokens)
+        self.finished[slot] = False
+        self.guided[slot] = request.guide is not None
+        self.synchronous[slot] = has_penalty(params) or params.prompt_logprobs is not None
+        self.watched[slot] = request.host_checks
+        self.ends_on_eos[slot] = not params.ignore_eos
+        self.deltas[slot] = request.stream_deltas
+        request._progress, request._slot = self, slot
+
+    def leave(self, request) -> None:
+        """The request has ended: its numbers go back onto it, its slot is retired (release_retired frees it)."""
+        slot = request._slot
+        if request._progress is not self:
+            return
+        for name in COUNTS:
+            request._own[name] = int(getattr(self, name)[slot])
+        request._progress = None  # its _slot stays: the step that may still carry it finds the slot finished
+        self.finished[slot] = True
+        self._retired.append(slot)
+
+    def release_retired(self) -> None:
+        """The steps that carried the retired slots' requests have been applied: the slots may be reused."""
+        if self._retired:
+            self._free += self._retired
+            self._retired = []
+
+    def slots_of(self, requests) -> np.ndarray | None:
+        """The slots of these requests, in order; None if one has none (it is not in the scheduler)."""
+        try:
+            return np.fromiter(map(_SLOT, requests), np.int64, len(requests))
+        except TypeError:
+            return None
+
+    def _grow(self) -> None:
+        old = self.num_slots
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                setattr(self, name, np.concatenate([value, np.zeros_like(value)]))
+        self._free = list(range(2 * old - 1, old - 1, -1))
+
+
+_SLOT = attrgetter("_slot")
