@@ -102,9 +102,12 @@ def apply_tokens(progress: Progress, out: StepOutput) -> PlainTokens:
     requests, tokens = out.requests, out.token_ids
     slots = out.slots if out.slots is not None else progress.slots_of(requests)
     if out.in_flight:
-        progress.placeholders[slots] -= 1
+        progress.placeholders[slots] -= 1  # an ended request's slot too: harmless, it is not reused yet
     ended = progress.finished[slots]
     if ended.any():
+        if out.in_flight:  # an ended request's numbers are its own again
+            for i in np.flatnonzero(ended).tolist():
+                requests[i].num_placeholders -= 1
         taken = ~ended
         requests, tokens, slots = list(compress(requests, taken)), list(compress(tokens, taken)), slots[taken]
     deque(map(list.append, map(_OUTPUT_IDS, requests), tokens), 0)

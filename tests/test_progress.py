@@ -1,0 +1,123 @@
+"""Request progress in arrays (scheduler/core/progress.py): the scheduler's pass over its running requests by array
+operations schedules what the row-by-row pass would, the arrays agree with the requests after every step, and an
+ended request's slot is reused only after the step that may still carry it is applied."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+
+from scheduler.core.kv_cache import BlockPool
+from scheduler.core.params import SamplingParams
+from scheduler.core.request import Request
+from scheduler.core.scheduler import Scheduler, SchedulerOutput, StepOutput, _order
+from scheduler.core.step_output import apply_rows, apply_tokens
+from tests.test_scheduler import Sim, assert_all_done, workloads
+
+
+class RowByRow(Scheduler):
+    """The scheduler without its array pass: every step goes one row at a time."""
+
+    def _schedule_running(self, out: SchedulerOutput, spec_depth: int) -> int:
+        sorted_now = self._unsorted and bool(self.running)
+        if sorted_now:
+            self.running.sort(key=_order)
+        return self._schedule_one_by_one(out, spec_depth, sorted_now)
+
+
+def _rows(out: SchedulerOutput) -> list[tuple]:
+    return [(s.request.request_id, s.num_new_tokens, s.num_spec_slots, s.samples) for s in out.scheduled]
+
+
+def _assert_progress_follows_requests(scheduler: Scheduler) -> None:
+    progress, pool = scheduler.progress, scheduler.pool
+    for request in scheduler.running + scheduler.waiting:
+        slot = request._slot
+        assert progress.tokens[slot] == len(request.all_token_ids)
+        assert progress.capacity[slot] == len(pool.req_block_ids.get(request.request_id, ())) * pool.block_size
+        assert progress.max_total[slot] == request.max_total_tokens and not progress.finished[slot]
+
+
+def _lockstep(config: dict, requests: list[dict], max_steps: int) -> int:
+    """Run the workload on the scheduler and on RowByRow side by side; every step schedules and preempts the same.
+    Returns the steps the array pass took."""
+    sim, ref = Sim(**config), Sim(**config)
+    ref.sched = RowByRow(ref.pool, ref.sched.max_num_batched_tokens, ref.sched.max_num_seqs,
+                         ref.sched.priority_aging_s)
+    pending = sorted(enumerate(requests), key=lambda item: item[1]["arrival_step"])
+    by_arrays = 0
+    while pending or sim.sched.num_unfinished:
+        while pending and pending[0][1]["arrival_step"] <= sim.num_steps:
+            i, r = pending.pop(0)
+            for s in (sim, ref):  # the same arrival time in both: the same rank
+                request = s.add(f"r{i}", r["prompt"], r["max_tokens"], r["priority"], r["age_s"])
+                request.arrival_time = i - r["age_s"]
+                request.rank = s.sched._rank(request)
+        assert sim.num_steps < max_steps
+        out, expected = sim.step(), ref.step()
+        by_arrays += sim.sched._by_rank
+        assert _rows(out) == _rows(expected)
+        assert [r.request_id for r in out.preempted] == [r.request_id for r in expected.preempted]
+        _assert_progress_follows_requests(sim.sched)
+    assert_all_done(sim)
+    return by_arrays
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(workloads())
+def test_the_array_pass_schedules_what_the_row_by_row_pass_would(workload):
+    config, requests = workload
+    _lockstep(config, requests, 16 + 4 * sum(len(r["prompt"]) + r["max_tokens"] for r in requests))
+
+
+def test_steady_decoding_takes_the_array_pass_and_still_matches():
+    """A roomy pool: after the prompts, every step goes by arrays (prefill chunks, block crossings, requests that
+    end) and schedules what the row-by-row pass does."""
+    config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=24, max_num_seqs=8)
+    requests = [dict(prompt=[i % 3, 1, 2] * (1 + i), max_tokens=5 + 3 * i, priority=i % 2, age_s=0.0,
+                     arrival_step=i) for i in range(6)]
+    assert _lockstep(config, requests, 200) > 20
+
+
+def test_an_ended_requests_slot_waits_for_the_step_that_carries_it():
+    """A request aborted while its step is in flight keeps its slot until that step is applied: the request admitted
+    meanwhile takes another, and the step's token reaches neither."""
+    scheduler = Scheduler(BlockPool(16, 4), max_num_batched_tokens=32, max_num_seqs=4)
+    first = Request("a", [1, 2, 3], SamplingParams(max_tokens=4))
+    scheduler.add(first)
+    batch = scheduler.schedule().scheduled
+    scheduler.advance(batch)
+    scheduler.add_placeholders([first])  # launched: its token is on the device
+    scheduler.finish(first)  # aborted
+    second = Request("b", [4, 5], SamplingParams(max_tokens=4))
+    scheduler.add(second)
+    assert second._slot != first._slot
+    scheduler.update_from_output(StepOutput([first], [9], in_flight=True))
+    assert first.output_token_ids == [] and second.output_token_ids == [] and first.num_placeholders == 0
+    third = Request("c", [6], SamplingParams(max_tokens=4))
+    scheduler.add(third)
+    assert third._slot == first._slot  # free once the step that carried it is applied
+    _assert_progress_follows_requests(scheduler)
+
+
+def test_tokens_applied_by_arrays_are_those_applied_row_by_row():
+    """The one place a step's tokens reach their requests takes the same path in effect either way: by array
+    operations (one token a row) or row by row (as with drafts or logprobs)."""
+    schedulers = [Scheduler(BlockPool(16, 4), 64, 8) for _ in range(2)]
+    rows = []
+    for scheduler in schedulers:
+        requests = [Request(f"r{i}", [i + 1] * (i + 2), SamplingParams(max_tokens=8)) for i in range(4)]
+        for request in requests:
+            scheduler.add(request)
+        scheduler.add_placeholders(requests)
+        scheduler.finish(requests[2])  # ended while its token was in flight: it takes none
+        rows.append(requests)
+    tokens = [11, 12, 13, 14]
+    by_arrays = apply_tokens(schedulers[0].progress, StepOutput(rows[0], tokens, in_flight=True))
+    by_rows = apply_rows(StepOutput(rows[1], tokens, in_flight=True))
+    assert [(r.request.request_id, r.new_token_ids) for r in by_arrays] == \
+        [(r.request.request_id, r.new_token_ids) for r in by_rows] == [("r0", [11]), ("r1", [12]), ("r3", [14])]
+    for a, b in zip(*rows):
+        assert (a.all_token_ids, a.output_token_ids, a.num_placeholders) == \
+            (b.all_token_ids, b.output_token_ids, b.num_placeholders)
+    _assert_progress_follows_requests(schedulers[0])
+    _assert_progress_follows_requests(schedulers[1])
