@@ -34,12 +34,14 @@ class Progress:
         self.draft_cap = np.zeros(num_slots, dtype=np.int64)  # max draft tokens: -1 uncapped, 0 never speculates
         self.finished = np.zeros(num_slots, dtype=bool)
         self.guided = np.zeros(num_slots, dtype=bool)  # a grammar constrains it
+        self.argmax_always = np.zeros(num_slots, dtype=bool)  # Request.argmax_always
         self.synchronous = np.zeros(num_slots, dtype=bool)  # penalties or prompt logprobs: the host must keep up
         self.watched = np.zeros(num_slots, dtype=bool)  # every new token goes through the full stop check
         self.ends_on_eos = np.zeros(num_slots, dtype=bool)
         self.deltas = np.zeros(num_slots, dtype=bool)  # its stream is told after every step
         self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slots first
         self._retired: list[int] = []
+        self.slot_of: dict[str, int] = {}  # by sequence id, while the request holds its slot
 
     @property
     def num_slots(self) -> int:
@@ -63,11 +65,13 @@ class Progress:
                                 -1 if request.max_draft_tokens is None else request.max_draft_tokens)
         self.finished[slot] = False
         self.guided[slot] = request.guide is not None
+        self.argmax_always[slot] = request.argmax_always
         self.synchronous[slot] = has_penalty(params) or params.prompt_logprobs is not None
         self.watched[slot] = request.host_checks
         self.ends_on_eos[slot] = not params.ignore_eos
         self.deltas[slot] = request.stream_deltas
         request._progress, request._slot = self, slot
+        self.slot_of[request.request_id] = slot
 
     def leave(self, request) -> None:
         """The request has ended: its numbers go back onto it, its slot is retired (release_retired frees it)."""
@@ -77,6 +81,7 @@ class Progress:
         for name in COUNTS:
             request._own[name] = int(getattr(self, name)[slot])
         request._progress = None  # its _slot stays: the step that may still carry it finds the slot finished
+        del self.slot_of[request.request_id]
         self.finished[slot] = True
         self._retired.append(slot)
 

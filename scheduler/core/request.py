@@ -35,7 +35,6 @@ class Request:
     max_total_tokens: int = 0  # prompt + output cap, set by the engine from max_model_len
 
     status: RequestStatus = RequestStatus.WAITING
-    output_token_ids: list[int] = field(default_factory=list)
     speculative: bool = True  # may this request speculate (when the engine does)
     max_draft_tokens: int | None = None  # per-request cap on k
     num_draft_tokens: int = 0  # drafts verified so far
@@ -140,8 +139,13 @@ class Request:
         return len(self.all_token_ids) + self.num_placeholders
 
     @property
+    def output_token_ids(self) -> list[int]:
+        """The tokens generated so far (a copy: all_token_ids past the prompt holds them, a list a request)."""
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
 
     @property
     def needs_prompt_logprobs(self) -> bool:
@@ -158,7 +162,6 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if self._progress is not None:
             self._progress.tokens[self._slot] += 1
@@ -174,7 +177,6 @@ class Request:
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""
-        del self.output_token_ids[num_output_tokens:]
         del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
         if self._progress is not None:
             self._progress.tokens[self._slot] = len(self.all_token_ids)

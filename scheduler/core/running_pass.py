@@ -68,12 +68,13 @@ def schedule_all(scheduler: Scheduler, rows: RunningRows, out: SchedulerOutput, 
     wanted = computed + need + reserve + spec
     short = np.flatnonzero(active & (p.capacity[slots] < wanted))
     if len(short):
-        pool = scheduler.pool
+        pool, short_slots = scheduler.pool, slots[short]
         bs = pool.block_size
-        if int((-(-wanted[short] // bs) - p.capacity[slots[short]] // bs).sum()) > pool.num_free_blocks:
+        num_blocks = -(-wanted[short] // bs) - p.capacity[short_slots] // bs
+        if int(num_blocks.sum()) > pool.num_free_blocks:
             return None
-        for i, num in zip(short.tolist(), wanted[short].tolist()):
-            assert scheduler._allocate(rows.requests[i], num)  # the blocks are free: it cannot fail
+        pool.grow([rows.requests[i] for i in short.tolist()], num_blocks.tolist())
+        p.capacity[short_slots] += num_blocks * bs
     decode = active & (need == 1) & (spec == 0)
     if (decode == active).all():  # most steps: every row a decode, each in its own reused row
         batch = ScheduledBatch(rows.decode_rows if active.all() else compress(rows.decode_rows, active))

@@ -110,7 +110,6 @@ def apply_tokens(progress: Progress, out: StepOutput) -> PlainTokens:
                 requests[i].num_placeholders -= 1
         taken = ~ended
         requests, tokens, slots = list(compress(requests, taken)), list(compress(tokens, taken)), slots[taken]
-    deque(map(list.append, map(_OUTPUT_IDS, requests), tokens), 0)
     deque(map(list.append, map(_ALL_IDS, requests), tokens), 0)
     progress.tokens[slots] += 1
     if progress.guided[slots].any():
@@ -119,4 +118,4 @@ def apply_tokens(progress: Progress, out: StepOutput) -> PlainTokens:
     return PlainTokens(requests, tokens, slots)
 
 
-_OUTPUT_IDS, _ALL_IDS = attrgetter("output_token_ids"), attrgetter("all_token_ids")
+_ALL_IDS = attrgetter("all_token_ids")

@@ -181,8 +181,8 @@ class StepExecutor:
             requests, slots = list(compress(requests, samples)), slots[samples]
         if previous is not None and self.progress.guided[slots].any():
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
-        out = self._draw(logits, requests) if requests else SamplerOutput(logits.new_empty(0, dtype=torch.long),
-                                                                          None, None, None)
+        out = self._draw(logits, requests, slots) if requests else SamplerOutput(
+            logits.new_empty(0, dtype=torch.long), None, None, None)
         self.scheduler.add_placeholders(requests, slots)
         num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
         return StepInFlight(requests, None, out.token_ids, num_top, *self.copies.start(_packed(out)), slots=slots)
@@ -284,13 +284,18 @@ class StepExecutor:
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            num_device_tokens)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def _draw(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None) -> SamplerOutput:
         """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
         Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
-        overwritten), without the sampler's rows."""
-        guides = list(map(_GUIDE, requests))
-        constrained = guides.count(None) != len(guides)
-        if argmax_only(requests):
+        overwritten), without the sampler's rows. slots: the requests' Progress slots, where known."""
+        if slots is not None:
+            constrained = bool(self.progress.guided[slots].any())
+            argmax = bool(self.progress.argmax_always[slots].all()) or argmax_only(requests)
+        else:
+            constrained = list(map(_GUIDE, requests)).count(None) != len(requests)
+            argmax = argmax_only(requests)
+        guides = list(map(_GUIDE, requests)) if constrained else None
+        if argmax:
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
         rows = sampling_rows(requests, self.vocab_size, self.device)

@@ -45,8 +45,9 @@ def delta_output(live: Live) -> RequestOutput:
     """The request's tokens since its last output (none when nothing is new), its prompt's logprobs the first time
     they are complete."""
     request = live.request
-    num_output_tokens = len(request.output_token_ids)  # read directly, as below: one output a row a step
-    new_ids = request.output_token_ids[live.num_sent_tokens:]
+    num_prompt_tokens = len(request.prompt_token_ids)  # read directly, as below: one output a row a step
+    num_output_tokens = len(request.all_token_ids) - num_prompt_tokens
+    new_ids = request.all_token_ids[num_prompt_tokens + live.num_sent_tokens:]
     new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
     live.num_sent_tokens = num_output_tokens
     text, held_back = "", 0
@@ -122,13 +123,13 @@ def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
         return
     for request in (quiet.requests if told.all() else compress(quiet.requests, told)):
         live = lives[request.request_id]
-        output_ids = request.output_token_ids
-        num_output_tokens = len(output_ids)
-        new_ids = output_ids[live.num_sent_tokens:]
+        token_ids, num_prompt_tokens = request.all_token_ids, len(request.prompt_token_ids)
+        num_output_tokens = len(token_ids) - num_prompt_tokens
+        new_ids = token_ids[num_prompt_tokens + live.num_sent_tokens:]
         live.num_sent_tokens = num_output_tokens
         outputs.append((live, RequestOutput(request.output_id, new_ids, "", None, None, False, None, None,
-                                            len(request.prompt_token_ids), num_output_tokens,
-                                            request.num_cached_tokens, None, None, request.index, 0)))
+                                            num_prompt_tokens, num_output_tokens, request.num_cached_tokens, None,
+                                            None, request.index, 0)))
 
 
 _NEW_TOKENS = attrgetter("new_token_ids")

@@ -34,6 +34,10 @@ class RowInputs:
         self.pool = pool
         self.progress = progress
         self.batch = InputBatch(num_rows)
+        # Each Progress slot's row in the persistent batch, set as the slot's request joins a row (rows change only
+        # then): a step's rows are one array lookup, not a dictionary lookup a row.
+        self.row_of_slot = np.zeros(progress.num_slots, dtype=np.int64)
+        self._num_syncs = 0
 
     def gather(self, batch: list[ScheduledRequest], device_rows: dict[Request, int] | None = None,
                device_slots: np.ndarray | None = None) -> Gathered:
@@ -41,8 +45,12 @@ class RowInputs:
         rows, tokens from the requests only where the host knows them; a placeholder's is the step in flight's
         token of row device_rows[request], or (device_slots: the step in flight's rows' Progress slots) of the
         row holding the request's slot."""
-        self.batch.sync(*self.pool.take_row_changes(), self.pool.req_block_ids)
         progress = self.progress
+        released, grown = self.pool.take_row_changes()
+        missed = self.batch.num_syncs != self._num_syncs  # someone else synced the batch since the last look
+        self.batch.sync(released, grown, self.pool.req_block_ids)
+        self._num_syncs = self.batch.num_syncs
+        self._follow_rows(list(self.batch.row_of) if missed else grown)
         slots, query_lens, num_logits = columns(batch, progress)
         num_logits = num_logits.astype(np.int64)
         requests = batch_requests(batch)
@@ -62,11 +70,23 @@ class RowInputs:
         else:
             on_device = np.full(n, -1, dtype=np.int64)
         assert not ((num_device > 0) & (on_device < 0)).any(), "a placeholder's token is on the device"
-        rows = self.batch.rows(map(_SEQ_ID, requests))
+        rows = self.row_of_slot[slots]
         tables, num_blocks = self.batch.tables(rows)
         inputs = StepInputs(query_lens, starts, num_logits, token_ids, tables, num_blocks, on_device,
                             np.where(on_device >= 0, num_device, 0))
         return Gathered(inputs, rows, lengths, requests)
+
+    def _follow_rows(self, grown: list[str]) -> None:
+        """Note the rows of the slots whose requests joined (or grew in) the persistent batch."""
+        if len(self.row_of_slot) < self.progress.num_slots:
+            wider = np.zeros(self.progress.num_slots, dtype=np.int64)
+            wider[:len(self.row_of_slot)] = self.row_of_slot
+            self.row_of_slot = wider
+        slot_of, row_of = self.progress.slot_of, self.batch.row_of
+        for seq_id in grown:
+            slot, row = slot_of.get(seq_id), row_of.get(seq_id)
+            if slot is not None and row is not None:
+                self.row_of_slot[slot] = row
 
     def cache_filled_blocks(self, batch: list[ScheduledRequest], gathered: Gathered) -> None:
         """BlockPool.cache_filled_blocks for a launched step's gathered rows, once the step is counted as computed:
@@ -103,4 +123,4 @@ def _fill_known(token_ids: np.ndarray, requests: list[Request], query_lens: np.n
                                                                               counts))] = values
 
 
-_TOKENS, _SEQ_ID, _LAST = attrgetter("all_token_ids"), attrgetter("request_id"), itemgetter(-1)
+_TOKENS, _LAST = attrgetter("all_token_ids"), itemgetter(-1)
