@@ -11,7 +11,6 @@ the next `step()`, which a single thread (the server's engine thread, or `LLM`) 
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import threading
@@ -33,6 +32,7 @@ from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt, eos_token_ids
 from scheduler.io.token_bytes import TokenBytes
 from scheduler.loop.admission import Admission, Live
+from scheduler.loop.collector import tune_gc
 from scheduler.loop.executor import StepExecutor, StepInFlight, Verification
 from scheduler.loop.reports import (
     check_new_tokens,
@@ -54,7 +54,6 @@ from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
-GC_OBJECTS_PER_SEQUENCE = 16  # young objects a step may hold per running sequence before the collector runs
 
 
 class Engine:
@@ -131,7 +130,7 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
-        _tune_gc(config.max_num_seqs)
+        tune_gc(config.max_num_seqs)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -401,17 +400,3 @@ class Engine:
         live.request.finish_reason = reason
         self.scheduler.finish(live.request)
         return final_output(live)
-
-
-def _tune_gc(max_num_seqs: int) -> None:
-    """Keep the garbage collector off the step loop. What start-up made (modules, model, block pool) is frozen out of
-    later collections, a process's earlier engine unfrozen and collected first (its cycles must not stay frozen).
-    Young collections start past what a step holds alive at once (a few objects a row): at the default 700, ~11 ran
-    each step at 1024 sequences, promoting the step's objects until a full collection, walking every token list
-    (~200 ms), came every ~13 steps."""
-    if gc.get_freeze_count():
-        gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    threshold, *older = gc.get_threshold()
-    gc.set_threshold(max(threshold, GC_OBJECTS_PER_SEQUENCE * max_num_seqs), *older)

@@ -27,6 +27,7 @@ from scheduler.core.scheduler import (
     columns,
 )
 from scheduler.loop.row_inputs import RowInputs
+from scheduler.loop.token_copies import TokenCopies, logprob_lists, packed, unpacked
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.picking import argmax_only, deferrable, greedy_verify, positions_differ
 from scheduler.sampling.rows import sampling_rows
@@ -76,31 +77,6 @@ class Verification:
     logits: torch.Tensor
     hidden: torch.Tensor | None
     cached: bool = False  # the blocks it fills are in the prefix cache already
-
-
-class TokenCopies:
-    """Sampled tokens (and logprobs) to the host, one non-blocking copy a step into pinned memory. Two
-    buffers, used in turn: a step's copy is under way while the host still reads the step before's."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.buffers = [torch.empty(0, dtype=torch.long) for _ in range(2)]
-        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
-        self.turn = 0
-
-    def start(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """values: int64, any shape."""
-        turn, self.turn = self.turn, 1 - self.turn
-        n = values.numel()
-        if self.buffers[turn].shape[0] < n:
-            self.buffers[turn] = torch.empty(max(n, 2 * self.buffers[turn].shape[0]), dtype=torch.long,
-                                             pin_memory=self.cuda)
-        host = self.buffers[turn][:n].view(values.shape)
-        host.copy_(values, non_blocking=True)
-        event = self.events[turn]
-        if event is not None:
-            event.record()
-        return host, event
 
 
 class StepExecutor:
@@ -185,7 +161,7 @@ class StepExecutor:
             logits.new_empty(0, dtype=torch.long), None, None, None)
         self.scheduler.add_placeholders(requests, slots)
         num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
-        return StepInFlight(requests, None, out.token_ids, num_top, *self.copies.start(_packed(out)), slots=slots)
+        return StepInFlight(requests, None, out.token_ids, num_top, *self.copies.start(packed(out)), slots=slots)
 
     def collect(self, step: StepInFlight | DraftStepInFlight | Verification) -> list[StepResult]:
         """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
@@ -206,7 +182,7 @@ class StepExecutor:
         """Wait for a launched step's tokens and have them applied."""
         if step.copied is not None:
             step.copied.synchronize()
-        token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
+        token_ids, logprobs = unpacked(step.host.numpy(), step.num_top)
         return self.scheduler.update_from_output(StepOutput(step.requests, token_ids, logprobs, in_flight=True,
                                                             slots=step.slots))
 
@@ -308,7 +284,7 @@ class StepExecutor:
             return []
         requests = [s.request for s in sampled]
         out = self._draw(logits, requests)
-        logprobs = [[lp] for lp in _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
+        logprobs = [[lp] for lp in logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
             if out.logprobs is not None else None
         return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
 
@@ -372,7 +348,7 @@ def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], nu
         if request.params.logprobs and not request.is_finished:
             chosen = torch.tensor(s.draft_token_ids[:n] + [token], device=logits.device)
             idx = torch.arange(row, row + len(chosen), device=logits.device)
-            lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
+            lps = logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
         logprobs.append(lps)
         row += 1 + len(s.draft_token_ids)
     return logprobs
@@ -413,27 +389,3 @@ def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: to
         start = offset + r * width
         s.draft_token_ids = values[start:start + len(s.draft_token_ids)]
     return None if picks is None else values[:offset]
-
-
-def _packed(out: SamplerOutput) -> torch.Tensor:
-    """The tokens, or [N, 2 + 2 * top] tokens, chosen logprobs, top logprobs and their ids: what the host
-    reads of a launched step, in one int64 tensor (logprobs as the bits of float64s), for one copy."""
-    if out.logprobs is None:
-        return out.token_ids
-    return torch.cat([out.token_ids.unsqueeze(1), out.logprobs.double().unsqueeze(1).view(torch.long),
-                      out.top_logprobs.double().view(torch.long), out.top_token_ids], dim=1)
-
-
-def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list | None]:
-    """_packed's tokens and, where it holds them, their TokenLogprobs, one list a row (else None)."""
-    if num_top is None:
-        return host.tolist(), None
-    values = host[:, 1:2 + num_top].view(np.float64)
-    return host[:, 0].tolist(), [[lp] for lp in _logprob_lists(host[:, 0], values[:, 0], values[:, 1:],
-                                                                 host[:, 2 + num_top:])]
-
-
-def _logprob_lists(token_ids, chosen, top_values, top_ids) -> list[TokenLogprob]:
-    ids, chosen = token_ids.tolist(), chosen.tolist()
-    top_ids, top_values = top_ids.tolist(), top_values.tolist()
-    return [TokenLogprob(t, lp, list(zip(ti, tv))) for t, lp, ti, tv in zip(ids, chosen, top_ids, top_values)]
