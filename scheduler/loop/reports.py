@@ -117,19 +117,23 @@ def plain_checks(plain: PlainTokens, progress: Progress, eos: np.ndarray) -> tup
 def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
                  outputs: list[tuple[Live, RequestOutput]]) -> None:
     """delta_output for rows whose only news is their token (no text, grammar or logprobs; prompt logprobs sent),
-    built only for the rows whose streams are told every step."""
+    built only for the rows whose streams are told every step; their counts read off the progress arrays."""
     told = progress.deltas[quiet.slots]
     if not told.any():
         return
-    for request in (quiet.requests if told.all() else compress(quiet.requests, told)):
-        live = lives[request.request_id]
-        token_ids, num_prompt_tokens = request.all_token_ids, len(request.prompt_token_ids)
-        num_output_tokens = len(token_ids) - num_prompt_tokens
-        new_ids = token_ids[num_prompt_tokens + live.num_sent_tokens:]
-        live.num_sent_tokens = num_output_tokens
+    requests, tokens, slots = quiet.requests, quiet.token_ids, quiet.slots
+    if not told.all():
+        requests, tokens, slots = list(compress(requests, told)), list(compress(tokens, told)), slots[told]
+    num_prompt = progress.prompt[slots]
+    for live, request, token, num_prompt_tokens, num_output_tokens in zip(
+            map(lives.__getitem__, map(_ID, requests)), requests, tokens, num_prompt.tolist(),
+            (progress.tokens[slots] - num_prompt).tolist()):
+        sent, live.num_sent_tokens = live.num_sent_tokens, num_output_tokens
+        # Most rows: this step's token is all that is new.
+        new_ids = [token] if sent == num_output_tokens - 1 else request.all_token_ids[num_prompt_tokens + sent:]
         outputs.append((live, RequestOutput(request.output_id, new_ids, "", None, None, False, None, None,
                                             num_prompt_tokens, num_output_tokens, request.num_cached_tokens, None,
                                             None, request.index, 0)))
 
 
-_NEW_TOKENS = attrgetter("new_token_ids")
+_NEW_TOKENS, _ID = attrgetter("new_token_ids"), attrgetter("request_id")

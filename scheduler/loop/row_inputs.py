@@ -100,8 +100,10 @@ class RowInputs:
         looked = self.batch.num_cached_blocks
         filled = np.flatnonzero(blocks > looked[rows])
         if len(filled):
-            requests = gathered.requests
-            self.pool.cache_filled_blocks([requests[i] for i in filled.tolist()])
+            # The rows' tokens known and computed, as BlockPool.cache_filled_blocks reads them off each request.
+            requests, bs, cache = gathered.requests, self.pool.block_size, self.pool.cache_full_blocks
+            for i, num_blocks in zip(filled.tolist(), blocks[filled].tolist()):
+                cache(requests[i], num_blocks * bs)
             looked[rows[filled]] = blocks[filled]
 
 
