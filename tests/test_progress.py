@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.params import SamplingParams
+from scheduler.core.progress import PENDING_TOKENS
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler, SchedulerOutput, StepOutput, _order
 from scheduler.core.step_output import apply_rows, apply_tokens
@@ -121,3 +122,26 @@ def test_tokens_applied_by_arrays_are_those_applied_row_by_row():
             (b.all_token_ids, b.output_token_ids, b.num_placeholders)
     _assert_progress_follows_requests(schedulers[0])
     _assert_progress_follows_requests(schedulers[1])
+
+
+def test_tokens_held_in_the_arrays_reach_the_request_whenever_it_is_read():
+    """A step's tokens wait in the request's slot (PENDING_TOKENS at most) until its token list is read, at any
+    point, or it ends; the list then holds every token in order."""
+    scheduler = Scheduler(BlockPool(64, 4), 64, 8)
+    requests = [Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=200)) for i in range(3)]
+    for request in requests:
+        scheduler.add(request)
+    expected = [[1, 2, 3] for _ in requests]
+    for step in range(3 * PENDING_TOKENS + 5):
+        tokens = [(step * 7 + i) % 50 for i in range(3)]
+        scheduler.add_placeholders(requests)
+        scheduler.update_from_output(StepOutput(requests, tokens, in_flight=True))
+        for tokens_so_far, token in zip(expected, tokens):
+            tokens_so_far.append(token)
+        if step % 13 == 0:  # one request read now and then, the others not
+            assert requests[0].all_token_ids == expected[0]
+        assert [r.num_output_tokens for r in requests] == [step + 1] * 3
+    scheduler.finish(requests[1])  # read after it ended: its held tokens went with it
+    assert [r.all_token_ids for r in requests] == expected
+    assert requests[2].output_token_ids == expected[2][3:]
+    _assert_progress_follows_requests(scheduler)

@@ -17,6 +17,7 @@ from scheduler.core.params import has_penalty
 
 # The per-slot integer columns; each has a twin attribute on a request outside the scheduler (Request._own).
 COUNTS = ("computed", "placeholders", "drafts_in_flight")
+PENDING_TOKENS = 32  # a step's tokens a slot holds before they go onto its request's list (Request.all_token_ids)
 
 
 class Progress:
@@ -28,6 +29,10 @@ class Progress:
         self.placeholders = np.zeros(num_slots, dtype=np.int64)
         self.drafts_in_flight = np.zeros(num_slots, dtype=np.int64)
         self.tokens = np.zeros(num_slots, dtype=np.int64)
+        self.last = np.zeros(num_slots, dtype=np.int64)  # the last token known
+        # Tokens applied and not on the request's list yet: num_pending[slot] of them, in pending[slot].
+        self.pending = np.zeros((num_slots, PENDING_TOKENS), dtype=np.int64)
+        self.num_pending = np.zeros(num_slots, dtype=np.int64)
         self.capacity = np.zeros(num_slots, dtype=np.int64)
         self.max_total = np.zeros(num_slots, dtype=np.int64)
         self.prompt = np.zeros(num_slots, dtype=np.int64)
@@ -58,6 +63,8 @@ class Progress:
             getattr(self, name)[slot] = request._own[name]
         params = request.params
         self.tokens[slot] = len(request.all_token_ids)
+        self.last[slot] = request.all_token_ids[-1] if request.all_token_ids else 0
+        self.num_pending[slot] = 0
         self.capacity[slot] = 0
         self.max_total[slot] = request.max_total_tokens
         self.prompt[slot] = len(request.prompt_token_ids)
@@ -78,12 +85,34 @@ class Progress:
         slot = request._slot
         if request._progress is not self:
             return
+        self.flush(request)
         for name in COUNTS:
             request._own[name] = int(getattr(self, name)[slot])
         request._progress = None  # its _slot stays: the step that may still carry it finds the slot finished
         del self.slot_of[request.request_id]
         self.finished[slot] = True
         self._retired.append(slot)
+
+    def append(self, requests: list, slots: np.ndarray, tokens: np.ndarray) -> None:
+        """Each request (at its slot) takes its token: held in the slot; those whose slot is full go onto their
+        lists now."""
+        counts = self.num_pending[slots]
+        self.pending[slots, counts] = tokens
+        counts += 1
+        self.num_pending[slots] = counts
+        self.tokens[slots] += 1
+        self.last[slots] = tokens
+        full = np.flatnonzero(counts == PENDING_TOKENS)
+        for i in full.tolist():
+            self.flush(requests[i])
+
+    def flush(self, request) -> None:
+        """The request's held tokens onto its list."""
+        slot = request._slot
+        count = int(self.num_pending[slot])
+        if count:
+            request._all.extend(self.pending[slot, :count].tolist())
+            self.num_pending[slot] = 0
 
     def release_retired(self) -> None:
         """The steps that carried the retired slots' requests have been applied: the slots may be reused."""

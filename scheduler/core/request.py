@@ -72,13 +72,23 @@ class Request:
         self.penalised = has_penalty(params)
         self.argmax_always = params.greedy and not self.penalised and not params.logit_bias \
             and not params.min_tokens and not params.logprobs
-        self.all_token_ids = list(self.prompt_token_ids)
+        self._all = list(self.prompt_token_ids)
         # Every token that may end the request once min_tokens allows (check_stop): others are passed over at once.
         self.ending_token_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
                                                                            else self.eos_token_ids)
         self.output_id = self.output_id or self.request_id
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """The prompt and every token generated so far. While the request is in the scheduler, a step's token
+        waits in its slot's Progress arrays (a step's tokens are applied by one array operation, not an append a
+        row) until someone reads this list, which then takes them all at once."""
+        progress = self._progress
+        if progress is not None and progress.num_pending[self._slot]:
+            progress.flush(self)
+        return self._all
 
     @property
     def num_computed_tokens(self) -> int:
@@ -165,6 +175,7 @@ class Request:
         self.all_token_ids.append(token_id)
         if self._progress is not None:
             self._progress.tokens[self._slot] += 1
+            self._progress.last[self._slot] = token_id
 
     def draft_depth(self, step_depth: int) -> int:
         """Drafts this request may verify in a step that drafts step_depth tokens a sequence."""
@@ -179,4 +190,5 @@ class Request:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""
         del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
         if self._progress is not None:
-            self._progress.tokens[self._slot] = len(self.all_token_ids)
+            self._progress.tokens[self._slot] = len(self._all)
+            self._progress.last[self._slot] = self._all[-1]

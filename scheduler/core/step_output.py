@@ -4,10 +4,8 @@ took one token, as columns (PlainTokens)."""
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from itertools import compress
-from operator import attrgetter
 
 import numpy as np
 
@@ -97,8 +95,8 @@ def apply_rows(out: StepOutput) -> list[StepResult]:
 
 def apply_tokens(progress: Progress, out: StepOutput) -> PlainTokens:
     """A step's output of one token a row, nothing else to report (most steps), applied by array operations: the
-    placeholders counted off, the tokens appended (by map: no Python frame a row), the grammars of the rows that
-    have one advanced. A request that has ended since the step was launched takes none."""
+    placeholders counted off, the tokens appended (held in the progress arrays until their lists are read), the
+    grammars of the rows that have one advanced. A request that has ended since the step was launched takes none."""
     requests, tokens = out.requests, out.token_ids
     slots = out.slots if out.slots is not None else progress.slots_of(requests)
     if out.in_flight:
@@ -110,12 +108,9 @@ def apply_tokens(progress: Progress, out: StepOutput) -> PlainTokens:
                 requests[i].num_placeholders -= 1
         taken = ~ended
         requests, tokens, slots = list(compress(requests, taken)), list(compress(tokens, taken)), slots[taken]
-    deque(map(list.append, map(_ALL_IDS, requests), tokens), 0)
-    progress.tokens[slots] += 1
+    progress.append(requests, slots, np.array(tokens, dtype=np.int64))
     if progress.guided[slots].any():
         for i in np.flatnonzero(progress.guided[slots]).tolist():
             requests[i].guide.accept([tokens[i]])
     return PlainTokens(requests, tokens, slots)
 
-
-_ALL_IDS = attrgetter("all_token_ids")

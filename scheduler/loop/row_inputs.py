@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -59,7 +58,7 @@ class RowInputs:
         known = np.clip(lengths - starts, 0, query_lens)
         token_ids = np.zeros(int(query_lens.sum()), dtype=np.int64)
         if known.any():
-            _fill_known(token_ids, requests, query_lens, starts, lengths, known)
+            _fill_known(token_ids, requests, query_lens, starts, lengths, known, progress.last[slots])
         num_device = query_lens - known  # placeholders: tokens of the step in flight
         if device_slots is not None:
             where = np.full(progress.num_slots, -1, dtype=np.int64)
@@ -108,16 +107,15 @@ class RowInputs:
 
 
 def _fill_known(token_ids: np.ndarray, requests: list[Request], query_lens: np.ndarray, starts: np.ndarray,
-                lengths: np.ndarray, known: np.ndarray) -> None:
+                lengths: np.ndarray, known: np.ndarray, last: np.ndarray) -> None:
     """Write the tokens the host knows into the step's token ids (each row's run starts where its new tokens do)."""
     pick = np.flatnonzero(known)
     counts = known[pick]
     firsts = (np.cumsum(query_lens) - query_lens)[pick]
-    picked = requests if len(pick) == len(requests) else [requests[i] for i in pick.tolist()]
     if (counts == 1).all() and (starts[pick] == lengths[pick] - 1).all():
-        # Decoding rows of a synchronous step: each one's last token (by map: no Python frame a row).
-        token_ids[firsts] = np.fromiter(map(_LAST, map(_TOKENS, picked)), np.int64, len(pick))
+        token_ids[firsts] = last[pick]  # decoding rows of a synchronous step: each one's last token
         return
+    picked = requests if len(pick) == len(requests) else [requests[i] for i in pick.tolist()]
     values = np.fromiter(itertools.chain.from_iterable(
         r.all_token_ids[start:start + count] for r, start, count
         in zip(picked, starts[pick].tolist(), counts.tolist())), np.int64, int(counts.sum()))
@@ -125,4 +123,3 @@ def _fill_known(token_ids: np.ndarray, requests: list[Request], query_lens: np.n
                                                                               counts))] = values
 
 
-_TOKENS, _LAST = attrgetter("all_token_ids"), itemgetter(-1)
