@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.outputs import RequestOutput, token_output
 from scheduler.core.params import SamplingParams
 from scheduler.core.progress import PENDING_TOKENS
 from scheduler.core.request import Request
@@ -145,3 +146,10 @@ def test_tokens_held_in_the_arrays_reach_the_request_whenever_it_is_read():
     assert [r.all_token_ids for r in requests] == expected
     assert requests[2].output_token_ids == expected[2][3:]
     _assert_progress_follows_requests(scheduler)
+
+
+def test_a_tokens_only_output_is_the_output_with_the_rest_at_defaults():
+    built = token_output("req-1", [7, 8], 5, 2, 4, 1)
+    assert built == RequestOutput("req-1", [7, 8], "", num_prompt_tokens=5, num_output_tokens=2, num_cached_tokens=4,
+                                  index=1)
+    assert not built.finished and built.logprobs is None and built.held_back_bytes == 0

@@ -9,7 +9,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from scheduler.core.outputs import RequestMetrics, RequestOutput
+from scheduler.core.outputs import RequestMetrics, RequestOutput, token_output
 from scheduler.core.progress import Progress
 from scheduler.core.request import FinishReason, Request
 from scheduler.core.scheduler import PlainTokens, StepResult
@@ -131,9 +131,8 @@ def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
         sent, live.num_sent_tokens = live.num_sent_tokens, num_output_tokens
         # Most rows: this step's token is all that is new.
         new_ids = [token] if sent == num_output_tokens - 1 else request.all_token_ids[num_prompt_tokens + sent:]
-        outputs.append((live, RequestOutput(request.output_id, new_ids, "", None, None, False, None, None,
-                                            num_prompt_tokens, num_output_tokens, request.num_cached_tokens, None,
-                                            None, request.index, 0)))
+        outputs.append((live, token_output(request.output_id, new_ids, num_prompt_tokens, num_output_tokens,
+                                           request.num_cached_tokens, request.index)))
 
 
 _NEW_TOKENS, _ID = attrgetter("new_token_ids"), attrgetter("request_id")
