@@ -4,6 +4,9 @@ ended request's slot is reused only after the step that may still carry it is ap
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from hypothesis import given, settings
 
 from scheduler.core.kv_cache import BlockPool
@@ -13,6 +16,8 @@ from scheduler.core.progress import PENDING_TOKENS
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler, SchedulerOutput, StepOutput, _order
 from scheduler.core.step_output import apply_rows, apply_tokens
+from scheduler.sampling.batch import SamplingBatch
+from scheduler.sampling.rows import plain_rows, sampling_rows
 from tests.test_scheduler import Sim, assert_all_done, workloads
 
 
@@ -153,3 +158,23 @@ def test_a_tokens_only_output_is_the_output_with_the_rest_at_defaults():
     assert built == RequestOutput("req-1", [7, 8], "", num_prompt_tokens=5, num_output_tokens=2, num_cached_tokens=4,
                                   index=1)
     assert not built.finished and built.logprobs is None and built.held_back_bytes == 0
+
+
+def test_sampling_rows_read_from_the_arrays_are_those_read_from_the_requests():
+    """A step's sampling rows built from the progress arrays equal those built request by request; a request whose
+    sampling reads more than its parameters (a penalty, logit bias, min_tokens) has them built the long way."""
+    scheduler = Scheduler(BlockPool(64, 4), 64, 8)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
+              SamplingParams(temperature=1.3, min_p=0.1, logprobs=2, seed=3), SamplingParams(top_k=1000)]
+    requests = [Request(f"r{i}", [1, 2], p) for i, p in enumerate(params)]
+    requests[2].generator = torch.Generator().manual_seed(3)
+    for request in requests:
+        scheduler.add(request)
+    slots, cpu = scheduler.progress.slots_of(requests), torch.device("cpu")
+    fast, slow = plain_rows(scheduler.progress, slots, requests, 256, cpu), sampling_rows(requests, 256, cpu)
+    for field in dataclasses.fields(SamplingBatch):
+        a, b = getattr(fast, field.name), getattr(slow, field.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, field.name
+    penalised = Request("p", [1, 2], SamplingParams(presence_penalty=0.5))
+    scheduler.add(penalised)
+    assert plain_rows(scheduler.progress, scheduler.progress.slots_of([penalised]), [penalised], 256, cpu) is None

@@ -44,6 +44,14 @@ class Progress:
         self.watched = np.zeros(num_slots, dtype=bool)  # every new token goes through the full stop check
         self.ends_on_eos = np.zeros(num_slots, dtype=bool)
         self.deltas = np.zeros(num_slots, dtype=bool)  # its stream is told after every step
+        # How it samples, where its parameters alone decide (plain_sampling: no penalty, logit bias or min_tokens).
+        self.plain_sampling = np.zeros(num_slots, dtype=bool)
+        self.temperature = np.zeros(num_slots, dtype=np.float32)
+        self.top_p = np.ones(num_slots, dtype=np.float32)
+        self.min_p = np.zeros(num_slots, dtype=np.float32)
+        self.top_k = np.zeros(num_slots, dtype=np.int64)
+        self.num_logprobs = np.zeros(num_slots, dtype=np.int64)
+        self.seeded = np.zeros(num_slots, dtype=bool)  # draws its noise from its own generator
         self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slots first
         self._retired: list[int] = []
         self.slot_of: dict[str, int] = {}  # by sequence id, while the request holds its slot
@@ -77,6 +85,10 @@ class Progress:
         self.watched[slot] = request.host_checks
         self.ends_on_eos[slot] = not params.ignore_eos
         self.deltas[slot] = request.stream_deltas
+        self.plain_sampling[slot] = not request.penalised and not params.logit_bias and not params.min_tokens
+        self.temperature[slot], self.top_p[slot], self.min_p[slot] = params.temperature, params.top_p, params.min_p
+        self.top_k[slot], self.num_logprobs[slot] = params.top_k, params.logprobs
+        self.seeded[slot] = request.generator is not None and not params.greedy
         request._progress, request._slot = self, slot
         self.slot_of[request.request_id] = slot
 

@@ -30,7 +30,7 @@ from scheduler.loop.row_inputs import RowInputs
 from scheduler.loop.token_copies import TokenCopies, logprob_lists, packed, unpacked
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.picking import argmax_only, deferrable, greedy_verify, positions_differ
-from scheduler.sampling.rows import sampling_rows
+from scheduler.sampling.rows import plain_rows, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
 from scheduler.speculative.loop import DraftStepInFlight, SpeculativeLoop, device_inputs
 from scheduler.speculative.proposer import Proposal
@@ -274,7 +274,10 @@ class StepExecutor:
         if argmax:
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
-        rows = sampling_rows(requests, self.vocab_size, self.device)
+        rows = plain_rows(self.progress, slots, requests, self.vocab_size, self.device) if slots is not None \
+            else None
+        if rows is None:
+            rows = sampling_rows(requests, self.vocab_size, self.device)
         if constrained:
             rows.token_bitmask = self.masks.for_requests(guides)
         return self.sampler(logits, rows)
@@ -283,7 +286,7 @@ class StepExecutor:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        out = self._draw(logits, requests)
+        out = self._draw(logits, requests, self.progress.slots_of(requests))
         logprobs = [[lp] for lp in logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
             if out.logprobs is not None else None
         return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
