@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.outputs import RequestOutput, token_output
 from scheduler.core.params import SamplingParams
-from scheduler.core.progress import PENDING_TOKENS
+from scheduler.core.progress import PENDING_TOKENS, Progress
 from scheduler.core.request import Request
 from scheduler.core.scheduler import Scheduler, SchedulerOutput, StepOutput, _order
 from scheduler.core.step_output import apply_rows, apply_tokens
@@ -178,3 +178,15 @@ def test_sampling_rows_read_from_the_arrays_are_those_read_from_the_requests():
     penalised = Request("p", [1, 2], SamplingParams(presence_penalty=0.5))
     scheduler.add(penalised)
     assert plain_rows(scheduler.progress, scheduler.progress.slots_of([penalised]), [penalised], 256, cpu) is None
+
+
+def test_the_arrays_grow_and_keep_what_they_hold():
+    progress = Progress(num_slots=2)
+    requests = [Request(f"r{i}", [1] * (i + 1), SamplingParams(temperature=0.5 + i)) for i in range(5)]
+    for i, request in enumerate(requests):
+        progress.join(request)
+        request.num_computed_tokens = i
+    assert progress.num_slots >= 5 and len({r._slot for r in requests}) == 5
+    assert [r.num_computed_tokens for r in requests] == list(range(5))
+    assert [r.num_tokens for r in requests] == [int(progress.tokens[r._slot]) for r in requests] == [1, 2, 3, 4, 5]
+    assert progress.temperature[requests[4]._slot] == 4.5

@@ -141,7 +141,7 @@ class Progress:
 
     def _grow(self) -> None:
         old = self.num_slots
-        for name, value in vars(self).items():
+        for name, value in list(vars(self).items()):
             if isinstance(value, np.ndarray):
                 setattr(self, name, np.concatenate([value, np.zeros_like(value)]))
         self._free = list(range(2 * old - 1, old - 1, -1))
