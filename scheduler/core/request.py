@@ -10,6 +10,24 @@ from typing import Any
 from scheduler.core.params import SamplingParams, has_penalty
 
 
+def _in_progress(name: str, doc: str) -> property:
+    """A count on the request until the scheduler takes it, then at its slot of the scheduler's Progress arrays
+    (column `name`) until it ends."""
+
+    def get(request: Request) -> int:
+        progress = request._progress
+        return request._own[name] if progress is None else int(getattr(progress, name)[request._slot])
+
+    def put(request: Request, value: int) -> None:
+        progress = request._progress
+        if progress is None:
+            request._own[name] = value
+        else:
+            getattr(progress, name)[request._slot] = value
+
+    return property(get, put, doc=doc)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -90,50 +108,13 @@ class Request:
             progress.flush(self)
         return self._all
 
-    @property
-    def num_computed_tokens(self) -> int:
-        """Tokens whose KV is computed (or counted so: a launched step's). Tokens to compute are
-        all_token_ids[num_computed_tokens:] and the placeholders."""
-        progress = self._progress
-        return self._own["computed"] if progress is None else int(progress.computed[self._slot])
-
-    @num_computed_tokens.setter
-    def num_computed_tokens(self, value: int) -> None:
-        progress = self._progress
-        if progress is None:
-            self._own["computed"] = value
-        else:
-            progress.computed[self._slot] = value
-
-    @property
-    def num_placeholders(self) -> int:
-        """Output tokens sampled in a step still in flight: the device holds them, the host learns them a step
-        later."""
-        progress = self._progress
-        return self._own["placeholders"] if progress is None else int(progress.placeholders[self._slot])
-
-    @num_placeholders.setter
-    def num_placeholders(self, value: int) -> None:
-        progress = self._progress
-        if progress is None:
-            self._own["placeholders"] = value
-        else:
-            progress.placeholders[self._slot] = value
-
-    @property
-    def num_drafts_in_flight(self) -> int:
-        """Drafts verified in a step still in flight: the device knows how many it accepted, the host a step
-        later. The request's next tokens may start this much further on: their KV slots are reserved for it."""
-        progress = self._progress
-        return self._own["drafts_in_flight"] if progress is None else int(progress.drafts_in_flight[self._slot])
-
-    @num_drafts_in_flight.setter
-    def num_drafts_in_flight(self, value: int) -> None:
-        progress = self._progress
-        if progress is None:
-            self._own["drafts_in_flight"] = value
-        else:
-            progress.drafts_in_flight[self._slot] = value
+    num_computed_tokens = _in_progress("computed", """Tokens whose KV is computed (or counted so: a launched step's).
+        Tokens to compute are all_token_ids[num_computed_tokens:] and the placeholders.""")
+    num_placeholders = _in_progress("placeholders", """Output tokens sampled in a step still in flight: the device
+        holds them, the host learns them a step later.""")
+    num_drafts_in_flight = _in_progress("drafts_in_flight", """Drafts verified in a step still in flight: the device
+        knows how many it accepted, the host a step later. The request's next tokens may start this much further on:
+        their KV slots are reserved for it.""")
 
     @property
     def num_prompt_tokens(self) -> int:
