@@ -41,6 +41,7 @@ class Progress:
         self.guided = np.zeros(num_slots, dtype=bool)  # a grammar constrains it
         self.argmax_always = np.zeros(num_slots, dtype=bool)  # Request.argmax_always
         self.synchronous = np.zeros(num_slots, dtype=bool)  # penalties or prompt logprobs: the host must keep up
+        self.asks_prompt_logprobs = np.zeros(num_slots, dtype=bool)
         self.watched = np.zeros(num_slots, dtype=bool)  # every new token goes through the full stop check
         self.ends_on_eos = np.zeros(num_slots, dtype=bool)
         self.deltas = np.zeros(num_slots, dtype=bool)  # its stream is told after every step
@@ -82,6 +83,7 @@ class Progress:
         self.guided[slot] = request.guide is not None
         self.argmax_always[slot] = request.argmax_always
         self.synchronous[slot] = has_penalty(params) or params.prompt_logprobs is not None
+        self.asks_prompt_logprobs[slot] = params.prompt_logprobs is not None
         self.watched[slot] = request.host_checks
         self.ends_on_eos[slot] = not params.ignore_eos
         self.deltas[slot] = request.stream_deltas

@@ -188,14 +188,17 @@ class StepExecutor:
 
     def _start(self, batch: list[ScheduledRequest]) -> Verification:
         """Drafts, then the target's pass; the logits wait in the Verification."""
-        spec = [s for s in batch if s.num_spec_slots]
+        spec = [s for s in batch if s.num_spec_slots] if any(map(_SPEC_SLOTS, batch)) else []
         proposal = self.speculator.propose(spec, self.pool) if spec else None
         drafts = proposal.device_drafts if proposal is not None else None
         rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
-        prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch]
-        if spec or any(count for _, count in prompt_rows):
+        slots = columns(batch, self.progress)[0]
+        prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch] \
+            if slots is None or self.progress.asks_prompt_logprobs[slots].any() else None
+        collects = prompt_rows is not None and any(count for _, count in prompt_rows)  # prompt logprobs
+        if spec or collects:
             items = [self._item(s, rows.get(id(s), -1), first if count else None)
-                     for s, (first, count) in zip(batch, prompt_rows)]
+                     for s, (first, count) in zip(batch, prompt_rows or [(0, 0)] * len(batch))]
         else:  # every row's tokens known: the persistent batch's
             gathered = self.row_inputs.gather(batch, {})
             items = gathered.inputs
@@ -206,7 +209,7 @@ class StepExecutor:
             logits = self.runner.forward(items, device_tokens=drafts)
         if self.speculator is not None:
             self.speculator.observe_forward(batch, items, self.runner)
-        if any(count for _, count in prompt_rows):
+        if collects:
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         self.scheduler.advance(batch)
         if isinstance(items, list):
@@ -217,7 +220,7 @@ class StepExecutor:
     def _finish(self, step: Verification) -> list[StepResult]:
         """Sample or verify; the requests that have ended since the step was launched take nothing."""
         sampled = [s for s in step.batch if s.samples]
-        if any(s.draft_token_ids for s in sampled):
+        if any(map(_DRAFTS, sampled)):
             target_ids = None
             if step.proposal.device_drafts is not None:  # one copy brings the drafts and, if greedy, the target's picks
                 target_ids = _learn_drafts(step.spec, step.proposal.device_drafts,
@@ -340,6 +343,7 @@ class StepExecutor:
 
 
 _REQUEST, _GUIDE, _SPEC_SLOTS = attrgetter("request"), attrgetter("guide"), attrgetter("num_spec_slots")
+_DRAFTS = attrgetter("draft_token_ids")
 
 
 def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],
