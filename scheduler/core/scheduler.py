@@ -51,6 +51,7 @@ class Scheduler:
         self.progress = Progress(max(256, max_num_seqs))
         self._rows: RunningRows | None = None
         self._by_rank = False  # running is in rank order and none of it was paused at the last look
+        self._waiting_by_rank = True  # waiting is in rank order (none of it joined since it was sorted so)
 
     @property
     def num_unfinished(self) -> int:
@@ -62,6 +63,7 @@ class Scheduler:
         self.progress.join(request)
         self._held(request)  # a forked completion holds its prompt's shared blocks already
         self.waiting.append(request)
+        self._waiting_by_rank = False
 
     def finish(self, request: Request) -> None:
         """Remove a request however it ended, returning its blocks."""
@@ -221,7 +223,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=_order)
+        self._sort_waiting()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.paused or request in out.preempted:
@@ -252,6 +254,16 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
+    def _sort_waiting(self) -> None:
+        """waiting in _order: by rank alone (a C-level key) while none of it is paused, and only when a request
+        joined it since it was last sorted so."""
+        if any(map(_stream_paused, map(_STREAM, self.waiting))):
+            self.waiting.sort(key=_order)
+            self._waiting_by_rank = False
+        elif not self._waiting_by_rank:
+            self.waiting.sort(key=_RANK)
+            self._waiting_by_rank = True
+
     def _preempt_paused(self, out: SchedulerOutput) -> bool:
         """Free the blocks of the lowest-ranked paused request, if one holds any."""
         victim = next((r for r in reversed(self.running) if r.paused), None)
@@ -272,6 +284,7 @@ class Scheduler:
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+        self._waiting_by_rank = False
 
 
 def _order(request: Request) -> tuple[bool, tuple[float, float]]:
@@ -281,4 +294,8 @@ def _order(request: Request) -> tuple[bool, tuple[float, float]]:
     return stream is not None and stream.paused, request.rank
 
 
-_RANK = attrgetter("rank")
+def _stream_paused(stream) -> bool:
+    return stream is not None and stream.paused
+
+
+_RANK, _STREAM = attrgetter("rank"), attrgetter("stream")
