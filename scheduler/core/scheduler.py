@@ -257,7 +257,7 @@ class Scheduler:
     def _sort_waiting(self) -> None:
         """waiting in _order: by rank alone (a C-level key) while none of it is paused, and only when a request
         joined it since it was last sorted so."""
-        if any(map(_stream_paused, map(_STREAM, self.waiting))):
+        if any(map(_PAUSED, filter(None, map(_STREAM, self.waiting)))):  # by map and filter: C-level passes
             self.waiting.sort(key=_order)
             self._waiting_by_rank = False
         elif not self._waiting_by_rank:
@@ -294,8 +294,4 @@ def _order(request: Request) -> tuple[bool, tuple[float, float]]:
     return stream is not None and stream.paused, request.rank
 
 
-def _stream_paused(stream) -> bool:
-    return stream is not None and stream.paused
-
-
-_RANK, _STREAM = attrgetter("rank"), attrgetter("stream")
+_RANK, _STREAM, _PAUSED = attrgetter("rank"), attrgetter("stream"), attrgetter("paused")
