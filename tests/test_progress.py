@@ -5,9 +5,12 @@ ended request's slot is reused only after the step that may still carry it is ap
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.outputs import RequestOutput, token_output
@@ -44,21 +47,27 @@ def _assert_progress_follows_requests(scheduler: Scheduler) -> None:
         assert progress.max_total[slot] == request.max_total_tokens and not progress.finished[slot]
 
 
-def _lockstep(config: dict, requests: list[dict], max_steps: int) -> int:
-    """Run the workload on the scheduler and on RowByRow side by side; every step schedules and preempts the same.
+def _lockstep(config: dict, requests: list[dict], max_steps: int, spec_depth: int = 0) -> int:
+    """Run the workload on the scheduler and on RowByRow side by side; every step schedules and preempts the same
+    (with spec_depth, draft slots too: every third request may not speculate, every other one caps its depth at 1).
     Returns the steps the array pass took."""
     sim, ref = Sim(**config), Sim(**config)
     ref.sched = RowByRow(ref.pool, ref.sched.max_num_batched_tokens, ref.sched.max_num_seqs,
                          ref.sched.priority_aging_s)
+    for s in (sim, ref):
+        s.sched.schedule = functools.partial(s.sched.schedule, spec_depth)
     pending = sorted(enumerate(requests), key=lambda item: item[1]["arrival_step"])
     by_arrays = 0
     while pending or sim.sched.num_unfinished:
         while pending and pending[0][1]["arrival_step"] <= sim.num_steps:
             i, r = pending.pop(0)
             for s in (sim, ref):  # the same arrival time in both: the same rank
-                request = s.add(f"r{i}", r["prompt"], r["max_tokens"], r["priority"], r["age_s"])
-                request.arrival_time = i - r["age_s"]
-                request.rank = s.sched._rank(request)
+                request = Request(f"r{i}", list(r["prompt"]), SamplingParams(max_tokens=r["max_tokens"]),
+                                  priority=r["priority"], arrival_time=i - r["age_s"], speculative=i % 3 != 2,
+                                  max_draft_tokens=1 if i % 2 else None)
+                request.max_total_tokens = len(r["prompt"]) + r["max_tokens"]
+                s.sched.add(request)
+                s.requests.append(request)
         assert sim.num_steps < max_steps
         out, expected = sim.step(), ref.step()
         by_arrays += sim.sched._by_rank
@@ -70,19 +79,20 @@ def _lockstep(config: dict, requests: list[dict], max_steps: int) -> int:
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)
-@given(workloads())
-def test_the_array_pass_schedules_what_the_row_by_row_pass_would(workload):
+@given(workloads(), st.integers(0, 2))
+def test_the_array_pass_schedules_what_the_row_by_row_pass_would(workload, spec_depth):
     config, requests = workload
-    _lockstep(config, requests, 16 + 4 * sum(len(r["prompt"]) + r["max_tokens"] for r in requests))
+    _lockstep(config, requests, 16 + 4 * sum(len(r["prompt"]) + r["max_tokens"] for r in requests), spec_depth)
 
 
-def test_steady_decoding_takes_the_array_pass_and_still_matches():
-    """A roomy pool: after the prompts, every step goes by arrays (prefill chunks, block crossings, requests that
-    end) and schedules what the row-by-row pass does."""
+@pytest.mark.parametrize("spec_depth", [0, 3])
+def test_steady_decoding_takes_the_array_pass_and_still_matches(spec_depth):
+    """A roomy pool: after the prompts, every step goes by arrays (prefill chunks, block crossings, draft slots,
+    requests that end) and schedules what the row-by-row pass does."""
     config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=24, max_num_seqs=8)
     requests = [dict(prompt=[i % 3, 1, 2] * (1 + i), max_tokens=5 + 3 * i, priority=i % 2, age_s=0.0,
                      arrival_step=i) for i in range(6)]
-    assert _lockstep(config, requests, 200) > 20
+    assert _lockstep(config, requests, 200, spec_depth) > 20
 
 
 def test_an_ended_requests_slot_waits_for_the_step_that_carries_it():
