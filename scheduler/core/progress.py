@@ -16,18 +16,19 @@ import numpy as np
 from scheduler.core.params import has_penalty
 
 # The per-slot integer columns; each has a twin attribute on a request outside the scheduler (Request._own).
-COUNTS = ("computed", "placeholders", "drafts_in_flight")
+COUNTS = ("computed", "placeholders", "drafts_in_flight", "sent")
 PENDING_TOKENS = 32  # a step's tokens a slot holds before they go onto its request's list (Request.all_token_ids)
 
 
 class Progress:
-    """Arrays by slot. computed, placeholders, drafts_in_flight: the request's own numbers (the truth while it holds
-    the slot); tokens: len(all_token_ids); capacity: tokens its KV blocks take; the rest fixed when it joins."""
+    """Arrays by slot. computed, placeholders, drafts_in_flight, sent: the request's own numbers (the truth while it
+    holds the slot); tokens: len(all_token_ids); capacity: tokens its KV blocks take; the rest fixed when it joins."""
 
     def __init__(self, num_slots: int = 256):
         self.computed = np.zeros(num_slots, dtype=np.int64)
         self.placeholders = np.zeros(num_slots, dtype=np.int64)
         self.drafts_in_flight = np.zeros(num_slots, dtype=np.int64)
+        self.sent = np.zeros(num_slots, dtype=np.int64)  # output tokens its stream has been told of
         self.tokens = np.zeros(num_slots, dtype=np.int64)
         self.last = np.zeros(num_slots, dtype=np.int64)  # the last token known
         # Tokens applied and not on the request's list yet: num_pending[slot] of them, in pending[slot].
@@ -53,6 +54,12 @@ class Progress:
         self.top_k = np.zeros(num_slots, dtype=np.int64)
         self.num_logprobs = np.zeros(num_slots, dtype=np.int64)
         self.seeded = np.zeros(num_slots, dtype=bool)  # draws its noise from its own generator
+        # What an output names (Request.output_id, index, num_cached_tokens) and the engine's handle, by slot: a
+        # step's outputs are built without touching each request.
+        self.output_ids: list[str] = [""] * num_slots
+        self.handles: list = [None] * num_slots
+        self.index = np.zeros(num_slots, dtype=np.int64)
+        self.cached = np.zeros(num_slots, dtype=np.int64)
         self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slots first
         self._retired: list[int] = []
         self.slot_of: dict[str, int] = {}  # by sequence id, while the request holds its slot
@@ -91,6 +98,8 @@ class Progress:
         self.temperature[slot], self.top_p[slot], self.min_p[slot] = params.temperature, params.top_p, params.min_p
         self.top_k[slot], self.num_logprobs[slot] = params.top_k, params.logprobs
         self.seeded[slot] = request.generator is not None and not params.greedy
+        self.output_ids[slot], self.handles[slot] = request.output_id, request.handle
+        self.index[slot], self.cached[slot] = request.index, request.num_cached_tokens
         request._progress, request._slot = self, slot
         self.slot_of[request.request_id] = slot
 
@@ -105,6 +114,7 @@ class Progress:
         request._progress = None  # its _slot stays: the step that may still carry it finds the slot finished
         del self.slot_of[request.request_id]
         self.finished[slot] = True
+        self.handles[slot] = None
         self._retired.append(slot)
 
     def append(self, requests: list, slots: np.ndarray, tokens: np.ndarray) -> None:
@@ -146,6 +156,8 @@ class Progress:
         for name, value in list(vars(self).items()):
             if isinstance(value, np.ndarray):
                 setattr(self, name, np.concatenate([value, np.zeros_like(value)]))
+        self.output_ids += [""] * old
+        self.handles += [None] * old
         self._free = list(range(2 * old - 1, old - 1, -1))
 
 

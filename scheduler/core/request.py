@@ -77,14 +77,15 @@ class Request:
     # min_tokens: else a token-set lookup and a length check do), and whether its stream is told every step.
     host_checks: bool = True
     stream_deltas: bool = True
+    handle: Any = None  # what the engine keeps beside the request (its Live), found by the request's slot too
 
     def __post_init__(self) -> None:
         # Fixed by the params, read for every row of every step: worked out once. penalised: a penalty reads the
         # token history. argmax_always: every next token is the argmax of the raw logits (greedy; no penalty, logit
         # bias, min_tokens or logprobs), whatever the step.
-        # num_computed_tokens, num_placeholders, num_drafts_in_flight: here until the scheduler takes the request,
-        # then at its slot of the scheduler's Progress arrays until it ends (progress.py).
-        self._own = dict(computed=0, placeholders=0, drafts_in_flight=0)
+        # num_computed_tokens, num_placeholders, num_drafts_in_flight, num_sent_tokens: here until the scheduler takes
+        # the request, then at its slot of the scheduler's Progress arrays until it ends (progress.py).
+        self._own = dict(computed=0, placeholders=0, drafts_in_flight=0, sent=0)
         self._progress, self._slot = None, None
         params = self.params
         self.penalised = has_penalty(params)
@@ -115,6 +116,7 @@ class Request:
     num_drafts_in_flight = _in_progress("drafts_in_flight", """Drafts verified in a step still in flight: the device
         knows how many it accepted, the host a step later. The request's next tokens may start this much further on:
         their KV slots are reserved for it.""")
+    num_sent_tokens = _in_progress("sent", """Output tokens its stream has been told of.""")
 
     @property
     def num_prompt_tokens(self) -> int:

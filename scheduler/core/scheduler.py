@@ -243,7 +243,7 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-                request.num_cached_tokens = num_cached
+                request.num_cached_tokens = self.progress.cached[request._slot] = num_cached
             request.status = RequestStatus.RUNNING
             if self._by_rank:  # where sorting would put it: the rest stays in order
                 insort(self.running, request, key=_RANK)

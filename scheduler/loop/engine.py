@@ -172,7 +172,7 @@ class Engine:
             live = Live(request, stream, detokenizer, grammar, deltas)
             # Each new token takes the full stop check where a cheaper one may miss something (engine._settle).
             request.host_checks = not live.plain or bool(own.stop_token_ids) or request.prompt_logprobs is not None
-            request.stream_deltas = deltas
+            request.stream_deltas, request.handle = deltas, live
             lives.append(live)
         with self._lock:
             if self._failed is not None:

@@ -117,7 +117,8 @@ def plain_checks(plain: PlainTokens, progress: Progress, eos: np.ndarray) -> tup
 def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
                  outputs: list[tuple[Live, RequestOutput]]) -> None:
     """delta_output for rows whose only news is their token (no text, grammar or logprobs; prompt logprobs sent),
-    built only for the rows whose streams are told every step; their counts read off the progress arrays."""
+    built only for the rows whose streams are told every step: the counts by array operations, the outputs by map
+    (token_output), a Python step a row only where more than this step's token is new."""
     told = progress.deltas[quiet.slots]
     if not told.any():
         return
@@ -125,14 +126,20 @@ def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
     if not told.all():
         requests, tokens, slots = list(compress(requests, told)), list(compress(tokens, told)), slots[told]
     num_prompt = progress.prompt[slots]
-    for live, request, token, num_prompt_tokens, num_output_tokens in zip(
-            map(lives.__getitem__, map(_ID, requests)), requests, tokens, num_prompt.tolist(),
-            (progress.tokens[slots] - num_prompt).tolist()):
-        sent, live.num_sent_tokens = live.num_sent_tokens, num_output_tokens
-        # Most rows: this step's token is all that is new.
-        new_ids = [token] if sent == num_output_tokens - 1 else request.all_token_ids[num_prompt_tokens + sent:]
-        outputs.append((live, token_output(request.output_id, new_ids, num_prompt_tokens, num_output_tokens,
-                                           request.num_cached_tokens, request.index)))
+    num_output = progress.tokens[slots] - num_prompt
+    sent = progress.sent[slots]
+    progress.sent[slots] = num_output
+    new_ids = [[token] for token in tokens]
+    for i in np.flatnonzero(sent != num_output - 1).tolist():
+        new_ids[i] = requests[i].all_token_ids[int(num_prompt[i] + sent[i]):]
+    # Each row's Live and output id from lists by slot, its counts from arrays: no request touched a row.
+    slot_list = slots.tolist()
+    handles = list(map(progress.handles.__getitem__, slot_list))
+    if None in handles:  # a request the engine did not make
+        handles = list(map(lives.__getitem__, map(_ID, requests)))
+    outputs.extend(zip(handles, map(token_output, map(progress.output_ids.__getitem__, slot_list), new_ids,
+                                    num_prompt.tolist(), num_output.tolist(), progress.cached[slots].tolist(),
+                                    progress.index[slots].tolist())))
 
 
 _NEW_TOKENS, _ID = attrgetter("new_token_ids"), attrgetter("request_id")
