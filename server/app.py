@@ -146,7 +146,7 @@ class Daemon:
         log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
                  config.engine.model, engine.device,
                  str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
-        async_engine = AsyncEngine(engine, None, config.max_queue_size)
+        async_engine = AsyncEngine(engine, None, config.max_queue_size, config.stream_interval)
         async_engine.start()
         with phases("warm-up"):
             async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):

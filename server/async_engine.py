@@ -7,10 +7,12 @@ next step. If a step raises, every live request is failed and the engine is mark
 A step's outputs reach the event loop in one hop (call_soon_threadsafe wakes the loop through a pipe: one write a
 step, not one an output).
 
-Backpressure: a request's outputs wait for its consumer in a queue of at most about
-MAX_PENDING_OUTPUTS; at that many the request is paused in the engine (not scheduled, so
-nothing more is generated for it; its blocks are kept until others need them), and it runs
-again once its consumer has taken half of them.
+A request's consumer takes every output that waits for it at once, joined into one output per completion
+(server/inbox.py): a consumer that falls behind the engine sends fewer, fuller messages rather than one a step.
+
+Backpressure: a request's outputs wait for its consumer in a list of at most about MAX_PENDING_OUTPUTS; at that
+many the request is paused in the engine (not scheduled, so nothing more is generated for it; its blocks are kept
+until others need them), and it runs again once its consumer has taken them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 
 from scheduler import Engine, SamplingParams
 from scheduler.core.outputs import RequestOutput
+from server.inbox import Inbox, coalesce
 
 log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0
@@ -45,8 +48,9 @@ class RequestFailedError(Exception):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024):
+    def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024, stream_interval: int = 1):
         self.engine = engine
+        self.stream_interval = stream_interval  # tokens a consumer is woken for (the first and the end at once)
         self.metrics = metrics
         self.max_queue_size = max_queue_size
         self.error: BaseException | None = None
@@ -93,12 +97,11 @@ class AsyncEngine:
             raise QueueFullError(f"{self.engine.num_waiting} requests waiting; max_queue_size is "
                                  f"{self.max_queue_size}")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = Inbox(loop, self.stream_interval, MAX_PENDING_OUTPUTS)
         timer = _TokenTimer(self.metrics)
 
         def receive(output: RequestOutput) -> None:  # on the loop, after add_request has returned the stream
-            queue.put_nowait(output)
-            if queue.qsize() >= MAX_PENDING_OUTPUTS:
+            if inbox.put(output) >= MAX_PENDING_OUTPUTS:
                 stream.paused = True
 
         def on_output(output: RequestOutput) -> None:  # engine thread
@@ -118,15 +121,17 @@ class AsyncEngine:
         finished, unfinished = False, params.n  # done when all n completions are
         try:
             while not finished:
-                output = await queue.get()
-                if stream.paused and queue.qsize() <= MAX_PENDING_OUTPUTS // 2:
+                # Every delta that came since the consumer last asked, one output per completion (inbox.py).
+                outputs = coalesce(await inbox.take())
+                if stream.paused:  # the consumer has taken everything it had
                     stream.paused = False
                     self._wake.set()
-                if output.error is not None:  # the engine's fault is set before it fails its requests
-                    raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
-                unfinished -= output.finished
-                finished = unfinished == 0
-                yield output
+                for output in outputs:
+                    if output.error is not None:  # the engine's fault is set before it fails its requests
+                        raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
+                    unfinished -= output.finished
+                    finished = unfinished == 0
+                    yield output
         finally:
             self._live.pop(request_id, None)
             if not finished:  # the caller went away (cancelled, deadline): the service counts how it ended

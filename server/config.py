@@ -45,6 +45,10 @@ class ServerConfig:
     drain_timeout: float = option(30.0, "seconds in-flight requests get to finish after SIGTERM")
     stream_write_timeout: float = option(20.0, "seconds a streamed call's client may leave a message unread; then the "
                                          "call ends DEADLINE_EXCEEDED and its request is aborted, its KV blocks freed")
+    stream_interval: int = option(1, "output tokens a streamed message gathers before it is sent (the first token "
+                                  "and the end go at once): more means fewer, fuller messages and a burstier stream, "
+                                  "for a front end that cannot keep up with one message a token (vLLM's "
+                                  "--stream-interval)")
     stall_timeout: float = option(60.0, "readiness fails when the engine makes no progress this long with work "
                                   "pending")
     max_message_bytes: int = option(16 << 20, "largest gRPC message accepted or sent")
@@ -57,6 +61,7 @@ class ServerConfig:
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MAX_STREAM_INTERVAL = 1024
 
 
 def served_name(config: ServerConfig) -> str:
@@ -180,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"{flag} must be in [{lowest}, 65535], got {port}")
     if not config.stream_write_timeout > 0:
         raise ValueError(f"--stream-write-timeout must be > 0, got {config.stream_write_timeout}")
+    if not 1 <= config.stream_interval <= MAX_STREAM_INTERVAL:
+        raise ValueError(f"--stream-interval must be in [1, {MAX_STREAM_INTERVAL}], got {config.stream_interval}")
     if config.max_queue_size < 1:
         raise ValueError(f"--max-queue-size must be >= 1, got {config.max_queue_size}")
     return config

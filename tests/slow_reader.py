@@ -45,6 +45,7 @@ class SlowReader:
         self._send_lock = threading.Lock()
         self._next_stream_id = 1
         self.data_bytes: dict[int, int] = {}  # stream id -> DATA bytes received
+        self.data: dict[int, bytearray] = {}  # stream id -> DATA received
         self.ended: dict[int, str] = {}  # stream id -> how it ended ("trailers" or "reset")
         self.trailers: dict[int, bytes] = {}  # stream id -> its trailers' HPACK block, as sent
         self.closed = threading.Event()
@@ -60,9 +61,18 @@ class SlowReader:
             (":method", "POST"), (":scheme", "http"), (":path", path), (":authority", self.authority),
             ("content-type", "application/grpc"), ("te", "trailers")))
         body = b"\x00" + struct.pack(">I", len(message)) + message
-        self.data_bytes[stream_id] = 0
+        self.data_bytes[stream_id], self.data[stream_id] = 0, bytearray()
         self._send(_frame(HEADERS, END_HEADERS, stream_id, headers) + _frame(DATA, END_STREAM, stream_id, body))
         return stream_id
+
+    def messages(self, stream_id: int) -> list[bytes]:
+        """The gRPC messages received on a stream so far (each DATA payload is length-prefixed messages)."""
+        data, out = bytes(self.data[stream_id]), []
+        while len(data) >= 5:
+            length = struct.unpack(">I", data[1:5])[0]
+            out.append(data[5:5 + length])
+            data = data[5 + length:]
+        return out
 
     def read_everything(self) -> None:
         """Open every window wide: the client reads again."""
@@ -104,6 +114,7 @@ class SlowReader:
                     self._send(_frame(PING, ACK, 0, payload))
                 elif kind == DATA:
                     self.data_bytes[stream_id] = self.data_bytes.get(stream_id, 0) + length
+                    self.data.setdefault(stream_id, bytearray()).extend(payload)
                 elif kind == HEADERS and flags & END_STREAM:
                     self.ended.setdefault(stream_id, "trailers")
                     self.trailers[stream_id] = payload

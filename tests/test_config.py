@@ -86,3 +86,11 @@ def test_speculative_best_and_an_eagle_head_directory(tmp_path):
     assert (config.speculative, config.eagle_head) == ("best", str(tmp_path))
     with pytest.raises(ValueError, match=r"^--eagle-head .*: no head.json there"):
         check_available(config)
+
+
+def test_stream_interval_is_one_by_default_and_a_bad_one_names_the_flag():
+    assert parse([]).stream_interval == 1
+    assert parse([], {"BEASTSERVE_STREAM_INTERVAL": "16"}).stream_interval == 16
+    for bad in ("0", "1025"):
+        with pytest.raises(ValueError, match=rf"^--stream-interval must be in \[1, 1024\], got {bad}$"):
+            parse(["--stream-interval", bad])

@@ -283,6 +283,7 @@ class Engine:
                 self._undelivered(live, output, exc)
             if output.finished:
                 self._forget(live)
+        self.executor.finish_draw(self._in_flight)  # its grammar masks were filled meanwhile
         return [output for _, output in outputs]
 
     def _undelivered(self, live: Live, output: RequestOutput, exc: Exception) -> None:

@@ -29,9 +29,10 @@ from scheduler.core.scheduler import (
 from scheduler.loop.row_inputs import RowInputs
 from scheduler.loop.token_copies import TokenCopies, logprob_lists, packed, unpacked
 from scheduler.sampling import prompt_logprobs
+from scheduler.sampling.draw import PendingDraw, TokenDrawer
 from scheduler.sampling.picking import argmax_only, deferrable, greedy_verify, positions_differ
-from scheduler.sampling.rows import plain_rows, sampling_rows
-from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
+from scheduler.sampling.rows import sampling_rows
+from scheduler.sampling.sampler import Sampler, logprobs_of
 from scheduler.speculative.loop import DraftStepInFlight, SpeculativeLoop, device_inputs
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
@@ -41,18 +42,19 @@ from scheduler.worker.runner import ForwardItem, ModelRunner
 
 @dataclass
 class StepInFlight:
-    """A launched step whose sampled tokens the host has not read yet: row i of token_ids (on the
-    device) is requests[i]'s; `host` receives them (with their logprobs, num_top a token, where asked),
-    complete once `copied` (None on the CPU) is done. `results`: its tokens once read, which the next step's
-    launch does early when its grammar masks follow them."""
+    """A launched step whose sampled tokens the host has not read yet: row i of token_ids (on the device) is
+    requests[i]'s, drawn (`draw`) once its grammar masks are filled (StepExecutor.finish_draw); `host` receives
+    them (with their logprobs, num_top a token, where asked), complete once `copied` (None on the CPU) is done.
+    `results`: its tokens once read, which the next step's launch does early when its grammar masks follow them."""
 
     requests: list[Request]
     row_of: dict[Request, int] | None  # each request's row (None: worked out when asked, from requests)
-    token_ids: torch.Tensor
-    num_top: int | None
-    host: torch.Tensor
-    copied: torch.cuda.Event | None
+    token_ids: torch.Tensor | None = None  # None until drawn
+    num_top: int | None = None
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
     results: list[StepResult] | PlainTokens | None = None
+    draw: PendingDraw | None = None
     slots: np.ndarray | None = None  # the requests' Progress slots
 
     @property
@@ -63,6 +65,7 @@ class StepInFlight:
 
     def device_outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Its tokens on the device, one a row [R, 1], and their counts (None: one each)."""
+        assert self.token_ids is not None, "drawn first (StepExecutor.finish_draw)"
         return self.token_ids.view(-1, 1), None
 
 
@@ -91,6 +94,7 @@ class StepExecutor:
         self.vocab_size = runner.model.config.vocab_size
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
+        self.drawer = TokenDrawer(sampler, self.masks, self.vocab_size, self.device, scheduler.progress)
         self.copies = TokenCopies(self.device)
         self.loop: SpeculativeLoop | None = None
         self.progress = scheduler.progress
@@ -132,6 +136,7 @@ class StepExecutor:
         """Run a step (can_defer) without waiting for its outcome. A step without drafts leaves its tokens on
         the device; the step before's, still in flight, are its placeholders' inputs, read from there. A step
         with drafts does too where the loop verifies them (self.loop); else it waits for the step before."""
+        self.finish_draw(previous)  # its tokens are this step's inputs
         if any(map(_SPEC_SLOTS, batch)):
             if self.loop is not None and self.loop.accepts(batch):
                 return self.loop.launch(batch, previous, self._item)
@@ -157,11 +162,20 @@ class StepExecutor:
             requests, slots = list(compress(requests, samples)), slots[samples]
         if previous is not None and self.progress.guided[slots].any():
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
-        out = self._draw(logits, requests, slots) if requests else SamplerOutput(
-            logits.new_empty(0, dtype=torch.long), None, None, None)
+        step = StepInFlight(requests, None, draw=self.drawer.draw_later(logits, requests, slots), slots=slots)
         self.scheduler.add_placeholders(requests, slots)
-        num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
-        return StepInFlight(requests, None, out.token_ids, num_top, *self.copies.start(packed(out)), slots=slots)
+        if not step.draw.waiting:
+            self.finish_draw(step)
+        return step
+
+    def finish_draw(self, step: StepInFlight | DraftStepInFlight | Verification | None) -> None:
+        """Draw a launched step's tokens once its grammar masks are filled, and start their copy to the host: the
+        engine calls it after the work its thread did meanwhile; what reads the tokens calls it first."""
+        if isinstance(step, StepInFlight) and step.token_ids is None:
+            out = step.draw.result()
+            step.token_ids = out.token_ids
+            step.num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
+            step.host, step.copied = self.copies.start(packed(out))
 
     def collect(self, step: StepInFlight | DraftStepInFlight | Verification) -> list[StepResult]:
         """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
@@ -180,6 +194,7 @@ class StepExecutor:
 
     def _read(self, step: StepInFlight) -> list[StepResult]:
         """Wait for a launched step's tokens and have them applied."""
+        self.finish_draw(step)
         if step.copied is not None:
             step.copied.synchronize()
         token_ids, logprobs = unpacked(step.host.numpy(), step.num_top)
@@ -263,33 +278,11 @@ class StepExecutor:
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            num_device_tokens)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None) -> SamplerOutput:
-        """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
-        Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
-        overwritten), without the sampler's rows. slots: the requests' Progress slots, where known."""
-        if slots is not None:
-            constrained = bool(self.progress.guided[slots].any())
-            argmax = bool(self.progress.argmax_always[slots].all()) or argmax_only(requests)
-        else:
-            constrained = list(map(_GUIDE, requests)).count(None) != len(requests)
-            argmax = argmax_only(requests)
-        guides = list(map(_GUIDE, requests)) if constrained else None
-        if argmax:
-            token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
-            return SamplerOutput(token_ids, None, None, None)
-        rows = plain_rows(self.progress, slots, requests, self.vocab_size, self.device) if slots is not None \
-            else None
-        if rows is None:
-            rows = sampling_rows(requests, self.vocab_size, self.device)
-        if constrained:
-            rows.token_bitmask = self.masks.for_requests(guides)
-        return self.sampler(logits, rows)
-
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> list[StepResult]:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        out = self._draw(logits, requests, self.progress.slots_of(requests))
+        out = self.drawer.draw(logits, requests, self.progress.slots_of(requests))
         logprobs = [[lp] for lp in logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
             if out.logprobs is not None else None
         return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
