@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler import Engine
 from scheduler.core.kv_cache import BlockPool
 from scheduler.core.outputs import RequestOutput, token_output
 from scheduler.core.params import SamplingParams
@@ -200,3 +203,21 @@ def test_the_arrays_grow_and_keep_what_they_hold():
     assert [r.num_computed_tokens for r in requests] == list(range(5))
     assert [r.num_tokens for r in requests] == [int(progress.tokens[r._slot]) for r in requests] == [1, 2, 3, 4, 5]
     assert progress.temperature[requests[4]._slot] == 4.5
+
+
+def test_an_ended_request_is_freed_without_the_garbage_collector(tiny_model_dir):
+    """The engine's handle on a request (its Live, kept in the request's slot) is let go when the request ends:
+    no cycle is left for the collector, which the engine keeps off the step loop."""
+    engine = Engine(model=str(tiny_model_dir[0]))
+    engine.add_request(None, SamplingParams(temperature=0, max_tokens=5), prompt_token_ids=[1, 2, 3])
+    live = engine._pending_add[0][0]
+    request_ref, live_ref = weakref.ref(live.request), weakref.ref(live)
+    del live
+    gc.disable()
+    try:
+        while engine.has_unfinished():
+            engine.step()
+        engine._in_flight = None  # the last launched step (already collected) holds its requests
+        assert request_ref() is None and live_ref() is None
+    finally:
+        gc.enable()

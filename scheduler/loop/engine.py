@@ -336,6 +336,7 @@ class Engine:
 
     def _forget(self, live: Live) -> None:
         request = live.request
+        request.handle = None  # the request and its Live no longer hold each other: no cycle left to the collector
         del self._live[request.request_id]
         group = self._groups[request.output_id]
         group.remove(live)
@@ -368,6 +369,7 @@ class Engine:
         self._groups.clear()
         self.admission.clear()
         for live in lives:
+            live.request.handle = None
             live.stream.put(failed_output(live.request, error))
 
     def _take_pending(self) -> list[tuple[Live, RequestOutput]]:
