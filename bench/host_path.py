@@ -12,7 +12,7 @@ Two workloads, each with the overlapped loop on and off:
   tokens off the streams, and "end", an offline caller's (LLM.generate), told once a request ends;
 - whole: --whole-requests (2048) through LLM.generate, the whole run timed, prefill and tail included
   (bench.gpu_profile's and bench.offline_gpu's workload: prompts U(64, 512) random ids, 256 output tokens, greedy,
-  EOS ignored).
+  EOS ignored). --temperature above 0 makes every row sample instead (top-k/top-p off).
 
 Times are the engine thread's CPU time (time.thread_time), which other processes on a shared machine disturb far
 less than wall time; wall time is reported beside it. Means count the garbage collector's pauses (a full collection
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=100, help="steady steps timed after the ramp-up")
     p.add_argument("--loops", default="on,off", help="overlapped loop: on, off or both (comma-separated)")
     p.add_argument("--readers", default="step,end", help="steady workload's readers: step, end or both")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (argmax only); else sampled rows")
     p.add_argument("--forward", default="stand-in", choices=["stand-in", "real"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/host_path_cpu_latest.json"),
@@ -101,7 +102,7 @@ def build(args: argparse.Namespace, overlap: bool, num_running: int) -> tuple[LL
 
 
 def params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    return SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
 
 
 def prompts(args: argparse.Namespace, num_requests: int) -> list[list[int]]:
@@ -177,7 +178,8 @@ def to_markdown(result: dict) -> str:
     lines = ["# Host time of an engine step (CPU)", "",
              f"{m['date']} · {m['cpu']} ({m['logical_cores']} cores, load {m['load_average_at_start']}) · torch "
              f"{m['torch']} · forward: {w['forward']}", "",
-             f"Steady: {w['num_requests']} requests decoding, {w['window']} steps timed after the ramp-up.", "",
+             f"Steady: {w['num_requests']} requests decoding, {w['window']} steps timed after the ramp-up, "
+             f"temperature {w['temperature']:g}.", "",
              "| loop | reader | steps | sequences a step | host ms/step (mean, median) | host µs/seq/step (mean) "
              "| wall ms/step (mean) |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)  # the host path is one thread; the stand-in's torch ops gain nothing from more
     workload = {k: getattr(args, k) for k in ("num_requests", "whole_requests", "min_prompt", "max_prompt",
-                                              "output_len", "window", "forward", "seed")}
+                                              "output_len", "window", "forward", "seed", "temperature")}
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
     result = dict(machine=facts, workload=workload, steady=[], whole=[])
     for loop in args.loops:

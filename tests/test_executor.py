@@ -18,10 +18,10 @@ from scheduler.worker.runner import ModelRunner
 from tests.conftest import tiny_config
 
 
-def make(speculator=None, num_blocks=32):
+def make(speculator=None, num_blocks=32, max_num_batched_tokens=64):
     model = load_model(tiny_config(), None, "dummy", torch.float32, torch.device("cpu"), None).model
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
-    scheduler = Scheduler(BlockPool(num_blocks, 4, enable_prefix_caching=True), 64, 8)
+    scheduler = Scheduler(BlockPool(num_blocks, 4, enable_prefix_caching=True), max_num_batched_tokens, 8)
     return StepExecutor(runner, Sampler(), scheduler, speculator), scheduler, model
 
 
@@ -59,8 +59,7 @@ def test_decode_steps_follow_the_models_argmax():
 
 
 def test_a_chunk_that_does_not_reach_the_end_of_the_prompt_samples_nothing():
-    executor, _, _ = make()
-    scheduler = Scheduler(executor.pool, max_num_batched_tokens=4, max_num_seqs=8)
+    executor, scheduler, _ = make(max_num_batched_tokens=4)
     request = Request("r", list(range(10, 20)), SamplingParams(temperature=0), max_total_tokens=64)
     scheduler.add(request)
     assert executor.execute(scheduler.schedule().scheduled) == []

@@ -114,6 +114,22 @@ class BlockPool:
             self._hold(request.request_id, block)
         return True
 
+    def grow(self, requests: list[Request], num_blocks: list[int]) -> None:
+        """Give each request (each holding blocks already) num_blocks more, all free: the caller counted them
+        (allocate, for many requests at once)."""
+        assert sum(num_blocks) <= len(self.free_blocks)
+        grown = self._grown
+        for request, count in zip(requests, num_blocks):
+            request_id = request.request_id
+            blocks, ids = self.req_blocks[request_id], self.req_block_ids[request_id]
+            for _ in range(count):
+                block = self._pop_free()
+                self._take(block)
+                blocks.append(block)
+                ids.append(block.block_id)
+            if grown is not None:
+                grown[request_id] = None
+
     def fork(self, parent: Request, child: Request, num_blocks: int) -> None:
         """The child holds the parent's first num_blocks blocks too (computed and full), sharing them: one copy of a
         prompt for all its completions. The child computes the rest itself."""

@@ -46,9 +46,10 @@ class StepStats:
     verified_per_position: list[int] = field(default_factory=list)  # drafts reaching each position (earlier accepted)
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestOutput:
-    """One step's news for one request: the new tokens and text. The last one has finished=True."""
+    """One step's news for one request: the new tokens and text. The last one has finished=True. (No __slots__:
+    the defaults are class attributes, so token_output builds the most common output setting only what differs.)"""
 
     request_id: str
     token_ids: list[int]
@@ -68,6 +69,23 @@ class RequestOutput:
     # On the last output: bytes at the end of the output's tokens that begin a character and never finish it,
     # left out of the text (token_ids still carry them).
     held_back_bytes: int = 0
+
+
+def token_output(request_id: str, token_ids: list[int], num_prompt_tokens: int, num_output_tokens: int,
+                 num_cached_tokens: int, index: int) -> RequestOutput:
+    """RequestOutput(request_id, token_ids, "", num_prompt_tokens=..., num_output_tokens=..., num_cached_tokens=...,
+    index=...), the rest at their defaults: a step's new tokens alone, as most outputs are. Built without the
+    dataclass's __init__, which sets every field: this is about twice as fast, a thousand times a step."""
+    output = _new(RequestOutput)
+    output.request_id, output.token_ids, output.text = request_id, token_ids, ""
+    output.num_prompt_tokens, output.num_output_tokens, output.num_cached_tokens = (num_prompt_tokens,
+                                                                                   num_output_tokens,
+                                                                                   num_cached_tokens)
+    output.index = index
+    return output
+
+
+_new = object.__new__
 
 
 @dataclass
@@ -122,8 +140,9 @@ class RequestStream:
         self.paused = False
 
     def put(self, output: RequestOutput) -> None:
-        self.num_unfinished -= output.finished
-        self.finished = self.num_unfinished == 0
+        if output.finished:
+            self.num_unfinished -= 1
+            self.finished = self.num_unfinished == 0
         if self.on_output is not None:
             self.on_output(output)
         else:

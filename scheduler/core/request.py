@@ -10,6 +10,24 @@ from typing import Any
 from scheduler.core.params import SamplingParams, has_penalty
 
 
+def _in_progress(name: str, doc: str) -> property:
+    """A count on the request until the scheduler takes it, then at its slot of the scheduler's Progress arrays
+    (column `name`) until it ends."""
+
+    def get(request: Request) -> int:
+        progress = request._progress
+        return request._own[name] if progress is None else int(getattr(progress, name)[request._slot])
+
+    def put(request: Request, value: int) -> None:
+        progress = request._progress
+        if progress is None:
+            request._own[name] = value
+        else:
+            getattr(progress, name)[request._slot] = value
+
+    return property(get, put, doc=doc)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -35,13 +53,6 @@ class Request:
     max_total_tokens: int = 0  # prompt + output cap, set by the engine from max_model_len
 
     status: RequestStatus = RequestStatus.WAITING
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    # Output tokens sampled in a step still in flight: the device holds them, the host learns them a step later.
-    num_placeholders: int = 0
-    # Drafts verified in a step still in flight: the device knows how many it accepted, the host a step later.
-    # The request's next tokens may start this much further on: their KV slots are reserved for it.
-    num_drafts_in_flight: int = 0
     speculative: bool = True  # may this request speculate (when the engine does)
     max_draft_tokens: int | None = None  # per-request cap on k
     num_draft_tokens: int = 0  # drafts verified so far
@@ -62,22 +73,50 @@ class Request:
     guide: Any = None  # a structured request's grammar state (scheduler/structured/guide.py)
     stream: Any = None  # its outputs' RequestStream, whose reader may fall behind and pause it
     rank: tuple[float, float] = (0.0, 0.0)  # the scheduler's static order (Scheduler._rank), set when it is queued
+    # Set by the engine: whether each new token needs the full stop check (text, grammar, logprobs, stop ids,
+    # min_tokens: else a token-set lookup and a length check do), and whether its stream is told every step.
+    host_checks: bool = True
+    stream_deltas: bool = True
+    handle: Any = None  # what the engine keeps beside the request (its Live), found by the request's slot too
 
     def __post_init__(self) -> None:
         # Fixed by the params, read for every row of every step: worked out once. penalised: a penalty reads the
         # token history. argmax_always: every next token is the argmax of the raw logits (greedy; no penalty, logit
         # bias, min_tokens or logprobs), whatever the step.
+        # num_computed_tokens, num_placeholders, num_drafts_in_flight, num_sent_tokens: here until the scheduler takes
+        # the request, then at its slot of the scheduler's Progress arrays until it ends (progress.py).
+        self._own = dict(computed=0, placeholders=0, drafts_in_flight=0, sent=0)
+        self._progress, self._slot = None, None
         params = self.params
         self.penalised = has_penalty(params)
         self.argmax_always = params.greedy and not self.penalised and not params.logit_bias \
             and not params.min_tokens and not params.logprobs
-        self.all_token_ids = list(self.prompt_token_ids)
+        self._all = list(self.prompt_token_ids)
         # Every token that may end the request once min_tokens allows (check_stop): others are passed over at once.
         self.ending_token_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
                                                                            else self.eos_token_ids)
         self.output_id = self.output_id or self.request_id
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """The prompt and every token generated so far. While the request is in the scheduler, a step's token
+        waits in its slot's Progress arrays (a step's tokens are applied by one array operation, not an append a
+        row) until someone reads this list, which then takes them all at once."""
+        progress = self._progress
+        if progress is not None and progress.num_pending[self._slot]:
+            progress.flush(self)
+        return self._all
+
+    num_computed_tokens = _in_progress("computed", """Tokens whose KV is computed (or counted so: a launched step's).
+        Tokens to compute are all_token_ids[num_computed_tokens:] and the placeholders.""")
+    num_placeholders = _in_progress("placeholders", """Output tokens sampled in a step still in flight: the device
+        holds them, the host learns them a step later.""")
+    num_drafts_in_flight = _in_progress("drafts_in_flight", """Drafts verified in a step still in flight: the device
+        knows how many it accepted, the host a step later. The request's next tokens may start this much further on:
+        their KV slots are reserved for it.""")
+    num_sent_tokens = _in_progress("sent", """Output tokens its stream has been told of.""")
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,8 +132,13 @@ class Request:
         return len(self.all_token_ids) + self.num_placeholders
 
     @property
+    def output_token_ids(self) -> list[int]:
+        """The tokens generated so far (a copy: all_token_ids past the prompt holds them, a list a request)."""
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
 
     @property
     def needs_prompt_logprobs(self) -> bool:
@@ -111,8 +155,10 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self._progress is not None:
+            self._progress.tokens[self._slot] += 1
+            self._progress.last[self._slot] = token_id
 
     def draft_depth(self, step_depth: int) -> int:
         """Drafts this request may verify in a step that drafts step_depth tokens a sequence."""
@@ -125,5 +171,7 @@ class Request:
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past a stop (a finishing request only: the KV is not rolled back)."""
-        del self.output_token_ids[num_output_tokens:]
         del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+        if self._progress is not None:
+            self._progress.tokens[self._slot] = len(self._all)
+            self._progress.last[self._slot] = self._all[-1]

@@ -15,67 +15,18 @@ are needed, and is the first preempted when they are.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from bisect import insort
 from operator import attrgetter
 
 from scheduler.core.kv_cache import BlockPool
+from scheduler.core.progress import Progress
 from scheduler.core.request import Request, RequestStatus
+from scheduler.core.running_pass import RunningRows, schedule_all
+from scheduler.core.scheduled import ScheduledBatch, ScheduledRequest, SchedulerOutput, batch_requests, columns
+from scheduler.core.step_output import PlainTokens, StepOutput, StepResult, apply_rows, apply_tokens
 
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # tokens to compute, a placeholder among them (drafts not counted)
-    num_spec_slots: int = 0  # KV slots reserved for draft tokens to verify this step
-    draft_token_ids: list[int] = field(default_factory=list)  # filled by the proposer, at most num_spec_slots
-    # Whether this step reaches the end of the tokens (placeholders included), so the next one is sampled.
-    # Fixed when scheduled (the engine advances num_computed_tokens afterwards): None works it out.
-    samples: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.samples is None:
-            request = self.request
-            self.samples = request.num_computed_tokens + self.num_new_tokens == request.num_tokens_with_placeholders
-
-
-@dataclass(slots=True)
-class StepResult:
-    """A request's new tokens from one step, already on the request, for the engine's stop checks and outputs."""
-
-    request: Request
-    new_token_ids: list[int]
-    logprobs: list | None  # a TokenLogprob for each new token, where the request asks
-    num_drafts: int = 0
-    num_accepted: int = 0
-
-
-@dataclass(slots=True)
-class StepOutput:
-    """What one step sampled or verified, row by row, before any of it is on the requests: row i is requests[i]'s.
-    token_ids[i] is its sampled token (after verification: the token that follows the accepted drafts);
-    drafts[i] and num_accepted[i] its verified drafts and how many were accepted (None: a step without
-    verification); logprobs[i] the TokenLogprobs of its new tokens (None: nobody asked). in_flight: a launched
-    step's, whose rows stood as placeholders until now. Scheduler.update_from_output applies it, once."""
-
-    requests: list[Request]
-    token_ids: list[int]
-    logprobs: list | None = None
-    drafts: list[list[int]] | None = None
-    num_accepted: list[int] | None = None
-    in_flight: bool = False
-    applied: bool = False
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        scheduled = self.scheduled  # map and attrgetter: no Python frame a row
-        return sum(map(attrgetter("num_new_tokens"), scheduled)) + sum(map(len, map(attrgetter("draft_token_ids"),
-                                                                                   scheduled)))
+__all__ = ["PlainTokens", "ScheduledBatch", "ScheduledRequest", "Scheduler", "SchedulerOutput", "StepOutput",
+           "StepResult", "batch_requests", "columns"]
 
 
 class Scheduler:
@@ -96,6 +47,11 @@ class Scheduler:
         # A decoding row (one token, no drafts, sampled) is the same every step: its ScheduledRequest is made once
         # and scheduled again, not made again each step (by sequence id; dropped when the request leaves running).
         self._decode_rows: dict[str, ScheduledRequest] = {}
+        # Each request's progress in arrays, by slot (progress.py); running's columns, rebuilt when it changes.
+        self.progress = Progress(max(256, max_num_seqs))
+        self._rows: RunningRows | None = None
+        self._by_rank = False  # running is in rank order and none of it was paused at the last look
+        self._waiting_by_rank = True  # waiting is in rank order (none of it joined since it was sorted so)
 
     @property
     def num_unfinished(self) -> int:
@@ -104,76 +60,79 @@ class Scheduler:
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         request.rank = self._rank(request)  # fixed while it is queued or running: worked out once
+        self.progress.join(request)
+        self._held(request)  # a forked completion holds its prompt's shared blocks already
         self.waiting.append(request)
+        self._waiting_by_rank = False
 
     def finish(self, request: Request) -> None:
         """Remove a request however it ended, returning its blocks."""
         self._decode_rows.pop(request.request_id, None)
         if request in self.running:
             self.running.remove(request)
+            self._rows = None
         elif request in self.waiting:
             self.waiting.remove(request)
         self.pool.free(request)
+        self.progress.leave(request)
         request.status = RequestStatus.FINISHED
 
     def advance(self, batch: list[ScheduledRequest]) -> None:
         """A step over batch is launched: its new tokens count as computed (KV of rejected drafts is not counted:
         update_from_output counts the accepted ones)."""
-        for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
+        slots, num_new, _ = columns(batch, self.progress)
+        self.progress.computed[slots] += num_new
 
-    @staticmethod
-    def add_placeholders(requests: list[Request]) -> None:
-        """Each of these requests has a token sampled that only the device knows yet: it counts as a placeholder
-        until the step's output is applied."""
-        for request in requests:
-            request.num_placeholders += 1
+    def add_placeholders(self, requests: list[Request], slots=None) -> None:
+        """Each of these requests (at these Progress slots, where known) has a token sampled that only the device
+        knows yet: it counts as a placeholder until the step's output is applied."""
+        self.progress.placeholders[slots if slots is not None else self.progress.slots_of(requests)] += 1
 
-    @staticmethod
-    def update_from_output(out: StepOutput) -> list[StepResult]:
+    def update_from_output(self, out: StepOutput) -> list[StepResult] | PlainTokens:
         """Apply a step's output: the one place a step's tokens reach their requests. A request that has ended
         since the step was launched (a stop in the step before, an abort) takes none: never an extra token.
         Accepted drafts join the output and their KV (computed in the verification pass) counts as computed;
-        a sampled token also advances its grammar (a verified request's grammar was settled by verification)."""
+        a sampled token also advances its grammar (a verified request's grammar was settled by verification).
+        A step of one token a row with nothing else to report is applied by array operations (PlainTokens)."""
         assert not out.applied, "a step's output is applied once"
         out.applied = True
         if out.drafts is None and out.logprobs is None:
-            return _apply_tokens(out)
-        results = []
-        for i, (request, token) in enumerate(zip(out.requests, out.token_ids)):
-            if out.in_flight:
-                request.num_placeholders -= 1
-            if request.is_finished:
-                continue
-            num_drafts = num_accepted = 0
-            if out.drafts is None:
-                new_tokens = [token]
-                if request.guide is not None:
-                    request.guide.accept(new_tokens)
-            else:
-                drafts, num_accepted = out.drafts[i], out.num_accepted[i]
-                new_tokens, num_drafts = drafts[:num_accepted] + [token], len(drafts)
-                if out.in_flight and not request.num_placeholders:
-                    request.num_drafts_in_flight = 0  # no step of its own is in flight any more
-                if request.status == RequestStatus.RUNNING:  # preempted meanwhile: all is computed again
-                    request.num_computed_tokens += num_accepted
-                request.num_draft_tokens += num_drafts
-                request.num_accepted_tokens += num_accepted
-            for token_id in new_tokens:
-                request.append_token(token_id)
-            logprobs = out.logprobs[i] if out.logprobs is not None and request.params.logprobs else None
-            results.append(StepResult(request, new_tokens, logprobs, num_drafts, num_accepted))
+            if out.slots is None:
+                out.slots = self.progress.slots_of(out.requests)
+            results = apply_tokens(self.progress, out) if out.slots is not None else apply_rows(out)
+        else:
+            results = apply_rows(out)
+        self.progress.release_retired()  # the ended requests this step carried are past: their slots are free
         return results
+
+    def num_decodes_ahead(self) -> tuple[int, bool]:
+        """(running sequences with one token to compute, whether any has more: a prompt still to compute)."""
+        slots = self.progress.slots_of(self.running)
+        p = self.progress
+        need = p.tokens[slots] + p.placeholders[slots] - p.computed[slots]
+        return int((need == 1).sum()), bool((need > 1).any())
 
     def schedule(self, spec_depth: int = 0) -> SchedulerOutput:
         """spec_depth: how many draft tokens a decoding request may verify this step (each request
         caps it: Request.draft_depth)."""
         now = time.monotonic()
         out = SchedulerOutput()
-        budget = self._schedule_running(out, now, spec_depth)
+        budget = self._schedule_running(out, spec_depth)
         if not out.preempted:
             self._schedule_waiting(out, budget, now)
         return out
+
+    def _allocate(self, request: Request, num_tokens: int, cached_prefix=()) -> bool:
+        """BlockPool.allocate, the request's capacity noted in its slot."""
+        if not self.pool.allocate(request, num_tokens, cached_prefix):
+            return False
+        self._held(request)
+        return True
+
+    def _held(self, request: Request) -> None:
+        """Note in the request's Progress slot the tokens its blocks take, after the pool gave or took some."""
+        held = self.pool.req_block_ids.get(request.request_id)
+        self.progress.capacity[request._slot] = len(held) * self.pool.block_size if held is not None else 0
 
     def _rank(self, request: Request) -> tuple[float, float]:
         """(priority value - age / priority_aging_s, arrival): the age's `now` is common to every request, so it is
@@ -182,13 +141,32 @@ class Scheduler:
         aging = request.arrival_time / self.priority_aging_s if self.priority_aging_s > 0 else 0.0
         return (request.priority + aging, request.arrival_time)
 
-    def _schedule_running(self, out: SchedulerOutput, now: float, spec_depth: int) -> int:
-        budget = self.max_num_batched_tokens
-        sorted_now, self._unsorted = self._unsorted, False
+    def _schedule_running(self, out: SchedulerOutput, spec_depth: int) -> int:
+        """Every running request at once by array operations where none can go short (schedule_all), else one
+        by one in rank order, preempting the lowest-ranked where blocks run out."""
+        sorted_now = self._unsorted and bool(self.running)
         if sorted_now:
             self.running.sort(key=_order)
+            self._unsorted, self._rows = False, None
+        if self._rows is None:
+            self._rows = RunningRows(self.running, self._decode_rows, self.progress)
+        budget = schedule_all(self, self._rows, out, spec_depth)
+        self._by_rank = budget is not None
+        if budget is not None:
+            return budget
+        self._rows = None  # the pass below may preempt, sort or allocate
+        return self._schedule_one_by_one(out, spec_depth, sorted_now)
+
+    def _schedule_one_by_one(self, out: SchedulerOutput, spec_depth: int, sorted_now: bool) -> int:
+        budget = self.max_num_batched_tokens
+        self._unsorted = False
         block_ids, block_size, scheduled = self.pool.req_block_ids, self.pool.block_size, out.scheduled
         decode_rows = self._decode_rows
+        # The rows' progress as lists: what a row reads below changes only for the rows already passed (or
+        # preempted), so one copy serves the pass.
+        progress = self.progress
+        computed, known = progress.computed.tolist(), progress.tokens.tolist()
+        placeholders, in_flight = progress.placeholders.tolist(), progress.drafts_in_flight.tolist()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -199,13 +177,15 @@ class Scheduler:
                     self.running.sort(key=_order)
                     continue
                 break  # so are all after it
-            num_tokens = len(request.all_token_ids) + request.num_placeholders  # num_tokens_with_placeholders
+            slot = request._slot
+            num_tokens = known[slot] + placeholders[slot]  # num_tokens_with_placeholders
+            num_computed = computed[slot]
             if 0 < request.max_total_tokens <= num_tokens:
                 i += 1  # its last token is in flight, or not checked for a stop yet: nothing is left to compute
                 continue
             # A step in flight may have accepted drafts the host does not know of yet: room for those too.
-            reserve = request.num_drafts_in_flight
-            if not spec_depth and num_tokens - request.num_computed_tokens == 1 \
+            reserve = in_flight[slot]
+            if not spec_depth and num_tokens - num_computed == 1 \
                     and len(block_ids.get(request.request_id, ())) * block_size >= num_tokens + reserve:
                 # Most rows of a decode step: one token, in a block it already holds (BlockPool.has_room).
                 row = decode_rows.get(request.request_id)
@@ -217,13 +197,13 @@ class Scheduler:
                 continue
             # A placeholder (a token sampled in the step in flight) is computed like a known token: KV space is
             # allocated for it, and its id comes from the device.
-            num_new = min(num_tokens - request.num_computed_tokens, budget)
-            decoding = num_tokens - request.num_computed_tokens == 1
+            num_new = min(num_tokens - num_computed, budget)
+            decoding = num_tokens - num_computed == 1
             num_spec = min(request.draft_depth(spec_depth), budget - num_new) if decoding and spec_depth else 0
-            needed = request.num_computed_tokens + num_new + reserve
+            needed = num_computed + num_new + reserve
             if num_spec and not self.pool.allocate(request, needed + num_spec):
                 num_spec = 0  # speculation never costs another request its blocks
-            while not self.pool.allocate(request, needed):
+            while not self._allocate(request, needed):
                 if not sorted_now:  # paused requests last, to go first; this one and those before it stay put
                     sorted_now = True
                     self.running.sort(key=_order)
@@ -234,8 +214,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, num_spec, samples=num_new == num_tokens
-                                                      - request.num_computed_tokens))
+                out.scheduled.append(ScheduledRequest(request, num_new, num_spec,
+                                                      samples=num_new == num_tokens - num_computed))
                 budget -= num_new + num_spec
                 i += 1
         if i < len(self.running):
@@ -243,7 +223,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        self.waiting.sort(key=_order)
+        self._sort_waiting()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.paused or request in out.preempted:
@@ -255,7 +235,7 @@ class Scheduler:
             cached = [] if num_cached or request.needs_prompt_logprobs else self.pool.find_cached_prefix(request)
             num_cached = num_cached or len(cached) * self.pool.block_size
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.pool.allocate(request, num_cached + num_new, cached):
+            if not self._allocate(request, num_cached + num_new, cached):
                 if not self._preempt_paused(out):
                     break
                 continue  # the freed blocks may be cached ones it can share: look again
@@ -263,12 +243,26 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-                request.num_cached_tokens = num_cached
+                request.num_cached_tokens = self.progress.cached[request._slot] = num_cached
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            self._unsorted = True
+            if self._by_rank:  # where sorting would put it: the rest stays in order
+                insort(self.running, request, key=_RANK)
+            else:
+                self.running.append(request)
+                self._unsorted = True
+            self._rows = None
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _sort_waiting(self) -> None:
+        """waiting in _order: by rank alone (a C-level key) while none of it is paused, and only when a request
+        joined it since it was last sorted so."""
+        if any(map(_PAUSED, filter(None, map(_STREAM, self.waiting)))):  # by map and filter: C-level passes
+            self.waiting.sort(key=_order)
+            self._waiting_by_rank = False
+        elif not self._waiting_by_rank:
+            self.waiting.sort(key=_RANK)
+            self._waiting_by_rank = True
 
     def _preempt_paused(self, out: SchedulerOutput) -> bool:
         """Free the blocks of the lowest-ranked paused request, if one holds any."""
@@ -276,6 +270,7 @@ class Scheduler:
         if victim is None:
             return False
         self.running.remove(victim)
+        self._rows = None
         self._preempt(victim)
         out.preempted.append(victim)
         return True
@@ -283,29 +278,13 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free the blocks now and recompute later (prompt plus what was generated)."""
         self.pool.free(request)
+        self._held(request)
         self._decode_rows.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
-
-
-def _apply_tokens(out: StepOutput) -> list[StepResult]:
-    """update_from_output for a step without verification or logprobs (most steps): one token a row."""
-    results = []
-    in_flight, finished = out.in_flight, RequestStatus.FINISHED
-    for request, token in zip(out.requests, out.token_ids):
-        if in_flight:
-            request.num_placeholders -= 1
-        if request.status is finished:  # Request.is_finished, without a call a row
-            continue
-        new_tokens = [token]
-        if request.guide is not None:
-            request.guide.accept(new_tokens)
-        request.output_token_ids.append(token)
-        request.all_token_ids.append(token)
-        results.append(StepResult(request, new_tokens, None))
-    return results
+        self._waiting_by_rank = False
 
 
 def _order(request: Request) -> tuple[bool, tuple[float, float]]:
@@ -313,3 +292,6 @@ def _order(request: Request) -> tuple[bool, tuple[float, float]]:
     preempted first; the rest by rank (Scheduler._rank, set when queued)."""
     stream = request.stream
     return stream is not None and stream.paused, request.rank
+
+
+_RANK, _STREAM, _PAUSED = attrgetter("rank"), attrgetter("stream"), attrgetter("paused")

@@ -26,9 +26,18 @@ class Live:
         # A step's token needs no more than a stop check and, where the stream is told every step, an output: no
         # text, grammar or logprob to follow.
         self.plain = detokenizer is None and grammar is None and not request.params.logprobs
-        self.num_sent_tokens = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
         self.prompt_logprobs_sent = request.prompt_logprobs is None
+
+
+    @property
+    def num_sent_tokens(self) -> int:
+        """Output tokens the stream has been told of (Request.num_sent_tokens, in the progress arrays)."""
+        return self.request.num_sent_tokens
+
+    @num_sent_tokens.setter
+    def num_sent_tokens(self, value: int) -> None:
+        self.request.num_sent_tokens = value
 
 
 class Admission:

@@ -11,15 +11,14 @@ the next `step()`, which a single thread (the server's engine thread, or `LLM`) 
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
-from operator import attrgetter
 
+import numpy as np
 import torch
 
 from scheduler.config import EngineConfig
@@ -27,14 +26,24 @@ from scheduler.core.kv_cache import BlockPool
 from scheduler.core.outputs import RequestOutput, RequestStream, StepStats
 from scheduler.core.params import SamplingParams
 from scheduler.core.request import FinishReason, Request
-from scheduler.core.scheduler import Scheduler, StepResult
+from scheduler.core.scheduler import PlainTokens, Scheduler, StepResult, columns
 from scheduler.device_defaults import resolve_engine_config
 from scheduler.io.detokenizer import IncrementalDetokenizer
 from scheduler.io.inputs import InputProcessor, Prompt, eos_token_ids
 from scheduler.io.token_bytes import TokenBytes
 from scheduler.loop.admission import Admission, Live
+from scheduler.loop.collector import tune_gc
 from scheduler.loop.executor import StepExecutor, StepInFlight, Verification
-from scheduler.loop.reports import check_new_tokens, delta_output, failed_output, final_output, per_position
+from scheduler.loop.reports import (
+    check_new_tokens,
+    delta_output,
+    failed_output,
+    final_output,
+    num_new_tokens,
+    per_position,
+    plain_checks,
+    plain_deltas,
+)
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
 from scheduler.speculative.speculator import Speculator, build_proposer
@@ -45,8 +54,6 @@ from scheduler.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
-_NEW_TOKENS = attrgetter("new_token_ids")  # read by map: a pass over the rows without a Python frame each
-GC_OBJECTS_PER_SEQUENCE = 16  # young objects a step may hold per running sequence before the collector runs
 
 
 class Engine:
@@ -102,6 +109,7 @@ class Engine:
         torch.manual_seed(config.seed)
         self.vocab_size = target.config.vocab_size
         self.eos_token_ids = eos_token_ids(target.config, self.tokenizer)
+        self._eos = np.array(sorted(self.eos_token_ids), dtype=np.int64)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         # Read ahead when serving: the first answer cut inside a character then waits for nothing.
         self.token_bytes = TokenBytes(self.tokenizer, prefetch=serving) if self.tokenizer is not None else None
@@ -122,7 +130,7 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.last_step_stats = StepStats(kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=plan.num_blocks)
-        _tune_gc(config.max_num_seqs)
+        tune_gc(config.max_num_seqs)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -161,7 +169,11 @@ class Engine:
                 request.generator = torch.Generator(device=self.device).manual_seed(own.seed)
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, own, self.token_bytes) \
                 if self.tokenizer is not None and (detokenize or own.stop) else None
-            lives.append(Live(request, stream, detokenizer, grammar, deltas))
+            live = Live(request, stream, detokenizer, grammar, deltas)
+            # Each new token takes the full stop check where a cheaper one may miss something (engine._settle).
+            request.host_checks = not live.plain or bool(own.stop_token_ids) or request.prompt_logprobs is not None
+            request.stream_deltas, request.handle = deltas, live
+            lives.append(live)
         with self._lock:
             if self._failed is not None:
                 raise RuntimeError(f"the engine has failed: {self._failed}")
@@ -219,71 +231,85 @@ class Engine:
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
         outputs += self._admit_compiled()
-        spec_depth = self.executor.plan(self._decodes_ahead(), self._prompts_ahead()) if self.speculator else 0
+        spec_depth = self._plan_depth() if self.speculator else 0
         # A step with drafts must be verified before the next is scheduled, and drafts are made from the host's
         # token history: such tokens come to the host now, their stop checks wait for this step's launch.
         # Drafts the device proposes and verifies (executor.loop) need none of this.
         early = self._in_flight is not None and ((spec_depth and self.executor.loop is None)
                                                  or isinstance(self._in_flight, Verification))
-        results = self._collect() if early else []  # on their requests, not checked for stops yet
+        # Each step's tokens, on their requests, not checked for stops yet: StepResults, or PlainTokens.
+        collected = [self._collect()] if early else []
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
         defer = self.config.overlap_scheduling and bool(batch) and self.executor.can_defer(batch)
         settled = 0
         if not defer:  # this step needs every token on the host, those in flight too: checked before it runs
-            results += self._collect()
-            self._settle(results, outputs)
-            settled = len(results)
-            batch = [s for s in batch if not s.request.is_finished]  # scheduled, then ended by a token in flight
-        num_prompt_tokens = sum(s.num_new_tokens for s in batch if s.request.num_computed_tokens
-                                < len(s.request.prompt_token_ids))
+            collected.append(self._collect())
+            for results in collected:
+                self._settle(results, outputs)
+            settled = len(collected)
+            if self.scheduler.progress.finished[columns(batch, self.scheduler.progress)[0]].any():
+                batch = [s for s in batch if not s.request.is_finished]  # scheduled, then ended by a token in flight
+        num_prompt_tokens = self._num_prompt_tokens(batch)
         if defer:
             launched = self.executor.launch(batch, self._in_flight)
-            results += self._collect()  # the step before's tokens, while the device runs this one
+            collected.append(self._collect())  # the step before's tokens, while the device runs this one
             self._in_flight = launched
             self.num_overlapped_steps += 1
         elif batch:
-            results += self.executor.execute(batch)
+            collected.append(self.executor.execute(batch))
         elif self.admission.compiling:
             self.admission.wait_for_grammar(timeout=0.01)
-        self._settle(results[settled:], outputs)
+        for results in collected[settled:]:
+            self._settle(results, outputs)
         self.admission.release_forks(self._live)
-        drafted = [r for r in results if r.num_drafts] if self.speculator else []
+        drafted = [r for results in collected if not isinstance(results, PlainTokens) for r in results
+                   if r.num_drafts] if self.speculator else []
         self.last_step_stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
             kv_blocks_total=self.pool.num_blocks, num_batched_tokens=sched.num_batched_tokens,
-            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(map(len, map(_NEW_TOKENS, results))),
+            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(map(num_new_tokens, collected)),
             num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
             prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
             num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
             accepted_per_position=per_position(drafted, accepted=True),
             verified_per_position=per_position(drafted, accepted=False))
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start, overlapped=defer)
-        for live, output in outputs:
-            self._deliver(live, output)
+        for live, output in outputs:  # _deliver, inline: most steps deliver an output a row
+            try:
+                live.stream.put(output)
+            except Exception as exc:  # noqa: BLE001 - one request's reader failing ends that request only
+                self._undelivered(live, output, exc)
+            if output.finished:
+                self._forget(live)
         self.executor.finish_draw(self._in_flight)  # its grammar masks were filled meanwhile
         return [output for _, output in outputs]
 
-    def _deliver(self, live: Live, output: RequestOutput) -> None:
-        try:
-            live.stream.put(output)
-        except Exception as exc:  # noqa: BLE001 - one request's reader failing ends that request only
-            log.error("request %s: its output could not be delivered (%r); aborting it", live.request.output_id, exc)
-            with self._lock:
-                self._pending_abort += [] if output.finished else [live.request]
-        if output.finished:
-            self._forget(live)
+    def _undelivered(self, live: Live, output: RequestOutput, exc: Exception) -> None:
+        log.error("request %s: its output could not be delivered (%r); aborting it", live.request.output_id, exc)
+        with self._lock:
+            self._pending_abort += [] if output.finished else [live.request]
 
-    def _collect(self) -> list[StepResult]:
+    def _num_prompt_tokens(self, batch: list) -> int:
+        """Prompt tokens the step computes (recomputation after preemption included)."""
+        progress = self.scheduler.progress
+        slots, num_new, _ = columns(batch, progress)
+        return int(num_new[progress.computed[slots] < progress.prompt[slots]].sum()) if len(batch) else 0
+
+    def _collect(self) -> list[StepResult] | PlainTokens:
         """The tokens of the step in flight, if any, on their requests; not checked for stops yet."""
         step, self._in_flight = self._in_flight, None
         return self.executor.collect(step) if step is not None else []
 
-    def _settle(self, results: list[StepResult], outputs: list[tuple[Live, RequestOutput]]) -> None:
+    def _settle(self, results: list[StepResult] | PlainTokens, outputs: list[tuple[Live, RequestOutput]]) -> None:
         """Check new tokens for stops, their outputs onto `outputs`. A request whose host work raises ends with
-        the error (its blocks freed); the step and the other requests go on."""
+        the error (its blocks freed); the step and the other requests go on. Of PlainTokens, only the rows whose
+        token may end them take the checks below; the others' outputs are built at once (plain_deltas)."""
         now, lives = time.monotonic(), self._live
+        if isinstance(results, PlainTokens):
+            results, quiet = plain_checks(results, self.scheduler.progress, self._eos)
+            plain_deltas(lives, quiet, self.scheduler.progress, outputs)
         for result in results:
             request = result.request
             live = lives[request.request_id]
@@ -310,20 +336,18 @@ class Engine:
 
     def _forget(self, live: Live) -> None:
         request = live.request
+        request.handle = None  # the request and its Live no longer hold each other: no cycle left to the collector
         del self._live[request.request_id]
         group = self._groups[request.output_id]
         group.remove(live)
         if not group:
             del self._groups[request.output_id]
 
-    def _decodes_ahead(self) -> int:
-        """Decoding sequences the next step is likely to carry."""
-        return sum(1 for r in self.scheduler.running if r.num_tokens_with_placeholders - r.num_computed_tokens == 1)
-
-    def _prompts_ahead(self) -> bool:
-        """Whether the next step is likely to carry prompt chunks (a waiting or part-prefilled request)."""
-        return bool(self.scheduler.waiting) or any(r.num_tokens_with_placeholders - r.num_computed_tokens > 1
-                                                   for r in self.scheduler.running)
+    def _plan_depth(self) -> int:
+        """Draft tokens a decoding sequence may verify next step, from the decodes and prompt chunks it is likely
+        to carry (a waiting or part-prefilled request)."""
+        num_decodes, prompts = self.scheduler.num_decodes_ahead()
+        return self.executor.plan(num_decodes, prompts or bool(self.scheduler.waiting))
 
     def fault(self) -> str | None:
         """Why the engine cannot step any more though no step has failed yet (a tensor-parallel rank gone)."""
@@ -345,6 +369,7 @@ class Engine:
         self._groups.clear()
         self.admission.clear()
         for live in lives:
+            live.request.handle = None
             live.stream.put(failed_output(live.request, error))
 
     def _take_pending(self) -> list[tuple[Live, RequestOutput]]:
@@ -378,17 +403,3 @@ class Engine:
         live.request.finish_reason = reason
         self.scheduler.finish(live.request)
         return final_output(live)
-
-
-def _tune_gc(max_num_seqs: int) -> None:
-    """Keep the garbage collector off the step loop. What start-up made (modules, model, block pool) is frozen out of
-    later collections, a process's earlier engine unfrozen and collected first (its cycles must not stay frozen).
-    Young collections start past what a step holds alive at once (a few objects a row): at the default 700, ~11 ran
-    each step at 1024 sequences, promoting the step's objects until a full collection, walking every token list
-    (~200 ms), came every ~13 steps."""
-    if gc.get_freeze_count():
-        gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    threshold, *older = gc.get_threshold()
-    gc.set_threshold(max(threshold, GC_OBJECTS_PER_SEQUENCE * max_num_seqs), *older)

@@ -9,6 +9,7 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
 from operator import attrgetter
 
 import numpy as np
@@ -16,13 +17,22 @@ import torch
 
 from scheduler.core.outputs import TokenLogprob
 from scheduler.core.request import Request
-from scheduler.core.scheduler import ScheduledRequest, Scheduler, StepOutput, StepResult
+from scheduler.core.scheduler import (
+    PlainTokens,
+    ScheduledRequest,
+    Scheduler,
+    StepOutput,
+    StepResult,
+    batch_requests,
+    columns,
+)
 from scheduler.loop.row_inputs import RowInputs
+from scheduler.loop.token_copies import TokenCopies, logprob_lists, packed, unpacked
 from scheduler.sampling import prompt_logprobs
 from scheduler.sampling.draw import PendingDraw, TokenDrawer
 from scheduler.sampling.picking import argmax_only, deferrable, greedy_verify, positions_differ
 from scheduler.sampling.rows import sampling_rows
-from scheduler.sampling.sampler import Sampler, SamplerOutput, logprobs_of
+from scheduler.sampling.sampler import Sampler, logprobs_of
 from scheduler.speculative.loop import DraftStepInFlight, SpeculativeLoop, device_inputs
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
@@ -38,13 +48,20 @@ class StepInFlight:
     `results`: its tokens once read, which the next step's launch does early when its grammar masks follow them."""
 
     requests: list[Request]
-    rows: dict[Request, int]
+    row_of: dict[Request, int] | None  # each request's row (None: worked out when asked, from requests)
     token_ids: torch.Tensor | None = None  # None until drawn
     num_top: int | None = None
     host: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
-    results: list[StepResult] | None = None
+    results: list[StepResult] | PlainTokens | None = None
     draw: PendingDraw | None = None
+    slots: np.ndarray | None = None  # the requests' Progress slots
+
+    @property
+    def rows(self) -> dict[Request, int]:
+        if self.row_of is None:
+            self.row_of = dict(zip(self.requests, range(len(self.requests))))
+        return self.row_of
 
     def device_outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Its tokens on the device, one a row [R, 1], and their counts (None: one each)."""
@@ -62,31 +79,7 @@ class Verification:
     proposal: Proposal | None
     logits: torch.Tensor
     hidden: torch.Tensor | None
-
-
-class TokenCopies:
-    """Sampled tokens (and logprobs) to the host, one non-blocking copy a step into pinned memory. Two
-    buffers, used in turn: a step's copy is under way while the host still reads the step before's."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.buffers = [torch.empty(0, dtype=torch.long) for _ in range(2)]
-        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
-        self.turn = 0
-
-    def start(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """values: int64, any shape."""
-        turn, self.turn = self.turn, 1 - self.turn
-        n = values.numel()
-        if self.buffers[turn].shape[0] < n:
-            self.buffers[turn] = torch.empty(max(n, 2 * self.buffers[turn].shape[0]), dtype=torch.long,
-                                             pin_memory=self.cuda)
-        host = self.buffers[turn][:n].view(values.shape)
-        host.copy_(values, non_blocking=True)
-        event = self.events[turn]
-        if event is not None:
-            event.record()
-        return host, event
+    cached: bool = False  # the blocks it fills are in the prefix cache already
 
 
 class StepExecutor:
@@ -101,10 +94,11 @@ class StepExecutor:
         self.vocab_size = runner.model.config.vocab_size
         self.device = runner.device
         self.masks = TokenMasks(self.vocab_size, self.device)
-        self.drawer = TokenDrawer(sampler, self.masks, self.vocab_size, self.device)
+        self.drawer = TokenDrawer(sampler, self.masks, self.vocab_size, self.device, scheduler.progress)
         self.copies = TokenCopies(self.device)
         self.loop: SpeculativeLoop | None = None
-        self.row_inputs = RowInputs(self.pool, scheduler.max_num_seqs)  # per-row state kept across steps
+        self.progress = scheduler.progress
+        self.row_inputs = RowInputs(self.pool, scheduler.max_num_seqs, self.progress)  # per-row state kept across steps
 
     def speculate_in_loop(self, max_rows: int, max_model_len: int) -> None:
         """Verify drafts inside the overlapped loop (speculative/loop.py), where the proposer drafts on the
@@ -131,7 +125,11 @@ class StepExecutor:
         """Run a step and return its tokens, on the host."""
         return self._finish(self._start(batch))
 
-    can_defer = staticmethod(deferrable)  # sampling/picking.py says which steps may run ahead of the host
+    def can_defer(self, batch: list[ScheduledRequest]) -> bool:
+        """Whether the step may run ahead of the host (sampling/picking.py says which may): at once where no row
+        has penalties or prompt logprobs."""
+        slots = columns(batch, self.progress)[0]
+        return (slots is not None and not self.progress.synchronous[slots].any()) or deferrable(batch)
 
     def launch(self, batch: list[ScheduledRequest], previous: StepInFlight | DraftStepInFlight | None
                ) -> StepInFlight | DraftStepInFlight | Verification:
@@ -145,20 +143,27 @@ class StepExecutor:
             if previous is not None:
                 self.collect(previous)  # the host drafts from, and verifies with, every token
             return self._start(batch)
-        rows = previous.rows if previous is not None else {}
         tokens, shifts = device_inputs(previous)  # shifts: where the step in flight verified drafts
-        gathered = self.row_inputs.gather(batch, rows)
-        logits = self.runner.forward(gathered.inputs, device_tokens=tokens if rows else None, device_shifts=shifts)
+        if isinstance(previous, StepInFlight) and previous.slots is not None:
+            gathered = self.row_inputs.gather(batch, device_slots=previous.slots)
+            on_device = len(previous.slots) > 0
+        else:
+            rows = previous.rows if previous is not None else {}
+            gathered, on_device = self.row_inputs.gather(batch, rows), bool(rows)
+        logits = self.runner.forward(gathered.inputs, device_tokens=tokens if on_device else None,
+                                     device_shifts=shifts)
         if self.speculator is not None:
             self.speculator.observe_forward(batch, gathered.inputs, self.runner)
         self.scheduler.advance(batch)
         self.row_inputs.cache_filled_blocks(batch, gathered)
-        requests = [s.request for s in batch if s.samples]
-        if previous is not None and list(map(_GUIDE, requests)).count(None) != len(requests):
+        slots, _, samples = columns(batch, self.progress)
+        requests = batch_requests(batch)
+        if not samples.all():
+            requests, slots = list(compress(requests, samples)), slots[samples]
+        if previous is not None and self.progress.guided[slots].any():
             self.collect(previous)  # the masks follow its tokens; the device runs the forward meanwhile
-        step = StepInFlight(requests, dict(zip(requests, range(len(requests)))),
-                            draw=self.drawer.draw_later(logits, requests))
-        self.scheduler.add_placeholders(requests)
+        step = StepInFlight(requests, None, draw=self.drawer.draw_later(logits, requests, slots), slots=slots)
+        self.scheduler.add_placeholders(requests, slots)
         if not step.draw.waiting:
             self.finish_draw(step)
         return step
@@ -170,7 +175,7 @@ class StepExecutor:
             out = step.draw.result()
             step.token_ids = out.token_ids
             step.num_top = out.top_logprobs.shape[1] if out.logprobs is not None else None
-            step.host, step.copied = self.copies.start(_packed(out))
+            step.host, step.copied = self.copies.start(packed(out))
 
     def collect(self, step: StepInFlight | DraftStepInFlight | Verification) -> list[StepResult]:
         """A launched step's tokens, appended to their requests. A request that has ended since (a stop in the
@@ -192,21 +197,26 @@ class StepExecutor:
         self.finish_draw(step)
         if step.copied is not None:
             step.copied.synchronize()
-        token_ids, logprobs = _unpacked(step.host.numpy(), step.num_top)
-        return self.scheduler.update_from_output(StepOutput(step.requests, token_ids, logprobs, in_flight=True))
+        token_ids, logprobs = unpacked(step.host.numpy(), step.num_top)
+        return self.scheduler.update_from_output(StepOutput(step.requests, token_ids, logprobs, in_flight=True,
+                                                            slots=step.slots))
 
     def _start(self, batch: list[ScheduledRequest]) -> Verification:
         """Drafts, then the target's pass; the logits wait in the Verification."""
-        spec = [s for s in batch if s.num_spec_slots]
+        spec = [s for s in batch if s.num_spec_slots] if any(map(_SPEC_SLOTS, batch)) else []
         proposal = self.speculator.propose(spec, self.pool) if spec else None
         drafts = proposal.device_drafts if proposal is not None else None
         rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
-        prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch]
-        if spec or any(count for _, count in prompt_rows):
+        slots = columns(batch, self.progress)[0]
+        prompt_rows = [prompt_logprobs.prompt_rows(s.request, s.num_new_tokens) for s in batch] \
+            if slots is None or self.progress.asks_prompt_logprobs[slots].any() else None
+        collects = prompt_rows is not None and any(count for _, count in prompt_rows)  # prompt logprobs
+        if spec or collects:
             items = [self._item(s, rows.get(id(s), -1), first if count else None)
-                     for s, (first, count) in zip(batch, prompt_rows)]
+                     for s, (first, count) in zip(batch, prompt_rows or [(0, 0)] * len(batch))]
         else:  # every row's tokens known: the persistent batch's
-            items = self.row_inputs.gather(batch, {}).inputs
+            gathered = self.row_inputs.gather(batch, {})
+            items = gathered.inputs
         hidden = None
         if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
             logits, hidden = self.runner.forward(items, device_tokens=drafts, with_hidden=True)
@@ -214,15 +224,18 @@ class StepExecutor:
             logits = self.runner.forward(items, device_tokens=drafts)
         if self.speculator is not None:
             self.speculator.observe_forward(batch, items, self.runner)
-        if any(count for _, count in prompt_rows):
+        if collects:
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         self.scheduler.advance(batch)
-        return Verification(batch, spec, proposal, logits, hidden)
+        if isinstance(items, list):
+            return Verification(batch, spec, proposal, logits, hidden)
+        self.row_inputs.cache_filled_blocks(batch, gathered)
+        return Verification(batch, spec, proposal, logits, hidden, cached=True)
 
     def _finish(self, step: Verification) -> list[StepResult]:
         """Sample or verify; the requests that have ended since the step was launched take nothing."""
         sampled = [s for s in step.batch if s.samples]
-        if any(s.draft_token_ids for s in sampled):
+        if any(map(_DRAFTS, sampled)):
             target_ids = None
             if step.proposal.device_drafts is not None:  # one copy brings the drafts and, if greedy, the target's picks
                 target_ids = _learn_drafts(step.spec, step.proposal.device_drafts,
@@ -230,7 +243,8 @@ class StepExecutor:
             results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden)
         else:
             results = self._sample(step.logits, sampled)
-        self._cache_blocks(step.batch)
+        if not step.cached:
+            self._cache_blocks(step.batch)
         return results
 
     def _cache_blocks(self, batch: list[ScheduledRequest]) -> None:
@@ -268,8 +282,8 @@ class StepExecutor:
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        out = self.drawer.draw(logits, requests)
-        logprobs = [[lp] for lp in _logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
+        out = self.drawer.draw(logits, requests, self.progress.slots_of(requests))
+        logprobs = [[lp] for lp in logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
             if out.logprobs is not None else None
         return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
 
@@ -322,6 +336,7 @@ class StepExecutor:
 
 
 _REQUEST, _GUIDE, _SPEC_SLOTS = attrgetter("request"), attrgetter("guide"), attrgetter("num_spec_slots")
+_DRAFTS = attrgetter("draft_token_ids")
 
 
 def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], num_accepted: list[int],
@@ -333,7 +348,7 @@ def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], nu
         if request.params.logprobs and not request.is_finished:
             chosen = torch.tensor(s.draft_token_ids[:n] + [token], device=logits.device)
             idx = torch.arange(row, row + len(chosen), device=logits.device)
-            lps = _logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
+            lps = logprob_lists(chosen, *logprobs_of(logits[idx], chosen, request.params.logprobs))
         logprobs.append(lps)
         row += 1 + len(s.draft_token_ids)
     return logprobs
@@ -374,27 +389,3 @@ def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: to
         start = offset + r * width
         s.draft_token_ids = values[start:start + len(s.draft_token_ids)]
     return None if picks is None else values[:offset]
-
-
-def _packed(out: SamplerOutput) -> torch.Tensor:
-    """The tokens, or [N, 2 + 2 * top] tokens, chosen logprobs, top logprobs and their ids: what the host
-    reads of a launched step, in one int64 tensor (logprobs as the bits of float64s), for one copy."""
-    if out.logprobs is None:
-        return out.token_ids
-    return torch.cat([out.token_ids.unsqueeze(1), out.logprobs.double().unsqueeze(1).view(torch.long),
-                      out.top_logprobs.double().view(torch.long), out.top_token_ids], dim=1)
-
-
-def _unpacked(host: np.ndarray, num_top: int | None) -> tuple[list[int], list | None]:
-    """_packed's tokens and, where it holds them, their TokenLogprobs, one list a row (else None)."""
-    if num_top is None:
-        return host.tolist(), None
-    values = host[:, 1:2 + num_top].view(np.float64)
-    return host[:, 0].tolist(), [[lp] for lp in _logprob_lists(host[:, 0], values[:, 0], values[:, 1:],
-                                                                 host[:, 2 + num_top:])]
-
-
-def _logprob_lists(token_ids, chosen, top_values, top_ids) -> list[TokenLogprob]:
-    ids, chosen = token_ids.tolist(), chosen.tolist()
-    top_ids, top_values = top_ids.tolist(), top_values.tolist()
-    return [TokenLogprob(t, lp, list(zip(ti, tv))) for t, lp, ti, tv in zip(ids, chosen, top_ids, top_values)]

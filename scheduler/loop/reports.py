@@ -4,10 +4,15 @@ and at its end why it ended and what it cost; and the step's drafts counted by p
 from __future__ import annotations
 
 import time
+from itertools import compress
+from operator import attrgetter
 
-from scheduler.core.outputs import RequestMetrics, RequestOutput
+import numpy as np
+
+from scheduler.core.outputs import RequestMetrics, RequestOutput, token_output
+from scheduler.core.progress import Progress
 from scheduler.core.request import FinishReason, Request
-from scheduler.core.scheduler import StepResult
+from scheduler.core.scheduler import PlainTokens, StepResult
 from scheduler.core.stopping import check_stop, first_stop
 from scheduler.loop.admission import Live
 
@@ -40,8 +45,9 @@ def delta_output(live: Live) -> RequestOutput:
     """The request's tokens since its last output (none when nothing is new), its prompt's logprobs the first time
     they are complete."""
     request = live.request
-    num_output_tokens = len(request.output_token_ids)  # read directly, as below: one output a row a step
-    new_ids = request.output_token_ids[live.num_sent_tokens:]
+    num_prompt_tokens = len(request.prompt_token_ids)  # read directly, as below: one output a row a step
+    num_output_tokens = len(request.all_token_ids) - num_prompt_tokens
+    new_ids = request.all_token_ids[num_prompt_tokens + live.num_sent_tokens:]
     new_logprobs = live.logprobs[live.num_sent_tokens:] if live.logprobs is not None else None
     live.num_sent_tokens = num_output_tokens
     text, held_back = "", 0
@@ -83,3 +89,57 @@ def per_position(results: list[StepResult], accepted: bool) -> list[int]:
         for i in range(r.num_accepted if accepted else min(r.num_drafts, r.num_accepted + 1)):
             counts[i] += 1
     return counts
+
+
+def num_new_tokens(results: list[StepResult] | PlainTokens) -> int:
+    """Tokens a step's results added to their requests."""
+    return len(results) if isinstance(results, PlainTokens) else sum(map(len, map(_NEW_TOKENS, results)))
+
+
+def plain_checks(plain: PlainTokens, progress: Progress, eos: np.ndarray) -> tuple[list[StepResult], PlainTokens]:
+    """Split a step's plain rows by array operations: those whose token may end them or that need more than a stop
+    check (a first token, an EOS or stop token, the length cap, text, a grammar, logprobs: check_new_tokens), as
+    StepResults; and the rest, whose only news is their token."""
+    slots, tokens = plain.slots, np.array(plain.token_ids, dtype=np.int64)
+    num_tokens = progress.tokens[slots]
+    checked = progress.watched[slots] | (num_tokens >= progress.max_total[slots]) \
+        | (num_tokens == progress.prompt[slots] + 1)
+    if len(eos):
+        checked |= np.isin(tokens, eos) & progress.ends_on_eos[slots]
+    if not checked.any():
+        return [], plain
+    rest = ~checked
+    rows = [StepResult(plain.requests[i], [plain.token_ids[i]], None) for i in np.flatnonzero(checked).tolist()]
+    return rows, PlainTokens(list(compress(plain.requests, rest)), list(compress(plain.token_ids, rest)),
+                             slots[rest])
+
+
+def plain_deltas(lives: dict[str, Live], quiet: PlainTokens, progress: Progress,
+                 outputs: list[tuple[Live, RequestOutput]]) -> None:
+    """delta_output for rows whose only news is their token (no text, grammar or logprobs; prompt logprobs sent),
+    built only for the rows whose streams are told every step: the counts by array operations, the outputs by map
+    (token_output), a Python step a row only where more than this step's token is new."""
+    told = progress.deltas[quiet.slots]
+    if not told.any():
+        return
+    requests, tokens, slots = quiet.requests, quiet.token_ids, quiet.slots
+    if not told.all():
+        requests, tokens, slots = list(compress(requests, told)), list(compress(tokens, told)), slots[told]
+    num_prompt = progress.prompt[slots]
+    num_output = progress.tokens[slots] - num_prompt
+    sent = progress.sent[slots]
+    progress.sent[slots] = num_output
+    new_ids = [[token] for token in tokens]
+    for i in np.flatnonzero(sent != num_output - 1).tolist():
+        new_ids[i] = requests[i].all_token_ids[int(num_prompt[i] + sent[i]):]
+    # Each row's Live and output id from lists by slot, its counts from arrays: no request touched a row.
+    slot_list = slots.tolist()
+    handles = list(map(progress.handles.__getitem__, slot_list))
+    if None in handles:  # a request the engine did not make
+        handles = list(map(lives.__getitem__, map(_ID, requests)))
+    outputs.extend(zip(handles, map(token_output, map(progress.output_ids.__getitem__, slot_list), new_ids,
+                                    num_prompt.tolist(), num_output.tolist(), progress.cached[slots].tolist(),
+                                    progress.index[slots].tolist())))
+
+
+_NEW_TOKENS, _ID = attrgetter("new_token_ids"), attrgetter("request_id")

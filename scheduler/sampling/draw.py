@@ -7,12 +7,14 @@ from __future__ import annotations
 from concurrent.futures import Future
 from operator import attrgetter
 
+import numpy as np
 import torch
 
+from scheduler.core.progress import Progress
 from scheduler.core.request import Request
 from scheduler.sampling.batch import SamplingBatch
 from scheduler.sampling.picking import argmax_only
-from scheduler.sampling.rows import sampling_rows
+from scheduler.sampling.rows import plain_rows, sampling_rows
 from scheduler.sampling.sampler import Sampler, SamplerOutput
 from scheduler.structured.guide import TokenMasks, masked_argmax
 
@@ -46,35 +48,56 @@ class PendingDraw:
 
 
 class TokenDrawer:
-    def __init__(self, sampler: Sampler, masks: TokenMasks, vocab_size: int, device: torch.device):
+    def __init__(self, sampler: Sampler, masks: TokenMasks, vocab_size: int, device: torch.device,
+                 progress: Progress | None = None):
+        """progress: the scheduler's Progress arrays, where a step's rows (by their slots) are read at once."""
         self.sampler = sampler
         self.masks = masks
         self.vocab_size = vocab_size
         self.device = device
+        self.progress = progress
 
-    def draw(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def draw(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None) -> SamplerOutput:
         """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
         Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
-        overwritten), without the sampler's rows."""
-        guides = list(map(_GUIDE, requests))
-        constrained = guides.count(None) != len(guides)
-        if argmax_only(requests):
+        overwritten), without the sampler's rows. slots: the requests' Progress slots, where known."""
+        constrained = self._constrained(requests, slots)
+        guides = list(map(_GUIDE, requests)) if constrained else None
+        if self._argmax_only(requests, slots):
             token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
-        rows = sampling_rows(requests, self.vocab_size, self.device)
+        rows = self._rows(requests, slots)
         if constrained:
             rows.token_bitmask = self.masks.for_requests(guides)
         return self.sampler(logits, rows)
 
-    def draw_later(self, logits: torch.Tensor, requests: list[Request]) -> PendingDraw:
+    def draw_later(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None
+                   ) -> PendingDraw:
         """draw(), with the grammar masks filled on the helper thread; done at once where no grammar constrains
         a row. How each row picks (and its sampling rows) is settled now, from the requests as they are; nothing
         may touch their grammars' matchers, nor run another forward pass over the logits' buffer, until
         result()."""
-        guides = list(map(_GUIDE, requests))
         if not requests:
             return PendingDraw(out=SamplerOutput(logits.new_empty(0, dtype=torch.long), None, None, None))
-        if guides.count(None) == len(guides):
-            return PendingDraw(out=self.draw(logits, requests))
-        rows = None if argmax_only(requests) else sampling_rows(requests, self.vocab_size, self.device)
-        return PendingDraw(self, logits, rows, self.masks.fill_later(guides))
+        if not self._constrained(requests, slots):
+            return PendingDraw(out=self.draw(logits, requests, slots))
+        rows = None if self._argmax_only(requests, slots) else self._rows(requests, slots)
+        return PendingDraw(self, logits, rows, self.masks.fill_later(list(map(_GUIDE, requests))))
+
+    def _constrained(self, requests: list[Request], slots: np.ndarray | None) -> bool:
+        """Whether a grammar constrains any row: one array look where the slots are known."""
+        if slots is not None and self.progress is not None:
+            return bool(self.progress.guided[slots].any())
+        return list(map(_GUIDE, requests)).count(None) != len(requests)
+
+    def _argmax_only(self, requests: list[Request], slots: np.ndarray | None) -> bool:
+        if slots is not None and self.progress is not None and self.progress.argmax_always[slots].all():
+            return True
+        return argmax_only(requests)
+
+    def _rows(self, requests: list[Request], slots: np.ndarray | None) -> SamplingBatch:
+        """The sampling rows: from the progress arrays where the rows' parameters alone decide (plain_rows)."""
+        rows = None
+        if slots is not None and self.progress is not None:
+            rows = plain_rows(self.progress, slots, requests, self.vocab_size, self.device)
+        return rows if rows is not None else sampling_rows(requests, self.vocab_size, self.device)

@@ -18,6 +18,7 @@ class InputBatch:
         # Full blocks the prefix cache was last asked to take for the row: it is asked again once more filled.
         self.num_cached_blocks = np.zeros(num_rows, dtype=np.int64)
         self.row_of: dict[str, int] = {}
+        self.num_syncs = 0  # syncs so far: a follower of row_of knows whether it saw them all
         self._free_rows = list(range(num_rows - 1, -1, -1))  # popped from the end: lowest rows first
 
     @property
@@ -28,6 +29,7 @@ class InputBatch:
         """Apply what changed since the last sync (BlockPool.take_row_changes): the sequences whose blocks were
         freed leave, those whose block lists grew (joining or not) get the new ids, read from block_ids (by sequence
         id). A sequence freed and given blocks again since leaves and joins again."""
+        self.num_syncs += 1
         for seq_id in released:
             row = self.row_of.pop(seq_id, None)
             if row is not None:
