@@ -39,6 +39,10 @@ COPY_TASKS = [f"Rewrite this code with the variable `{old}` renamed to `{new}`. 
                                ("items", "cart")]]
 CHAT_TASKS = ["Explain how a refrigerator keeps food cold.", "Write a short story about a lighthouse keeper.",
               "What are three tips for learning a new language?", "Describe the water cycle for a child."]
+CODE_TASKS = ["Write a Python function that splits a CSV line into fields, keeping quoted commas inside a field.",
+              "Write a Python class for a least-recently-used cache with get and put methods.",
+              "Write a Python script that counts how often each word appears in a text file and prints the top ten.",
+              "Write a Python function that walks a directory tree and returns the total size of its files."]
 
 MODES = {  # name -> engine options
     "off": dict(speculative="off"),
@@ -52,6 +56,9 @@ MODES = {  # name -> engine options
     # The draft shipped for the target (scheduler/speculative/drafts/), found by the target's fingerprint.
     "shipped-draft": dict(speculative="draft", draft_model=None),
     "shipped-draft-fixed-k": dict(speculative="draft", draft_model=None, adaptive_speculation=False),
+    # An EAGLE head reading the target's hidden states (--eagle-head, else the one shipped for the target).
+    "eagle": dict(speculative="eagle"),
+    "eagle-fixed-k": dict(speculative="eagle", adaptive_speculation=False),
 }
 
 
@@ -83,6 +90,8 @@ def run_load(engine: Engine, prompts: list[list[int]], concurrency: int, max_tok
 
 def make_engine(args, mode: str) -> Engine:
     options = dict(MODES[mode], num_speculative_tokens=args.k)
+    if options["speculative"] == "eagle" and args.eagle_head:
+        options["eagle_head"] = args.eagle_head
     if options["speculative"] == "draft" and "draft_model" not in options:
         options["draft_model"] = args.draft_model or args.model
     # Every mode's engine stays alive for the whole run, so each gets a fixed share of memory.
@@ -161,19 +170,21 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--draft-model", default=None, help="default: the target itself (all drafts accepted)")
     parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--eagle-head", default=None, help="the eagle modes' head (default: the one shipped)")
     parser.add_argument("--modes", default="off,ngram,ngram-fixed-k", help=f"of {', '.join(MODES)}; off first")
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--requests-per-concurrency", type=int, default=2,
                         help="requests per setting: this many times the concurrency (at least one per prompt)")
-    parser.add_argument("--workloads", default="copy,chat")
+    parser.add_argument("--workloads", default="copy,chat", help="of copy, chat, code")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each setting; the median is reported")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed runs of each setting first")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache of each mode's engine")
     parser.add_argument("--out", default="bench/results/speculative")
     args = parser.parse_args(argv)
-    workloads = {name: {"copy": COPY_TASKS, "chat": CHAT_TASKS}[name] for name in args.workloads.split(",")}
+    tasks = {"copy": COPY_TASKS, "chat": CHAT_TASKS, "code": CODE_TASKS}
+    workloads = {name: tasks[name] for name in args.workloads.split(",")}
     modes = args.modes.split(",")
     assert modes[0] == "off", "the first mode is the baseline: off"
     results = bench_all(args, modes, workloads)
