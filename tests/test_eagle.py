@@ -253,3 +253,25 @@ def test_the_daemon_serves_with_the_head_on_both_protocols(tiny_text_model_dir, 
         assert "speculative=best: eagle" in daemon.log()
     finally:
         assert daemon.close() == 0
+
+
+SHIPPED_DEFAULT = files.SHIPPED_HEADS / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not SHIPPED_DEFAULT.is_dir(), reason="no EAGLE head shipped for the default model")
+def test_the_head_shipped_for_the_default_model_serves_it():
+    """Found by the default model's fingerprint (no eagle_head given), picked by best on the CPU, lossless, and
+    its first drafts accepted about as often as held out (~0.64-0.8 at depth 1)."""
+    assert (SHIPPED_DEFAULT / files.WEIGHTS_FILE).stat().st_size <= 16_000_000
+    assert files.read_manifest(SHIPPED_DEFAULT)["command"]
+    chats = [[{"role": "user", "content": q}] for q in ("How do plants make food?", "Write a Python function that "
+                                                        "returns the largest of three numbers.")]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    plain = LLM("default", dtype="float32").chat(chats, params)
+    llm = LLM("default", dtype="float32", device="cpu", speculative="best", adaptive_speculation=False,
+              num_speculative_tokens=1)
+    assert isinstance(llm.engine.speculator.proposer, EagleProposer)
+    drafted = llm.chat(chats, params)
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    accepted = sum(o.metrics.accepted_tokens for o in drafted)
+    assert accepted / sum(o.metrics.draft_tokens for o in drafted) > 0.45

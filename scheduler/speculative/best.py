@@ -12,13 +12,15 @@ log = logging.getLogger(__name__)
 
 def best_proposer(config: EngineConfig, target: LoadedModel) -> str:
     """An EAGLE head (the one named, else one shipped for this target), else a draft model (named or
-    shipped), else n-gram lookup."""
+    shipped), else n-gram lookup. On CUDA a shipped head is passed over: there its draft chain runs eagerly
+    (~5 ms a step on an H100 where the target's graphed step takes ~1 ms), which made it slower than the
+    shipped draft and n-gram lookup (bench/results/distill_eagle_h100_two_calls/README.md)."""
     from scheduler.speculative.draft.compact import shipped_draft_for
     from scheduler.speculative.eagle.files import shipped_head_for
 
     if config.eagle_head is not None:
         name, why = "eagle", f"the EAGLE head {config.eagle_head}"
-    elif (head := shipped_head_for(target)) is not None:
+    elif config.torch_device().type != "cuda" and (head := shipped_head_for(target)) is not None:
         name, why = "eagle", f"the EAGLE head shipped for this model ({head.name})"
     elif config.draft_model is not None:
         name, why = "draft", f"the draft model {config.draft_model}"
