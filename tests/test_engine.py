@@ -217,6 +217,9 @@ def test_bad_prompts_name_the_field(llm):
         engine.add_request(None, greedy(), prompt_token_ids=[])
     with pytest.raises(ValueError, match="prompt token id .* outside the vocabulary"):
         engine.add_request(None, greedy(), prompt_token_ids=[1, engine.vocab_size])
+    for bad in ("7", 1.5, True):
+        with pytest.raises(ValueError, match="prompt token ids must be integers"):
+            engine.add_request(None, greedy(), prompt_token_ids=[1, bad])
     with pytest.raises(ValueError, match="prompt has .* tokens; max_model_len"):
         engine.add_request(None, greedy(1), prompt_token_ids=[1] * engine.max_model_len)
     with pytest.raises(ValueError, match="stop_token_ids"):

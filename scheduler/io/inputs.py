@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 from scheduler.core.params import SamplingParams
 
@@ -72,6 +73,9 @@ class InputProcessor:
         if len(token_ids) >= self.max_model_len:  # first: the checks below read every token
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which must leave room for at least one generated token")
+        bad = next((t for t in token_ids if not isinstance(t, Integral) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be integers, got {bad!r}")
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
