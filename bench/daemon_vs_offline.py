@@ -40,6 +40,7 @@ from bench.daemon_clients import SERVICES, client, token_digest
 from bench.daemon_report import to_markdown
 from bench.host_path import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, TINY, ModelClock
 from bench.offline_common import check_positive, make_prompts, write_results
+from bench.startup import free_port, ready
 from server.loadgen import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,31 +261,13 @@ def thread_cpu(pid: int) -> dict[int, float]:
 
 
 def wait_ready(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {proc.returncode} before it was ready")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service="beastserve.v1.Generation"), timeout=2)
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"the daemon at {address} was not ready within {timeout:.0f} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while not ready(address):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the daemon at {address} was not ready within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], service: str, serve_args: str,

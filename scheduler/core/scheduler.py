@@ -112,6 +112,13 @@ class Scheduler:
         need = p.tokens[slots] + p.placeholders[slots] - p.computed[slots]
         return int((need == 1).sum()), bool((need > 1).any())
 
+    def num_prompt_tokens(self, batch: list[ScheduledRequest]) -> int:
+        """Prompt tokens a batch computes (recomputation after preemption included)."""
+        if not len(batch):
+            return 0
+        slots, num_new, _ = columns(batch, self.progress)
+        return int(num_new[self.progress.computed[slots] < self.progress.prompt[slots]].sum())
+
     def schedule(self, spec_depth: int = 0) -> SchedulerOutput:
         """spec_depth: how many draft tokens a decoding request may verify this step (each request
         caps it: Request.draft_depth)."""

@@ -250,7 +250,7 @@ class Engine:
             settled = len(collected)
             if self.scheduler.progress.finished[columns(batch, self.scheduler.progress)[0]].any():
                 batch = [s for s in batch if not s.request.is_finished]  # scheduled, then ended by a token in flight
-        num_prompt_tokens = self._num_prompt_tokens(batch)
+        num_prompt_tokens = self.scheduler.num_prompt_tokens(batch)
         if defer:
             launched = self.executor.launch(batch, self._in_flight)
             collected.append(self._collect())  # the step before's tokens, while the device runs this one
@@ -290,12 +290,6 @@ class Engine:
         log.error("request %s: its output could not be delivered (%r); aborting it", live.request.output_id, exc)
         with self._lock:
             self._pending_abort += [] if output.finished else [live.request]
-
-    def _num_prompt_tokens(self, batch: list) -> int:
-        """Prompt tokens the step computes (recomputation after preemption included)."""
-        progress = self.scheduler.progress
-        slots, num_new, _ = columns(batch, progress)
-        return int(num_new[progress.computed[slots] < progress.prompt[slots]].sum()) if len(batch) else 0
 
     def _collect(self) -> list[StepResult] | PlainTokens:
         """The tokens of the step in flight, if any, on their requests; not checked for stops yet."""
