@@ -49,13 +49,17 @@ class SlowReader:
         self.ended: dict[int, str] = {}  # stream id -> how it ended ("trailers" or "reset")
         self.trailers: dict[int, bytes] = {}  # stream id -> its trailers' HPACK block, as sent
         self.closed = threading.Event()
+        self.settled = threading.Event()  # the server has acknowledged our settings: its streams get `window`
         settings = struct.pack(">HIHI", SETTINGS_ENABLE_PUSH, 0, SETTINGS_INITIAL_WINDOW_SIZE, window)
         self._send(PREFACE + _frame(SETTINGS, 0, 0, settings))
         self._reader = threading.Thread(target=self._read_frames, daemon=True)
         self._reader.start()
 
     def open_stream(self, path: str, message: bytes) -> int:
-        """Send one request message on a new stream; returns the stream's id."""
+        """Send one request message on a new stream; returns the stream's id. Sent once the server has taken our
+        settings: a stream opened before may start with the default window."""
+        if not self.settled.wait(timeout=10):
+            raise ConnectionError("the server did not acknowledge the client's settings within 10 s")
         stream_id, self._next_stream_id = self._next_stream_id, self._next_stream_id + 2
         headers = b"".join(_hpack_literal(k, v) for k, v in (
             (":method", "POST"), (":scheme", "http"), (":path", path), (":authority", self.authority),
@@ -110,6 +114,8 @@ class SlowReader:
                 payload = self._recv_exactly(length)
                 if kind == SETTINGS and not flags & ACK:
                     self._send(_frame(SETTINGS, ACK, 0))
+                elif kind == SETTINGS:
+                    self.settled.set()
                 elif kind == PING and not flags & ACK:
                     self._send(_frame(PING, ACK, 0, payload))
                 elif kind == DATA:
