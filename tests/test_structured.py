@@ -270,22 +270,26 @@ def test_a_grammar_that_fails_to_compile_ends_the_request_with_an_error_naming_t
 def test_drafts_the_grammar_refuses_are_masked_and_rolled_back(llms):
     """Masks for drafts walk the matcher; settling on fewer accepted drafts leaves it where a matcher fed
     only the kept tokens would be."""
-    from scheduler.structured.guide import Guide, TokenMasks
+    from scheduler.structured.guide import Guide, TokenMasks, settle_drafts
 
     engine = llms("off").engine
     tokenizer = engine.tokenizer
     compiled = engine.grammars.submit(StructuredOutputsParams(regex=r"ab(c|d)+")).result()
     a, b, c, z = (tokenizer.convert_tokens_to_ids(t) for t in "abcz")
     guide, masks = Guide(compiled), TokenMasks(engine.vocab_size, torch.device("cpu"))
-    host = masks.rows(5)
-    walked = guide.fill_drafts([a, b, z, c], host, 0)
-    assert walked == 2  # z is refused, so c after it is never walked
+    drafts = [[a, b, z, c], [c], [a]]  # beside rows without a grammar, and a guide that has ended
+    ended = Guide(compiled)
+    ended.accept([z])
+    host, walked = masks.fill_drafts([guide, None, ended], drafts)
+    assert walked == [2, 0, 0]  # z is refused, so c after it is never walked
 
     def allowed(bitmask, row, token):
         return bool((int(bitmask[row, token // 32]) >> (token % 32)) & 1)
 
     assert allowed(host, 1, b) and not allowed(host, 2, z)  # z's position refuses it: verification rejects it
-    guide.settle(walked, 1, b)  # the target kept a, then chose b itself
+    assert (host[3:] == -1).all()  # never reached, no grammar, an ended grammar: everything allowed
+    settle_drafts([guide, None, ended], drafts, walked, [1, 0, 0], [b, c, a], host)  # kept a, then chose b
+    assert guide.rollback == 1 and guide.pending == [b]  # both reach the matcher with the next fill
     fresh = Guide(compiled)
     fresh.accept([a, b])
     mine, theirs = (torch.full((1, masks.width), -1, dtype=torch.int32) for _ in range(2))

@@ -348,7 +348,13 @@ class Engine:
         return self.ranks.fault() if self.ranks is not None else None
 
     def shutdown(self) -> None:
-        """Stop the engine's worker processes (tensor parallelism); the engine is not stepped again."""
+        """Stop the engine's threads (grammar compiles, token masks; each waits for the work it has under way)
+        and worker processes (tensor parallelism); the engine is not stepped again. Also on a build that failed
+        part-way, where some of them were never made."""
+        if getattr(self, "grammars", None) is not None:
+            self.grammars.shutdown()
+        if getattr(self, "executor", None) is not None:
+            self.executor.masks.close()
         if self.ranks is not None:
             self.ranks.close()
 

@@ -8,6 +8,7 @@ step computed goes to the requests through the scheduler (Scheduler.advance, upd
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import compress
 from operator import attrgetter
@@ -36,7 +37,7 @@ from scheduler.sampling.sampler import Sampler, logprobs_of
 from scheduler.speculative.loop import DraftStepInFlight, SpeculativeLoop, device_inputs
 from scheduler.speculative.proposer import Proposal
 from scheduler.speculative.speculator import Speculator
-from scheduler.structured.guide import TokenMasks, masked_argmax
+from scheduler.structured.guide import TokenMasks, masked_argmax, settle_drafts
 from scheduler.worker.runner import ForwardItem, ModelRunner
 
 
@@ -80,6 +81,7 @@ class Verification:
     logits: torch.Tensor
     hidden: torch.Tensor | None
     cached: bool = False  # the blocks it fills are in the prefix cache already
+    masks: Future | None = None  # its drafts' grammar masks (TokenMasks.fill_drafts), filled meanwhile
 
 
 class StepExecutor:
@@ -205,6 +207,7 @@ class StepExecutor:
         """Drafts, then the target's pass; the logits wait in the Verification."""
         spec = [s for s in batch if s.num_spec_slots] if any(map(_SPEC_SLOTS, batch)) else []
         proposal = self.speculator.propose(spec, self.pool) if spec else None
+        masks = self._draft_masks_later(batch, proposal)
         drafts = proposal.device_drafts if proposal is not None else None
         rows = {id(s): r for r, s in enumerate(spec)} if drafts is not None else {}
         slots = columns(batch, self.progress)[0]
@@ -228,9 +231,9 @@ class StepExecutor:
             logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
         self.scheduler.advance(batch)
         if isinstance(items, list):
-            return Verification(batch, spec, proposal, logits, hidden)
+            return Verification(batch, spec, proposal, logits, hidden, masks=masks)
         self.row_inputs.cache_filled_blocks(batch, gathered)
-        return Verification(batch, spec, proposal, logits, hidden, cached=True)
+        return Verification(batch, spec, proposal, logits, hidden, cached=True, masks=masks)
 
     def _finish(self, step: Verification) -> list[StepResult]:
         """Sample or verify; the requests that have ended since the step was launched take nothing."""
@@ -240,7 +243,8 @@ class StepExecutor:
             if step.proposal.device_drafts is not None:  # one copy brings the drafts and, if greedy, the target's picks
                 target_ids = _learn_drafts(step.spec, step.proposal.device_drafts,
                                            step.logits if greedy_verify(sampled) else None)
-            results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden)
+            results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden,
+                                   step.masks)
         else:
             results = self._sample(step.logits, sampled)
         if not step.cached:
@@ -288,7 +292,8 @@ class StepExecutor:
         return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
 
     def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], draft_probs,
-                target_ids: list[int] | None, hidden: torch.Tensor | None) -> list[StepResult]:
+                target_ids: list[int] | None, hidden: torch.Tensor | None, masks: Future | None = None
+                ) -> list[StepResult]:
         requests = [s.request for s in sampled]
         if greedy_verify(sampled):
             # Greedy verification is an argmax comparison: one argmax over every verified position,
@@ -299,20 +304,24 @@ class StepExecutor:
         elif argmax_only(requests):
             # Greedy rows under grammars: the same argmax comparison, each verified position's argmax taken
             # among the tokens its grammar allows there (what the sampler's one-hot would pick).
-            bitmask, walked = self._draft_masks(sampled)
-            target_ids = masked_argmax(logits, bitmask).tolist()
+            host, walked = self._draft_masks(sampled, masks)
+            target_ids = masked_argmax(logits, self.masks.to_device(host)).tolist()
             num_accepted, next_tokens = self.speculator.verify_greedy(target_ids, sampled)
-            _settle_guides(sampled, walked, num_accepted, next_tokens)
+            settle_drafts(list(map(_GUIDE, requests)), list(map(_DRAFTS, sampled)), walked, num_accepted,
+                          next_tokens, host)
         else:
             per_request = sampling_rows(requests, self.vocab_size, self.device)
             if any(positions_differ(r) for r in requests):
                 rows = sampling_rows(requests, self.vocab_size, self.device, [s.draft_token_ids for s in sampled])
             else:  # every verified position samples as its request does: the rows are copied on the device
                 rows = per_request.repeat_rows([1 + len(s.draft_token_ids) for s in sampled])
-            rows.token_bitmask, walked = self._draft_masks(sampled)
+            host, walked = self._draft_masks(sampled, masks)
+            rows.token_bitmask = self.masks.to_device(host) if host is not None else None
             target_probs = self.sampler.compute_probs(logits, rows)
             num_accepted, next_tokens = self.speculator.verify(target_probs, sampled, draft_probs, per_request)
-            _settle_guides(sampled, walked, num_accepted, next_tokens)
+            if host is not None:
+                settle_drafts(list(map(_GUIDE, requests)), list(map(_DRAFTS, sampled)), walked, num_accepted,
+                              next_tokens, host)
         logprobs = _verified_logprobs(logits, sampled, num_accepted, next_tokens) \
             if any(r.params.logprobs for r in requests) else None
         results = self.scheduler.update_from_output(StepOutput(
@@ -320,19 +329,27 @@ class StepExecutor:
         self.speculator.observe(sampled, num_accepted, hidden)
         return results
 
-    def _draft_masks(self, sampled: list[ScheduledRequest]) -> tuple[torch.Tensor | None, list[int]]:
-        """The grammar masks of every verified position (masked verification), on the device, or None where no
-        grammar constrains the step; how many drafts each guide walked through, to roll back after verification."""
-        walked = [0] * len(sampled)
+    def _draft_masks_later(self, batch: list[ScheduledRequest], proposal: Proposal | None) -> Future | None:
+        """Where the host knows the drafts (lookups) and a grammar constrains a row, the masks of every position
+        to verify, filled on the helper thread while the target's pass runs (nothing touches the matchers until
+        the step is verified)."""
+        if proposal is None or proposal.device_drafts is not None:
+            return None
+        sampled = [s for s in batch if s.samples]
+        if all(s.request.guide is None for s in sampled) or not any(map(_DRAFTS, sampled)):
+            return None
+        return self.masks.fill_drafts_later([s.request.guide for s in sampled], list(map(_DRAFTS, sampled)))
+
+    def _draft_masks(self, sampled: list[ScheduledRequest], masks: Future | None
+                     ) -> tuple[torch.Tensor | None, list[int]]:
+        """The grammar masks of every verified position (masked verification), host rows, or None where no
+        grammar constrains the step; how many drafts each guide walked, to roll back after verification.
+        masks: those filled already (_draft_masks_later)."""
+        if masks is not None:
+            return masks.result()
         if all(s.request.guide is None for s in sampled):
-            return None, walked
-        host = self.masks.rows(sum(1 + len(s.draft_token_ids) for s in sampled))
-        row = 0
-        for j, s in enumerate(sampled):
-            if s.request.guide is not None:
-                walked[j] = s.request.guide.fill_drafts(s.draft_token_ids, host, row)
-            row += 1 + len(s.draft_token_ids)
-        return self.masks.to_device(host), walked
+            return None, [0] * len(sampled)
+        return self.masks.fill_drafts([s.request.guide for s in sampled], list(map(_DRAFTS, sampled)))
 
 
 _REQUEST, _GUIDE, _SPEC_SLOTS = attrgetter("request"), attrgetter("guide"), attrgetter("num_spec_slots")
@@ -352,13 +369,6 @@ def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], nu
         logprobs.append(lps)
         row += 1 + len(s.draft_token_ids)
     return logprobs
-
-
-def _settle_guides(sampled: list[ScheduledRequest], walked: list[int], num_accepted: list[int],
-                   next_tokens: list[int]) -> None:
-    for s, w, n, token in zip(sampled, walked, num_accepted, next_tokens):
-        if s.request.guide is not None:
-            s.request.guide.settle(w, n, token)
 
 
 def _take_prompt_logprobs(batch: list[ScheduledRequest], items: list[ForwardItem], prompt_rows: list[tuple[int, int]],

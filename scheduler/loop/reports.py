@@ -30,6 +30,8 @@ def check_new_tokens(live: Live, result: StepResult, now: float) -> FinishReason
         if reason is not None:
             request.stop_reason = stop_reason
     else:
+        if request.guide is not None:
+            request.guide.check()  # a failed grammar ends its request with the error (Engine._settle)
         reason, stop = None, first_stop(request, new_ids, live.detokenizer)
         if stop is not None:
             count, reason, request.stop_reason = stop

@@ -37,12 +37,12 @@ def check_grammar(so: StructuredOutputsParams) -> None:
         elif kind == "structural_tag":
             xgr.Grammar.from_structural_tag(_structural_tag(text))
     except (RuntimeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"structured_outputs.{kind}: {_reason(exc)}") from None
+        raise ValueError(f"structured_outputs.{kind}: {library_message(exc)}") from None
 
 
 def grammar_error(so: StructuredOutputsParams, exc: BaseException) -> ValueError:
     """A failed compile as the ValueError naming the field."""
-    return ValueError(f"structured_outputs.{so.kind}: {_reason(exc)}")
+    return ValueError(f"structured_outputs.{so.kind}: {library_message(exc)}")
 
 
 class UnsatisfiableGrammar(ValueError):
@@ -91,7 +91,9 @@ class GrammarCompiler:
             return future
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the pool's threads: queued compiles are cancelled, one under way is waited for (the size and
+        nesting bounds keep it to seconds)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _compile(self, kind: str, text: str):
         import xgrammar as xgr
@@ -156,7 +158,7 @@ def _structural_tag(text: str):
     return xgr.StructuralTag.from_legacy_structural_tag(items, triggers)
 
 
-def _reason(exc: Exception) -> str:
+def library_message(exc: Exception) -> str:
     # xgrammar's messages start with "[time] /path/file.cc:line: "; keep what follows.
     message = str(exc).strip()
     if message.startswith("[") and ": " in message:

@@ -1,5 +1,9 @@
 """A constrained request's grammar state (`Guide`), and one step's token masks for all constrained rows
-(`TokenMasks`): built on the host by xgrammar, copied to the device once, applied there by the sampler."""
+(`TokenMasks`): built on the host by xgrammar, copied to the device once, applied there by the sampler.
+
+A grammar that fails (its matcher refuses a token its mask allowed, or raises) fails its own request only: the
+guide records why (`Guide.error`), stops filling, and the engine ends that request with the error when it checks
+the request's next tokens (`Guide.check`); the step and the other rows go on."""
 
 from __future__ import annotations
 
@@ -7,6 +11,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from scheduler.structured.compiler import library_message
+
+
+class GrammarFailure(RuntimeError):
+    """One request's grammar failed; that request ends with this error, the others go on."""
 
 
 class Guide:
@@ -16,7 +26,12 @@ class Guide:
 
     Where a step's masks were filled (TokenMasks.fill), a token is judged by its bit in the mask of the state it
     follows (xgrammar's masks are exact: the matcher takes a token if and only if its bit is set, and ends
-    only on a stop token), and the matcher is given it with the next fill, off the engine's thread."""
+    only on a stop token), and the matcher is given it with the next fill, off the engine's thread; so are the
+    rollbacks of rejected drafts (`settle`)."""
+
+    # The fault injection seam for tests: the matcher is made to refuse the output token of this index when it is
+    # given it after its mask allowed it (what a matcher bug would do). None, always, outside tests.
+    refuse_at: int | None = None
 
     def __init__(self, compiled_grammar):
         import xgrammar as xgr
@@ -25,18 +40,36 @@ class Guide:
         # The matcher terminates only on accepting a stop token: other tokens need no is_terminated call.
         self.stop_token_ids = frozenset(self.matcher.stop_token_ids)
         self.num_accepted = 0  # output tokens the matcher has taken (or will, from `pending`)
+        self.rollback = 0  # drafts the matcher walked that verification rejected: undone before `pending`
         self.pending: list[int] = []  # tokens judged by their bits, not given to the matcher yet
         self.mask: np.ndarray | None = None  # what the matcher's state allows, until a token follows it
         self.end: int | None = None
         self.complete = False  # the grammar accepted a stop token (rather than refused one)
+        self.error: str | None = None  # why the grammar failed, when it did
+
+    def fail(self, reason: str) -> None:
+        """The grammar cannot go on: nothing more is filled or given to it, and `check` raises the reason."""
+        if self.error is None:
+            self.error = f"structured_outputs: {reason}"
+        if self.end is None:
+            self.end = self.num_accepted
+        self.pending, self.rollback, self.mask = [], 0, None
+
+    def check(self) -> None:
+        """GrammarFailure if the grammar failed: the engine ends the request with it."""
+        if self.error is not None:
+            raise GrammarFailure(self.error)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """What the grammar allows next, into bitmask's row. An ended guide leaves the row as it is: its request
         stopped on a token read after this step was scheduled, the row's token is dropped, and a terminated
-        matcher has no next mask."""
-        if self.end is None:
-            self.flush()
-            self.matcher.fill_next_token_bitmask(bitmask, row)
+        matcher has no next mask. A guide that fails here leaves the row allowing everything."""
+        if self.end is None and self.flush():
+            try:
+                self.matcher.fill_next_token_bitmask(bitmask, row)
+            except Exception as exc:  # noqa: BLE001 - this request's grammar alone
+                self.fail(f"the grammar failed to fill its mask: {library_message(exc)}")
+                bitmask[row] = -1
 
     def accept(self, token_ids: list[int]) -> None:
         """The step's new output tokens; those after the end are ignored (the request stops there)."""
@@ -48,9 +81,14 @@ class Guide:
                 taken = bool((int(mask[token_id >> 5]) >> (token_id & 31)) & 1)
                 if taken:
                     self.pending.append(token_id)
+            elif not self.flush():
+                return
             else:
-                self.flush()
-                taken = self.matcher.accept_token(token_id)
+                try:
+                    taken = self.matcher.accept_token(token_id)
+                except Exception as exc:  # noqa: BLE001 - this request's grammar alone
+                    self.fail(f"the grammar failed on token {token_id}: {library_message(exc)}")
+                    return
             if not taken:
                 self.end = self.num_accepted  # the refused token is dropped
                 return
@@ -59,48 +97,41 @@ class Guide:
                 self.complete = True
                 self.end = self.num_accepted
 
-    def flush(self) -> None:
-        """Give the matcher the tokens judged by their bits."""
-        for token_id in self.pending:
-            if not self.matcher.accept_token(token_id):
-                raise RuntimeError(f"the grammar refused token {token_id}, which its mask allowed")
+    def flush(self) -> bool:
+        """Undo the rejected drafts and give the matcher the tokens judged by their bits. False if the grammar
+        failed (now or before)."""
+        if self.error is not None:
+            return False
+        first = self.num_accepted - len(self.pending)
+        try:
+            if self.rollback:
+                self.matcher.rollback(self.rollback)
+                self.rollback = 0
+            for i, token_id in enumerate(self.pending):
+                if first + i == self.refuse_at or not self.matcher.accept_token(token_id):
+                    self.fail(f"the grammar refused token {token_id}, which its mask allowed")
+                    return False
+        except Exception as exc:  # noqa: BLE001 - this request's grammar alone
+            self.fail(f"the grammar failed: {library_message(exc)}")
+            return False
         self.pending = []
+        return True
 
-    def fill_drafts(self, draft_token_ids: list[int], bitmask: torch.Tensor, first_row: int) -> int:
-        """Masks for verifying drafts: row first_row + i holds what the grammar allows after drafts[:i]. The
-        matcher is walked through the drafts and stops at the first it refuses (or once it completes): a later
-        draft can never be accepted, as its position's mask refused the one before it. Returns how many drafts
-        were walked; `settle` rolls back those the verification rejected. An ended guide walks none: its
-        request stopped on a token the host read after this step was scheduled, and the step's tokens for
-        it are dropped (its matcher may have terminated, when it has no next mask)."""
+    def settle(self, drafts: list[int], walked: int, num_accepted: int, next_token_id: int,
+               mask: np.ndarray | None = None) -> None:
+        """After verification (TokenMasks.fill_drafts walked the matcher through `walked` of the drafts): keep the
+        accepted drafts, roll back the rest, take the token that follows. mask: what the grammar allows after the
+        kept drafts (their verified position's row), which judges that token; the rollback and the token reach
+        the matcher with the next fill. Without it both reach it now."""
         if self.end is not None:
-            return 0
-        self.mask = None  # the matcher is walked
-        self.fill(bitmask, first_row)
-        walked = 0
-        for i, token_id in enumerate(draft_token_ids):
-            if self.matcher.is_terminated() or not self.matcher.accept_token(token_id):
-                bitmask[first_row + i + 1:first_row + len(draft_token_ids) + 1] = -1  # never reached
-                break
-            walked += 1
-            if self.matcher.is_terminated():
-                bitmask[first_row + i + 1:first_row + len(draft_token_ids) + 1] = -1
-                break
-            self.fill(bitmask, first_row + i + 1)
-        return walked
-
-    def settle(self, walked: int, num_accepted: int, next_token_id: int) -> None:
-        """After verification: keep the accepted drafts, roll back the rest, take the token that follows."""
-        self.flush()
-        self.mask = None
+            return  # ended before (its drafts were not walked) or failed while walking them
         kept = min(walked, num_accepted)
-        if walked > kept:
-            self.matcher.rollback(walked - kept)
-        self.num_accepted += kept
-        if self.matcher.is_terminated():  # a drafted stop token was accepted: the request ends there
+        self.rollback, self.num_accepted = walked - kept, self.num_accepted + kept
+        if kept and drafts[kept - 1] in self.stop_token_ids:  # a drafted stop token was accepted: it ends there
             self.complete = True
             self.end = self.num_accepted
             return
+        self.mask = mask
         self.accept([next_token_id])
 
 
@@ -108,8 +139,8 @@ class TokenMasks:
     """Builds each step's [rows, ceil(V/32)] int32 bitmask in one reused host buffer (-1 = every token allowed,
     for the rows no grammar constrains) and copies it to the device in one transfer. The constrained rows are
     filled by one call into xgrammar (BatchGrammarMatcher, one thread: at these batch sizes its own threads'
-    hand-off costs more than the rows), which releases the GIL: `fill_later` runs it on a helper thread while
-    the engine's thread does other work."""
+    hand-off costs more than the rows), which releases the GIL: `fill_later` and `fill_drafts_later` run it on
+    a helper thread while the engine's thread does other work."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
@@ -140,6 +171,7 @@ class TokenMasks:
     def fill(self, guides: list[Guide | None]) -> torch.Tensor:
         """One host row per request: what its grammar allows next (a row without a grammar, or whose grammar
         has ended, allows everything). Only the rows no grammar fills are reset."""
+        filled = _flush([guide for guide in guides if guide is not None and guide.end is None])
         live, free = [], []
         for row, guide in enumerate(guides):
             (live if guide is not None and guide.end is None else free).append(row)
@@ -147,23 +179,53 @@ class TokenMasks:
         if free:
             host.index_fill_(0, torch.tensor(free), -1)
         if live:
-            if self._batch is None:
-                import xgrammar as xgr
-
-                self._batch = xgr.BatchGrammarMatcher(max_threads=1)
-            filled = [guides[row] for row in live]
-            _flush(filled)
-            self._batch.batch_fill_next_token_bitmask([guide.matcher for guide in filled], host, live)
+            self._fill_rows(filled, host, live)
             for guide, mask in zip(filled, host.numpy()[live]):  # a copy: the buffer is filled again next step
-                guide.mask = mask
+                guide.mask = mask if guide.error is None else None
         return host
+
+    def fill_drafts(self, guides: list[Guide | None], drafts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Masks for verifying drafts: 1 + len(drafts[j]) host rows for request j, in order; its row i holds
+        what its grammar allows after drafts[j][:i]. Each matcher walks its drafts and stops at the first it
+        refuses (or once it completes): a later draft can never be accepted, as its position's mask refused the
+        one before it, and its rows allow everything. Filled depth by depth, all rows of a depth in one call, the
+        drafts taken in one call. Returns the rows and how many drafts each guide walked, for `settle`. An ended
+        guide walks none: its request stopped on a token read after this step was scheduled (its matcher may
+        have terminated, when it has no next mask)."""
+        firsts = np.cumsum([0] + [1 + len(d) for d in drafts])
+        host = self.rows(int(firsts[-1]))
+        walked = [0] * len(guides)
+        walking = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None]
+        for guide in _flush([guides[j] for j in walking]):
+            guide.mask = None  # the matcher is walked
+        depth = 0
+        while walking := [j for j in walking if guides[j].error is None]:
+            self._fill_rows([guides[j] for j in walking], host, (firsts[walking] + depth).tolist())
+            going = [j for j in walking if depth < len(drafts[j]) and guides[j].error is None]
+            tokens = [drafts[j][depth] for j in going]
+            walking = []
+            for j, token, taken in zip(going, tokens, _accept([guides[j].matcher for j in going], tokens)):
+                if taken:
+                    walked[j] += 1
+                    if token not in guides[j].stop_token_ids:  # a stop token ends the matcher's walk
+                        walking.append(j)
+            depth += 1
+        return host, walked
 
     def fill_later(self, guides: list[Guide | None]) -> Future:
         """fill(guides) on the helper thread: a future of the host rows. Nothing may touch these guides' matchers
         (accept, roll back, fill) until it is done."""
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="token-masks")
-        return self._helper.submit(self.fill, guides)
+        return self._helper_thread().submit(self.fill, guides)
+
+    def fill_drafts_later(self, guides: list[Guide | None], drafts: list[list[int]]) -> Future:
+        """fill_drafts on the helper thread: a future of (host rows, walked); the same rule as fill_later."""
+        return self._helper_thread().submit(self.fill_drafts, guides, drafts)
+
+    def close(self) -> None:
+        """Stop the helper thread (waiting for a fill under way): the engine is shutting down."""
+        if self._helper is not None:
+            self._helper.shutdown(wait=True, cancel_futures=True)
+            self._helper = None
 
     def for_requests(self, guides: list[Guide | None]) -> torch.Tensor:
         """One row per request, on the device: what its grammar allows next."""
@@ -174,20 +236,57 @@ class TokenMasks:
         under the same mask. The logits are overwritten."""
         return masked_argmax(logits, self.for_requests(guides))
 
+    def _helper_thread(self) -> ThreadPoolExecutor:
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="token-masks")
+        return self._helper
 
-def _flush(guides: list[Guide]) -> None:
-    """Guide.flush for them all; those with one token waiting (most) in one call."""
+    def _fill_rows(self, guides: list[Guide], host: torch.Tensor, rows: list[int]) -> None:
+        """The guides' masks into the host rows, in one call; where that call fails (one matcher's error fails
+        it all), each alone, so a failing grammar fails its own guide only."""
+        if self._batch is None:
+            import xgrammar as xgr
+
+            self._batch = xgr.BatchGrammarMatcher(max_threads=1)
+        try:
+            self._batch.batch_fill_next_token_bitmask([guide.matcher for guide in guides], host, rows)
+        except Exception:  # noqa: BLE001 - which grammar failed is found row by row
+            for guide, row in zip(guides, rows):
+                guide.fill(host, row)
+
+
+def settle_drafts(guides: list[Guide | None], drafts: list[list[int]], walked: list[int], num_accepted: list[int],
+                  next_tokens: list[int], host: torch.Tensor) -> None:
+    """Guide.settle for each verified row that has a guide. host: the rows TokenMasks.fill_drafts filled (not
+    filled again since); each guide's next token is judged by the row of the position it follows."""
+    firsts = np.cumsum([0] + [1 + len(d) for d in drafts])
+    settling = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None]
+    if not settling:
+        return
+    rows = [int(firsts[j]) + min(walked[j], num_accepted[j]) for j in settling]
+    for j, mask in zip(settling, host.numpy()[rows]):  # a copy: the buffer is filled again next step
+        guides[j].settle(drafts[j], walked[j], num_accepted[j], next_tokens[j], mask)
+
+
+def _flush(guides: list[Guide]) -> list[Guide]:
+    """Guide.flush for them all (those with one token waiting and nothing to roll back, most, in one call).
+    Returns those whose grammar has not failed."""
+    ones = [guide for guide in guides if len(guide.pending) == 1 and not guide.rollback and guide.refuse_at is None]
+    tokens = [guide.pending[0] for guide in ones]
+    for guide, token_id, taken in zip(ones, tokens, _accept([guide.matcher for guide in ones], tokens)):
+        guide.pending = []
+        if not taken:
+            guide.fail(f"the grammar refused token {token_id}, which its mask allowed")
+    return [guide for guide in guides if guide.flush()]
+
+
+def _accept(matchers: list, tokens: list[int]) -> list[bool]:
+    """Each matcher takes its token (or refuses it), in one call."""
+    if not matchers:
+        return []
     import xgrammar as xgr
 
-    ones = [guide for guide in guides if len(guide.pending) == 1]
-    if ones and not all(xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in ones],
-                                                                   [g.pending[0] for g in ones])):
-        raise RuntimeError("a grammar refused a token its mask allowed")
-    for guide in ones:
-        guide.pending = []
-    for guide in guides:
-        if guide.pending:
-            guide.flush()
+    return xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
 
 
 def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
