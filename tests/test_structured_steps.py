@@ -139,3 +139,52 @@ def test_constrained_requests_preempted_or_aborted_keep_their_answers_and_give_e
             tokens = [t for d in mine for t in d.token_ids]
             assert tokens == completion.token_ids if i % 2 == 0 else completion.token_ids[:len(tokens)] == tokens
     assert_pool_idle(engine)
+
+
+def walked_alone(guide: Guide | None, drafts: list[int], width: int) -> tuple[torch.Tensor, int]:
+    """What a request's verified positions allow, from a copy of its matcher walked through its drafts alone."""
+    rows = torch.full((1 + len(drafts), width), -1, dtype=torch.int32)
+    if guide is None or guide.end is not None:
+        return rows, 0
+    guide.flush()
+    matcher = guide.matcher.fork()
+    for i, token in enumerate([None] + drafts):
+        if token is not None and not matcher.accept_token(token):
+            return rows, i - 1
+        if matcher.is_terminated():
+            return rows, i
+        matcher.fill_next_token_bitmask(rows, i)
+    return rows, len(drafts)
+
+
+def test_draft_masks_filled_depth_by_depth_are_each_matchers_own_walk(compiled):
+    """Drafts of several lengths, some refused part-way, one ending in the stop token, rows without a grammar and
+    an ended guide: each request's rows are what its matcher walked alone gives, and so is how far it walked."""
+    guides = guides_at_several_points(compiled)
+    stop = VOCAB.index("</s>")
+    drafts = [encode('ris", "size": 12}') + [stop], [], encode("2"), [], [stop], [],
+              encode('{"town"'), encode("ab"), encode("dog 1"), [], encode("x")]
+    masks = TokenMasks(len(VOCAB), CPU)
+    alone = [walked_alone(guide, d, masks.width) for guide, d in zip(guides, drafts)]
+    host, walked = masks.fill_drafts_later(guides, drafts).result()
+    assert torch.equal(host, torch.cat([rows for rows, _ in alone])) and walked == [w for _, w in alone]
+    assert walked[0] == len(drafts[0]) and 0 < walked[6] < len(drafts[6]) and walked[-1] == 0
+
+
+def test_a_matcher_that_fails_fails_its_own_guide_and_row_alone(compiled):
+    """A matcher that raises (terminated behind its guide's back, so it has no next mask) fails the batch call:
+    the rows are filled one by one, the failing guide's row allows everything and its guide says why."""
+    from scheduler.structured.guide import GrammarFailure
+
+    guides = guides_at_several_points(compiled)
+    broken = Guide(compiled[2])
+    broken.accept(encode("yes"))
+    assert broken.matcher.accept_token(VOCAB.index("</s>")) and broken.end is None
+    masks = TokenMasks(len(VOCAB), CPU)
+    expected = one_by_one(guides, masks.width)
+    host = masks.fill(guides + [broken])
+    assert torch.equal(host[:-1], expected) and (host[-1] == -1).all()
+    assert broken.end == 3 and broken.mask is None and "failed to fill its mask" in broken.error
+    with pytest.raises(GrammarFailure, match="structured_outputs: the grammar failed to fill its mask"):
+        broken.check()
+    guides[0].check()  # the others go on
