@@ -5,14 +5,19 @@ The engine drives bench/host_path.py's stand-in model (one layer of hidden size 
 each new token), here with the default model's tokenizer and vocabulary so that the grammars and their masks are
 the real ones (bench/structured.py's schemas). The model's time is measured apart and left out: what is reported is
 the engine thread's CPU time (time.thread_time) per full-batch decode step, split into
-- mask fill: the grammar matchers writing the step's token bitmask (TokenMasks),
+- mask fill: the grammar matchers writing the step's token bitmask (TokenMasks), and with speculation the masks
+  of every drafted position (the matchers walked through the drafts),
 - mask apply: disallowed logits set to -inf (on a GPU a device op; on this CPU the host runs it),
-- token accept: the matchers taking the step's tokens (Guide.accept),
+- token accept: the matchers taking the step's tokens (Guide.accept), and with speculation settling the verified
+  drafts (rejected ones rolled back),
 - the rest: everything else of the step (scheduling, inputs, argmax, stop checks, outputs).
 Work done on another thread (a fill overlapped with the engine thread) is reported apart, as is the whole
 process's CPU time, so nothing is hidden by moving it.
 
-    python -m bench.structured_host [--num-requests 64,256] [--output-len 48] [--loops on,off]
+With --speculative ngram, both workloads draft by n-gram lookup (fixed depth, --num-speculative-tokens): a step
+is then a full-batch verification, and what a request gains a step (1 + its accepted drafts) is reported beside.
+
+    python -m bench.structured_host [--num-requests 64,256] [--output-len 48] [--loops on,off] [--speculative ngram]
 """
 
 from __future__ import annotations
@@ -38,18 +43,21 @@ from server.loadgen import machine
 # What each piece is, as the functions that do it: (module, class or None, function name); those of earlier
 # versions too (TokenMasks._fill), so the benchmark measures them alike. Giving the matchers their tokens is part
 # of the fill where the fill does it.
-PIECES = {"mask_fill": [(guide, "TokenMasks", "_fill"), (guide, "TokenMasks", "fill")],
+PIECES = {"mask_fill": [(guide, "TokenMasks", "_fill"), (guide, "TokenMasks", "fill"), (guide, "Guide", "fill_drafts"),
+                        (guide, "TokenMasks", "fill_drafts")],
           "mask_apply": [(guide, None, "apply_token_bitmask")],
-          "token_accept": [(guide, "Guide", "accept")]}
+          "token_accept": [(guide, "Guide", "accept"), (guide, "Guide", "settle")]}
 
 
 class PieceClock:
-    """Wraps the functions of each piece, adding up their CPU time: on the engine thread, and on any other."""
+    """Wraps the functions of each piece, adding up their CPU time: on the engine thread, and on any other. A
+    piece's function called inside another's (settle taking the next token by accept) counts once, in the outer."""
 
     def __init__(self):
         self.engine_thread = threading.get_ident()
         self.seconds = {name: 0.0 for name in PIECES}
         self.elsewhere = {name: 0.0 for name in PIECES}
+        self._inside = threading.local()
         self._undo = []
         for name, places in PIECES.items():
             for module, cls, fn in places:
@@ -61,10 +69,14 @@ class PieceClock:
 
     def _timed(self, name: str, fn):
         def timed(*args, **kwargs):
+            if getattr(self._inside, "piece", False):
+                return fn(*args, **kwargs)
+            self._inside.piece = True
             start = time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._inside.piece = False
                 spent = time.thread_time() - start
                 if threading.get_ident() == self.engine_thread:
                     self.seconds[name] += spent
@@ -77,14 +89,16 @@ class PieceClock:
             setattr(owner, fn, original)
 
 
-def build(tokenizer, num_requests: int, output_len: int, prompt_len: int, overlap: bool) -> tuple[LLM, ModelClock]:
-    max_model_len = prompt_len + output_len + 16
+def build(tokenizer, num_requests: int, output_len: int, prompt_len: int, overlap: bool, speculative: str = "off",
+          num_speculative_tokens: int = 3) -> tuple[LLM, ModelClock]:
+    max_model_len = prompt_len + output_len + 16 + num_speculative_tokens
     kv_bytes_per_token = 2 * TINY["hidden_size"] * 4
     config = LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
                          max_position_embeddings=max_model_len)
     llm = LLM(model=config, tokenizer="default", load_format="dummy", device="cpu", dtype="float32",
               max_num_seqs=num_requests, max_num_batched_tokens=max(4096, num_requests * 2),
-              max_model_len=max_model_len, overlap_scheduling=overlap,
+              max_model_len=max_model_len, overlap_scheduling=overlap, speculative=speculative,
+              num_speculative_tokens=num_speculative_tokens, adaptive_speculation=False,
               kv_cache_bytes=(num_requests + 1) * (max_model_len + 16) * kv_bytes_per_token)
     return llm, ModelClock(llm.engine.model, real=False)
 
@@ -94,7 +108,7 @@ def run(llm: LLM, clock: ModelClock, prompt: list[int], params: list[SamplingPar
     engine, n = llm.engine, len(params)
     streams = [engine.add_request(None, p, prompt_token_ids=prompt) for p in params]
     pieces = PieceClock()
-    host, per_piece, elsewhere, process, wall = [], {k: [] for k in PIECES}, [], [], []
+    host, per_piece, elsewhere, process, wall, gained = [], {k: [] for k in PIECES}, [], [], [], []
     try:
         while not all(s.finished for s in streams):
             before = (clock.seconds, dict(pieces.seconds), sum(pieces.elsewhere.values()))
@@ -105,8 +119,9 @@ def run(llm: LLM, clock: ModelClock, prompt: list[int], params: list[SamplingPar
             for s in streams:
                 while s.get_nowait() is not None:
                     pass
-            if stats.num_prompt_tokens or stats.num_running != n or stats.num_generation_tokens != n:
-                continue  # ramp-up and tail: not a full-batch decode step
+            if stats.num_prompt_tokens or stats.num_running != n or stats.num_generation_tokens < n:
+                continue  # ramp-up and tail: not a full-batch decode step (with drafts, tokens >= n)
+            gained.append(stats.num_generation_tokens / n)
             host.append(spent)
             process.append(time.process_time() - proc - (clock.seconds - before[0]))
             wall.append(time.perf_counter() - start)
@@ -127,11 +142,13 @@ def run(llm: LLM, clock: ModelClock, prompt: list[int], params: list[SamplingPar
                 host_us_per_row=us_per_row(host), pieces_us_per_row=pieces_us,
                 rest_us_per_row=round(us_per_row(host) - sum(pieces_us.values()), 2),
                 other_threads_us_per_row=us_per_row(elsewhere), process_cpu_us_per_row=us_per_row(process),
-                wall_ms_per_step=round(1e3 * statistics.median(wall), 3))
+                wall_ms_per_step=round(1e3 * statistics.median(wall), 3),
+                tokens_per_row_step=round(statistics.mean(gained), 3))
 
 
 def measure(args: argparse.Namespace, tokenizer, num_requests: int, overlap: bool) -> dict:
-    llm, clock = build(tokenizer, num_requests, args.output_len, 64, overlap)
+    llm, clock = build(tokenizer, num_requests, args.output_len, 64, overlap, args.speculative,
+                       args.num_speculative_tokens)
     prompt = llm.engine.inputs.render_chat([{"role": "user", "content": "List some records as JSON."}])
     rng = random.Random(args.seed)
     schemas = [StructuredOutputsParams(json=schema(rng, min_items=args.output_len)) for _ in range(num_requests)]
@@ -155,7 +172,8 @@ def measure(args: argparse.Namespace, tokenizer, num_requests: int, overlap: boo
     extra = round(constrained["host_us_per_row"] - base["host_us_per_row"], 2)
     extra_no_apply = round(extra - constrained["pieces_us_per_row"]["mask_apply"]
                            + base["pieces_us_per_row"]["mask_apply"], 2)
-    return dict(num_requests=num_requests, loop="on" if overlap else "off", results=results,
+    return dict(num_requests=num_requests, loop="on" if overlap else "off", speculative=args.speculative,
+                results=results,
                 constrained_minus_unconstrained_us_per_row=extra,
                 constrained_minus_unconstrained_without_apply_us_per_row=extra_no_apply,
                 constrained_over_unconstrained_host=round(constrained["host_us_per_row"] / base["host_us_per_row"], 3))
@@ -168,14 +186,16 @@ def to_markdown(report: dict) -> str:
              f"{m['load_average_at_start']}) · torch {m['torch']}, xgrammar {m['xgrammar']}", "",
              "Engine-thread CPU µs per request per full-batch decode step (median of the steps), the model's time "
              "left out.", "",
-             "| requests | loop | workload | host µs/row | mask fill | mask apply | token accept | rest "
-             "| other threads | process CPU µs/row |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| requests | loop | speculative | workload | host µs/row | mask fill | mask apply | token accept | rest "
+             "| other threads | process CPU µs/row | tokens/row/step |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in report["measurements"]:
         for name, r in m["results"].items():
             p = r["pieces_us_per_row"]
-            lines.append(f"| {m['num_requests']} | {m['loop']} | {name} | {r['host_us_per_row']} | {p['mask_fill']} | "
-                         f"{p['mask_apply']} | {p['token_accept']} | {r['rest_us_per_row']} | "
-                         f"{r['other_threads_us_per_row']} | {r['process_cpu_us_per_row']} |")
+            lines.append(f"| {m['num_requests']} | {m['loop']} | {m.get('speculative', 'off')} | {name} | "
+                         f"{r['host_us_per_row']} | {p['mask_fill']} | {p['mask_apply']} | {p['token_accept']} | "
+                         f"{r['rest_us_per_row']} | {r['other_threads_us_per_row']} | "
+                         f"{r['process_cpu_us_per_row']} | {r.get('tokens_per_row_step', 1.0)} |")
     lines += ["", "| requests | loop | constrained − unconstrained µs/row | same without the mask apply (device work "
               "on a GPU) | constrained / unconstrained host |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {m['num_requests']} | {m['loop']} | {m['constrained_minus_unconstrained_us_per_row']} | "
@@ -191,12 +211,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loops", default="on", help="overlapped loop: on, off or on,off")
     p.add_argument("--repeats", type=int, default=2, help="runs of each workload, alternated; the best kept")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", default="off", choices=("off", "ngram"), help="drafts for both workloads")
+    p.add_argument("--num-speculative-tokens", type=int, default=3, help="n-gram depth (fixed)")
     p.add_argument("--out", type=Path, default=Path("bench/results/structured_host_cpu_latest.json"))
     args = p.parse_args(argv)
     args.num_requests = [int(n) for n in args.num_requests.split(",")]
     args.loops = args.loops.split(",")
-    if any(n < 1 for n in args.num_requests) or args.output_len < 4 or args.repeats < 1:
-        p.error("--num-requests >= 1 each, --output-len >= 4, --repeats >= 1")
+    if any(n < 1 for n in args.num_requests) or args.output_len < 4 or args.repeats < 1 \
+            or args.num_speculative_tokens < 1:
+        p.error("--num-requests >= 1 each, --output-len >= 4, --repeats >= 1, --num-speculative-tokens >= 1")
     if any(loop not in ("on", "off") for loop in args.loops):
         p.error(f"--loops takes on, off or on,off; got {','.join(args.loops)}")
     return args

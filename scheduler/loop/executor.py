@@ -246,7 +246,7 @@ class StepExecutor:
             results = self._verify(step.logits, sampled, step.proposal.draft_probs, target_ids, step.hidden,
                                    step.masks)
         else:
-            results = self._sample(step.logits, sampled)
+            results = self._sample(step.logits, sampled, step.masks)
         if not step.cached:
             self._cache_blocks(step.batch)
         return results
@@ -282,11 +282,14 @@ class StepExecutor:
         return ForwardItem(tokens, start, self.pool.block_table(request.request_id), num_logits, device_row,
                            num_device_tokens)
 
-    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> list[StepResult]:
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest], masks: Future | None = None
+                ) -> list[StepResult]:
+        """masks: the rows' grammar masks, filled meanwhile (_draft_masks_later, where no row had drafts)."""
         if not sampled:
             return []
         requests = [s.request for s in sampled]
-        out = self.drawer.draw(logits, requests, self.progress.slots_of(requests))
+        out = self.drawer.draw(logits, requests, self.progress.slots_of(requests),
+                               masks.result()[0] if masks is not None else None)
         logprobs = [[lp] for lp in logprob_lists(out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)] \
             if out.logprobs is not None else None
         return self.scheduler.update_from_output(StepOutput(requests, out.token_ids.tolist(), logprobs))
@@ -331,12 +334,12 @@ class StepExecutor:
 
     def _draft_masks_later(self, batch: list[ScheduledRequest], proposal: Proposal | None) -> Future | None:
         """Where the host knows the drafts (lookups) and a grammar constrains a row, the masks of every position
-        to verify, filled on the helper thread while the target's pass runs (nothing touches the matchers until
-        the step is verified)."""
+        to verify (of each row's next token alone where none was drafted), filled on the helper thread while the
+        target's pass runs (nothing touches the matchers until the step is verified or sampled)."""
         if proposal is None or proposal.device_drafts is not None:
             return None
         sampled = [s for s in batch if s.samples]
-        if all(s.request.guide is None for s in sampled) or not any(map(_DRAFTS, sampled)):
+        if all(s.request.guide is None for s in sampled):
             return None
         return self.masks.fill_drafts_later([s.request.guide for s in sampled], list(map(_DRAFTS, sampled)))
 

@@ -57,18 +57,22 @@ class TokenDrawer:
         self.device = device
         self.progress = progress
 
-    def draw(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None) -> SamplerOutput:
+    def draw(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None,
+             filled: torch.Tensor | None = None) -> SamplerOutput:
         """Each request's next token (and logprobs, where asked), on the device: nothing here waits for it.
         Greedy rows take the argmax of their logits, masked where a grammar constrains them (the logits are
-        overwritten), without the sampler's rows. slots: the requests' Progress slots, where known."""
-        constrained = self._constrained(requests, slots)
-        guides = list(map(_GUIDE, requests)) if constrained else None
+        overwritten), without the sampler's rows. slots: the requests' Progress slots, where known. filled: the
+        rows' grammar masks on the host, filled already (TokenMasks.fill_drafts, no drafts)."""
+        constrained = filled is not None or self._constrained(requests, slots)
+        if constrained:
+            bitmask = self.masks.to_device(filled) if filled is not None \
+                else self.masks.for_requests(list(map(_GUIDE, requests)))
         if self._argmax_only(requests, slots):
-            token_ids = self.masks.argmax(logits, guides) if constrained else logits.argmax(dim=-1)
+            token_ids = masked_argmax(logits, bitmask) if constrained else logits.argmax(dim=-1)
             return SamplerOutput(token_ids, None, None, None)
         rows = self._rows(requests, slots)
         if constrained:
-            rows.token_bitmask = self.masks.for_requests(guides)
+            rows.token_bitmask = bitmask
         return self.sampler(logits, rows)
 
     def draw_later(self, logits: torch.Tensor, requests: list[Request], slots: np.ndarray | None = None

@@ -29,8 +29,8 @@ class Guide:
     only on a stop token), and the matcher is given it with the next fill, off the engine's thread; so are the
     rollbacks of rejected drafts (`settle`)."""
 
-    # The fault injection seam for tests: the matcher is made to refuse the output token of this index when it is
-    # given it after its mask allowed it (what a matcher bug would do). None, always, outside tests.
+    # The fault injection seam for tests: the matcher is made to refuse the first token it is given, after its mask
+    # allowed it, of this output index or later (what a matcher bug would do). None, always, outside tests.
     refuse_at: int | None = None
 
     def __init__(self, compiled_grammar):
@@ -108,7 +108,8 @@ class Guide:
                 self.matcher.rollback(self.rollback)
                 self.rollback = 0
             for i, token_id in enumerate(self.pending):
-                if first + i == self.refuse_at or not self.matcher.accept_token(token_id):
+                injected = self.refuse_at is not None and first + i >= self.refuse_at
+                if injected or not self.matcher.accept_token(token_id):
                     self.fail(f"the grammar refused token {token_id}, which its mask allowed")
                     return False
         except Exception as exc:  # noqa: BLE001 - this request's grammar alone
@@ -189,15 +190,15 @@ class TokenMasks:
         what its grammar allows after drafts[j][:i]. Each matcher walks its drafts and stops at the first it
         refuses (or once it completes): a later draft can never be accepted, as its position's mask refused the
         one before it, and its rows allow everything. Filled depth by depth, all rows of a depth in one call, the
-        drafts taken in one call. Returns the rows and how many drafts each guide walked, for `settle`. An ended
+        drafts taken in one call. Returns the rows and how many drafts each guide walked, for `settle` (a guide
+        that walked none keeps its first row as its mask, as after `fill`). An ended
         guide walks none: its request stopped on a token read after this step was scheduled (its matcher may
         have terminated, when it has no next mask)."""
         firsts = np.cumsum([0] + [1 + len(d) for d in drafts])
         host = self.rows(int(firsts[-1]))
         walked = [0] * len(guides)
         walking = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None]
-        for guide in _flush([guides[j] for j in walking]):
-            guide.mask = None  # the matcher is walked
+        _flush([guides[j] for j in walking])
         depth = 0
         while walking := [j for j in walking if guides[j].error is None]:
             self._fill_rows([guides[j] for j in walking], host, (firsts[walking] + depth).tolist())
@@ -210,6 +211,9 @@ class TokenMasks:
                     if token not in guides[j].stop_token_ids:  # a stop token ends the matcher's walk
                         walking.append(j)
             depth += 1
+        still = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None and not walked[j]]
+        for j, mask in zip(still, host.numpy()[firsts[still]]):  # a copy: the buffer is filled again next step
+            guides[j].mask = mask  # not walked: its next token (no draft kept) is judged by the row's bit
         return host, walked
 
     def fill_later(self, guides: list[Guide | None]) -> Future:
