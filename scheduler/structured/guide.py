@@ -47,13 +47,17 @@ class Guide:
         self.complete = False  # the grammar accepted a stop token (rather than refused one)
         self.error: str | None = None  # why the grammar failed, when it did
 
+    @property
+    def ended(self) -> bool:
+        """Nothing more to fill or give the matcher: the grammar ended, or failed."""
+        return self.end is not None or self.error is not None
+
     def fail(self, reason: str) -> None:
-        """The grammar cannot go on: nothing more is filled or given to it, and `check` raises the reason."""
+        """The grammar cannot go on: nothing more is filled or given to it, and `check` raises the reason. Only
+        `error` tells (one write: the engine's thread may read the guide meanwhile); `end` is the grammar's own."""
+        self.pending, self.rollback, self.mask = [], 0, None
         if self.error is None:
             self.error = f"structured_outputs: {reason}"
-        if self.end is None:
-            self.end = self.num_accepted
-        self.pending, self.rollback, self.mask = [], 0, None
 
     def check(self) -> None:
         """GrammarFailure if the grammar failed: the engine ends the request with it."""
@@ -64,7 +68,7 @@ class Guide:
         """What the grammar allows next, into bitmask's row. An ended guide leaves the row as it is: its request
         stopped on a token read after this step was scheduled, the row's token is dropped, and a terminated
         matcher has no next mask. A guide that fails here leaves the row allowing everything."""
-        if self.end is None and self.flush():
+        if not self.ended and self.flush():
             try:
                 self.matcher.fill_next_token_bitmask(bitmask, row)
             except Exception as exc:  # noqa: BLE001 - this request's grammar alone
@@ -74,7 +78,7 @@ class Guide:
     def accept(self, token_ids: list[int]) -> None:
         """The step's new output tokens; those after the end are ignored (the request stops there)."""
         for token_id in token_ids:
-            if self.end is not None:
+            if self.ended:
                 return
             mask, self.mask = self.mask, None
             if mask is not None:
@@ -124,7 +128,7 @@ class Guide:
         accepted drafts, roll back the rest, take the token that follows. mask: what the grammar allows after the
         kept drafts (their verified position's row), which judges that token; the rollback and the token reach
         the matcher with the next fill. Without it both reach it now."""
-        if self.end is not None:
+        if self.ended:
             return  # ended before (its drafts were not walked) or failed while walking them
         kept = min(walked, num_accepted)
         self.rollback, self.num_accepted = walked - kept, self.num_accepted + kept
@@ -172,10 +176,10 @@ class TokenMasks:
     def fill(self, guides: list[Guide | None]) -> torch.Tensor:
         """One host row per request: what its grammar allows next (a row without a grammar, or whose grammar
         has ended, allows everything). Only the rows no grammar fills are reset."""
-        filled = _flush([guide for guide in guides if guide is not None and guide.end is None])
+        filled = _flush([guide for guide in guides if guide is not None and not guide.ended])
         live, free = [], []
         for row, guide in enumerate(guides):
-            (live if guide is not None and guide.end is None else free).append(row)
+            (live if guide is not None and not guide.ended else free).append(row)
         host = self.rows(len(guides), reset=False)
         if free:
             host.index_fill_(0, torch.tensor(free), -1)
@@ -197,7 +201,7 @@ class TokenMasks:
         firsts = np.cumsum([0] + [1 + len(d) for d in drafts])
         host = self.rows(int(firsts[-1]))
         walked = [0] * len(guides)
-        walking = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None]
+        walking = [j for j, guide in enumerate(guides) if guide is not None and not guide.ended]
         _flush([guides[j] for j in walking])
         depth = 0
         while walking := [j for j in walking if guides[j].error is None]:
@@ -211,7 +215,7 @@ class TokenMasks:
                     if token not in guides[j].stop_token_ids:  # a stop token ends the matcher's walk
                         walking.append(j)
             depth += 1
-        still = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None and not walked[j]]
+        still = [j for j, guide in enumerate(guides) if guide is not None and not guide.ended and not walked[j]]
         for j, mask in zip(still, host.numpy()[firsts[still]]):  # a copy: the buffer is filled again next step
             guides[j].mask = mask  # not walked: its next token (no draft kept) is judged by the row's bit
         return host, walked
@@ -264,7 +268,7 @@ def settle_drafts(guides: list[Guide | None], drafts: list[list[int]], walked: l
     """Guide.settle for each verified row that has a guide. host: the rows TokenMasks.fill_drafts filled (not
     filled again since); each guide's next token is judged by the row of the position it follows."""
     firsts = np.cumsum([0] + [1 + len(d) for d in drafts])
-    settling = [j for j, guide in enumerate(guides) if guide is not None and guide.end is None]
+    settling = [j for j, guide in enumerate(guides) if guide is not None and not guide.ended]
     if not settling:
         return
     rows = [int(firsts[j]) + min(walked[j], num_accepted[j]) for j in settling]
