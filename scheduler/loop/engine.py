@@ -348,13 +348,11 @@ class Engine:
         return self.ranks.fault() if self.ranks is not None else None
 
     def shutdown(self) -> None:
-        """Stop the engine's threads (grammar compiles, token masks; each waits for the work it has under way)
-        and worker processes (tensor parallelism); the engine is not stepped again. Also on a build that failed
-        part-way, where some of them were never made."""
-        if getattr(self, "grammars", None) is not None:
-            self.grammars.shutdown()
-        if getattr(self, "executor", None) is not None:
-            self.executor.masks.close()
+        """Stop the engine's threads (grammar compiles, token masks: each ends the work under way) and worker
+        processes (tensor parallelism), also after a build that failed part-way; the engine is not stepped again."""
+        for helper in (getattr(self, "grammars", None), getattr(getattr(self, "executor", None), "masks", None)):
+            if helper is not None:
+                helper.shutdown()
         if self.ranks is not None:
             self.ranks.close()
 

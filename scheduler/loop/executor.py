@@ -333,13 +333,10 @@ class StepExecutor:
         return results
 
     def _draft_masks_later(self, batch: list[ScheduledRequest], proposal: Proposal | None) -> Future | None:
-        """Where the host knows the drafts (lookups) and a grammar constrains a row, the masks of every position
-        to verify (of each row's next token alone where none was drafted), filled on the helper thread while the
-        target's pass runs (nothing touches the matchers until the step is verified or sampled)."""
-        if proposal is None or proposal.device_drafts is not None:
-            return None
+        """Where the host knows the drafts (lookups), the grammars' masks of every position to verify (of each
+        row's next token where none was drafted), filled on the helper thread while the target's pass runs."""
         sampled = [s for s in batch if s.samples]
-        if all(s.request.guide is None for s in sampled):
+        if proposal is None or proposal.device_drafts is not None or all(s.request.guide is None for s in sampled):
             return None
         return self.masks.fill_drafts_later([s.request.guide for s in sampled], list(map(_DRAFTS, sampled)))
 

@@ -229,7 +229,7 @@ class TokenMasks:
         """fill_drafts on the helper thread: a future of (host rows, walked); the same rule as fill_later."""
         return self._helper_thread().submit(self.fill_drafts, guides, drafts)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
         """Stop the helper thread (waiting for a fill under way): the engine is shutting down."""
         if self._helper is not None:
             self._helper.shutdown(wait=True, cancel_futures=True)
