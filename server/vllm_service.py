@@ -85,8 +85,7 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
         engine = await self.engine(context)
         timeout = request.timeout_s or None
         try:
-            freed = await asyncio.wait_for(engine.run_in_engine_thread(engine.engine.pool.reset_prefix_cache),
-                                           timeout)
+            freed = await asyncio.wait_for(engine.reset_prefix_cache(), timeout)
         except TimeoutError:
             return common_pb2.FlushCacheResponse(success=False, message=f"not flushed within {timeout} s")
         return common_pb2.FlushCacheResponse(success=True, message=f"{freed} cached blocks dropped")
