@@ -198,6 +198,10 @@ def stand_in_engine(*args, **kwargs):
     ModelClock(built.model, real=False)
     if multiprocessing.parent_process() is not None:  # the engine core's process
         Path(os.environ[ENGINE_TID_FILE]).with_suffix(".core").write_text(str(os.getpid()))
+        from server.core_process import Core
+
+        real_run = Core.run
+        Core.run = lambda self: profiled(real_run, "engine-core", self)
     return built
 
 

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 
 from scheduler import SamplingParams
 from scheduler.core.outputs import RequestOutput
+from scheduler.loop.collector import tune_gc
 from server.async_engine import (
     MAX_PENDING_OUTPUTS,
     THROUGHPUT_WINDOW_S,
@@ -97,7 +98,12 @@ class ProcessEngine:
             _end_process(process)
             conn.close()
             raise RuntimeError(f"the engine core failed to start: {message[1]}")
-        served = cls(CoreView(message[1]), process, conn, **options)
+        view = CoreView(message[1])
+        # As the engine does in its process: what start-up made frozen out of collections, and young collections
+        # past what a step's outputs hold at once (the reader thread allocates them; at the default threshold
+        # full collections cost seconds a run).
+        tune_gc(view.config.max_num_seqs)
+        served = cls(view, process, conn, **options)
         served.start()
         log.info("engine core running in process %d", process.pid)
         return served

@@ -21,6 +21,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from tests.daemon import Daemon
+from tests.test_server import wait_pool_idle
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Numbers: 1 2 3"]
 
@@ -74,16 +75,6 @@ def vllm_generated(daemon: Daemon, token_ids: list[int]) -> list[int]:
         responses = list(vpb_grpc.VllmEngineStub(channel).Generate(request, timeout=30))
     assert responses[-1].HasField("complete")
     return [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
-
-
-def wait_pool_idle(stub, timeout: float = 10) -> pb.Load:
-    deadline = time.monotonic() + timeout
-    while True:
-        load = stub.GetLoad(pb.GetLoadRequest())
-        if load.kv_blocks_free == load.kv_blocks_total and load.num_running == 0 and load.num_waiting == 0:
-            return load
-        assert time.monotonic() < deadline, f"KV blocks not returned: {load}"
-        time.sleep(0.05)
 
 
 def test_greedy_answers_equal_the_thread_mode_on_both_services(daemon, tiny_text_daemon):
