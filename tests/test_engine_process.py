@@ -152,3 +152,14 @@ def _not_serving_or_gone(daemon: Daemon, timeout: float = 5) -> bool:
             return daemon.proc.wait(timeout=30) is not None
         time.sleep(0.05)
     return False
+
+
+def test_what_a_core_process_cannot_serve_is_refused_at_start_naming_the_flag():
+    from tests.test_config import parse
+
+    assert parse(["--engine-core", "process"]).engine_core == "process"
+    assert parse([]).engine_core == "thread"
+    with pytest.raises(ValueError, match="--engine-core process does not serve tensor parallelism"):
+        parse(["--engine-core", "process", "--tensor-parallel-size", "2"])
+    with pytest.raises(SystemExit):  # argparse's choices
+        parse(["--engine-core", "fork"])
