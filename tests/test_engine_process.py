@@ -2,7 +2,7 @@
 greedy answers equal the thread mode's on both generation services (text and logprobs included), a cancelled or
 aborted request gives every KV block back, the metrics count the tokens the core made, and a core killed mid-stream
 ends every call in flight INTERNAL, turns readiness NOT_SERVING and leaves no process behind. A drained daemon
-stops its core (the module daemon must exit 0)."""
+stops its core (the module daemon must exit 0). What a core process cannot serve is refused at start."""
 
 from __future__ import annotations
 
