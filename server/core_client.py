@@ -194,6 +194,7 @@ class ProcessEngine:
         try:
             while (events := await queue.get()) is not None:
                 yield events
+            raise EngineDeadError(f"engine is not running: {self.error!r}")  # the core died: no more events
         finally:
             if queue in self._kv_followers:
                 self._kv_followers.remove(queue)

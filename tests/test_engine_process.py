@@ -1,8 +1,9 @@
 """The daemon with its engine core in a process of its own (--engine-core process), end to end over real sockets:
 greedy answers equal the thread mode's on both generation services (text and logprobs included), a cancelled or
 aborted request gives every KV block back, the metrics count the tokens the core made, and a core killed mid-stream
-ends every call in flight INTERNAL, turns readiness NOT_SERVING and leaves no process behind. A drained daemon
-stops its core (the module daemon must exit 0). What a core process cannot serve is refused at start."""
+ends every call in flight INTERNAL (a KV-events subscription too), turns readiness NOT_SERVING and leaves no
+process behind. A drained daemon stops its core (the module daemon must exit 0). What a core process cannot serve
+is refused at start."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
@@ -128,10 +130,12 @@ def test_a_killed_core_ends_calls_in_flight_and_readiness(daemons):
     with daemon.channel() as channel:
         stub = pb_grpc.GenerationStub(channel)
         calls = [stub.GenerateStream(stream_request(f"long {i}", 400, ignore_eos=True), timeout=30) for i in range(2)]
-        for call in calls:
+        kv_events = vpb_grpc.VllmEngineStub(channel).SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(),
+                                                                       timeout=30)
+        for call in [*calls, kv_events]:
             next(call)
         os.kill(pid, signal.SIGKILL)
-        for call in calls:
+        for call in [*calls, kv_events]:
             with pytest.raises(grpc.RpcError) as err:
                 list(call)
             assert err.value.code() == grpc.StatusCode.INTERNAL, err.value
