@@ -96,7 +96,8 @@ def test_cancelled_and_aborted_requests_give_every_block_back(daemon):
             max_tokens=400, ignore_eos=True)))
         for call in [*calls, aborted]:
             next(call)  # tokens are flowing
-        assert stub.GetLoad(pb.GetLoadRequest()).kv_blocks_free < stub.GetLoad(pb.GetLoadRequest()).kv_blocks_total
+        load = stub.GetLoad(pb.GetLoadRequest())
+        assert load.kv_blocks_free < load.kv_blocks_total and load.num_running == 4
         for call in calls:
             call.cancel()
         assert list(stub.Abort(pb.AbortRequest(request_ids=["to-abort", "unknown"])).aborted_ids) == ["to-abort"]
