@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,14 +37,13 @@ import torch
 
 from bench.daemon_clients import SERVICES, client, token_digest
 from bench.daemon_report import to_markdown
+from bench.daemon_stand_in import ENGINE_TID_FILE, PROFILE_DIR, serve_stand_in
 from bench.host_path import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, TINY, ModelClock
 from bench.offline_common import check_positive, make_prompts, write_results
 from bench.startup import free_port, ready
 from server.loadgen import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_TID_FILE = "BEASTSERVE_BENCH_ENGINE_TID_FILE"
-PROFILE_DIR = "BEASTSERVE_BENCH_PROFILE_DIR"  # set: the daemon's two threads run under cProfile, stats written here
 CLIENT_START_S = 3.0  # after every client's channel is ready
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -189,59 +187,6 @@ def without_grpc(args: argparse.Namespace, model_dir: Path, prompts: list[list[i
 
 # --- (b) the daemon ------------------------------------------------------------------------------------------------
 
-def serve_stand_in(argv: list[str]) -> int:
-    """`beastserve serve` with the stand-in forward, writing its engine thread's id where the bench reads it."""
-    import server.app
-    from server.async_engine import AsyncEngine
-
-    real_engine, real_loop = server.app.Engine, AsyncEngine._loop
-
-    def engine(*a, **kw):
-        built = real_engine(*a, **kw)
-        ModelClock(built.model, real=False)
-        return built
-
-    def loop(self):
-        Path(os.environ[ENGINE_TID_FILE]).write_text(str(threading.get_native_id()))
-        profiled(real_loop, "engine-thread", self)
-
-    server.app.Engine, AsyncEngine._loop = engine, loop
-    watch_gc(Path(os.environ[ENGINE_TID_FILE]).with_suffix(".gc.json"))
-    from server.cli import main
-
-    return profiled(main, "event-loop", ["serve", *argv])
-
-
-def watch_gc(out: Path) -> None:
-    """The garbage collector's passes, (end time, generation, wall seconds) each, written to `out` at exit."""
-    import atexit
-    import gc
-
-    passes, started = [], [0.0]
-
-    def on_gc(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            passes.append((time.time(), info["generation"], time.perf_counter() - started[0]))
-
-    gc.callbacks.append(on_gc)
-    atexit.register(lambda: out.write_text(json.dumps(passes)))
-
-
-def profiled(fn, name: str, *args):
-    """fn(*args), under cProfile when PROFILE_DIR is set (its stats written to PROFILE_DIR/name.prof)."""
-    if not os.environ.get(PROFILE_DIR):
-        return fn(*args)
-    import cProfile
-
-    profile = cProfile.Profile()
-    try:
-        return profile.runcall(fn, *args)
-    finally:
-        profile.dump_stats(Path(os.environ[PROFILE_DIR]) / f"{name}.prof")
-
-
 def profile_dir(args: argparse.Namespace, service: str) -> Path:
     path = (args.profile / service).resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -273,6 +218,9 @@ def wait_ready(address: str, proc: subprocess.Popen, timeout: float = 120) -> No
 def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], service: str, serve_args: str,
            workdir: Path) -> tuple[dict, dict[str, str]]:
     port, tid_file = free_port(), workdir / f"engine-tid-{service}"
+    core_file = tid_file.with_suffix(".core")  # written by an engine core in a process of its own
+    tid_file.unlink(missing_ok=True)
+    core_file.unlink(missing_ok=True)
     flags = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
              "--http-port", "0", "--max-queue-size", str(2 * args.num_requests)]
     for name, value in engine_options(args).items():
@@ -287,7 +235,10 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
     try:
         address = f"127.0.0.1:{port}"
         wait_ready(address, proc)
-        result, digests = drive(args, address, prompts, service, proc.pid, int(tid_file.read_text()))
+        if core_file.exists():
+            result, digests = drive(args, address, prompts, service, proc.pid, None, int(core_file.read_text()))
+        else:
+            result, digests = drive(args, address, prompts, service, proc.pid, int(tid_file.read_text()))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -307,29 +258,32 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
 
 
 def drive(args: argparse.Namespace, address: str, prompts: list[list[int]], service: str, pid: int,
-          engine_tid: int) -> tuple[dict, dict[str, str]]:
-    """Every request at once from --clients processes; the daemon's CPU per thread over the whole pass."""
+          engine_tid: int | None, core_pid: int | None = None) -> tuple[dict, dict[str, str]]:
+    """Every request at once from --clients processes; the daemon's CPU per thread over the whole pass. With an
+    engine core in a process of its own (core_pid), "engine thread" is that process, all its threads."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     requests = [(f"r{i}", ids) for i, ids in enumerate(prompts)]
     start_at = time.time() + CLIENT_START_S
     clients = [context.Process(target=client, args=(address, service, requests[c::args.clients], args.output_len,
                                                    start_at, results)) for c in range(args.clients)]
-    before = thread_cpu(pid)
+    before, core_before = thread_cpu(pid), sum(thread_cpu(core_pid).values()) if core_pid else 0.0
     for c in clients:
         c.start()
     answers = [results.get(timeout=900) for _ in clients]
     for c in clients:
         c.join()
-    after = thread_cpu(pid)
+    after, core_after = thread_cpu(pid), sum(thread_cpu(core_pid).values()) if core_pid else 0.0
     spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    engine_cpu = core_after - core_before if core_pid else spent.get(engine_tid, 0.0)
     start, end = min(a["start"] for a in answers), max(a["end"] for a in answers)
     tokens = sum(a["tokens"] for a in answers)
     errors = [e for a in answers for e in a["errors"]]
     digests = {rid: d for a in answers for rid, d in a["digests"].items()}
     return dict(service=service, start=start, end=end, tokens=tokens, messages=sum(a["messages"] for a in answers),
                 wall_s=end - start,
-                engine_thread_cpu_s=spent.get(engine_tid, 0.0), event_loop_cpu_s=spent.get(pid, 0.0),
+                engine_core="process" if core_pid else "thread",
+                engine_thread_cpu_s=engine_cpu, event_loop_cpu_s=spent.get(pid, 0.0),
                 other_threads_cpu_s=sum(v for tid, v in spent.items() if tid not in (pid, engine_tid)),
                 clients_cpu_s=[round(a["cpu_s"], 2) for a in answers], errors=errors[:10],
                 num_errors=len(errors)), digests
@@ -347,7 +301,11 @@ def derive(offline_run: dict | None, run: dict) -> None:
     if offline_run is not None:
         offline_per_token = offline_run["cpu_s"] / offline_run["tokens"]
         gil_per_token = (run["engine_thread_cpu_s"] + run["event_loop_cpu_s"]) / run["tokens"]
-        run["cpu_ratio"] = offline_per_token / gil_per_token  # the daemon's bound over the offline engine's
+        run["cpu_ratio"] = offline_per_token / gil_per_token  # the CPU the daemon spends against the offline engine
+        # What bounds throughput where cores are free: one GIL (thread), or the busier of two processes (process).
+        front_end = run["event_loop_cpu_s"] + (run["other_threads_cpu_s"] if run.get("engine_core") == "process"
+                                               else run["engine_thread_cpu_s"])
+        run["bound_ratio"] = offline_per_token / (max(run["engine_thread_cpu_s"], front_end) / run["tokens"])
         run["wall_ratio"] = run["output_tok_per_s"] / offline_run["output_tok_per_s"]
 
 

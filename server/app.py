@@ -20,6 +20,7 @@ from scheduler.phases import Phases
 from server.async_engine import AsyncEngine
 from server.calls import ServerState
 from server.config import ServerConfig, served_name
+from server.core_client import ProcessEngine
 from server.malformed import MalformedRequestInterceptor
 from server.metrics import ServerMetrics
 from server.proto.beastserve.v1 import generate_pb2 as pb
@@ -138,16 +139,22 @@ class Daemon:
     async def _load_engine(self) -> None:
         config = self.config
         phases = Phases()
+        # A collective waiting on a lost tensor-parallel rank fails within the stall timeout.
+        timeout = min(config.engine.distributed_timeout_s, config.stall_timeout)
+        engine_config = replace(config.engine, distributed_timeout_s=timeout)
+        options = dict(max_queue_size=config.max_queue_size, stream_interval=config.stream_interval)
         with phases("engine"):
-            # A collective waiting on a lost tensor-parallel rank fails within the stall timeout.
-            timeout = min(config.engine.distributed_timeout_s, config.stall_timeout)
-            engine = await asyncio.to_thread(Engine, replace(config.engine, distributed_timeout_s=timeout),
-                                             serving=True)
-        log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d", served_name(config),
-                 config.engine.model, engine.device,
-                 str(engine.dtype).removeprefix("torch."), engine.kv_capacity_tokens, engine.max_model_len)
-        async_engine = AsyncEngine(engine, None, config.max_queue_size, config.stream_interval)
-        async_engine.start()
+            if config.engine_core == "process":
+                async_engine = await ProcessEngine.launch(engine_config, Engine, **options)
+            else:
+                async_engine = AsyncEngine(await asyncio.to_thread(Engine, engine_config, serving=True), **options)
+        engine = async_engine.engine
+        log.info("model %s (%s) on %s (%s); KV cache holds %d tokens; max_model_len %d; engine core in %s",
+                 served_name(config), config.engine.model, engine.device, str(engine.dtype).removeprefix("torch."),
+                 engine.kv_capacity_tokens, engine.max_model_len,
+                 "a process of its own" if config.engine_core == "process" else "a thread")
+        if config.engine_core == "thread":
+            async_engine.start()
         with phases("warm-up"):
             async for _ in async_engine.generate([0], SamplingParams(max_tokens=1, temperature=0), "warmup"):
                 pass

@@ -142,6 +142,10 @@ class AsyncEngine:
         """fn() between two steps (or at once when idle), in the engine's thread, which owns the engine's state."""
         return await self._call_soon(fn, asyncio.get_running_loop())
 
+    async def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's unused blocks between two steps; how many were dropped."""
+        return await self.run_in_engine_thread(self.engine.pool.reset_prefix_cache)
+
     def _call_soon(self, fn: Callable, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         future = loop.create_future()
         self._calls.append((fn, loop, future))

@@ -58,6 +58,10 @@ class ServerConfig:
     tls_key_file: str | None = option(None, "server private key (PEM), with --tls-cert-file")
     tls_client_ca_file: str | None = option(None, "CA that client certificates must chain to (mutual TLS)")
     log_requests: bool = option(False, "log prompts and outputs (off by default: they may be private)")
+    engine_core: str = option("thread", "where the engine's step loop runs: a thread of the daemon's process, "
+                              "taking turns with the gRPC front end on one interpreter lock, or a process of its "
+                              "own (vLLM's EngineCore), the front end then running beside it on another core",
+                              ("thread", "process"))
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -189,6 +193,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--stream-interval must be in [1, {MAX_STREAM_INTERVAL}], got {config.stream_interval}")
     if config.max_queue_size < 1:
         raise ValueError(f"--max-queue-size must be >= 1, got {config.max_queue_size}")
+    if config.engine_core == "process" and config.engine.tensor_parallel_size > 1:
+        raise ValueError("--engine-core process does not serve tensor parallelism yet (--tensor-parallel-size "
+                         f"{config.engine.tensor_parallel_size}); use --engine-core thread")
     return config
 
 

@@ -64,7 +64,7 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         engine = (await self.engine(context)).engine
         config = self.state.config
-        method = method_of(engine.speculator.proposer) if engine.speculator else "off"  # what "best" chose
+        method = _speculative_method(engine)
         return pb.ModelInfo(model=served_name(config), max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                             eos_token_ids=engine.eos_token_ids, speculative_mode=method,
                             draft_model=config.engine.draft_model or "")
@@ -82,6 +82,14 @@ class GenerationService(EngineCalls, pb_grpc.GenerationServicer):
             return await to_engine_inputs(request, engine.engine, self.state.edge)
         except InvalidArgument as exc:
             await self.fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _speculative_method(engine) -> str:
+    """What speculative decoding runs ("best": what it chose), "off" without; an engine core in a process of its
+    own says so itself."""
+    if hasattr(engine, "speculative_method"):
+        return engine.speculative_method
+    return method_of(engine.speculator.proposer) if engine.speculator else "off"
 
 
 def _request_id(request, context) -> str:

@@ -22,6 +22,7 @@ from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
+from server.async_engine import EngineDeadError
 from server.calls import EngineCalls, ServerState
 from server.config import served_name
 from server.convert import InvalidArgument
@@ -85,8 +86,7 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
         engine = await self.engine(context)
         timeout = request.timeout_s or None
         try:
-            freed = await asyncio.wait_for(engine.run_in_engine_thread(engine.engine.pool.reset_prefix_cache),
-                                           timeout)
+            freed = await asyncio.wait_for(engine.reset_prefix_cache(), timeout)
         except TimeoutError:
             return common_pb2.FlushCacheResponse(success=False, message=f"not flushed within {timeout} s")
         return common_pb2.FlushCacheResponse(success=True, message=f"{freed} cached blocks dropped")
@@ -156,6 +156,8 @@ class VllmEngineService(EngineCalls, vpb_grpc.VllmEngineServicer):
             yield batches.next([("cleared",), *contents])
             async for step_events in events:
                 yield batches.next(step_events)
+        except EngineDeadError:  # an engine core in a process of its own died: the subscription ends with why
+            await context.abort(grpc.StatusCode.INTERNAL, "engine failure: the KV cache's events end here")
         finally:
             await events.aclose()
 
