@@ -177,10 +177,9 @@ def test_cuda_graphed_proposals_equal_the_eager_chain_and_greedy_equals_off(setu
     """On CUDA a greedy proposal replays the head's graph of its batch-size bucket; the same inputs through the
     eager chain draft the same tokens, and greedy outputs equal speculation off's."""
     path, _, head_dir, prompts, _ = setup
-    options = dict(device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=32,
-                   kv_cache_bytes=64 * 2 * 8192)
+    options = dict(device="cuda", max_num_seqs=8, max_num_batched_tokens=32, kv_cache_bytes=64 * 2 * 8192)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    off = run_engine(Engine(model=str(path), **options), prompts, params, arrive_every=1)
+    off = run_engine(Engine(model=str(path), dtype="float32", **options), prompts, params, arrive_every=1)
     engine = eagle_engine(path, head_dir, adaptive_speculation=False, **options)
     runner = engine.speculator.proposer.runner
     assert runner.graphs is not None
