@@ -89,35 +89,6 @@ def test_penalties_and_min_tokens_see_the_drafts_before_each_verified_position(s
     assert_pool_idle(engine)
 
 
-def test_a_drafts_proposals_stay_its_greedy_continuation_when_steps_without_drafts_come_between(setup):
-    """After a verification that rejected a draft, a step without drafts computes the position where the draft
-    model last wrote the rejected one: its next catch-up must write it again, never count it as held."""
-    from transformers import AutoModelForCausalLM
-
-    path, other, prompts, expected = setup
-    engine = Engine(model=str(path), dtype="float32", speculative="draft", draft_model=str(other),
-                    num_speculative_tokens=3, adaptive_speculation=False, overlap_scheduling=False)
-    depths = iter([3, 0] * 200)
-    engine.executor.plan = lambda num_decodes, prefill: next(depths) if num_decodes else 0
-    proposer, seen = engine.speculator.proposer, []
-    propose = proposer.propose
-
-    def spy(spec, pool):
-        proposal = propose(spec, pool)
-        drafts = proposal.device_drafts.tolist()
-        seen.extend((list(s.request.all_token_ids), drafts[r][:len(s.draft_token_ids)]) for r, s in enumerate(spec))
-        return proposal
-
-    proposer.propose = spy
-    outputs = run_engine(engine, prompts[1:3], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-    assert [o.token_ids for o in outputs] == expected[1:3]
-    draft = AutoModelForCausalLM.from_pretrained(other).eval()
-    assert len(seen) > 8
-    for history, drafts in seen:
-        assert drafts == hf_greedy(draft, history, len(drafts)), len(history)
-    assert_pool_idle(engine)
-
-
 def test_requests_with_and_without_speculation_share_a_batch(setup):
     path, _, prompts, expected = setup
     engine = Engine(model=str(path), dtype="float32", speculative="draft", draft_model=str(path),
