@@ -154,6 +154,55 @@ def test_adaptive_overlapped_steps_and_mixed_requests(setup):
     assert_pool_idle(engine)
 
 
+def test_adaptive_depth_is_planned_after_the_verification_in_flight(setup):
+    """The step after a verification plans its depth once the verification is applied, its request counted as
+    a decode: adaptive steps do not fall back to no drafts every other step."""
+    path, _, head_dir, prompts, expected = setup
+    engine = eagle_engine(path, head_dir)
+    planned, plan = [], engine.executor.plan
+
+    def spy(num_decodes, prefill):
+        planned.append(num_decodes)
+        return plan(num_decodes, prefill)
+
+    engine.executor.plan = spy
+    outputs = run_engine(engine, prompts[3:4], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    assert outputs[0].token_ids == expected[3] and outputs[0].metrics.draft_tokens > 0
+    decoding = planned[planned.index(1):-1]  # from its first decode to the step that learns it ended
+    assert decoding and set(decoding) == {1}, planned
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_proposals_equal_the_eager_chain_and_greedy_equals_off(setup):
+    """On CUDA a greedy proposal replays the head's graph of its batch-size bucket; the same inputs through the
+    eager chain draft the same tokens, and greedy outputs equal speculation off's."""
+    path, _, head_dir, prompts, _ = setup
+    options = dict(device="cuda", max_num_seqs=8, max_num_batched_tokens=32, kv_cache_bytes=64 * 2 * 8192)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    off = run_engine(Engine(model=str(path), dtype="float32", **options), prompts, params, arrive_every=1)
+    engine = eagle_engine(path, head_dir, adaptive_speculation=False, **options)
+    runner = engine.speculator.proposer.runner
+    assert runner.graphs is not None
+    pairs, replay = [], runner.greedy_proposal
+
+    def both(items, passes):
+        graphed = replay(items, passes)
+        if graphed is not None:  # the eager chain rewrites the same rows with the same keys and values
+            pairs.append((graphed.clone(), runner.chain(items, passes)))
+        return graphed
+
+    runner.greedy_proposal = both
+    outputs = run_engine(engine, prompts, params, arrive_every=1)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in off]
+    assert len(pairs) >= 10 and runner.graphs.num_proposal_replays == len(pairs)
+    # The graph pads its rows to the bucket, and cuBLAS may pick another kernel for another row count: a near
+    # tie may flip, so nearly all, not all, drafts must agree.
+    same = sum(int((graphed == eager).all()) for graphed, eager in pairs)
+    assert same >= 0.95 * len(pairs), (same, len(pairs))
+    assert sum(o.metrics.accepted_tokens for o in outputs) > 0
+    assert_pool_idle(engine)
+
+
 @pytest.mark.parametrize("head_vocab", [None, [0, 2, 4]])
 def test_sampling_with_the_head_keeps_the_target_distribution(tmp_path, head_vocab):
     """head_vocab: the head proposes only these tokens (its logits restricted to them)."""

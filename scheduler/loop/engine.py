@@ -231,14 +231,15 @@ class Engine:
         queried, hits = self.pool.prefix_queried_tokens, self.pool.prefix_hit_tokens
         outputs = self._take_pending()
         outputs += self._admit_compiled()
-        spec_depth = self._plan_depth() if self.speculator else 0
         # A step with drafts must be verified before the next is scheduled, and drafts are made from the host's
         # token history: such tokens come to the host now, their stop checks wait for this step's launch.
-        # Drafts the device proposes and verifies (executor.loop) need none of this.
-        early = self._in_flight is not None and ((spec_depth and self.executor.loop is None)
-                                                 or isinstance(self._in_flight, Verification))
+        # Drafts the device proposes and verifies (executor.loop) need none of this. A verification in flight
+        # comes first, before the depth is planned: its requests count as decodes only once it is applied.
         # Each step's tokens, on their requests, not checked for stops yet: StepResults, or PlainTokens.
-        collected = [self._collect()] if early else []
+        collected = [self._collect()] if isinstance(self._in_flight, Verification) else []
+        spec_depth = self._plan_depth() if self.speculator else 0
+        if self._in_flight is not None and spec_depth and self.executor.loop is None:
+            collected.append(self._collect())
         sched = self.scheduler.schedule(spec_depth)
         batch = sched.scheduled
         defer = self.config.overlap_scheduling and bool(batch) and self.executor.can_defer(batch)

@@ -121,7 +121,8 @@ class StepExecutor:
         the step was launched and the one before collected (its time is mostly the device's work on that one)."""
         if self.speculator is not None and batch:
             num_decodes = sum(1 for s in batch if s.samples and s.num_new_tokens == 1)
-            self.speculator.observe_step(num_decodes, prefill, seconds, overlapped)
+            # On the CPU a launch computes its step before it returns: the time is this step's own work.
+            self.speculator.observe_step(num_decodes, prefill, seconds, overlapped and self.device.type != "cpu")
 
     def execute(self, batch: list[ScheduledRequest]) -> list[StepResult]:
         """Run a step and return its tokens, on the host."""

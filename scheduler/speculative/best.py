@@ -12,9 +12,10 @@ log = logging.getLogger(__name__)
 
 def best_proposer(config: EngineConfig, target: LoadedModel) -> str:
     """An EAGLE head (the one named, else one shipped for this target), else a draft model (named or
-    shipped), else n-gram lookup. On CUDA a shipped head is passed over: there its draft chain runs eagerly
-    (~5 ms a step on an H100 where the target's graphed step takes ~1 ms), which made it slower than the
-    shipped draft and n-gram lookup (bench/results/distill_eagle_h100_two_calls/README.md)."""
+    shipped), else n-gram lookup. On CUDA a shipped head is passed over: while its draft chain ran eagerly
+    (~5 ms a step on an H100 where the target's graphed step takes ~1 ms) it was slower than the shipped draft
+    and n-gram lookup (bench/results/distill_eagle_h100_two_calls/README.md); its graphed chain
+    (eagle/chain.py) is not measured there yet."""
     from scheduler.speculative.draft.compact import shipped_draft_for
     from scheduler.speculative.eagle.files import shipped_head_for
 

@@ -89,6 +89,14 @@ class CudaGraphs:
         return self.model(self._view(buf, "input_ids", num_tokens), self._view(buf, "positions", num_tokens),
                           self.kv_caches, meta)
 
+    def _capture_keys(self) -> list[tuple[dict, object, int, int]]:
+        """(graph dict, static function, sequences, length) of every graph to capture, largest first."""
+        keys = [(self.graphs, self._static_forward, b, q) for q in range(self.max_query_len, 0, -1)
+                for b in reversed(self.sizes)]
+        keys += self._extra_capture_keys()
+        return keys + [(self.mixed, self._static_mixed, b, t) for t in reversed(self.mixed_tokens)
+                       for b in reversed(self.mixed_seqs)]
+
     def _extra_capture_keys(self) -> list[tuple[dict, object, int, int]]:
         """(graph dict, static function, sequences, length) of further graphs a subclass captures."""
         return []
@@ -100,14 +108,10 @@ class CudaGraphs:
     def _capture(self) -> None:
         started, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
-        query_lens = range(self.max_query_len, 0, -1)
         self._fill([], self.max_tokens)  # every sequence empty, every token without a slot
         self._upload(self.sizes[-1])
         torch.cuda.synchronize()
-        keys = [(self.graphs, self._static_forward, b, q) for q in query_lens for b in reversed(self.sizes)]
-        keys += self._extra_capture_keys()
-        keys += [(self.mixed, self._static_mixed, b, t) for t in reversed(self.mixed_tokens)
-                 for b in reversed(self.mixed_seqs)]
+        keys = self._capture_keys()
         for i, (graphs, forward, num_seqs, length) in enumerate(keys):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

@@ -58,6 +58,15 @@ def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def decodes_first(inputs: StepInputs) -> np.ndarray | None:
+    """The order that puts the sequences of one new token first (as the reference attention wants them), None
+    where they come first already."""
+    decodes = inputs.query_lens == 1
+    if not (np.diff(decodes.astype(np.int8)) > 0).any():  # no decode after another kind of row
+        return None
+    return np.argsort(~decodes, kind="stable")
+
+
 class ModelRunner:
     def __init__(self, model: CausalLMModel, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
@@ -142,9 +151,7 @@ class ModelRunner:
                        device_shifts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of the rows forward() returns logits for."""
         inputs = as_inputs(inputs)
-        decodes = inputs.query_lens == 1
-        in_order = not (np.diff(decodes.astype(np.int8)) > 0).any()  # no decode after another kind of row
-        order = None if in_order else np.argsort(~decodes, kind="stable")  # decodes first
+        order = decodes_first(inputs)
         if order is not None:
             inputs = inputs.take(order)
         input_ids, positions, meta, logit_rows = self._prepare(inputs)

@@ -64,7 +64,12 @@ class DraftModelProposer:
                                        proposals=True)
 
     def observe(self, spec, num_accepted, hidden_states) -> None:
-        pass  # what the draft holds past the accepted tokens is ignored at the next catch-up
+        """Past the accepted tokens the draft holds rejected drafts: not held, even once a step without drafts
+        has computed those positions (held_tokens counts no further than the target's computed tokens)."""
+        for s in spec:  # after the verification is applied: the last token is the target's, not yet drafted from
+            request = s.request
+            held, preemptions = self._held.get(request, (0, request.num_preemptions))
+            self._held[request] = (min(held, request.num_tokens - 1), preemptions)
 
     def held_tokens(self, request: Request) -> int:
         """Tokens of request's history whose KV the draft holds and the target has confirmed."""

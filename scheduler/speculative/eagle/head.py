@@ -74,13 +74,21 @@ class HeadLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = MLP(config, SINGLE)
 
-    def attention_input(self, embeds: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.input_layernorm(embeds), self.hidden_norm(feature)], dim=-1)
+    def attention_input(self, embeds: torch.Tensor, feature: torch.Tensor, ops=None) -> torch.Tensor:
+        return torch.cat([_norm(self.input_layernorm, embeds, ops), _norm(self.hidden_norm, feature, ops)], dim=-1)
 
     def finish(self, attn_out: torch.Tensor, feature: torch.Tensor, ops=None) -> torch.Tensor:
-        x = feature + attn_out
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h) if ops is None else self.mlp.forward_fused(h, ops))
+        norm = self.post_attention_layernorm
+        if ops is None:
+            x = feature + attn_out
+            return x + self.mlp(norm(x))
+        h, x = ops.add_rms_norm(attn_out, feature, norm.weight, norm.eps)  # the add and the norm in one kernel
+        return x + self.mlp.forward_fused(h, ops)
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor, ops=None) -> torch.Tensor:
+    """RMSNorm through the fused kernel where there is one (its pow/mean/rsqrt are one kernel, not five)."""
+    return norm(x) if ops is None else ops.add_rms_norm(x, None, norm.weight, norm.eps)[0]
 
 
 class EagleHead(nn.Module):
@@ -127,10 +135,14 @@ class EagleHead(nn.Module):
         """The target's concatenated hidden states [..., len(layer_ids) * H] -> features [..., H]."""
         return self.fc(aux.to(self.fc.weight.dtype))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, ops=None) -> torch.Tensor:
         """Logits (over vocab_ids when bound with them) from the head's output hidden states."""
         head = self._borrowed[1]
-        return F.linear(self.norm(hidden).to(head.dtype), head)
+        return F.linear(_norm(self.norm, hidden, ops).to(head.dtype), head)
+
+    def greedy_token_ids(self, hidden: torch.Tensor, ops=None) -> torch.Tensor:
+        """The argmax token of each row of output hidden states."""
+        return self.token_ids(self.logits(hidden, ops).argmax(dim=-1))
 
     def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Token ids of logits columns."""
@@ -143,22 +155,26 @@ class EagleHead(nn.Module):
         full = logits.new_full((logits.shape[0], self.config["vocab_size"]), float("-inf"))
         return full.index_copy_(1, self.vocab_ids, logits)
 
-    def forward_paged(self, token_ids, feature, positions, kv_cache, meta, ops=None) -> torch.Tensor:
+    def forward_paged(self, token_ids, feature, positions, kv_cache, meta, ops=None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
         """Serving: rows [N] of (next token, feature) at `positions` through the paged KV cache (one
-        layer's (k, v)); returns the output hidden states [N, H] (before the final norm)."""
+        layer's (k, v)); returns the output hidden states [N, H] (before the final norm), or with `rows`
+        (indices) only theirs: every row's keys and values are written, the MLP runs for those rows alone."""
         layer = self.midlayer
-        x = layer.attention_input(self.embed(token_ids), feature)
+        x = layer.attention_input(self.embed(token_ids), feature, ops)
         if ops is None:
             attn = layer.self_attn(x, positions, self.rotary, kv_cache, meta)
         else:
             attn = layer.self_attn.forward_fused(x, positions, self.rotary, kv_cache, meta, ops)
+        if rows is not None:
+            attn, feature = attn[rows], feature[rows]
         return layer.finish(attn, feature, ops)
 
-    def write_kv(self, token_ids, feature, positions, kv_cache, slot_mapping) -> None:
+    def write_kv(self, token_ids, feature, positions, kv_cache, slot_mapping, ops=None) -> None:
         """Serving: only the keys and values of rows [N] (rows no draft is read from: they are attended to
         later), without their attention or MLP."""
         attn = self.midlayer.self_attn
-        x = self.midlayer.attention_input(self.embed(token_ids), feature)
+        x = self.midlayer.attention_input(self.embed(token_ids), feature, ops)
         if hasattr(attn, "qkv_proj"):  # fused projections
             q_size = attn.num_heads * attn.head_dim
             k, v = attn.qkv_proj(x)[:, q_size:].chunk(2, dim=-1)

@@ -79,7 +79,12 @@ class EagleProposer:
         return cls(head, ctx.target, ctx.config, ctx.sampler, ctx.dtype, ctx.device)
 
     def prepare(self, num_blocks: int, max_model_len: int) -> None:
-        self.runner = HeadRunner(self.head, num_blocks, self.config.block_size, self.dtype, self.device)
+        config = self.config
+        self.runner = HeadRunner(self.head, num_blocks, config.block_size, self.dtype, self.device)
+        if self.runner.fused and not config.enforce_eager:
+            # A greedy proposal (the catch-up pass and up to k - 1 chained passes) is one graph replay.
+            self.runner.capture_graphs(config.max_num_seqs, config.max_query_len, max_model_len,
+                                       config.num_speculative_tokens - 1)
 
     def observe(self, spec, num_accepted, hidden_states) -> None:
         pass  # the rows past the accepted tokens are not counted: the next catch-up rewrites them
@@ -111,13 +116,25 @@ class EagleProposer:
         """Draft s.num_spec_slots tokens for each s, on the device (Proposal.device_drafts, row r for
         spec[r]); q where some request drafts by sampling. s.draft_token_ids gets placeholders."""
         ks = [s.num_spec_slots for s in spec]
-        depth, device = max(ks), self.device
+        depth = max(ks)
         tables = [pool.block_table(s.request.request_id) for s in spec]
-        # The first pass: every row still waiting, decodes (one row) first as packing wants. Pass j >= 1
-        # reads draft j and the head's own output of the pass before, at row num_tokens - 2 + j, for the
-        # requests drafting more than j tokens. Every pass's inputs go to the device before the first runs,
-        # so no copy waits for a pass and the passes follow each other on the device.
         first = [self._catch_up(s.request, table) for s, table in zip(spec, tables)]
+        for s, k in zip(spec, ks):
+            s.draft_token_ids = [0] * k
+        batch = self._sampling(spec, range(len(spec)))
+        if batch is None and min(ks) == depth:
+            # Greedy at one depth for all: the whole proposal is one chain, a graph replay where one holds it.
+            drafted = self.runner.greedy_proposal(first, depth - 1)
+            return Proposal(drafted if drafted is not None else self.runner.chain(first, depth - 1))
+        return Proposal(*self._passes(spec, ks, tables, first, batch))
+
+    def _passes(self, spec: list[ScheduledRequest], ks: list[int], tables: list[list[int]], first: list[ForwardItem],
+                batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [R, depth] and q pass by pass, where requests sample or draft to different depths. The first
+        pass: every row still waiting, decodes (one row) first as packing wants. Pass j >= 1 reads draft j and
+        the head's own output of the pass before, at row num_tokens - 2 + j, for the requests drafting more than
+        j tokens. Every pass's inputs go to the device before the first runs, so no copy waits for a pass."""
+        depth, device = max(ks), self.device
         order = sorted(range(len(spec)), key=lambda r: len(first[r].token_ids) != 1)
         rows, passes = [list(range(len(spec)))], [self.runner.prepare([first[r] for r in order])]
         for j in range(1, depth):
@@ -128,7 +145,6 @@ class EagleProposer:
         where = [None if len(active) == len(spec) else to_device(active, torch.long, device) for active in rows]
         keep = [None] + [None if len(now) == len(before) else to_device([before.index(r) for r in now], torch.long,
                                                                         device) for before, now in zip(rows, rows[1:])]
-        batch = self._sampling(spec, rows[0])
         q = None if batch is None else torch.zeros(len(spec), depth, self.vocab_size, device=device)
         drafted = torch.zeros(len(spec), depth, dtype=torch.long, device=device)
         tokens = None
@@ -143,13 +159,11 @@ class EagleProposer:
                 hidden = self.runner.run(prepared, hidden, tokens)
             tokens = self._pick(hidden, batch, q, where[j], j)
             drafted[slice(None) if where[j] is None else where[j], j] = tokens
-        for s, k in zip(spec, ks):
-            s.draft_token_ids = [0] * k
-        return Proposal(drafted, q)
+        return drafted, q
 
     def _pick(self, hidden, batch, q, where: torch.Tensor | None, j: int) -> torch.Tensor:
         """Draft j of the rows `where` (None: all) from the head's output hidden states."""
-        logits = self.head.logits(hidden).float()
+        logits = self.head.logits(hidden, self.runner.ops).float()
         if batch is None:
             return self.head.token_ids(logits.argmax(dim=-1))
         probs = self.sampler.compute_probs(self.head.full_vocab_logits(logits), batch)

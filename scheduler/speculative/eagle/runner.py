@@ -10,11 +10,13 @@ import math
 import numpy as np
 import torch
 
+from scheduler.speculative.draft.runner import DraftRunner
+from scheduler.speculative.eagle.chain import EagleGraphs, greedy_chain
 from scheduler.speculative.eagle.head import EagleHead
 from scheduler.worker.models.base import head_dim
 from scheduler.worker.models.llama import load_fused_ops
 from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs, positions_and_slots
-from scheduler.worker.runner import ModelRunner, fused_kernels_available, kv_zeros
+from scheduler.worker.runner import decodes_first, fused_kernels_available, kv_zeros
 
 
 def planned_config(head: EagleHead):
@@ -27,7 +29,7 @@ def planned_config(head: EagleHead):
     return planned
 
 
-class HeadRunner(ModelRunner):
+class HeadRunner(DraftRunner):
     def __init__(self, head: EagleHead, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
         # Not the target runner's __init__: one layer of KV and no graphs of the target's shapes.
@@ -44,6 +46,26 @@ class HeadRunner(ModelRunner):
             self.ops = load_fused_ops()
         self.graphs = None
         self._packed_order = None
+
+    def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int, max_chain: int) -> None:
+        """Whole greedy proposals (catch-up of up to max_query_len rows, then up to max_chain passes) as
+        CUDA graphs per batch-size bucket: greedy_proposal() replays them."""
+        assert self.fused, "CUDA graphs need the fused kernels"
+        self.graphs = EagleGraphs(self.model, self.kv_caches, self.features, self.ops, self.block_size, max_num_seqs,
+                                  max_query_len, max_model_len, max_chain)
+
+    @torch.inference_mode()
+    def chain(self, items: list[ForwardItem], passes: int) -> torch.Tensor:
+        """A greedy proposal run eagerly, the graphs' computation: drafts [len(items), 1 + passes] on the
+        device, column 0 after each item's last row (see chain.greedy_chain)."""
+        inputs = as_inputs(items)
+        order = decodes_first(inputs)
+        if order is not None:
+            inputs = inputs.take(order)
+        input_ids, positions, meta, last_rows = self._prepare(inputs)
+        drafts = greedy_chain(self.model, self.kv_caches[0], self.features, self.ops, input_ids, positions, meta,
+                              last_rows, passes, self.block_size)
+        return drafts if order is None else drafts[self._to_device(np.argsort(order))]
 
     @torch.inference_mode()
     def store(self, items: list[ForwardItem] | StepInputs, aux: torch.Tensor) -> None:
@@ -71,8 +93,7 @@ class HeadRunner(ModelRunner):
             input_ids = token_ids.to(input_ids.dtype)
         if features is None:
             features = self.features[meta.slot_mapping]
-        hidden = self.model.forward_paged(input_ids, features, positions, self.kv_caches[0], meta, self.ops)
-        return hidden[logit_rows]
+        return self.model.forward_paged(input_ids, features, positions, self.kv_caches[0], meta, self.ops, logit_rows)
 
     @torch.inference_mode()
     def fill(self, items: list[ForwardItem]) -> None:
@@ -80,4 +101,4 @@ class HeadRunner(ModelRunner):
         later pass attends to."""
         input_ids, positions, meta, _ = self._prepare(items)
         features = self.features[meta.slot_mapping]
-        self.model.write_kv(input_ids, features, positions, self.kv_caches[0], meta.slot_mapping)
+        self.model.write_kv(input_ids, features, positions, self.kv_caches[0], meta.slot_mapping, self.ops)
