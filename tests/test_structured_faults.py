@@ -83,7 +83,8 @@ def nested_schema(depth: int) -> str:
 
 def test_a_schema_as_deep_as_admitted_does_not_hold_back_another_clients_stream(tiny_text_daemon):
     """Four schemas 63 objects deep (nested 127 levels, the most admitted), each compiled anew, arrive while an
-    unconstrained stream runs: no gap in that stream exceeds a second, and each deep request gets its JSON."""
+    unconstrained stream runs: no gap in that stream exceeds 1.5 s (0.2-0.4 s on this machine, also with two busy
+    processes beside it), and each deep request gets its JSON while the stream runs."""
     from server.proto.beastserve.v1 import generate_pb2 as pb
     from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 
@@ -115,4 +116,4 @@ def test_a_schema_as_deep_as_admitted_does_not_hold_back_another_clients_stream(
     assert len(deep) == 4 and all(r.text.startswith('{"a":') and r.text.count('"a"') > 5 for r in deep), \
         [r.text[:40] for r in deep]
     assert max(ends) < last  # the deep requests were served while the stream ran
-    assert len(gaps) > 20 and max(gaps[1:]) < 1.0, (len(gaps), sorted(gaps)[-3:])
+    assert len(gaps) > 20 and max(gaps[1:]) < 1.5, (len(gaps), sorted(gaps)[-3:])
