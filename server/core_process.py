@@ -28,6 +28,9 @@ def run_core(conn: Connection, engine_config, build_engine) -> None:
     (or "failed" with why), then step until stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    if not sys.stderr.isatty():  # as the front end: a spawned process starts with the libraries' bars on
+        from server.cli import quiet_progress_bars
+        quiet_progress_bars()
     try:
         engine = build_engine(engine_config, serving=True)
     except BaseException as exc:  # noqa: BLE001 - the front end reports it and exits
