@@ -39,10 +39,9 @@ from scheduler.loop.reports import (
     delta_output,
     failed_output,
     final_output,
-    num_new_tokens,
-    per_position,
     plain_checks,
     plain_deltas,
+    step_stats,
 )
 from scheduler.sampling.sampler import Sampler
 from scheduler.speculative.proposer import ProposerContext
@@ -264,18 +263,8 @@ class Engine:
         for results in collected[settled:]:
             self._settle(results, outputs)
         self.admission.release_forks(self._live)
-        drafted = [r for results in collected if not isinstance(results, PlainTokens) for r in results
-                   if r.num_drafts] if self.speculator else []
-        self.last_step_stats = StepStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.pool.num_used_blocks / self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
-            kv_blocks_total=self.pool.num_blocks, num_batched_tokens=sched.num_batched_tokens,
-            num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(map(num_new_tokens, collected)),
-            num_preemptions=len(sched.preempted), prefix_cache_queries=self.pool.prefix_queried_tokens - queried,
-            prefix_cache_hits=self.pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
-            num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
-            accepted_per_position=per_position(drafted, accepted=True),
-            verified_per_position=per_position(drafted, accepted=False))
+        self.last_step_stats = step_stats(self.scheduler, sched, collected, num_prompt_tokens, queried, hits, start,
+                                          self.speculator is not None)
         self.executor.observe_step(batch, num_prompt_tokens > 0, time.perf_counter() - start, overlapped=defer)
         for live, output in outputs:  # _deliver, inline: most steps deliver an output a row
             try:

@@ -229,7 +229,8 @@ class StepExecutor:
         if self.speculator is not None:
             self.speculator.observe_forward(batch, items, self.runner)
         if collects:
-            logits, hidden = _take_prompt_logprobs(batch, items, prompt_rows, logits, hidden)
+            logits, hidden = prompt_logprobs.take(logits, hidden, [s.request for s in batch],
+                                                  [item.num_logits for item in items], prompt_rows)
         self.scheduler.advance(batch)
         if isinstance(items, list):
             return Verification(batch, spec, proposal, logits, hidden, masks=masks)
@@ -370,22 +371,6 @@ def _verified_logprobs(logits: torch.Tensor, sampled: list[ScheduledRequest], nu
         logprobs.append(lps)
         row += 1 + len(s.draft_token_ids)
     return logprobs
-
-
-def _take_prompt_logprobs(batch: list[ScheduledRequest], items: list[ForwardItem], prompt_rows: list[tuple[int, int]],
-                          logits: torch.Tensor, hidden: torch.Tensor | None):
-    """Collect the prompt logprobs of the items that asked for them, and return the logits (and hidden states)
-    of the sampled rows alone, as a step without prompt logprobs has them."""
-    row_starts, keep, start = [], [], 0
-    for item, (_, count) in zip(items, prompt_rows):
-        row_starts.append(start)
-        keep.extend(range(start + count, start + item.num_logits))
-        start += item.num_logits
-    asking = [i for i, (_, count) in enumerate(prompt_rows) if count]
-    prompt_logprobs.collect(logits, [row_starts[i] for i in asking], [batch[i].request for i in asking],
-                            [prompt_rows[i] for i in asking])
-    keep = torch.tensor(keep, dtype=torch.long, device=logits.device)
-    return logits[keep], hidden[keep] if hidden is not None else None
 
 
 def _learn_drafts(spec: list[ScheduledRequest], drafts: torch.Tensor, logits: torch.Tensor | None):

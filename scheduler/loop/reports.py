@@ -1,5 +1,5 @@
 """What a request's stream is told after a step: the tokens (with their text and logprobs) since its last output,
-and at its end why it ended and what it cost; and the step's drafts counted by position."""
+and at its end why it ended and what it cost; and what the step did (StepStats, drafts counted by position)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from operator import attrgetter
 
 import numpy as np
 
-from scheduler.core.outputs import RequestMetrics, RequestOutput, token_output
+from scheduler.core.outputs import RequestMetrics, RequestOutput, StepStats, token_output
 from scheduler.core.progress import Progress
 from scheduler.core.request import FinishReason, Request
-from scheduler.core.scheduler import PlainTokens, StepResult
+from scheduler.core.scheduler import PlainTokens, Scheduler, SchedulerOutput, StepResult
 from scheduler.core.stopping import check_stop, first_stop
 from scheduler.loop.admission import Live
 
@@ -82,6 +82,25 @@ def failed_output(request: Request, error: str) -> RequestOutput:
     """The last output of a request ended by a failure (its own processing, or the engine's): aborted, with why."""
     return RequestOutput(request.output_id, [], "", finished=True, finish_reason="abort", error=error,
                          index=request.index)
+
+
+def step_stats(scheduler: Scheduler, sched: SchedulerOutput, collected: list, num_prompt_tokens: int, queried: int,
+               hits: int, start: float, speculating: bool) -> StepStats:
+    """What a step did: the scheduler's state after it, the tokens it made, its drafts (where speculating) by
+    position. queried, hits: the pool's prefix-cache counters before the step; start: its perf_counter start."""
+    pool = scheduler.pool
+    drafted = [r for results in collected if not isinstance(results, PlainTokens) for r in results
+               if r.num_drafts] if speculating else []
+    return StepStats(
+        num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+        kv_cache_usage=pool.num_used_blocks / pool.num_blocks, kv_blocks_free=pool.num_free_blocks,
+        kv_blocks_total=pool.num_blocks, num_batched_tokens=sched.num_batched_tokens,
+        num_prompt_tokens=num_prompt_tokens, num_generation_tokens=sum(map(num_new_tokens, collected)),
+        num_preemptions=len(sched.preempted), prefix_cache_queries=pool.prefix_queried_tokens - queried,
+        prefix_cache_hits=pool.prefix_hit_tokens - hits, step_s=time.perf_counter() - start,
+        num_drafts=len(drafted), num_draft_tokens=sum(r.num_drafts for r in drafted),
+        accepted_per_position=per_position(drafted, accepted=True),
+        verified_per_position=per_position(drafted, accepted=False))
 
 
 def per_position(results: list[StepResult], accepted: bool) -> list[int]:

@@ -44,3 +44,19 @@ def collect(logits: torch.Tensor, row_starts: list[int], requests: list[Request]
             request.prompt_logprobs.append(TokenLogprob(targets[i], chosen[i], list(zip(top_ids[i][:n],
                                                                                        top_values[i][:n]))))
             i += 1
+
+
+def take(logits: torch.Tensor, hidden: torch.Tensor | None, requests: list[Request], num_logits: list[int],
+         rows: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Collect the prompt logprobs of the requests that asked for them (rows[i] = (first position, count) of their
+    num_logits[i] logits rows, which come first), and return the logits (and hidden states) of the sampled rows
+    alone, as a step without prompt logprobs has them."""
+    row_starts, keep, start = [], [], 0
+    for n, (_, count) in zip(num_logits, rows):
+        row_starts.append(start)
+        keep.extend(range(start + count, start + n))
+        start += n
+    asking = [i for i, (_, count) in enumerate(rows) if count]
+    collect(logits, [row_starts[i] for i in asking], [requests[i] for i in asking], [rows[i] for i in asking])
+    keep = torch.tensor(keep, dtype=torch.long, device=logits.device)
+    return logits[keep], hidden[keep] if hidden is not None else None
