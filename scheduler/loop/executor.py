@@ -337,8 +337,10 @@ class StepExecutor:
     def _draft_masks_later(self, batch: list[ScheduledRequest], proposal: Proposal | None) -> Future | None:
         """Where the host knows the drafts (lookups), the grammars' masks of every position to verify (of each
         row's next token where none was drafted), filled on the helper thread while the target's pass runs."""
+        if proposal is None or proposal.device_drafts is not None:
+            return None
         sampled = [s for s in batch if s.samples]
-        if proposal is None or proposal.device_drafts is not None or all(s.request.guide is None for s in sampled):
+        if all(s.request.guide is None for s in sampled):
             return None
         return self.masks.fill_drafts_later([s.request.guide for s in sampled], list(map(_DRAFTS, sampled)))
 
