@@ -74,9 +74,10 @@ class EngineConfig:
     num_speculative_tokens: int = option(4, "most tokens drafted per sequence per step")
     adaptive_speculation: bool = option(True, "choose each step's depth from measured acceptance and cost "
                                         "(else always --num-speculative-tokens)")
-    speculation_in_loop: bool = option(False, "n-gram drafts proposed and verified on the device inside the "
-                                       "overlapped loop (else a step with drafts waits for the one before); "
-                                       "slower on an H100 today (bench/results/speculative_loop_vs_sync_h100.md)")
+    speculation_in_loop: bool = option(False, "n-gram and EAGLE drafts proposed and verified on the device inside "
+                                       "the overlapped loop (else a step with drafts waits for the one before); "
+                                       "n-gram's was slower on an H100 (bench/results/speculative_loop_vs_sync_h100"
+                                       ".md), EAGLE's is not measured on a GPU yet")
     ngram_min: int = option(2, "n-gram proposer: shortest tail to look up")
     ngram_max: int = option(4, "n-gram proposer: longest tail to look up")
     tensor_parallel_size: int = option(1, "shard the model across this many devices (GPUs of this host; on the "

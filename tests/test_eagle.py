@@ -3,6 +3,7 @@ the target's (greedy and sampled), and the head is found by the target's fingerp
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -84,13 +85,18 @@ def test_head_layers_and_file():
     assert own * 2 < 20e6  # the default model's head in bfloat16 fits the 20 MB it may take in the wheel
 
 
-def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
+@pytest.mark.parametrize("every_other", [False, True])
+def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup, every_other):
     """Every first draft, and every later one after drafts the target took, is what unroll() predicts over
     the final sequence: the paged head reads the same features, positions and keys as the dense one.
-    Chunked prompts, preemption and a prefix-cache hit included."""
+    Chunked prompts, preemption and a prefix-cache hit included; every_other: steps without drafts between,
+    after which the head's rows lag the target's, also in the blocks a preempted request finds cached again."""
     path, model, head_dir, prompts, expected = setup
+    # every_other: the steps without drafts overlap (the loop waits for the step in flight before drafting).
     engine = eagle_engine(path, head_dir, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
-                          adaptive_speculation=False, overlap_scheduling=False)
+                          adaptive_speculation=False, overlap_scheduling=every_other)
+    if every_other:
+        draft_every_other_step(engine)
     proposer = engine.speculator.proposer
     seen, propose = [], proposer.propose
 
@@ -104,7 +110,65 @@ def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
     assert [o.token_ids for o in outputs] == expected
     assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
-    head, compared = proposer.head, 0
+    assert_dense_predictions(model, proposer.head, seen, prompts, expected)
+    drafted = sum(o.metrics.draft_tokens for o in outputs)
+    assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < drafted
+    assert_pool_idle(engine)
+
+
+@pytest.mark.parametrize("every_other", [False, True])
+def test_drafts_in_the_loop_are_the_dense_heads_predictions(setup, every_other):
+    """speculation_in_loop: a step's proposal is made while the step before is in flight, the head catching up
+    over that step's tokens on the device and dropping there the drafts it did not accept. Every proposal is
+    still what unroll() predicts at the request's true length, and greedy output is unchanged. Chunked prompts,
+    preemption and a prefix-cache hit included; every_other: steps without drafts between, whose rows the device
+    moves on by what the step with drafts before accepted (the head's features are stored where they land)."""
+    path, model, head_dir, prompts, expected = setup
+    engine = eagle_engine(path, head_dir, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
+                          adaptive_speculation=False, speculation_in_loop=True)
+    proposer = engine.speculator.proposer
+    assert engine.executor.loop is not None
+    if every_other:
+        draft_every_other_step(engine)
+    seen, chains, propose_in_loop, chain_after = [], [], proposer.propose_in_loop, proposer.runner.chain_after
+    followed = dropped_rows = 0  # rows of a step in flight caught up over, and those of them dropped
+
+    def spy_chain(items, device_tokens, back, passes):
+        nonlocal followed, dropped_rows
+        chains.append((items, back.tolist()))
+        followed += sum(item.num_device_tokens for item in items)
+        dropped_rows += sum(chains[-1][1])
+        return chain_after(items, device_tokens, back, passes)
+
+    def spy(spec, previous, pool, k):
+        drafts, found = propose_in_loop(spec, previous, pool, k)
+        items, back = chains.pop()
+        for s, item, dropped, row in zip(spec, items, back, drafts.tolist()):
+            # The head's last real row sits at the request's true length - 2 (it reads the last token).
+            seen.append((s.request.prompt_token_ids, item.start + len(item.token_ids) - dropped + 1, row))
+        return drafts, found
+
+    proposer.runner.chain_after, proposer.propose_in_loop = spy_chain, spy
+    outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
+    assert [o.token_ids for o in outputs] == expected
+    assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
+    # Proposals after steps in flight; after steps with drafts, some not accepted (every_other: none such).
+    assert followed > dropped_rows and (dropped_rows > 0) != every_other
+    assert_dense_predictions(model, proposer.head, seen, prompts, expected)
+    assert sum(o.metrics.draft_tokens for o in outputs) > 0
+    assert_pool_idle(engine)
+
+
+def draft_every_other_step(engine: Engine) -> None:
+    plan, planned = engine.executor.plan, itertools.count()
+    engine.executor.plan = lambda num_decodes, prefill: plan(num_decodes, prefill) if next(planned) % 2 else 0
+
+
+def assert_dense_predictions(model, head: EagleHead, seen: list, prompts: list[list[int]],
+                             expected: list[list[int]]) -> None:
+    """Each (prompt, num_tokens, drafts) of `seen`: the first draft, and every later one after drafts the
+    sequence took, is the argmax of the dense head (unroll) over the final sequence at num_tokens."""
+    compared = 0
     for prompt, num_tokens, drafts in seen:
         sequence = prompt + expected[prompts.index(prompt)]
         ids = torch.tensor([sequence])
@@ -121,15 +185,14 @@ def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
             if draft != sequence[num_tokens + j]:
                 break  # later drafts read this one, not the sequence's token
     assert compared > len(seen)
-    drafted = sum(o.metrics.draft_tokens for o in outputs)
-    assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < drafted
-    assert_pool_idle(engine)
 
 
-def test_adaptive_overlapped_steps_and_mixed_requests(setup):
-    """Adaptive depth (steps without drafts overlap), opt-outs, capped depths, n > 1 and an abort."""
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_adaptive_overlapped_steps_and_mixed_requests(setup, in_loop):
+    """Adaptive depth (steps without drafts overlap), opt-outs, capped depths, n > 1 and an abort; in the loop
+    too, where steps without drafts follow steps with them in flight and the depths differ between requests."""
     path, _, head_dir, prompts, expected = setup
-    engine = eagle_engine(path, head_dir)
+    engine = eagle_engine(path, head_dir, speculation_in_loop=in_loop)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     streams = [engine.add_request(None, greedy, prompt_token_ids=p, speculative=i % 3 != 0,
                                   max_draft_tokens=2 if i % 3 == 1 else None) for i, p in enumerate(prompts)]

@@ -104,10 +104,11 @@ class StepExecutor:
 
     def speculate_in_loop(self, max_rows: int, max_model_len: int) -> None:
         """Verify drafts inside the overlapped loop (speculative/loop.py), where the proposer drafts on the
-        device and learns nothing from the target's hidden states; the other proposers draft on the host, and a
-        step with their drafts waits for the one before."""
+        device from the step in flight's tokens (a lookup over token histories, an EAGLE head's chain); the other
+        proposers draft on the host, and a step with their drafts waits for the one before."""
         proposer = self.speculator.proposer if self.speculator is not None else None
-        if hasattr(proposer, "propose_on_device") and not proposer.needs_hidden_states:
+        if (hasattr(proposer, "propose_on_device") or hasattr(proposer, "propose_in_loop")) \
+                and not proposer.needs_hidden_states:
             self.loop = SpeculativeLoop(self.runner, self.scheduler, self.speculator.proposer, self.copies, max_rows,
                                         max_model_len, self.speculator.k_max)
 
@@ -156,7 +157,7 @@ class StepExecutor:
         logits = self.runner.forward(gathered.inputs, device_tokens=tokens if on_device else None,
                                      device_shifts=shifts)
         if self.speculator is not None:
-            self.speculator.observe_forward(batch, gathered.inputs, self.runner)
+            self.speculator.observe_forward(batch, gathered.inputs, self.runner, shifts)
         self.scheduler.advance(batch)
         self.row_inputs.cache_filled_blocks(batch, gathered)
         slots, _, samples = columns(batch, self.progress)

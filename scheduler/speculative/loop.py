@@ -2,16 +2,19 @@
 flight, its drafts proposed on the device from that step's tokens, and verified in its own launch; the host
 learns the accepted counts a step later, as it learns tokens.
 
-Each speculating request has a row of a device token history (DeviceHistory): the host writes the tokens it
-knows that the row lacks, the device appends the step in flight's, and the proposer's device lookup drafts
-from it. Verification (greedy: a draft stands while the target's argmax agrees) leaves each row's new tokens
-and their count on the device, where the next step's inputs and positions read them (ModelRunner.forward's
-device_shifts): the host planned that step as if no draft were accepted, and reserved KV slots for all of them.
-When the counts arrive, accepted drafts count as computed (Scheduler.update_from_output); the slots of
-rejected ones are simply written over later.
+A lookup (n-gram) drafts from a device token history (DeviceHistory): each speculating request has a row, the host
+writes the tokens it knows that the row lacks, the device appends the step in flight's. A proposer that reads the
+target's streams (an EAGLE head, propose_in_loop) catches up over the step in flight's tokens itself, those it did
+not accept dropped on the device, and chains its drafts from there; the target's streams of each pass are stored
+where the device moved its rows. Verification (greedy: a draft stands while the target's argmax agrees) leaves
+each row's new tokens and their count on the device, where the next step's inputs and positions read them
+(ModelRunner.forward's device_shifts): the host planned that step as if no draft were accepted, and reserved KV
+slots for all of them. When the counts arrive, accepted drafts count as computed (Scheduler.update_from_output);
+the slots of rejected ones are simply written over later.
 
 Requests whose tokens are not their logits' argmax (sampling, logprobs, grammars) verify the synchronous way
-(StepExecutor._start); so do steps under tensor parallelism."""
+(StepExecutor._start); so do steps under tensor parallelism, and a head's steps whose requests draft to different
+depths (its chain drafts one depth for all)."""
 
 from __future__ import annotations
 
@@ -141,10 +144,18 @@ class SpeculativeLoop:
     def __init__(self, runner, scheduler, proposer, copies, max_rows: int, max_model_len: int, k_max: int):
         self.runner, self.scheduler, self.proposer, self.copies = runner, scheduler, proposer, copies
         self.pool = scheduler.pool
-        self.history = DeviceHistory(max_rows, max_model_len + 2 * (k_max + 1), runner.device)
+        # A proposer that drafts from the target's streams (an EAGLE head) catches up from the step in flight's
+        # tokens itself; a lookup drafts from token histories kept on the device.
+        self.follows = hasattr(proposer, "propose_in_loop")
+        self.history = None if self.follows else DeviceHistory(max_rows, max_model_len + 2 * (k_max + 1),
+                                                               runner.device)
         self.device = runner.device
 
-    accepts = staticmethod(verifiable_on_device)  # the device verifies what the step samples
+    def accepts(self, batch: list[ScheduledRequest]) -> bool:
+        """Whether the device can verify this step (sampling/picking.py); a head's chain drafts one depth for all."""
+        if not verifiable_on_device(batch):
+            return False
+        return not self.follows or len({s.num_spec_slots for s in batch if s.num_spec_slots}) == 1
 
     def launch(self, batch: list[ScheduledRequest], previous,
                item_of: Callable[[ScheduledRequest, int], ForwardItem]) -> DraftStepInFlight:
@@ -156,13 +167,21 @@ class SpeculativeLoop:
         k = max(s.num_spec_slots for s in spec)
         prev_rows = previous.rows if previous is not None else {}
         requests = [s.request for s in spec]
-        history_arrays = self.history.plan(requests, [prev_rows.get(r, -1) for r in requests])
-        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, len(requests))
-        uploaded = self._upload(history_arrays + [starts] + self._verify_plan(sampled))
-        history, lengths = self.history.update(uploaded[:8], int(history_arrays[1].max()), previous)
-        drafts, num_found = self.proposer.propose_on_device(history, lengths, k)
-        drafts, last = drafts.long(), history.gather(1, (lengths - 1).unsqueeze(1)).long()
-        device_tokens, device_shifts = torch.cat([last, drafts], dim=1), lengths - 1 - uploaded[8]
+        if self.follows:
+            drafts, num_found = self.proposer.propose_in_loop(spec, previous, self.pool, k)
+            uploaded = self._upload(self._last_plan(requests, prev_rows) + self._verify_plan(sampled))
+            last, device_shifts = self._last_tokens(previous, uploaded[:3])
+            verify_plan = uploaded[3:]
+        else:
+            history_arrays = self.history.plan(requests, [prev_rows.get(r, -1) for r in requests])
+            starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, len(requests))
+            uploaded = self._upload(history_arrays + [starts] + self._verify_plan(sampled))
+            history, lengths = self.history.update(uploaded[:8], int(history_arrays[1].max()), previous)
+            drafts, num_found = self.proposer.propose_on_device(history, lengths, k)
+            last = history.gather(1, (lengths - 1).unsqueeze(1)).long()
+            device_shifts, verify_plan = lengths - 1 - uploaded[8], uploaded[9:]
+        drafts = drafts.long()
+        device_tokens = torch.cat([last, drafts], dim=1)
         prev_tokens, prev_shifts = device_inputs(previous)
         if prev_tokens is not None:  # rows without drafts take their placeholders from after the spec rows'
             device_tokens = torch.cat([device_tokens, torch.nn.functional.pad(prev_tokens, (0, k))])
@@ -179,16 +198,41 @@ class SpeculativeLoop:
                 prev = prev_rows.get(s.request, -1)
                 items.append(item_of(s, len(spec) + prev if prev >= 0 else -1))
         logits = self.runner.forward(items, device_tokens=device_tokens, device_shifts=device_shifts)
+        if self.follows and any(r.speculative for r in requests):
+            self.proposer.observe_forward(batch, items, self.runner.aux_hidden_states(items),
+                                          device_shifts=device_shifts)
         self.scheduler.advance(batch)
         if self.pool.enable_prefix_caching:
             self.pool.cache_filled_blocks([s.request for s in batch])
-        tokens, counts, host = self._verify(logits, uploaded[9:], drafts, num_found, k)
+        tokens, counts, host = self._verify(logits, verify_plan, drafts, num_found, k)
         outputs = [s.request for s in sampled]
         self.scheduler.add_placeholders(outputs)
         for s in spec:
             s.request.num_drafts_in_flight = s.num_spec_slots
         return DraftStepInFlight(outputs, {r: i for i, r in enumerate(outputs)}, tokens, counts,
                                  [s.num_spec_slots for s in sampled], *self.copies.start(host))
+
+    @staticmethod
+    def _last_plan(requests: list[Request], prev_rows: dict[Request, int]) -> list[np.ndarray]:
+        """For _last_tokens: each request's row in the step in flight (-1: none), and its last token where the
+        host knows it (0 where that step holds it)."""
+        rows = np.fromiter((prev_rows.get(r, -1) for r in requests), np.int64, len(requests))
+        known = np.fromiter((r.all_token_ids[-1] if row < 0 else 0 for r, row in zip(requests, rows.tolist())),
+                            np.int64, len(requests))
+        return [rows, known, (rows >= 0).astype(np.int64)]
+
+    @staticmethod
+    def _last_tokens(previous, plan: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each request's last token [R, 1] and how far on its next one starts from where the host thinks [R]:
+        the step in flight's last (and its accepted drafts) where it holds the request, else the host's."""
+        rows, known, in_flight = plan
+        prev_tokens, prev_shifts = device_inputs(previous)
+        if prev_tokens is None:
+            return known.unsqueeze(1), torch.zeros_like(known)
+        at = rows.clamp(min=0)
+        last = torch.where(in_flight.bool(), prev_tokens[at, 0].long(), known)
+        shift = in_flight * prev_shifts[at] if prev_shifts is not None else torch.zeros_like(known)
+        return last.unsqueeze(1), shift
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """The step's host-made int arrays on the device, in one copy."""

@@ -76,4 +76,5 @@ class Proposer(Protocol):
     def observe_forward(self, batch: list[ScheduledRequest], items: list, aux: torch.Tensor) -> None:
         """With aux_layers only: after every target pass over items (batch's ForwardItems, in order, before
         the step's tokens are applied), aux [rows, width] holds those layers' streams at each item's every
-        new token, in order. A view of a buffer the next pass overwrites."""
+        new token, in order. A view of a buffer the next pass overwrites. Where the pass moved rows on the
+        device (speculative/loop.py), it is also given device_shifts= as ModelRunner.forward took them."""

@@ -18,16 +18,19 @@ from scheduler.worker.attention import AttentionMetadata
 
 def greedy_chain(head: EagleHead, kv_cache: tuple, features: torch.Tensor, ops, input_ids: torch.Tensor,
                  positions: torch.Tensor, meta: AttentionMetadata, last_rows: torch.Tensor, passes: int,
-                 block_size: int) -> torch.Tensor:
+                 block_size: int, back: torch.Tensor | None = None) -> torch.Tensor:
     """Argmax drafts [sequences, 1 + passes]. The first pass is meta's rows (row t: feature t from the
-    feature cache, token t + 1); column 0 is read from each sequence's last row (last_rows). Pass j >= 1
-    reads column j - 1 and the hidden state it came from, at position seq_len + j - 1. Sequences with
-    seq_len 0 (a graph's padding, after the real ones) and rows with slot -1 write nothing."""
+    feature cache, token t + 1); column 0 is read from each sequence's row last_rows. Pass j >= 1 reads
+    column j - 1 and the hidden state it came from, at position seq_len + j - 1, where back [sequences] (on the
+    device) takes that many of each sequence's last rows off its seq_len: rows the step in flight did not
+    accept (HeadRunner.chain_after). Sequences with seq_len 0 (a graph's padding, after the real ones) and rows
+    with slot -1 write nothing."""
     first_features = features[meta.slot_mapping.clamp(min=0)]
     hidden = head.forward_paged(input_ids, first_features, positions, kv_cache, meta, ops, last_rows)
     tokens = head.greedy_token_ids(hidden, ops)
     out = [tokens]
-    caught_up, tables = meta.seq_lens, meta.block_tables
+    caught_up, tables = meta.seq_lens if back is None else meta.seq_lens - back.to(meta.seq_lens.dtype), \
+        meta.block_tables
     real = caught_up > 0
     one_each = F.pad(real.cumsum(0), (1, 0)).to(meta.query_start_loc.dtype)  # a row each, none for padding
     for j in range(passes):

@@ -90,11 +90,11 @@ class EagleProposer:
         pass  # the rows past the accepted tokens are not counted: the next catch-up rewrites them
 
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem] | StepInputs,
-                        aux: torch.Tensor) -> None:
+                        aux: torch.Tensor, device_shifts: torch.Tensor | None = None) -> None:
         """After a target pass over items (batch's, in order) with a request that speculates (the speculator
         asks): store the features of every row, then write the rows that have waited long enough."""
         inputs = as_inputs(items)
-        self.runner.store(inputs, aux)
+        self.runner.store(inputs, aux, device_shifts)
         ready = []
         ends = (inputs.starts + inputs.query_lens).tolist()
         for i, s in enumerate(batch):
@@ -127,6 +127,44 @@ class EagleProposer:
             drafted = self.runner.greedy_proposal(first, depth - 1)
             return Proposal(drafted if drafted is not None else self.runner.chain(first, depth - 1))
         return Proposal(*self._passes(spec, ks, tables, first, batch))
+
+    @torch.no_grad()
+    def propose_in_loop(self, spec: list[ScheduledRequest], previous, pool: BlockPool, k: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A greedy proposal of k drafts a request (each s.num_spec_slots == k) for a step launched while
+        `previous` (a StepInFlight or DraftStepInFlight of the loop, or None) is in flight, the host not knowing
+        its tokens: a request in it catches up over the rows its tokens fill (previous.device_outputs(), as many as
+        it had places for), of which those it did not accept are dropped on the device (HeadRunner.chain_after).
+        Returns (drafts [R, k], drafts found [R]: k each). The head's rows counted as written stop before the
+        step in flight's; the next proposal writes those again from the host's tokens."""
+        rows = previous.rows if previous is not None else {}
+        tokens, counts = previous.device_outputs() if previous is not None else (None, None)
+        if tokens is None:
+            tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # read by no row
+        if counts is None:  # a step without drafts: one token a row
+            counts = torch.ones(tokens.shape[0], dtype=torch.long, device=self.device)
+        room = getattr(previous, "num_spec", None)  # drafts each row of the step in flight had places for
+        items, where, widths = [], [], []
+        for s in spec:
+            request, table = s.request, pool.block_table(s.request.request_id)
+            row = rows.get(request, -1)
+            if row < 0:  # every token on the host
+                items.append(self._catch_up(request, table))
+                where.append(len(counts))  # the zero appended below
+                widths.append(0)
+                continue
+            last = request.num_tokens - 1  # the step in flight's first position
+            held = self._held_rows(request, last)
+            width = 1 + (room[row] if room is not None else 0)
+            items.append(ForwardItem(request.all_token_ids[held + 1:last + 1] + [0] * width, held, table, 1, row,
+                                     width))
+            self._held[request] = (last, request.num_preemptions)
+            where.append(row)
+            widths.append(width)
+        where, widths = to_device(np.array(where + widths, dtype=np.int64), torch.long, self.device).split(len(spec))
+        back = widths - torch.cat([counts.long(), counts.new_zeros(1, dtype=torch.long)])[where]
+        drafts = self.runner.chain_after(items, tokens, back, k - 1)
+        return drafts, torch.full((len(spec),), k, dtype=torch.long, device=self.device)
 
     def _passes(self, spec: list[ScheduledRequest], ks: list[int], tables: list[list[int]], first: list[ForwardItem],
                 batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,9 +213,15 @@ class EagleProposer:
 
     def _held_rows(self, request: Request, start: int) -> int:
         """Rows of request the head has written, never past `start` (the target's computed tokens). A request
-        seen first (or again after a preemption) starts at start: rows before it come from the prefix cache."""
-        held, preemptions = self._held.get(request, (start, request.num_preemptions))
-        return min(held, start) if preemptions == request.num_preemptions else start
+        seen first (or again after a preemption) starts fill_at rows before start: the rows before start come
+        from the prefix cache, where the head's rows may lag the target's by up to fill_at (observe_forward
+        writes them in batches, a proposal catches up the rest), so those are written again from the features
+        stored there, which never lag."""
+        if request in self._held:
+            held, preemptions = self._held[request]
+            if preemptions == request.num_preemptions:
+                return min(held, start)
+        return max(0, start - self.fill_at)
 
     def _catch_up(self, request: Request, table: list[int]) -> ForwardItem:
         """Rows [held, num_tokens - 1): feature t and token t + 1 each (at least the last); the last one's

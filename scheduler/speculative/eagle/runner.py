@@ -17,6 +17,7 @@ from scheduler.worker.models.base import head_dim
 from scheduler.worker.models.llama import load_fused_ops
 from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs, positions_and_slots
 from scheduler.worker.runner import decodes_first, fused_kernels_available, kv_zeros
+from scheduler.worker.shifts import apply_shifts, shift_plan
 
 
 def planned_config(head: EagleHead):
@@ -68,15 +69,41 @@ class HeadRunner(DraftRunner):
         return drafts if order is None else drafts[self._to_device(np.argsort(order))]
 
     @torch.inference_mode()
-    def store(self, items: list[ForwardItem] | StepInputs, aux: torch.Tensor) -> None:
+    def chain_after(self, items: list[ForwardItem], device_tokens: torch.Tensor, back: torch.Tensor,
+                    passes: int) -> torch.Tensor:
+        """chain() where the step in flight's tokens end the items: each item's last num_device_tokens tokens are
+        device_tokens' (as ModelRunner.forward takes them), of which the last back[i] (on the device: the drafts
+        that step did not accept) are not real. The draft follows the last real row and the chain goes on from
+        there, writing over the rows past it; the host never waits: it does not know back. (The rows past it lie
+        within the slots the target reserved for the step in flight, and none is read before it is written again.)"""
+        inputs = as_inputs(items)
+        order = decodes_first(inputs)
+        if order is not None:
+            inputs, back = inputs.take(order), back[self._to_device(order)]
+        input_ids, positions, meta, last_rows = self._prepare(inputs)
+        patch = self._patch(inputs, device_tokens)
+        if patch is not None:
+            input_ids.index_copy_(0, patch[0], patch[1].to(input_ids.dtype))
+        drafts = greedy_chain(self.model, self.kv_caches[0], self.features, self.ops, input_ids, positions, meta,
+                              last_rows - back, passes, self.block_size, back)
+        return drafts if order is None else drafts[self._to_device(np.argsort(order))]
+
+    @torch.inference_mode()
+    def store(self, items: list[ForwardItem] | StepInputs, aux: torch.Tensor,
+              device_shifts: torch.Tensor | None = None) -> None:
         """The features of every new token of the target's items (aux: their kept streams, in order), at
-        their slots."""
+        their slots; device_shifts as ModelRunner.forward took them (the items the device moved on)."""
         inputs = as_inputs(items)
         query_lens = inputs.query_lens
         tables = inputs.block_tables[:, :int(inputs.num_blocks.max())].astype(np.int64)
-        _, slots = positions_and_slots(query_lens, np.concatenate(([0], np.cumsum(query_lens))), inputs.starts,
-                                       tables, self.block_size)
-        self.features.index_copy_(0, self._to_device(slots), self.model.fuse(aux))
+        positions, slots = positions_and_slots(query_lens, np.concatenate(([0], np.cumsum(query_lens))),
+                                               inputs.starts, tables, self.block_size)
+        slots = self._to_device(slots)
+        if device_shifts is not None and (plan := shift_plan(inputs, device_shifts)) is not None:
+            positions, tables = self._to_device(positions), self._to_device(tables)
+            apply_shifts(plan, positions, slots, torch.zeros(len(inputs), dtype=torch.long, device=self.device),
+                         tables, self.block_size)
+        self.features.index_copy_(0, slots, self.model.fuse(aux))
 
     def prepare(self, items: list[ForwardItem]) -> tuple:
         """A pass's inputs on the device (items decodes first), ahead of running it."""
