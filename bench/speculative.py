@@ -59,6 +59,9 @@ MODES = {  # name -> engine options
     # An EAGLE head reading the target's hidden states (--eagle-head, else the one shipped for the target).
     "eagle": dict(speculative="eagle"),
     "eagle-fixed-k": dict(speculative="eagle", adaptive_speculation=False),
+    # The same, drafted from the step in flight and verified on the device inside the overlapped loop.
+    "eagle-loop": dict(speculative="eagle", speculation_in_loop=True),
+    "eagle-fixed-k-loop": dict(speculative="eagle", adaptive_speculation=False, speculation_in_loop=True),
 }
 
 

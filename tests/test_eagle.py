@@ -236,17 +236,20 @@ def test_adaptive_depth_is_planned_after_the_verification_in_flight(setup):
 
 
 @pytest.mark.gpu
-def test_cuda_graphed_proposals_equal_the_eager_chain_and_greedy_equals_off(setup):
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_cuda_graphed_proposals_equal_the_eager_chain_and_greedy_equals_off(setup, in_loop):
     """On CUDA a greedy proposal replays the head's graph of its batch-size bucket; the same inputs through the
-    eager chain draft the same tokens, and greedy outputs equal speculation off's."""
+    eager chain draft the same tokens, and greedy outputs equal speculation off's. in_loop: proposals that
+    follow the step in flight (speculation_in_loop), its tokens patched in and its dropped rows read on the
+    device, likewise."""
     path, _, head_dir, prompts, _ = setup
     options = dict(device="cuda", max_num_seqs=8, max_num_batched_tokens=32, kv_cache_bytes=64 * 2 * 8192)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     off = run_engine(Engine(model=str(path), dtype="float32", **options), prompts, params, arrive_every=1)
-    engine = eagle_engine(path, head_dir, adaptive_speculation=False, **options)
+    engine = eagle_engine(path, head_dir, adaptive_speculation=False, speculation_in_loop=in_loop, **options)
     runner = engine.speculator.proposer.runner
     assert runner.graphs is not None
-    pairs, replay = [], runner.greedy_proposal
+    pairs, replay, replay_after = [], runner.greedy_proposal, runner.chain_after
 
     def both(items, passes):
         graphed = replay(items, passes)
@@ -254,7 +257,14 @@ def test_cuda_graphed_proposals_equal_the_eager_chain_and_greedy_equals_off(setu
             pairs.append((graphed.clone(), runner.chain(items, passes)))
         return graphed
 
-    runner.greedy_proposal = both
+    def both_after(items, device_tokens, back, passes):
+        fits = runner.proposal_fits(items, passes)
+        drafts = replay_after(items, device_tokens, back, passes)
+        if fits:
+            pairs.append((drafts.clone(), runner.chain_after_eagerly(items, device_tokens, back, passes)))
+        return drafts
+
+    runner.greedy_proposal, runner.chain_after = both, both_after
     outputs = run_engine(engine, prompts, params, arrive_every=1)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in off]
     assert len(pairs) >= 10 and runner.graphs.num_proposal_replays == len(pairs)

@@ -25,14 +25,16 @@ class DraftRunner(ModelRunner):
         to max_query_len tokens each), then `passes` greedy decode passes, each feeding its argmax to
         the next. Returns the argmax tokens [len(items), 1 + passes] on the device: column 0 follows
         each item's last token. None where no graph holds these items."""
+        return self.graphs.replay_proposal(items, passes) if self.proposal_fits(items, passes) else None
+
+    def proposal_fits(self, items: list[ForwardItem], passes: int) -> bool:
+        """Whether a graph of whole greedy proposals holds these items and passes."""
         graphs = self.graphs
         if graphs is None or not 0 <= passes <= graphs.proposal_passes or len(items) > graphs.sizes[-1]:
-            return None
+            return False
         bs = self.block_size
-        if not all(len(it.token_ids) <= graphs.max_query_len and -(-(it.start + len(it.token_ids) + passes) // bs)
-                   <= len(it.block_table) <= graphs.width for it in items):
-            return None
-        return graphs.replay_proposal(items, passes)
+        return all(len(it.token_ids) <= graphs.max_query_len and -(-(it.start + len(it.token_ids) + passes) // bs)
+                   <= len(it.block_table) <= graphs.width for it in items)
 
     @torch.inference_mode()
     def greedy_chain(self, items: list[ForwardItem], token_ids: torch.Tensor, passes: int) -> torch.Tensor | None:

@@ -53,6 +53,8 @@ class EagleGraphs(DraftGraphs):
     def __init__(self, head: EagleHead, kv_caches: list, features: torch.Tensor, ops, block_size: int,
                  max_num_seqs: int, max_query_len: int, max_model_len: int, max_chain: int):
         self.features, self.ops = features, ops
+        # Rows each sequence drops from its end (HeadRunner.chain_after); zero but during such a replay.
+        self.back = torch.zeros(max_num_seqs, dtype=torch.long, device=kv_caches[0][0].device)
         super().__init__(head, kv_caches, block_size, max_num_seqs, max_query_len, max_model_len, 0, max_chain,
                          proposals=True)
 
@@ -63,6 +65,16 @@ class EagleGraphs(DraftGraphs):
     def _extra_description(self) -> str:
         return f", EAGLE proposals of 1-{self.proposal_passes + 1} drafts"
 
+    def replay_after(self, items, back: torch.Tensor, passes: int, patch) -> torch.Tensor:
+        """HeadRunner.chain_after's drafts [len(items), 1 + passes]: a proposal replayed with the step in flight's
+        tokens patched into its inputs (patch as from ModelRunner._patch) and back [len(items)] in its buffer."""
+        num_seqs = self._batch_bucket(items)
+        self.num_proposal_replays += 1
+        self.back[:len(items)].copy_(back)
+        out, _ = self._replay(self.proposals, (num_seqs, passes), items, num_seqs * self.max_query_len, None, patch)
+        self.back.zero_()  # queued after the replay: the other proposals drop nothing
+        return out[:len(items)]
+
     def _static_proposal(self, num_seqs: int, passes: int) -> torch.Tensor:
         buf, num_tokens = self.device_buf, num_seqs * self.max_query_len
         query_start_loc = self._view(buf, "query_start_loc", num_seqs + 1)
@@ -71,7 +83,8 @@ class EagleGraphs(DraftGraphs):
             seq_lens=self._view(buf, "seq_lens", num_seqs),
             block_tables=self._view(buf, "block_tables", num_seqs * self.width).view(num_seqs, self.width),
             num_decodes=0, max_query_len=self.max_query_len, max_seq_len=0)
-        last_rows = (query_start_loc[1:] - 1).clamp(min=0).long()
+        back = self.back[:num_seqs]
+        last_rows = (query_start_loc[1:] - 1 - back).clamp(min=0).long()
         return greedy_chain(self.model, self.kv_caches[0], self.features, self.ops,
                             self._view(buf, "input_ids", num_tokens), self._view(buf, "positions", num_tokens), meta,
-                            last_rows, passes, self.block_size)
+                            last_rows, passes, self.block_size, back)

@@ -75,7 +75,16 @@ class HeadRunner(DraftRunner):
         device_tokens' (as ModelRunner.forward takes them), of which the last back[i] (on the device: the drafts
         that step did not accept) are not real. The draft follows the last real row and the chain goes on from
         there, writing over the rows past it; the host never waits: it does not know back. (The rows past it lie
-        within the slots the target reserved for the step in flight, and none is read before it is written again.)"""
+        within the slots the target reserved for the step in flight, and none is read before it is written again.)
+        A graph of whole proposals replays it where one holds the items (CUDA)."""
+        if self.proposal_fits(items, passes):
+            return self.graphs.replay_after(items, back, passes, self._patch(as_inputs(items), device_tokens))
+        return self.chain_after_eagerly(items, device_tokens, back, passes)
+
+    @torch.inference_mode()
+    def chain_after_eagerly(self, items: list[ForwardItem], device_tokens: torch.Tensor, back: torch.Tensor,
+                            passes: int) -> torch.Tensor:
+        """chain_after() without graphs: what their replay computes."""
         inputs = as_inputs(items)
         order = decodes_first(inputs)
         if order is not None:
