@@ -4,8 +4,8 @@ are left out here). Each is a kernel launch the host queues, ~5-10 µs apiece on
 step of a small model takes ~1 ms, a hundred of them are the difference between speculation paying and not.
 
 One request decoding (a tiny random Llama, greedy, EOS ignored), the steps after its first three counted with a
-TorchDispatchMode, views (which launch nothing) left out; the CPU's n-gram lookup is the eager form of what CUDA runs as one Triton kernel, so its
-operations are counted apart.
+TorchDispatchMode, views (which launch nothing) left out; the CPU's n-gram lookup is the eager form of what CUDA
+runs as one Triton kernel, so its operations are counted apart.
 
     PYTHONPATH=. python3 -m bench.device_ops [--modes off,ngram-fixed-k,...] [--where]
 """
