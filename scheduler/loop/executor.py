@@ -157,7 +157,7 @@ class StepExecutor:
         logits = self.runner.forward(gathered.inputs, device_tokens=tokens if on_device else None,
                                      device_shifts=shifts)
         if self.speculator is not None:
-            self.speculator.observe_forward(batch, gathered.inputs, self.runner, shifts)
+            self.speculator.observe_forward(batch, gathered.inputs, self.runner)
         self.scheduler.advance(batch)
         self.row_inputs.cache_filled_blocks(batch, gathered)
         slots, _, samples = columns(batch, self.progress)

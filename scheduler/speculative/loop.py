@@ -135,7 +135,8 @@ def device_inputs(previous) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     tokens, counts = previous.device_outputs()
     if counts is None:
         return tokens, None
-    return tokens.gather(1, (counts - 1).unsqueeze(1)), counts - 1
+    shifts = counts - 1
+    return tokens.gather(1, shifts.unsqueeze(1)), shifts
 
 
 class SpeculativeLoop:
@@ -167,10 +168,11 @@ class SpeculativeLoop:
         k = max(s.num_spec_slots for s in spec)
         prev_rows = previous.rows if previous is not None else {}
         requests = [s.request for s in spec]
+        prev_tokens, prev_shifts = device_inputs(previous)
         if self.follows:
             drafts, num_found = self.proposer.propose_in_loop(spec, previous, self.pool, k)
             uploaded = self._upload(self._last_plan(requests, prev_rows) + self._verify_plan(sampled))
-            last, device_shifts = self._last_tokens(previous, uploaded[:3])
+            last, device_shifts = self._last_tokens(prev_tokens, prev_shifts, uploaded[:3])
             verify_plan = uploaded[3:]
         else:
             history_arrays = self.history.plan(requests, [prev_rows.get(r, -1) for r in requests])
@@ -182,7 +184,6 @@ class SpeculativeLoop:
             device_shifts, verify_plan = lengths - 1 - uploaded[8], uploaded[9:]
         drafts = drafts.long()
         device_tokens = torch.cat([last, drafts], dim=1)
-        prev_tokens, prev_shifts = device_inputs(previous)
         if prev_tokens is not None:  # rows without drafts take their placeholders from after the spec rows'
             device_tokens = torch.cat([device_tokens, torch.nn.functional.pad(prev_tokens, (0, k))])
             device_shifts = torch.cat([device_shifts, prev_shifts if prev_shifts is not None
@@ -199,8 +200,7 @@ class SpeculativeLoop:
                 items.append(item_of(s, len(spec) + prev if prev >= 0 else -1))
         logits = self.runner.forward(items, device_tokens=device_tokens, device_shifts=device_shifts)
         if self.follows and any(r.speculative for r in requests):
-            self.proposer.observe_forward(batch, items, self.runner.aux_hidden_states(items),
-                                          device_shifts=device_shifts)
+            self.proposer.observe_forward(batch, items, *self.runner.aux_hidden_states(items))
         self.scheduler.advance(batch)
         if self.pool.enable_prefix_caching:
             self.pool.cache_filled_blocks([s.request for s in batch])
@@ -222,11 +222,12 @@ class SpeculativeLoop:
         return [rows, known, (rows >= 0).astype(np.int64)]
 
     @staticmethod
-    def _last_tokens(previous, plan: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _last_tokens(prev_tokens: torch.Tensor | None, prev_shifts: torch.Tensor | None, plan: list[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each request's last token [R, 1] and how far on its next one starts from where the host thinks [R]:
-        the step in flight's last (and its accepted drafts) where it holds the request, else the host's."""
+        the step in flight's last (and its accepted drafts: device_inputs) where it holds the request, else the
+        host's."""
         rows, known, in_flight = plan
-        prev_tokens, prev_shifts = device_inputs(previous)
         if prev_tokens is None:
             return known.unsqueeze(1), torch.zeros_like(known)
         at = rows.clamp(min=0)

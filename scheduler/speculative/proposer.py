@@ -73,8 +73,9 @@ class Proposer(Protocol):
         """After verification: num_accepted[r] of spec[r]'s drafts were taken. hidden_states (when
         asked for) are the target's, one row per verified position, spec's requests in order."""
 
-    def observe_forward(self, batch: list[ScheduledRequest], items: list, aux: torch.Tensor) -> None:
+    def observe_forward(self, batch: list[ScheduledRequest], items: list, aux: torch.Tensor,
+                        slots: torch.Tensor) -> None:
         """With aux_layers only: after every target pass over items (batch's ForwardItems, in order, before
         the step's tokens are applied), aux [rows, width] holds those layers' streams at each item's every
-        new token, in order. A view of a buffer the next pass overwrites. Where the pass moved rows on the
-        device (speculative/loop.py), it is also given device_shifts= as ModelRunner.forward took them."""
+        new token, in order (a view of a buffer the next pass overwrites), and slots [rows] the KV slot the
+        pass wrote each of them to: where the device moved a row on (speculative/loop.py), where it landed."""

@@ -95,17 +95,11 @@ class Speculator:
                 self.depth.observe_acceptance(k, n)
         self.depth.observe_coverage(sum(1 for _, d, _ in speculating if d), len(speculating))
 
-    def observe_forward(self, batch: list[ScheduledRequest], items: list, runner,
-                        device_shifts: torch.Tensor | None = None) -> None:
-        """After every target pass: the streams a proposer reads the target with (aux_layers), if any.
-        device_shifts: as the pass took them (rows the device moved on, speculative/loop.py)."""
+    def observe_forward(self, batch: list[ScheduledRequest], items: list, runner) -> None:
+        """After every target pass: the streams a proposer reads the target with (aux_layers), if any."""
         if self.proposer.aux_layers is not None and any(s.request.speculative for s in batch):
             # Only then are the kept streams gathered (a copy when the pass reordered its rows).
-            aux = runner.aux_hidden_states(items)
-            if device_shifts is None:
-                self.proposer.observe_forward(batch, items, aux)
-            else:
-                self.proposer.observe_forward(batch, items, aux, device_shifts=device_shifts)
+            self.proposer.observe_forward(batch, items, *runner.aux_hidden_states(items))
 
     def observe_step(self, num_decodes: int, prefill: bool, seconds: float, overlapped: bool = False) -> None:
         """The whole step's wall time, with this step's depth. An overlapped step waits for the device to finish

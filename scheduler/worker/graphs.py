@@ -185,6 +185,7 @@ class CudaGraphs:
         graph, out = graphs[key]
         graph.replay()
         self.num_replays += 1
+        self.slots = self._view(self.device_buf, "slots", num_tokens)  # the KV slots this replay wrote to
         return out, num_tokens
 
     def _apply(self, patch) -> None:

@@ -82,6 +82,7 @@ class ModelRunner:
             model.use_fused_kernels()
         self.graphs: CudaGraphs | None = None
         self._packed_order: list[int] | None = None
+        self._slots: torch.Tensor | None = None  # the last pass's KV slot of each new token, in its packed order
 
     def capture_graphs(self, max_num_seqs: int, max_query_len: int, max_model_len: int,
                        max_batched_tokens: int = 0) -> None:
@@ -113,29 +114,34 @@ class ModelRunner:
         shifts = None if device_shifts is None or self.graphs is None else shift_plan(inputs, device_shifts)
         if self.graphs is not None and self.graphs.fits(inputs):
             hidden = self.graphs.replay(inputs, token_ids, patch, shifts)
+            self._slots = self.graphs.slots
         elif self.graphs is not None and token_ids is None and (bucket := self.graphs.mixed_bucket(inputs)):
             hidden = self.graphs.replay_mixed(inputs, bucket, patch, shifts)
             hidden = hidden[self._to_device(logits_indices(inputs.query_lens, inputs.num_logits))]
+            self._slots = self.graphs.slots
         else:
             hidden = self._forward_eager(inputs, token_ids, device_tokens, device_shifts)
         logits = self.model.compute_logits(hidden).float()
         return (logits, hidden) if with_hidden else logits
 
-    def aux_hidden_states(self, items: list[ForwardItem] | StepInputs) -> torch.Tensor:
+    def aux_hidden_states(self, items: list[ForwardItem] | StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """After forward(items): the model's kept streams (CausalLM.keep_aux_hidden_states) at every new
-        token of the sequences, in their order: [sum of query lengths, width]. A view of the model's buffer,
-        which the next pass overwrites."""
+        token of the sequences [sum of query lengths, width], and the KV slot the pass wrote each token to
+        [sum of query lengths] (where the device moved a sequence on, its slots moved with it), both in the
+        sequences' order. The streams are a view of the model's buffer, which the next pass overwrites."""
         lens = as_inputs(items).query_lens
-        out = self.model.aux.out[:int(lens.sum())]
+        num_tokens = int(lens.sum())
+        out, slots = self.model.aux.out[:num_tokens], self._slots[:num_tokens]
         order = self._packed_order
         if order is None:
-            return out
+            return out, slots
         packed_lens = lens[order]
         packed_starts = np.cumsum(packed_lens) - packed_lens
         where = np.empty_like(packed_starts)
         where[order] = packed_starts  # each sequence's first token in the packed pass
-        back = np.repeat(where, lens) + (np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens))
-        return out[self._to_device(back.astype(np.int64))]
+        back = np.repeat(where, lens) + (np.arange(num_tokens) - np.repeat(np.cumsum(lens) - lens, lens))
+        back = self._to_device(back.astype(np.int64))
+        return out[back], slots[back]
 
     def _patch(self, inputs: StepInputs, device_tokens: torch.Tensor):
         """(destinations in the packed input, tokens) for the sequences' device-held tokens, or None."""
@@ -163,7 +169,7 @@ class ModelRunner:
         if device_tokens is not None and (patch := self._patch(inputs, device_tokens)):
             input_ids.index_copy_(0, patch[0], patch[1].to(input_ids.dtype))
         hidden = self.model(input_ids, positions, self.kv_caches, meta)[logit_rows]
-        self._packed_order = order
+        self._packed_order, self._slots = order, meta.slot_mapping
         if order is None:
             return hidden
         # Rows come out in the sorted order; hand them back in the caller's.

@@ -90,11 +90,11 @@ class EagleProposer:
         pass  # the rows past the accepted tokens are not counted: the next catch-up rewrites them
 
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem] | StepInputs,
-                        aux: torch.Tensor, device_shifts: torch.Tensor | None = None) -> None:
+                        aux: torch.Tensor, slots: torch.Tensor) -> None:
         """After a target pass over items (batch's, in order) with a request that speculates (the speculator
         asks): store the features of every row, then write the rows that have waited long enough."""
         inputs = as_inputs(items)
-        self.runner.store(inputs, aux, device_shifts)
+        self.runner.store(slots, aux)
         ready = []
         ends = (inputs.starts + inputs.query_lens).tolist()
         for i, s in enumerate(batch):

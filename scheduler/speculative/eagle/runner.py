@@ -15,9 +15,8 @@ from scheduler.speculative.eagle.chain import EagleGraphs, greedy_chain
 from scheduler.speculative.eagle.head import EagleHead
 from scheduler.worker.models.base import head_dim
 from scheduler.worker.models.llama import load_fused_ops
-from scheduler.worker.packing import ForwardItem, StepInputs, as_inputs, positions_and_slots
+from scheduler.worker.packing import ForwardItem, as_inputs
 from scheduler.worker.runner import decodes_first, fused_kernels_available, kv_zeros
-from scheduler.worker.shifts import apply_shifts, shift_plan
 
 
 def planned_config(head: EagleHead):
@@ -98,21 +97,9 @@ class HeadRunner(DraftRunner):
         return drafts if order is None else drafts[self._to_device(np.argsort(order))]
 
     @torch.inference_mode()
-    def store(self, items: list[ForwardItem] | StepInputs, aux: torch.Tensor,
-              device_shifts: torch.Tensor | None = None) -> None:
-        """The features of every new token of the target's items (aux: their kept streams, in order), at
-        their slots; device_shifts as ModelRunner.forward took them (the items the device moved on)."""
-        inputs = as_inputs(items)
-        query_lens = inputs.query_lens
-        tables = inputs.block_tables[:, :int(inputs.num_blocks.max())].astype(np.int64)
-        positions, slots = positions_and_slots(query_lens, np.concatenate(([0], np.cumsum(query_lens))),
-                                               inputs.starts, tables, self.block_size)
-        slots = self._to_device(slots)
-        if device_shifts is not None and (plan := shift_plan(inputs, device_shifts)) is not None:
-            positions, tables = self._to_device(positions), self._to_device(tables)
-            apply_shifts(plan, positions, slots, torch.zeros(len(inputs), dtype=torch.long, device=self.device),
-                         tables, self.block_size)
-        self.features.index_copy_(0, slots, self.model.fuse(aux))
+    def store(self, slots: torch.Tensor, aux: torch.Tensor) -> None:
+        """The features of the target's new tokens (aux: their kept streams) at the KV slots its pass wrote them to."""
+        self.features.index_copy_(0, slots.long(), self.model.fuse(aux))
 
     def prepare(self, items: list[ForwardItem]) -> tuple:
         """A pass's inputs on the device (items decodes first), ahead of running it."""
