@@ -38,6 +38,8 @@ from bench.offline_common import (
     speedups,
     write_results,
 )
+from bench.run_breakdown import StepRecorder, breakdown
+from bench.run_breakdown import to_markdown as breakdown_markdown
 from scheduler import LLM
 from server.loadgen import machine
 
@@ -190,8 +192,15 @@ def limits(shape: str, prompts: list[list[int]], args: argparse.Namespace, devic
 def run_engine(args: argparse.Namespace, shape: str, prompts: list[list[int]]) -> tuple[dict, dict, dict]:
     options = dict(load_format="dummy", dtype=args.dtype, max_model_len=row_len(args), **args.engine_kwargs)
     llm = LLM(model=model_config(shape), **options)
-    generate = engine(llm)
-    row, _ = measure(ENGINE, generate, prompts, args.output_len)
+    generate, recorder = engine(llm), StepRecorder(llm.engine)
+
+    def recorded(batch: list[list[int]], output_len: int):  # the steps of the last call (the timed one) are kept
+        recorder.stats.clear()
+        with recorder:
+            return generate(batch, output_len)
+
+    row, _ = measure(ENGINE, recorded, prompts, args.output_len)
+    row["breakdown"] = breakdown(recorder.stats, sum(map(len, prompts)))
     b1 = batch1(generate, llm.engine.vocab_size, args.output_len, ENGINE_RUNS, args.seed + 1)
     return dict(row, requests=len(prompts)), b1, ttft(generate, llm.engine.vocab_size, args.seed + 2)
 
@@ -261,6 +270,9 @@ def shape_markdown(name: str, r: dict) -> list[str]:
         setup = f" (of which setup {row['setup_s']:.1f})" if row["setup_s"] else ""
         lines.append(f"| {row['system']} | {row['requests']} | {row['seconds']:.1f}{setup} | "
                      f"{row['output_tok_s']:,.0f} | {'—' if speedup is None else f'{speedup:.1f}x'} |")
+    ours = next((s for s in r["systems"] if s["system"] == ENGINE and "breakdown" in s), None)
+    if ours is not None:
+        lines += [""] + breakdown_markdown(ours["breakdown"])
     if "speedup_vs_generate_batch_without_setup" in r:
         lines += ["", "Against generate_batch() with its setup (manager, cache, CUDA graphs) left out of its time: "
                       f"{r['speedup_vs_generate_batch_without_setup']:.1f}x."]

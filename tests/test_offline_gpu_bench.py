@@ -36,8 +36,16 @@ def test_tiny_run_writes_consistent_json_and_markdown(tmp_path):
         assert isinstance(b["decode_ms_per_token"], float)
     assert tiny["ttft"]["min_ms"] <= tiny["ttft"]["median_ms"] <= tiny["ttft"]["max_ms"]
     assert tiny["targets"] is None  # only the shapes have targets
+    # The whole timed run by step: every output token in one phase or another, every prompt token computed once.
+    whole = rows[ENGINE]["breakdown"]
+    phases = whole["phases"].values()
+    assert sum(p["output_tokens"] for p in phases) == 4 * 6 and whole["preemptions"] == 0
+    assert sum(p["prompt_tokens"] for p in phases) >= whole["phases"]["with prompt chunks"]["prompt_tokens"] > 0
+    assert whole["prompt_tokens_recomputed"] == 0 and whole["peak_running"] == 4
+    assert sum(p["steps"] for p in phases) == whole["steps"] and 0 < whole["seconds"] <= rows[ENGINE]["seconds"]
     markdown = out.with_suffix(".md").read_text()
-    for text in (result["machine"]["gpu"], HF_STATIC, HF_CONTINUOUS, ENGINE, "TTFT of a 512-token prompt"):
+    for text in (result["machine"]["gpu"], HF_STATIC, HF_CONTINUOUS, ENGINE, "TTFT of a 512-token prompt",
+                 "Whole run by step", "decoding, tail"):
         assert text in markdown
 
 
@@ -87,3 +95,21 @@ def test_device_busy_time_is_the_union_of_overlapping_intervals():
     assert result["busy_ms"] == pytest.approx(8.0) and result["span_ms"] == pytest.approx(10.0)
     assert result["idle_fraction"] == pytest.approx(0.2)
     assert busy_time([])["idle_fraction"] is None
+
+
+def test_the_breakdown_puts_each_step_in_its_phase_and_counts_what_preemption_recomputed():
+    from bench.run_breakdown import breakdown
+    from scheduler.core.outputs import StepStats
+
+    steps = [StepStats(num_running=4, num_prompt_tokens=100, num_generation_tokens=4, step_s=0.5),
+             StepStats(num_running=4, num_generation_tokens=4, step_s=0.1, kv_cache_usage=0.9, num_preemptions=1),
+             StepStats(num_running=3, num_prompt_tokens=30, num_generation_tokens=3, step_s=0.2),
+             StepStats(num_running=2, num_generation_tokens=2, step_s=0.1),
+             StepStats(num_running=1, num_generation_tokens=1, step_s=0.05)]
+    b = breakdown(steps, prompt_tokens=110)
+    assert (b["steps"], b["peak_running"], b["preemptions"], b["prompt_tokens_recomputed"]) == (5, 4, 1, 20)
+    phases = b["phases"]
+    assert phases["with prompt chunks"]["steps"] == 2 and phases["with prompt chunks"]["seconds"] == 0.7
+    assert phases["decoding, full"]["output_tokens"] == 6  # 4 and 2 running: at least half the most
+    assert phases["decoding, tail"]["steps"] == 1 and phases["decoding, tail"]["mean_running"] == 1
+    assert b["kv_usage_max"] == 0.9 and b["seconds"] == pytest.approx(0.95)
