@@ -261,9 +261,13 @@ def test_random_cancellations_mid_stream_leave_no_trace(main, offline):
         return sample(after, name, label) - sample(before, name, label)
     num_cancelled = sum(o.code == grpc.StatusCode.CANCELLED for o in outcomes)
     assert 0 < num_cancelled < len(outcomes)
-    assert delta("beastserve_request_success_total") == len(outcomes) - num_cancelled
-    # A call cancelled before it reached the server is not the server's to count.
-    assert 0 < delta("beastserve_request_failure_total", 'code="CANCELLED"') <= num_cancelled
+    # Every call the client saw end OK the server counted a success; a client may also cancel after the server
+    # has sent all and ended the call (its messages still unread), which the server counted a success too. A call
+    # cancelled before it reached the server is not the server's to count. None is counted twice.
+    succeeded, cancelled = delta("beastserve_request_success_total"), \
+        delta("beastserve_request_failure_total", 'code="CANCELLED"')
+    assert succeeded >= len(outcomes) - num_cancelled and 0 < cancelled <= num_cancelled
+    assert succeeded + cancelled <= len(outcomes)
     assert delta("beastserve_request_failure_total") == delta("beastserve_request_failure_total", 'code="CANCELLED"')
     assert delta("beastserve_generation_tokens_total") < sum(map(len, expected))
     again = [stub.Generate(greedy(p, n), timeout=TIMEOUT) for p, n in zip(prompts[:12], max_tokens)]
