@@ -209,8 +209,11 @@ class SpeculativeLoop:
         self.scheduler.add_placeholders(outputs)
         for s in spec:
             s.request.num_drafts_in_flight = s.num_spec_slots
-        return DraftStepInFlight(outputs, {r: i for i, r in enumerate(outputs)}, tokens, counts,
+        step = DraftStepInFlight(outputs, {r: i for i, r in enumerate(outputs)}, tokens, counts,
                                  [s.num_spec_slots for s in sampled], *self.copies.start(host))
+        if self.follows:
+            self.proposer.launched(step)
+        return step
 
     @staticmethod
     def _last_plan(requests: list[Request], prev_rows: dict[Request, int]) -> list[np.ndarray]:

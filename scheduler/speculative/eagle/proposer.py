@@ -72,6 +72,7 @@ class EagleProposer:
         self.runner: HeadRunner | None = None  # once prepared
         # request -> (rows of its history the head has written, the request's preemptions then)
         self._held: WeakKeyDictionary[Request, tuple[int, int]] = WeakKeyDictionary()
+        self._launched: tuple[object, set[Request]] | None = None  # the last loop proposal's step and requests
 
     @classmethod
     def create(cls, ctx: ProposerContext) -> EagleProposer:
@@ -135,9 +136,13 @@ class EagleProposer:
         `previous` (a StepInFlight or DraftStepInFlight of the loop, or None) is in flight, the host not knowing
         its tokens: a request in it catches up over the rows its tokens fill (previous.device_outputs(), as many as
         it had places for), of which those it did not accept are dropped on the device (HeadRunner.chain_after).
-        Returns (drafts [R, k], drafts found [R]: k each). The head's rows counted as written stop before the
-        step in flight's; the next proposal writes those again from the host's tokens."""
+        Returns (drafts [R, k], drafts found [R]: k each).
+
+        The head's rows counted as written stop before the step in flight's: the host does not know how many of
+        them were real. The next proposal knows, where its step in flight is the one launched with this proposal
+        (launched()): by then the host holds the tokens this proposal caught up over, and its rows end there."""
         rows = previous.rows if previous is not None else {}
+        chained = self._launched[1] if self._launched is not None and self._launched[0] is previous else ()
         tokens, counts = previous.device_outputs() if previous is not None else (None, None)
         if tokens is None:
             tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # read by no row
@@ -154,7 +159,7 @@ class EagleProposer:
                 widths.append(0)
                 continue
             last = request.num_tokens - 1  # the step in flight's first position
-            held = self._held_rows(request, last)
+            held = last if request in chained else self._held_rows(request, last)
             width = 1 + (room[row] if room is not None else 0)
             items.append(ForwardItem(request.all_token_ids[held + 1:last + 1] + [0] * width, held, table, 1, row,
                                      width))
@@ -164,7 +169,13 @@ class EagleProposer:
         where, widths = to_device(np.array(where + widths, dtype=np.int64), torch.long, self.device).split(len(spec))
         back = widths - torch.cat([counts.long(), counts.new_zeros(1, dtype=torch.long)])[where]
         drafts = self.runner.chain_after(items, tokens, back, k - 1)
+        self._launched = (None, {s.request for s in spec})
         return drafts, torch.full((len(spec),), k, dtype=torch.long, device=self.device)
+
+    def launched(self, step) -> None:
+        """The step the last propose_in_loop() drafted for was launched as `step`."""
+        if self._launched is not None:
+            self._launched = (step, self._launched[1])
 
     def _passes(self, spec: list[ScheduledRequest], ks: list[int], tables: list[list[int]], first: list[ForwardItem],
                 batch) -> tuple[torch.Tensor, torch.Tensor | None]:
