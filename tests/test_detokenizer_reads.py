@@ -135,3 +135,37 @@ def test_a_read_on_whole_characters_costs_one_window_decode(tok):
     num_reads = len(deltas)
     # One for the window a read, one for the context's text the first time the window slides.
     assert counting.calls <= 2 * num_reads and counting.calls < len(ids) / 2, (counting.calls, num_reads, len(ids))
+
+
+def test_a_consumer_that_falls_behind_gets_the_engines_text_in_one_read(tiny_text_model_dir):
+    """The daemon's thread mode: a call that takes nothing until its request has finished in the engine reads every
+    token at once after the first, and its text, made on the event loop, is the engine's own (made token by token)."""
+    import asyncio
+
+    from scheduler import Engine
+    from server.async_engine import AsyncEngine
+
+    engine = Engine(model=str(tiny_text_model_dir[0]))
+    prompt = engine.tokenizer.encode("Emoji 😀, 日本語 and café:")
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    engine.add_request(None, params, request_id="engine-made", prompt_token_ids=prompt, detokenize=True)
+    made = []
+    while engine.has_unfinished():
+        made += engine.step()
+    served = AsyncEngine(engine)
+
+    async def read_late() -> list[RequestOutput]:
+        outputs = served.generate(prompt, params, "read-late")
+        first = await anext(outputs)
+        while engine.has_unfinished():
+            await asyncio.sleep(0.01)
+        return [first] + [output async for output in outputs]
+
+    served.start()
+    try:
+        outputs = asyncio.run(read_late())
+    finally:
+        served.stop()
+    assert [len(o.token_ids) for o in outputs] == [1, 29]
+    assert "".join(o.text for o in outputs) == "".join(o.text for o in made) and made[-1].finished
+    assert outputs[-1].held_back_bytes == made[-1].held_back_bytes
