@@ -33,6 +33,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
                  token_bytes: TokenBytes | None = None):
         self._decode = _decoder(tokenizer, params.skip_special_tokens)
+        self._cut_sensitive = _cut_sensitive(tokenizer)
         # Without token_bytes, a trailing U+FFFD cannot be told from a cut character: text ends as decode's does.
         self._token_bytes = token_bytes
         self._stop = list(params.stop)
@@ -74,7 +75,7 @@ class IncrementalDetokenizer:
         if not self._stop and len(new_token_ids) > 1:  # no stop string to match: one decode for all of them
             self._num_output_tokens = num_output_tokens
             new_token_ids = list(new_token_ids)
-            while new_token_ids and self._context_unfinished():
+            while new_token_ids and self._context_unfinished(new_token_ids[0]):
                 self._append_text(self._append_one(new_token_ids.pop(0)))
             self._token_ids += new_token_ids
             self._append_text(self._decode_read() if new_token_ids else "")
@@ -131,9 +132,9 @@ class IncrementalDetokenizer:
     def _decode_read(self) -> str:
         # Several pending tokens at once, no stop string to watch: ONE window decode when it ends on a whole
         # character (as most reads do); where a character begun at the end is not finished, the tokens before it
-        # go out (a second decode) and it waits, as token by token. Text with U+FFFD in it (invalid bytes, or
-        # U+FFFD itself) goes one token at a time: what some decoders make of invalid bytes depends on where the
-        # window is cut (byte fallback turns a whole run of byte tokens into U+FFFDs when any byte is invalid).
+        # go out (a second decode) and it waits, as token by token. Where the text could differ from token by
+        # token's, the tokens go one at a time: no token bytes to tell a cut character by, one of 16 tokens or
+        # more, or U+FFFD in the window where the decoder's U+FFFDs depend on where the window is cut.
         if self._context_text is None:
             self._context_text = self._decode(self._token_ids[:self._read_offset])
         window_text = self._decode(self._token_ids)
@@ -143,15 +144,16 @@ class IncrementalDetokenizer:
             token_bytes = self._token_bytes.of(pending, self._params.skip_special_tokens) \
                 if self._token_bytes else None
             first = _unfinished_start(token_bytes) if token_bytes is not None else None
-            if first is None or first == len(pending) or len(pending) - first >= MAX_PENDING_TOKENS:
+            if first is None or len(pending) - first >= MAX_PENDING_TOKENS:
                 return self._one_at_a_time(pending)
             if first == 0:
                 return ""  # all of them wait for the rest of the character
-            end = self._read_offset + first
-            window_text = self._decode(self._token_ids[:end])
-        new_text = window_text[len(self._context_text):]
-        if REPLACEMENT_CHAR in window_text:
+            if first < len(pending):
+                end = self._read_offset + first
+                window_text = self._decode(self._token_ids[:end])
+        if self._cut_sensitive and REPLACEMENT_CHAR in window_text:
             return self._one_at_a_time(pending)
+        new_text = window_text[len(self._context_text):]
         self._slide(end)
         return new_text
 
@@ -159,17 +161,22 @@ class IncrementalDetokenizer:
         del self._token_ids[self._read_offset:]
         return "".join([self._append_one(token_id) for token_id in pending])
 
-    def _context_unfinished(self) -> bool:
-        # Does the window's context (the prompt's last tokens, or text forced out) end inside a character? Then the
-        # next tokens may finish it, and what text they add depends on where the window is cut: they go one at a
-        # time, as token by token, until the context ends on a whole character.
+    def _context_unfinished(self, next_token_id: int) -> bool:
+        # Does the window's context (the prompt's last tokens, or tokens forced out) end inside a character that
+        # the next token may finish? Then what text the tokens add depends on where the window is cut: they go one
+        # at a time, as token by token, until it does not.
         if self._context_text is None:
             self._context_text = self._decode(self._token_ids[:self._read_offset])
         if not self._context_text.endswith(REPLACEMENT_CHAR):
             return False
-        context = self._token_ids[:self._read_offset]
-        token_bytes = self._token_bytes.of(context, self._params.skip_special_tokens) if self._token_bytes else None
-        return token_bytes is None or incomplete_utf8_suffix(b"".join(token_bytes)) > 0
+        if self._token_bytes is None:
+            return True
+        context = self._token_ids[:self._read_offset] + [next_token_id]
+        token_bytes = self._token_bytes.of(context, self._params.skip_special_tokens)
+        if token_bytes is None:
+            return True
+        *context_bytes, next_bytes = token_bytes
+        return incomplete_utf8_suffix(b"".join(context_bytes)) > 0 and (not next_bytes or 0x80 <= next_bytes[0] < 0xC0)
 
     def _append_one(self, token_id: int) -> str:
         self._token_ids.append(token_id)
@@ -253,6 +260,17 @@ def _unfinished_start(token_bytes: list[bytes]) -> int | None:
     if num_bytes <= num_tail:  # the character's bytes are whole tokens
         return first
     return first if incomplete_utf8_suffix(b"".join(token_bytes[:first])) == 0 else None
+
+
+def _cut_sensitive(tokenizer) -> bool:
+    # Can the U+FFFDs that decode makes of invalid bytes depend on where the window is cut? Not with a byte-level
+    # decoder (lossy UTF-8 over all the bytes: a cut between characters changes nothing), nor where no bytes are
+    # decoded; with byte fallback yes (a run of byte tokens is all U+FFFDs when any of it is invalid), and where
+    # the decoder is not known (a decode of the class's own, or a slow tokenizer).
+    if not (isinstance(tokenizer, PreTrainedTokenizerFast) and _inherits(tokenizer, "decode")
+            and _inherits(tokenizer, "_decode")):
+        return True
+    return "ByteFallback" in repr(tokenizer.backend_tokenizer.decoder)
 
 
 def _decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
