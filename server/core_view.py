@@ -43,7 +43,7 @@ class CoreView:
         self.token_bytes = TokenBytes(info.tokenizer, prefetch=True) if info.tokenizer is not None else None
         self.pool = PoolView(info.num_blocks, info.block_size)
         self.facts = Facts(kv_blocks_free=info.num_blocks)
-        self.adds_sent = 0  # requests sent to the core; those it has not taken yet count as waiting
+        self.adds_sent = 0  # requests sent to the core (num_waiting counts those it has not taken yet)
         self._grammars = None
 
     def update(self, facts: Facts) -> None:
@@ -60,7 +60,12 @@ class CoreView:
 
     @property
     def num_waiting(self) -> int:
-        return self.facts.num_waiting + self.adds_sent - self.facts.adds_seen
+        """The core's waiting requests and those on their way to it beyond the running places it had free: a
+        request sent to an engine with room starts at once, as one added to an engine in a thread does."""
+        facts = self.facts
+        on_the_way = self.adds_sent - facts.adds_seen
+        free = 0 if facts.num_waiting else max(0, self.config.max_num_seqs - facts.num_running)
+        return facts.num_waiting + max(0, on_the_way - free)
 
     @property
     def num_waiting_prompt_tokens(self) -> int:

@@ -22,6 +22,7 @@ from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL_BLOCK_BYTES, hf_greedy, save_tiny_model, tiny_config
 from tests.daemon import Daemon
 from tests.helpers import assert_pool_idle, run_engine
+from tests.test_eagle import save_head, train_head
 from tests.test_reliability import Outcome, greedy, read_stream
 from tests.test_server import wait_pool_idle
 
@@ -43,30 +44,35 @@ def tiny(tiny_model_dir, tmp_path_factory):
     path, model = tiny_model_dir
     draft = tmp_path_factory.mktemp("tp-draft")
     save_tiny_model(draft, tiny_config(num_hidden_layers=1), seed=11)
+    head = tmp_path_factory.mktemp("tp-eagle-head")
+    save_head(train_head(model, steps=40), model, head)
     prompts = _prompts()
-    return path, draft, prompts, [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
+    return path, {"draft": draft, "eagle": head}, prompts, [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
 
 
 def _tp_engine(path, **options) -> Engine:
-    # Each rank holds one of the two KV heads: 14 blocks of the half size (rank 0's with the whole draft's KV
-    # beside them, a 1-layer draft's being as large).
-    per_block = TINY_BLOCK_BYTES // 2 * (2 if options.get("speculative") == "draft" else 1)
+    # Each rank holds one of the two KV heads: 14 blocks of the half size; rank 0's with the whole draft's KV
+    # beside them (a 1-layer draft's being as large), or the EAGLE head's KV and features (twice as large).
+    per_block = TINY_BLOCK_BYTES // 2 * {"draft": 2, "eagle": 3}.get(options.get("speculative"), 1)
     return Engine(model=str(path), dtype="float32", tensor_parallel_size=2, kv_cache_bytes=14 * per_block,
                   max_num_batched_tokens=32, **options)
 
 
 SPECULATION = {
-    "off": lambda draft: {},
-    "ngram": lambda draft: dict(speculative="ngram", num_speculative_tokens=3, adaptive_speculation=False),
-    "draft": lambda draft: dict(speculative="draft", draft_model=str(draft), num_speculative_tokens=3,
-                                adaptive_speculation=False),
+    "off": lambda made: {},
+    "ngram": lambda made: dict(speculative="ngram", num_speculative_tokens=3, adaptive_speculation=False),
+    "draft": lambda made: dict(speculative="draft", draft_model=str(made["draft"]), num_speculative_tokens=3,
+                               adaptive_speculation=False),
+    # The head on rank 0, reading the target's streams there.
+    "eagle": lambda made: dict(speculative="eagle", eagle_head=str(made["eagle"]), num_speculative_tokens=3,
+                               adaptive_speculation=False),
 }
 
 
 @pytest.mark.parametrize("speculation", SPECULATION)
 def test_tp2_greedy_equals_one_process_with_chunks_preemption_prefix_hits(tiny, speculation):
-    path, draft, prompts, expected = tiny
-    engine = _tp_engine(path, **SPECULATION[speculation](draft))
+    path, made, prompts, expected = tiny
+    engine = _tp_engine(path, **SPECULATION[speculation](made))
     try:
         assert engine.pool.num_blocks == 14
         outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
