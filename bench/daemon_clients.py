@@ -21,22 +21,27 @@ def token_digest(token_ids: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, token_ids)).encode()).hexdigest()[:16]
 
 
-async def _v1_stream(stub, request_id: str, prompt: list[int], output_len: int) -> tuple[list[int], int, str]:
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+async def _v1_stream(stub, request_id: str, prompt: list[int], output_len: int) -> tuple[list[int], int, str, str]:
     from server.proto.beastserve.v1 import generate_pb2 as pb
 
     request = pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=prompt),
                                  sampling=pb.SamplingParams(temperature=0.0),
                                  stopping=pb.StoppingCriteria(max_tokens=output_len, ignore_eos=True))
-    tokens, messages, finish = [], 0, ""
+    tokens, messages, finish, text = [], 0, "", []
     async for response in stub.GenerateStream(request):
         messages += 1
         tokens += response.token_ids
+        text.append(response.text)
         if response.finish_reason:
             finish = pb.FinishReason.Name(response.finish_reason)
-    return tokens, messages, finish
+    return tokens, messages, finish, "".join(text)
 
 
-async def _vllm_stream(stub, request_id: str, prompt: list[int], output_len: int) -> tuple[list[int], int, str]:
+async def _vllm_stream(stub, request_id: str, prompt: list[int], output_len: int) -> tuple[list[int], int, str, str]:
     from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
     request = vpb.GenerateRequest(request_id=request_id, tokenized=vpb.TokenizedInput(input_ids=prompt),
@@ -49,7 +54,7 @@ async def _vllm_stream(stub, request_id: str, prompt: list[int], output_len: int
             tokens += response.chunk.token_ids
         elif response.HasField("complete"):
             finish = response.complete.finish_reason
-    return tokens, messages, finish
+    return tokens, messages, finish, ""  # token ids only: the gateway makes the text
 
 
 def _stub(service: str, channel):
@@ -79,15 +84,16 @@ async def _run(address: str, service: str, requests: list[tuple[str, list[int]]]
         answers = await asyncio.gather(*(one(rid, prompt) for rid, prompt in requests))
         end = time.time()
     result = dict(start=wall0, end=end, cpu_s=time.process_time() - cpu0, tokens=0, messages=0, errors=[],
-                  digests={})
+                  digests={}, text_digests={})
     for request_id, answer in answers:
         if isinstance(answer, str):
             result["errors"].append(f"{request_id}: {answer}")
             continue
-        tokens, messages, finish = answer
+        tokens, messages, finish, text = answer
         result["tokens"] += len(tokens)
         result["messages"] += messages
         result["digests"][request_id] = token_digest(tokens)
+        result["text_digests"][request_id] = text_digest(text)
         if len(tokens) != output_len or not finish:
             result["errors"].append(f"{request_id}: {len(tokens)} tokens of {output_len}, finish {finish!r}")
     return result

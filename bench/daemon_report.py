@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-DAEMON_HEADER = ("| service | flags | tok/s (wall) | wall ratio | CPU ratio | bound ratio | CPU s/1k tok: engine "
+DAEMON_HEADER = ("| service | flags | tok/s (wall) | wall ratio | CPU ratio | bound ratio | bound ratio, offline text "
+                 "made in the engine | CPU s/1k tok: engine "
                  "thread (or core process) | event loop | other threads | tokens/message | clients' CPU s | errors "
-                 "| tokens = offline |")
+                 "| tokens = offline | text = offline |")
 
 
 def to_markdown(result: dict) -> str:
@@ -19,7 +20,11 @@ def to_markdown(result: dict) -> str:
         lines += [f"Offline engine: {off['tokens']} tokens, {off['output_tok_per_s']:.0f} tok/s wall, "
                   f"{1e3 * off['cpu_s'] / off['tokens']:.3f} CPU s per 1k tokens (model stand-in "
                   f"{1e3 * off['model_cpu_s'] / off['tokens']:.3f} of them).", ""]
-    lines += [DAEMON_HEADER, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    if result.get("offline_engine_text"):
+        e = result["offline_engine_text"]
+        lines += ["Offline engine with its text made in the engine, token by token: "
+                  f"{1e3 * e['cpu_s'] / e['tokens']:.3f} CPU s per 1k tokens.", ""]
+    lines += [DAEMON_HEADER, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     lines += [_daemon_row(r) for r in result["daemon"]]
     gc_lines = [f"- {r['service']} ({_flags(r)}): {r['gc']['passes']} passes, {r['gc']['seconds']} s"
                 for r in result["daemon"] if r.get("gc")]
@@ -47,10 +52,11 @@ def to_markdown(result: dict) -> str:
 def _daemon_row(r: dict) -> str:
     c = r["cpu_s_per_1k_tokens"]
     return (f"| {r['service']} | {_flags(r)} | {r['output_tok_per_s']:.0f} | {_ratio(r, 'wall_ratio')} | "
-            f"{_ratio(r, 'cpu_ratio')} | {_ratio(r, 'bound_ratio')} | {c['engine_thread']:.3f} | "
+            f"{_ratio(r, 'cpu_ratio')} | {_ratio(r, 'bound_ratio')} | {_ratio(r, 'bound_ratio_engine_text')} | "
+            f"{c['engine_thread']:.3f} | "
             f"{c['event_loop']:.3f} | {c['other_threads']:.3f} | "
             f"{r['tokens_per_message']:.2f} | {r['clients_cpu_s']} | {r['num_errors']} | "
-            f"{r.get('tokens_equal_offline', '—')} |")
+            f"{r.get('tokens_equal_offline', '—')} | {r.get('text_equal_offline', '—')} |")
 
 
 def _flags(run: dict) -> str:

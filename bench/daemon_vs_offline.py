@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.daemon_clients import SERVICES, client, token_digest
+from bench.daemon_clients import SERVICES, client, text_digest, token_digest
 from bench.daemon_report import to_markdown
 from bench.daemon_stand_in import ENGINE_TID_FILE, PROFILE_DIR, serve_stand_in
 from bench.host_path import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, TINY, ModelClock
@@ -100,7 +100,7 @@ def engine_options(args: argparse.Namespace) -> dict:
 
 # --- (a) the offline engine ----------------------------------------------------------------------------------------
 
-def offline(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]) -> tuple[dict, list[str]]:
+def offline(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]) -> tuple[dict, list[tuple[str, str]]]:
     from scheduler import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), **engine_options(args))
@@ -114,7 +114,26 @@ def offline(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]])
     tokens = sum(len(o.token_ids) for o in outputs)
     llm.engine.shutdown()
     return (dict(tokens=tokens, wall_s=wall, cpu_s=cpu, engine_thread_cpu_s=thread, model_cpu_s=clock.seconds),
-            [token_digest(o.token_ids) for o in outputs])
+            [(token_digest(o.token_ids), text_digest(o.text)) for o in outputs])
+
+
+def offline_engine_text(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]) -> dict:
+    """The offline engine with its text made in the engine, token by token (detokenize=True), each stream told once
+    at the end as LLM.generate reads it: what LLM.generate cost before text was made by the reader, at the end."""
+    from scheduler import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), **engine_options(args))
+    ModelClock(llm.engine.model, real=False)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    streams = [engine.add_request(None, params, prompt_token_ids=ids, deltas=False, detokenize=True) for ids in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    tokens = sum(len(o.token_ids) for s in streams for o in iter(s.get_nowait, None))
+    engine.shutdown()
+    return dict(tokens=tokens, wall_s=wall, cpu_s=cpu)
 
 
 def engine_core(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], detokenize: bool) -> dict:
@@ -216,7 +235,7 @@ def wait_ready(address: str, proc: subprocess.Popen, timeout: float = 120) -> No
 
 
 def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], service: str, serve_args: str,
-           workdir: Path) -> tuple[dict, dict[str, str]]:
+           workdir: Path) -> tuple[dict, dict[str, tuple[str, str]]]:
     port, tid_file = free_port(), workdir / f"engine-tid-{service}"
     core_file = tid_file.with_suffix(".core")  # written by an engine core in a process of its own
     tid_file.unlink(missing_ok=True)
@@ -258,7 +277,7 @@ def daemon(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], 
 
 
 def drive(args: argparse.Namespace, address: str, prompts: list[list[int]], service: str, pid: int,
-          engine_tid: int | None, core_pid: int | None = None) -> tuple[dict, dict[str, str]]:
+          engine_tid: int | None, core_pid: int | None = None) -> tuple[dict, dict[str, tuple[str, str]]]:
     """Every request at once from --clients processes; the daemon's CPU per thread over the whole pass. With an
     engine core in a process of its own (core_pid), "engine thread" is that process, all its threads."""
     context = multiprocessing.get_context("spawn")
@@ -279,7 +298,7 @@ def drive(args: argparse.Namespace, address: str, prompts: list[list[int]], serv
     start, end = min(a["start"] for a in answers), max(a["end"] for a in answers)
     tokens = sum(a["tokens"] for a in answers)
     errors = [e for a in answers for e in a["errors"]]
-    digests = {rid: d for a in answers for rid, d in a["digests"].items()}
+    digests = {rid: (d, a["text_digests"][rid]) for a in answers for rid, d in a["digests"].items()}
     return dict(service=service, start=start, end=end, tokens=tokens, messages=sum(a["messages"] for a in answers),
                 wall_s=end - start,
                 engine_core="process" if core_pid else "thread",
@@ -291,7 +310,7 @@ def drive(args: argparse.Namespace, address: str, prompts: list[list[int]], serv
 
 # --- the comparison ------------------------------------------------------------------------------------------------
 
-def derive(offline_run: dict | None, run: dict) -> None:
+def derive(offline_run: dict | None, run: dict, engine_text_run: dict | None = None) -> None:
     """Per-1k-token CPU figures and the ratios against the offline engine, added to a daemon run."""
     k = run["tokens"] / 1000
     run["tokens_per_message"] = run["tokens"] / max(run["messages"], 1)
@@ -307,6 +326,9 @@ def derive(offline_run: dict | None, run: dict) -> None:
                                                else run["engine_thread_cpu_s"])
         run["bound_ratio"] = offline_per_token / (max(run["engine_thread_cpu_s"], front_end) / run["tokens"])
         run["wall_ratio"] = run["output_tok_per_s"] / offline_run["output_tok_per_s"]
+        if engine_text_run is not None:  # against the offline engine making its text token by token
+            engine_text_per_token = engine_text_run["cpu_s"] / engine_text_run["tokens"]
+            run["bound_ratio_engine_text"] = run["bound_ratio"] * engine_text_per_token / offline_per_token
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -318,8 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "output_len", "clients",
                                               "seed")}
     facts = machine.machine_facts(python=platform.python_version(), torch=torch.__version__)
-    result = dict(label=args.label, machine=facts, workload=workload, offline=None, engine_core=[], without_grpc=[],
-                  daemon=[])
+    result = dict(label=args.label, machine=facts, workload=workload, offline=None, offline_engine_text=None,
+                  engine_core=[], without_grpc=[], daemon=[])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = workdir / "model"
@@ -329,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["offline"], offline_digests = offline(args, model_dir, prompts)
             result["offline"]["output_tok_per_s"] = result["offline"]["tokens"] / result["offline"]["wall_s"]
             print(f"offline: {result['offline']}", flush=True)
+            result["offline_engine_text"] = offline_engine_text(args, model_dir, prompts)
+            print(f"offline, text made in the engine: {result['offline_engine_text']}", flush=True)
             result["engine_core"] = [engine_core(args, model_dir, prompts, detokenize) for detokenize in (True, False)]
             print(f"engine core alone: {result['engine_core']}", flush=True)
             result["without_grpc"] = [without_grpc(args, model_dir, prompts, detokenize)
@@ -337,8 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
         for service, serve_args in [(s, a) for a in args.serve_args for s in args.services]:
             run, digests = daemon(args, model_dir, prompts, service, serve_args, workdir)
             if offline_digests is not None:
-                run["tokens_equal_offline"] = all(digests.get(f"r{i}") == d for i, d in enumerate(offline_digests))
-            derive(result["offline"], run)
+                run["tokens_equal_offline"] = all(digests.get(f"r{i}", ("",))[0] == d[0]
+                                                  for i, d in enumerate(offline_digests))
+                if service == "beastserve.v1":  # the VllmEngine service sends no text
+                    run["text_equal_offline"] = all(digests.get(f"r{i}", ("", ""))[1] == d[1]
+                                                    for i, d in enumerate(offline_digests))
+            derive(result["offline"], run, result.get("offline_engine_text"))
             result["daemon"].append(run)
             print(f"daemon {service}: {run}", flush=True)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

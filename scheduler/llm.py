@@ -8,6 +8,7 @@ from scheduler.config import EngineConfig
 from scheduler.core.outputs import CompletionOutput
 from scheduler.core.params import SamplingParams
 from scheduler.io.inputs import Prompt
+from scheduler.io.stream_text import StreamText, made_by_reader
 from scheduler.loop.engine import Engine
 
 
@@ -49,21 +50,31 @@ class LLM:
             raise ValueError(f"params: got {len(params)} for {len(token_ids)} prompts")
         # All or nothing: refuse before queueing any.
         token_ids = [self.engine.inputs.prepare(ids, p) for ids, p in zip(token_ids, params)]
-        results, streams = [], []
+        results, streams, by_id = [], [], {}
         for ids, p in zip(token_ids, params):
-            stream = self.engine.add_request(None, p, prompt_token_ids=ids, deltas=False)  # read at the end only
+            # The text of a request without stop strings is made here, once, from all its tokens (stream_text.py).
+            text = StreamText(self.engine.tokenizer, ids, p, self.engine.token_bytes) \
+                if made_by_reader(p, self.engine.tokenizer) else None
+            stream = self.engine.add_request(None, p, prompt_token_ids=ids, deltas=False,  # read at the end only
+                                             detokenize=text is None)
             completions = [CompletionOutput(stream.request_id, ids, index=i) for i in range(p.n)]
             completions[0].outputs = completions
             results.append(completions[0])
             streams.append(stream)
-        by_id = {stream.request_id: (result, stream) for result, stream in zip(results, streams)}
+            by_id[stream.request_id] = (completions[0], stream, text)
         while not all(s.finished for s in streams):
             # Each step's outputs (the requests that ended) are read as they come.
             for output in self.engine.step():
-                result, stream = by_id[output.request_id]
-                delta = stream.get_nowait()
-                result.outputs[delta.index].add(delta)
-        for result, stream in zip(results, streams):
-            while (delta := stream.get_nowait()) is not None:
-                result.outputs[delta.index].add(delta)
+                _read(*by_id[output.request_id], once=True)
+        for result, stream, text in by_id.values():
+            _read(result, stream, text)
         return results
+
+
+def _read(result: CompletionOutput, stream, text: StreamText | None, once: bool = False) -> None:
+    """The stream's waiting outputs (one, where `once`) added to their completions, their text made where it is
+    the reader's to make."""
+    while (delta := stream.get_nowait()) is not None:
+        result.outputs[delta.index].add(text.fill(delta) if text is not None else delta)
+        if once:
+            return

@@ -9,6 +9,8 @@ step, not one an output).
 
 A request's consumer takes every output that waits for it at once, joined into one output per completion
 (server/inbox.py): a consumer that falls behind the engine sends fewer, fuller messages rather than one a step.
+Where the text decides nothing in the engine (no stop strings), the consumer makes it, on the event loop, from the
+tokens it takes: one window decode a message, not one a token in the engine's step (scheduler/io/stream_text.py).
 
 Backpressure: a request's outputs wait for its consumer in a list of at most about MAX_PENDING_OUTPUTS; at that
 many the request is paused in the engine (not scheduled, so nothing more is generated for it; its blocks are kept
@@ -27,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 
 from scheduler import Engine, SamplingParams
 from scheduler.core.outputs import RequestOutput
+from scheduler.io.stream_text import made_by_reader, stream_text
 from server.inbox import Inbox, coalesce
 
 log = logging.getLogger(__name__)
@@ -111,11 +114,15 @@ class AsyncEngine:
             else:
                 _post(loop, receive, output)
 
+        detokenize = options.pop("detokenize", True)
+        reader_made = detokenize and made_by_reader(params, self.engine.tokenizer)  # the text made here, not there
         try:
             stream = self.engine.add_request(None, params, request_id=request_id, priority=priority,
-                                             prompt_token_ids=prompt_token_ids, on_output=on_output, **options)
+                                             prompt_token_ids=prompt_token_ids, on_output=on_output,
+                                             detokenize=detokenize and not reader_made, **options)
         except RuntimeError as exc:  # the engine failed between the alive check and now
             raise EngineDeadError(str(exc)) from None
+        text = stream_text(self.engine, prompt_token_ids, params) if reader_made else None
         self._live[request_id] = timer
         self._wake.set()
         finished, unfinished = False, params.n  # done when all n completions are
@@ -129,6 +136,8 @@ class AsyncEngine:
                 for output in outputs:
                     if output.error is not None:  # the engine's fault is set before it fails its requests
                         raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
+                    if text is not None:
+                        text.fill(output)
                     unfinished -= output.finished
                     finished = unfinished == 0
                     yield output

@@ -4,7 +4,9 @@ server/core_process.py.
 
 Two threads carry the pipe: a writer that sends what the event loop queued (requests, aborts, pauses, calls) as one
 message a turn, and a reader that unpacks each step's message and hands it to the loop in one hop. The tokenizer,
-chat templates and grammar checks stay here, at the edge; text is made in the core, where stop strings are matched.
+chat templates and grammar checks stay here, at the edge; so does the text of requests without stop strings, made
+by each call from the tokens it takes (scheduler/io/stream_text.py). Text that stop strings are matched in is made
+in the core.
 
 If the core dies (a step raises, or the process is killed), every request in flight ends with an error at once and
 `alive` turns false: the daemon's watchdog then turns readiness NOT_SERVING and exits."""
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator
 
 from scheduler import SamplingParams
 from scheduler.core.outputs import RequestOutput
+from scheduler.io.stream_text import made_by_reader, stream_text
 from scheduler.loop.collector import tune_gc
 from server.async_engine import (
     MAX_PENDING_OUTPUTS,
@@ -148,6 +151,11 @@ class ProcessEngine:
         route = _Route(inbox, _TokenTimer(self.metrics) if self.metrics is not None else None, params.n)
         self._routes[request_id] = route
         self.engine.adds_sent += 1
+        detokenize = options.pop("detokenize", True)
+        # Text that decides nothing in the core (no stop strings) is made here, from the tokens each read takes.
+        text = stream_text(self.engine, prompt_token_ids, params) \
+            if detokenize and made_by_reader(params, self.engine.tokenizer) else None
+        options["detokenize"] = detokenize and text is None
         self._send(("add", request_id, prompt_token_ids, params, priority, options))
         finished, unfinished = False, params.n
         try:
@@ -161,6 +169,8 @@ class ProcessEngine:
                 for output in outputs:
                     if output.error is not None:
                         raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
+                    if text is not None:
+                        text.fill(output)
                     unfinished -= output.finished
                     finished = unfinished == 0
                     yield output

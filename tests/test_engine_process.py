@@ -1,5 +1,6 @@
 """The daemon with its engine core in a process of its own (--engine-core process), end to end over real sockets:
-greedy answers equal the thread mode's on both generation services (text and logprobs included), a cancelled or
+greedy answers equal the thread mode's on both generation services (text and logprobs included), text made in the
+front end from many tokens a message equals the unary and offline answers' (in both modes), a cancelled or
 aborted request gives every KV block back, the metrics count the tokens the core made, and a core killed mid-stream
 ends every call in flight INTERNAL (a KV-events subscription too), turns readiness NOT_SERVING and leaves no
 process behind. A drained daemon stops its core (the module daemon must exit 0). What a core process cannot serve
@@ -20,19 +21,23 @@ from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
+from scheduler import LLM, SamplingParams
 from server.proto.beastserve.v1 import generate_pb2 as pb
 from server.proto.beastserve.v1 import generate_pb2_grpc as pb_grpc
 from tests.daemon import Daemon
 from tests.test_server import wait_pool_idle
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Numbers: 1 2 3"]
+STREAM_INTERVAL = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
 def daemons(tiny_text_model_dir, tmp_path_factory):
-    """Two daemons in process mode, loading at once: one serves the tests, the other's core is killed."""
-    started = [Daemon(tiny_text_model_dir[0], "--engine-core", "process",
-                      log_path=tmp_path_factory.mktemp("log") / "daemon.log") for _ in range(2)]
+    """Two daemons in process mode, loading at once: one serves the tests (several tokens a message), the other's core
+    is killed."""
+    started = [Daemon(tiny_text_model_dir[0], "--engine-core", "process", *flags,
+                      log_path=tmp_path_factory.mktemp("log") / "daemon.log")
+               for flags in (["--stream-interval", str(STREAM_INTERVAL)], [])]
     yield started
     for daemon in started:
         daemon.close()
@@ -86,6 +91,37 @@ def test_greedy_answers_equal_the_thread_mode_on_both_services(daemon, tiny_text
         assert len(ours[0]) == len(ours[2]) > 0 and ours[1]
     for ids in ([5, 6, 7, 8], [100, 200, 300]):
         assert vllm_generated(daemon, ids) == vllm_generated(tiny_text_daemon, ids)
+
+
+TEXT_PROMPT = "Emoji 😀, 日本語 and café:"
+TEXT_TOKENS = 40
+
+
+def test_streamed_text_made_in_the_front_end_equals_the_unary_and_offline_answers(daemon, tiny_text_daemon,
+                                                                                 tiny_text_model_dir):
+    """Text made by each call from the tokens it takes (in the front end, several tokens a message with
+    --stream-interval; thread mode: the module daemon's one a message) equals the unary answer's, LLM.generate's
+    and the engine's own text made token by token, held-back bytes included."""
+    llm = LLM(str(tiny_text_model_dir[0]))
+    prompt = llm.tokenizer.encode(TEXT_PROMPT)
+    params = SamplingParams(temperature=0, max_tokens=TEXT_TOKENS, ignore_eos=True)
+    (offline,) = llm.generate([prompt], params)
+    llm.engine.add_request(None, params, request_id="engine-made", prompt_token_ids=prompt, detokenize=True)
+    deltas = [output for _ in range(TEXT_TOKENS + 2) for output in llm.engine.step()]
+    assert deltas[-1].finished and offline.text == "".join(d.text for d in deltas)
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(temperature=0),
+                                 stopping=pb.StoppingCriteria(max_tokens=TEXT_TOKENS, ignore_eos=True))
+    for served in (daemon, tiny_text_daemon):
+        with served.channel() as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            streamed = list(stub.GenerateStream(request, timeout=30))
+            unary = stub.Generate(request, timeout=30)
+        if served is daemon:
+            assert len(streamed) <= 2 + TEXT_TOKENS // STREAM_INTERVAL, [len(r.token_ids) for r in streamed]
+        assert [t for r in streamed for t in r.token_ids] == list(unary.token_ids) == offline.token_ids
+        assert "".join(r.text for r in streamed) == unary.text == offline.text
+        assert streamed[-1].held_back_bytes == unary.held_back_bytes == offline.held_back_bytes \
+            == deltas[-1].held_back_bytes
 
 
 def test_cancelled_and_aborted_requests_give_every_block_back(daemon):

@@ -33,6 +33,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
                  token_bytes: TokenBytes | None = None):
         self._decode = _decoder(tokenizer, params.skip_special_tokens)
+        self._cut_sensitive = _cut_sensitive(tokenizer)
         # Without token_bytes, a trailing U+FFFD cannot be told from a cut character: text ends as decode's does.
         self._token_bytes = token_bytes
         self._stop = list(params.stop)
@@ -63,12 +64,22 @@ class IncrementalDetokenizer:
 
         Returns the stop string that completed, else None. The text is then truncated before it
         (after it with include_stop_str_in_output) and any later tokens of this call are ignored.
-        Tokens are processed one at a time, so the result never depends on how they are batched
-        into calls: a stop string counts only once the output reaches min_tokens at the token that
-        completes it, and of several stop strings completing on one token, the one that ends first
-        in the text wins (ties: the longer one).
+        With stop strings, tokens are processed one at a time, so the result never depends on how they
+        are batched into calls: a stop string counts only once the output reaches min_tokens at the token
+        that completes it, and of several stop strings completing on one token, the one that ends first
+        in the text wins (ties: the longer one). Without, the new tokens are decoded together, in one
+        window decode where they end on a whole character: the same text, whatever the batching, for the
+        cost of one token (a reader taking several tokens at once pays one decode a read).
         """
         assert self._stop_string is None, "add_tokens called after a stop string matched"
+        if not self._stop and len(new_token_ids) > 1:  # no stop string to match: one decode for all of them
+            self._num_output_tokens = num_output_tokens
+            new_token_ids = list(new_token_ids)
+            while new_token_ids and self._context_unfinished(new_token_ids[0]):
+                self._append_text(self._append_one(new_token_ids.pop(0)))
+            self._token_ids += new_token_ids
+            self._append_text(self._decode_read() if new_token_ids else "")
+            return None
         num_before = num_output_tokens - len(new_token_ids)
         for i, token_id in enumerate(new_token_ids):
             self._num_output_tokens = num_before + i + 1
@@ -115,10 +126,67 @@ class IncrementalDetokenizer:
                 return ""
             end, window_text = whole
         new_text = window_text[len(self._context_text):]
+        self._slide(end)
+        return new_text
+
+    def _decode_read(self) -> str:
+        # Several pending tokens at once, no stop string to watch: ONE window decode when it ends on a whole
+        # character (as most reads do); where a character begun at the end is not finished, the tokens before it
+        # go out (a second decode) and it waits, as token by token. Where the text could differ from token by
+        # token's, the tokens go one at a time: no token bytes to tell a cut character by, one of 16 tokens or
+        # more, or U+FFFD in the window where the decoder's U+FFFDs depend on where the window is cut.
+        if self._context_text is None:
+            self._context_text = self._decode(self._token_ids[:self._read_offset])
+        window_text = self._decode(self._token_ids)
+        end = len(self._token_ids)
+        pending = self._token_ids[self._read_offset:]
+        if window_text.endswith(REPLACEMENT_CHAR):
+            token_bytes = self._token_bytes.of(pending, self._params.skip_special_tokens) \
+                if self._token_bytes else None
+            first = _unfinished_start(token_bytes) if token_bytes is not None else None
+            if first is None or len(pending) - first >= MAX_PENDING_TOKENS:
+                return self._one_at_a_time(pending)
+            if first == 0:
+                return ""  # all of them wait for the rest of the character
+            if first < len(pending):
+                end = self._read_offset + first
+                window_text = self._decode(self._token_ids[:end])
+        if self._cut_sensitive and REPLACEMENT_CHAR in window_text:
+            return self._one_at_a_time(pending)
+        new_text = window_text[len(self._context_text):]
+        self._slide(end)
+        return new_text
+
+    def _one_at_a_time(self, pending: list[int]) -> str:
+        del self._token_ids[self._read_offset:]
+        return "".join([self._append_one(token_id) for token_id in pending])
+
+    def _context_unfinished(self, next_token_id: int) -> bool:
+        # Does the window's context (the prompt's last tokens, or tokens forced out) end inside a character that
+        # the next token may finish? Then what text the tokens add depends on where the window is cut: they go one
+        # at a time, as token by token, until it does not.
+        if self._context_text is None:
+            self._context_text = self._decode(self._token_ids[:self._read_offset])
+        if not self._context_text.endswith(REPLACEMENT_CHAR):
+            return False
+        if self._token_bytes is None:
+            return True
+        context = self._token_ids[:self._read_offset] + [next_token_id]
+        token_bytes = self._token_bytes.of(context, self._params.skip_special_tokens)
+        if token_bytes is None:
+            return True
+        *context_bytes, next_bytes = token_bytes
+        return incomplete_utf8_suffix(b"".join(context_bytes)) > 0 and (not next_bytes or 0x80 <= next_bytes[0] < 0xC0)
+
+    def _append_one(self, token_id: int) -> str:
+        self._token_ids.append(token_id)
+        return self._decode_pending(force=False)
+
+    def _slide(self, end: int) -> None:
+        # The tokens before `end` have become text: those since the read offset are the next window's context.
         del self._token_ids[:self._read_offset]
         self._read_offset = end - self._read_offset
         self._context_text = None
-        return new_text
 
     def _whole_characters(self, window_text: str, force: bool) -> tuple[int, str] | None:
         """(tokens consumed, the text of the window's whole characters) when the window's text ends in U+FFFD:
@@ -178,6 +246,31 @@ class IncrementalDetokenizer:
             if best is None or candidate[:2] < best[:2]:
                 best = candidate
         return None if best is None else (best[1], best[2])
+
+
+def _unfinished_start(token_bytes: list[bytes]) -> int | None:
+    """The first of these tokens that a character begun at their end and not finished reaches into, where every
+    byte before that token ends a character (len(token_bytes) when none is begun); None where no token boundary
+    lies between the last whole character and the one begun (a token ends one character and begins the next)."""
+    num_tail = incomplete_utf8_suffix(b"".join(token_bytes))
+    first, num_bytes = len(token_bytes), 0
+    while first > 0 and num_bytes < num_tail:
+        first -= 1
+        num_bytes += len(token_bytes[first])
+    if num_bytes <= num_tail:  # the character's bytes are whole tokens
+        return first
+    return first if incomplete_utf8_suffix(b"".join(token_bytes[:first])) == 0 else None
+
+
+def _cut_sensitive(tokenizer) -> bool:
+    # Can the U+FFFDs that decode makes of invalid bytes depend on where the window is cut? Not with a byte-level
+    # decoder (lossy UTF-8 over all the bytes: a cut between characters changes nothing), nor where no bytes are
+    # decoded; with byte fallback yes (a run of byte tokens is all U+FFFDs when any of it is invalid), and where
+    # the decoder is not known (a decode of the class's own, or a slow tokenizer).
+    if not (isinstance(tokenizer, PreTrainedTokenizerFast) and _inherits(tokenizer, "decode")
+            and _inherits(tokenizer, "_decode")):
+        return True
+    return "ByteFallback" in repr(tokenizer.backend_tokenizer.decoder)
 
 
 def _decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:

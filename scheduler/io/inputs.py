@@ -58,14 +58,16 @@ class InputProcessor:
     def prepare(self, token_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt the engine runs: truncated as params.truncate_prompt_tokens asks, then validated.
         Preparing a prepared prompt again changes nothing."""
-        token_ids = list(token_ids)
-        keep = params.truncate_prompt_tokens
-        if keep == -1:  # the most that leaves room for max_tokens (else for one token); at least one, so a
-            keep = max(1, self.max_model_len - (params.max_tokens or 1))  # max_tokens too large is refused below
-        if keep is not None:
-            token_ids = token_ids[-keep:]
+        token_ids = self.truncate(token_ids, params)
         self.validate(token_ids, params)
         return token_ids
+
+    def truncate(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt as params.truncate_prompt_tokens leaves it (a copy), not validated."""
+        keep = params.truncate_prompt_tokens
+        if keep == -1:  # the most that leaves room for max_tokens (else for one token); at least one, so a
+            keep = max(1, self.max_model_len - (params.max_tokens or 1))  # max_tokens too large is refused
+        return list(token_ids) if keep is None else list(token_ids[-keep:])
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
