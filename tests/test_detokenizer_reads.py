@@ -139,7 +139,7 @@ def test_a_read_on_whole_characters_costs_one_window_decode(tok):
 
 def test_a_consumer_that_falls_behind_gets_the_engines_text_in_one_read(tiny_text_model_dir):
     """The daemon's thread mode: a call that takes nothing until its request has finished in the engine reads every
-    token at once after the first, and its text, made on the event loop, is the engine's own (made token by token)."""
+    token after its first read at once, and its text, made on the event loop, is the engine's own (made token by token)."""
     import asyncio
 
     from scheduler import Engine
@@ -166,6 +166,8 @@ def test_a_consumer_that_falls_behind_gets_the_engines_text_in_one_read(tiny_tex
         outputs = asyncio.run(read_late())
     finally:
         served.stop()
-    assert [len(o.token_ids) for o in outputs] == [1, 29]
+    # The first read takes what waited when the call first looked (one token, or a few on a busy machine); the
+    # second, everything else at once.
+    assert len(outputs) == 2 and sum(len(o.token_ids) for o in outputs) == 30 and len(outputs[1].token_ids) > 1
     assert "".join(o.text for o in outputs) == "".join(o.text for o in made) and made[-1].finished
     assert outputs[-1].held_back_bytes == made[-1].held_back_bytes
