@@ -139,7 +139,8 @@ def test_a_read_on_whole_characters_costs_one_window_decode(tok):
 
 def test_a_consumer_that_falls_behind_gets_the_engines_text_in_one_read(tiny_text_model_dir):
     """The daemon's thread mode: a call that takes nothing until its request has finished in the engine reads every
-    token after its first read at once, and its text, made on the event loop, is the engine's own (made token by token)."""
+    token after its first read at once, and its text, made on the event loop, is the engine's own (made token by
+    token)."""
     import asyncio
 
     from scheduler import Engine
