@@ -84,11 +84,19 @@ def test_head_layers_and_file():
     assert own * 2 < 20e6  # the default model's head in bfloat16 fits the 20 MB it may take in the wheel
 
 
-def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup, tmp_path, draft_vocab):
     """Every first draft, and every later one after drafts the target took, is what unroll() predicts over
     the final sequence: the paged head reads the same features, positions and keys as the dense one.
-    Chunked prompts, preemption and a prefix-cache hit included."""
+    Chunked prompts, preemption and a prefix-cache hit included. draft_vocab: the head proposes only some
+    tokens (most of the answers' and a few more), mapped back to the target's ids as the dense head's are."""
     path, model, head_dir, prompts, expected = setup
+    if draft_vocab:
+        for name in (files.HEAD_JSON, files.WEIGHTS_FILE):
+            (tmp_path / name).symlink_to(head_dir / name)
+        answers = sorted({t for e in expected for t in e})
+        compact.save_vocab(tmp_path, {t for t in answers if t % 4} | set(range(0, 512, 7)))
+        head_dir = tmp_path
     engine = eagle_engine(path, head_dir, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
                           adaptive_speculation=False, overlap_scheduling=False)
     proposer = engine.speculator.proposer
@@ -105,6 +113,7 @@ def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
     assert [o.token_ids for o in outputs] == expected
     assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
     head, compared = proposer.head, 0
+    assert (head.vocab_ids is not None) == draft_vocab
     for prompt, num_tokens, drafts in seen:
         sequence = prompt + expected[prompts.index(prompt)]
         ids = torch.tensor([sequence])
@@ -116,7 +125,7 @@ def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup):
             top2 = logits.topk(2).values
             if num_tokens + j - 1 >= len(sequence) or top2[0] - top2[1] < 1e-3:
                 break  # past the sequence, or a near tie that rounding may flip
-            assert draft == int(logits.argmax()), (num_tokens, j)
+            assert draft == int(head.token_ids(logits.argmax())), (num_tokens, j)
             compared += 1
             if draft != sequence[num_tokens + j]:
                 break  # later drafts read this one, not the sequence's token
