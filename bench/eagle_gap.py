@@ -135,7 +135,7 @@ def compare(head, teacher, prompts, outputs, proposals, depth: int) -> dict:
             sim_steps[:n_tf] += 1
             engine[:n_engine] += 1
             chains_steps += 1
-            judged = min(n_engine, n_tf) + 1
+            judged = min(n_engine, n_tf, depth - 1) + 1  # up to the first rejected draft
             equal[0] += sum(a == b for a, b in zip(drafts[:judged], chain[:judged]))
             equal[1] += judged
 
