@@ -57,6 +57,44 @@ def save_head(head: EagleHead, model, path) -> None:
                                  "command": "tests/test_eagle.py"})
 
 
+def record_proposals(engine: Engine) -> list:
+    """(prompt, num_tokens, drafts) of every proposal the engine's head makes from now on."""
+    proposer, seen = engine.speculator.proposer, []
+    propose = proposer.propose
+
+    def spy(spec, pool):
+        proposal = propose(spec, pool)
+        drafts = proposal.device_drafts.tolist()
+        seen.extend((tuple(s.request.prompt_token_ids), s.request.num_tokens, drafts[r]) for r, s in enumerate(spec))
+        return proposal
+
+    proposer.propose = spy
+    return seen
+
+
+def assert_drafts_are_dense(model, head: EagleHead, seen: list, sequences: dict) -> int:
+    """Every first draft of `seen` (record_proposals), and every later one after drafts the sequence took, is
+    what unroll() predicts over the final sequence (sequences: prompt -> prompt + answer). Returns how many
+    drafts were compared."""
+    compared = 0
+    for prompt, num_tokens, drafts in seen:
+        sequence = sequences[prompt]
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+            steps = head.unroll(ids, aux_hidden_states(out.hidden_states, head.layer_ids), len(drafts))
+        for j, draft in enumerate(drafts):
+            logits = head.logits(steps[j][0, num_tokens - 2]).float()
+            top2 = logits.topk(2).values
+            if num_tokens + j - 1 >= len(sequence) or top2[0] - top2[1] < 1e-3:
+                break  # past the sequence, or a near tie that rounding may flip
+            assert draft == int(head.token_ids(logits.argmax())), (num_tokens, j)
+            compared += 1
+            if draft != sequence[num_tokens + j]:
+                break  # later drafts read this one, not the sequence's token
+    return compared
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     path, model = tiny_model_dir
@@ -99,39 +137,36 @@ def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup, t
         head_dir = tmp_path
     engine = eagle_engine(path, head_dir, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
                           adaptive_speculation=False, overlap_scheduling=False)
-    proposer = engine.speculator.proposer
-    seen, propose = [], proposer.propose
-
-    def spy(spec, pool):
-        proposal = propose(spec, pool)
-        drafts = proposal.device_drafts.tolist()
-        seen.extend((s.request.prompt_token_ids, s.request.num_tokens, drafts[r]) for r, s in enumerate(spec))
-        return proposal
-
-    proposer.propose = spy
+    proposer, seen = engine.speculator.proposer, record_proposals(engine)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
     assert [o.token_ids for o in outputs] == expected
     assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
-    head, compared = proposer.head, 0
+    head = proposer.head
     assert (head.vocab_ids is not None) == draft_vocab
-    for prompt, num_tokens, drafts in seen:
-        sequence = prompt + expected[prompts.index(prompt)]
-        ids = torch.tensor([sequence])
-        with torch.no_grad():
-            out = model(ids, output_hidden_states=True)
-            steps = head.unroll(ids, aux_hidden_states(out.hidden_states, head.layer_ids), DEPTH)
-        for j, draft in enumerate(drafts):
-            logits = head.logits(steps[j][0, num_tokens - 2]).float()
-            top2 = logits.topk(2).values
-            if num_tokens + j - 1 >= len(sequence) or top2[0] - top2[1] < 1e-3:
-                break  # past the sequence, or a near tie that rounding may flip
-            assert draft == int(head.token_ids(logits.argmax())), (num_tokens, j)
-            compared += 1
-            if draft != sequence[num_tokens + j]:
-                break  # later drafts read this one, not the sequence's token
+    compared = assert_drafts_are_dense(model, head, seen, {tuple(p): p + e for p, e in zip(prompts, expected)})
     assert compared > len(seen)
     drafted = sum(o.metrics.draft_tokens for o in outputs)
     assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < drafted
+    assert_pool_idle(engine)
+
+
+def test_a_prompt_cached_by_a_request_that_opted_out_is_drafted_from_as_any_other(setup):
+    """The head's rows of prefix-cache blocks are written whoever filled them: a request that found its prompt
+    there, left by one that did not speculate, drafts what the dense head predicts."""
+    path, model, head_dir, prompts, expected = setup
+    engine = eagle_engine(path, head_dir, adaptive_speculation=False, overlap_scheduling=False)
+    seen = record_proposals(engine)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    for speculative in (False, True):
+        stream = engine.add_request(None, params, prompt_token_ids=prompts[4], speculative=speculative)
+        while not stream.finished:
+            engine.step()
+        deltas = list(iter(stream.get_nowait, None))
+        assert [t for d in deltas for t in d.token_ids] == expected[4]
+    assert deltas[-1].num_cached_tokens >= 64 and deltas[-1].metrics.draft_tokens > 0
+    compared = assert_drafts_are_dense(model, engine.speculator.proposer.head, seen,
+                                       {tuple(prompts[4]): prompts[4] + expected[4]})
+    assert compared >= len(seen) > 0  # every first draft at least
     assert_pool_idle(engine)
 
 
