@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.eagle_gap import record_proposals
 from scheduler import LLM, Engine, SamplingParams, StructuredOutputsParams
 from scheduler.speculative.draft import compact
 from scheduler.speculative.draft.proposer import DraftModelProposer
@@ -57,25 +58,10 @@ def save_head(head: EagleHead, model, path) -> None:
                                  "command": "tests/test_eagle.py"})
 
 
-def record_proposals(engine: Engine) -> list:
-    """(prompt, num_tokens, drafts) of every proposal the engine's head makes from now on."""
-    proposer, seen = engine.speculator.proposer, []
-    propose = proposer.propose
-
-    def spy(spec, pool):
-        proposal = propose(spec, pool)
-        drafts = proposal.device_drafts.tolist()
-        seen.extend((tuple(s.request.prompt_token_ids), s.request.num_tokens, drafts[r]) for r, s in enumerate(spec))
-        return proposal
-
-    proposer.propose = spy
-    return seen
-
-
 def assert_drafts_are_dense(model, head: EagleHead, seen: list, sequences: dict) -> int:
-    """Every first draft of `seen` (record_proposals), and every later one after drafts the sequence took, is
-    what unroll() predicts over the final sequence (sequences: prompt -> prompt + answer). Returns how many
-    drafts were compared."""
+    """Every first draft of `seen` (bench.eagle_gap.record_proposals), and every later one after drafts the
+    sequence took, is what unroll() predicts over the final sequence (sequences: prompt -> prompt + answer).
+    Returns how many drafts were compared."""
     compared = 0
     for prompt, num_tokens, drafts in seen:
         sequence = sequences[prompt]
