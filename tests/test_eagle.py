@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.eagle_gap import record_proposals
 from scheduler import LLM, Engine, SamplingParams, StructuredOutputsParams
 from scheduler.speculative.draft import compact
 from scheduler.speculative.draft.proposer import DraftModelProposer
@@ -58,6 +59,29 @@ def save_head(head: EagleHead, model, path) -> None:
                                  "command": "tests/test_eagle.py"})
 
 
+def assert_drafts_are_dense(model, head: EagleHead, seen: list, sequences: dict) -> int:
+    """Every first draft of `seen` (bench.eagle_gap.record_proposals), and every later one after drafts the
+    sequence took, is what unroll() predicts over the final sequence (sequences: prompt -> prompt + answer).
+    Returns how many drafts were compared."""
+    compared = 0
+    for prompt, num_tokens, drafts in seen:
+        sequence = sequences[prompt]
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+            steps = head.unroll(ids, aux_hidden_states(out.hidden_states, head.layer_ids), len(drafts))
+        for j, draft in enumerate(drafts):
+            logits = head.logits(steps[j][0, num_tokens - 2]).float()
+            top2 = logits.topk(2).values
+            if num_tokens + j - 1 >= len(sequence) or top2[0] - top2[1] < 1e-3:
+                break  # past the sequence, or a near tie that rounding may flip
+            assert draft == int(head.token_ids(logits.argmax())), (num_tokens, j)
+            compared += 1
+            if draft != sequence[num_tokens + j]:
+                break  # later drafts read this one, not the sequence's token
+    return compared
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     path, model = tiny_model_dir
@@ -85,32 +109,33 @@ def test_head_layers_and_file():
     assert own * 2 < 20e6  # the default model's head in bfloat16 fits the 20 MB it may take in the wheel
 
 
-@pytest.mark.parametrize("every_other", [False, True])
-def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup, every_other):
+@pytest.mark.parametrize("variant", ["plain", "draft_vocab", "every_other"])
+def test_drafts_are_the_dense_heads_predictions_and_greedy_is_unchanged(setup, tmp_path, variant):
     """Every first draft, and every later one after drafts the target took, is what unroll() predicts over
     the final sequence: the paged head reads the same features, positions and keys as the dense one.
-    Chunked prompts, preemption and a prefix-cache hit included; every_other: steps without drafts between,
-    after which the head's rows lag the target's, also in the blocks a preempted request finds cached again."""
+    Chunked prompts, preemption and a prefix-cache hit included. draft_vocab: the head proposes only some
+    tokens (most of the answers' and a few more), mapped back to the target's ids as the dense head's are.
+    every_other: steps without drafts between (they overlap), after which the head's rows lag the target's, also
+    in the blocks a preempted request finds cached again."""
     path, model, head_dir, prompts, expected = setup
-    # every_other: the steps without drafts overlap (the loop waits for the step in flight before drafting).
+    if variant == "draft_vocab":
+        for name in (files.HEAD_JSON, files.WEIGHTS_FILE):
+            (tmp_path / name).symlink_to(head_dir / name)
+        answers = sorted({t for e in expected for t in e})
+        compact.save_vocab(tmp_path, {t for t in answers if t % 4} | set(range(0, 512, 7)))
+        head_dir = tmp_path
     engine = eagle_engine(path, head_dir, kv_cache_bytes=14 * 2 * 8192, max_num_batched_tokens=32,
-                          adaptive_speculation=False, overlap_scheduling=every_other)
-    if every_other:
+                          adaptive_speculation=False, overlap_scheduling=variant == "every_other")
+    if variant == "every_other":
         draft_every_other_step(engine)
-    proposer = engine.speculator.proposer
-    seen, propose = [], proposer.propose
-
-    def spy(spec, pool):
-        proposal = propose(spec, pool)
-        drafts = proposal.device_drafts.tolist()
-        seen.extend((s.request.prompt_token_ids, s.request.num_tokens, drafts[r]) for r, s in enumerate(spec))
-        return proposal
-
-    proposer.propose = spy
+    proposer, seen = engine.speculator.proposer, record_proposals(engine)
     outputs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), arrive_every=1)
     assert [o.token_ids for o in outputs] == expected
     assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
-    assert_dense_predictions(model, proposer.head, seen, prompts, expected)
+    head = proposer.head
+    assert (head.vocab_ids is not None) == (variant == "draft_vocab")
+    compared = assert_drafts_are_dense(model, head, seen, {tuple(p): p + e for p, e in zip(prompts, expected)})
+    assert compared > len(seen)
     drafted = sum(o.metrics.draft_tokens for o in outputs)
     assert 0 < sum(o.metrics.accepted_tokens for o in outputs) < drafted
     assert_pool_idle(engine)
@@ -145,7 +170,7 @@ def test_drafts_in_the_loop_are_the_dense_heads_predictions(setup, every_other):
         items, back = chains.pop()
         for s, item, dropped, row in zip(spec, items, back, drafts.tolist()):
             # The head's last real row sits at the request's true length - 2 (it reads the last token).
-            seen.append((s.request.prompt_token_ids, item.start + len(item.token_ids) - dropped + 1, row))
+            seen.append((tuple(s.request.prompt_token_ids), item.start + len(item.token_ids) - dropped + 1, row))
         return drafts, found
 
     proposer.runner.chain_after, proposer.propose_in_loop = spy_chain, spy
@@ -154,7 +179,8 @@ def test_drafts_in_the_loop_are_the_dense_heads_predictions(setup, every_other):
     assert sum(o.metrics.preemptions for o in outputs) > 0 and outputs[-1].num_cached_tokens > 0
     # Proposals after steps in flight; after steps with drafts, some not accepted (every_other: none such).
     assert followed > dropped_rows and (dropped_rows > 0) != every_other
-    assert_dense_predictions(model, proposer.head, seen, prompts, expected)
+    compared = assert_drafts_are_dense(model, proposer.head, seen, {tuple(p): p + e for p, e in zip(prompts, expected)})
+    assert compared > len(seen)
     assert sum(o.metrics.draft_tokens for o in outputs) > 0
     assert_pool_idle(engine)
 
@@ -164,27 +190,24 @@ def draft_every_other_step(engine: Engine) -> None:
     engine.executor.plan = lambda num_decodes, prefill: plan(num_decodes, prefill) if next(planned) % 2 else 0
 
 
-def assert_dense_predictions(model, head: EagleHead, seen: list, prompts: list[list[int]],
-                             expected: list[list[int]]) -> None:
-    """Each (prompt, num_tokens, drafts) of `seen`: the first draft, and every later one after drafts the
-    sequence took, is the argmax of the dense head (unroll) over the final sequence at num_tokens."""
-    compared = 0
-    for prompt, num_tokens, drafts in seen:
-        sequence = prompt + expected[prompts.index(prompt)]
-        ids = torch.tensor([sequence])
-        with torch.no_grad():
-            out = model(ids, output_hidden_states=True)
-            steps = head.unroll(ids, aux_hidden_states(out.hidden_states, head.layer_ids), DEPTH)
-        for j, draft in enumerate(drafts):
-            logits = head.logits(steps[j][0, num_tokens - 2]).float()
-            top2 = logits.topk(2).values
-            if num_tokens + j - 1 >= len(sequence) or top2[0] - top2[1] < 1e-3:
-                break  # past the sequence, or a near tie that rounding may flip
-            assert draft == int(logits.argmax()), (num_tokens, j)
-            compared += 1
-            if draft != sequence[num_tokens + j]:
-                break  # later drafts read this one, not the sequence's token
-    assert compared > len(seen)
+def test_a_prompt_cached_by_a_request_that_opted_out_is_drafted_from_as_any_other(setup):
+    """The head's rows of prefix-cache blocks are written whoever filled them: a request that found its prompt
+    there, left by one that did not speculate, drafts what the dense head predicts."""
+    path, model, head_dir, prompts, expected = setup
+    engine = eagle_engine(path, head_dir, adaptive_speculation=False, overlap_scheduling=False)
+    seen = record_proposals(engine)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    for speculative in (False, True):
+        stream = engine.add_request(None, params, prompt_token_ids=prompts[4], speculative=speculative)
+        while not stream.finished:
+            engine.step()
+        deltas = list(iter(stream.get_nowait, None))
+        assert [t for d in deltas for t in d.token_ids] == expected[4]
+    assert deltas[-1].num_cached_tokens >= 64 and deltas[-1].metrics.draft_tokens > 0
+    compared = assert_drafts_are_dense(model, engine.speculator.proposer.head, seen,
+                                       {tuple(prompts[4]): prompts[4] + expected[4]})
+    assert compared >= len(seen) > 0  # every first draft at least
+    assert_pool_idle(engine)
 
 
 @pytest.mark.parametrize("in_loop", [False, True])

@@ -199,7 +199,7 @@ class SpeculativeLoop:
                 prev = prev_rows.get(s.request, -1)
                 items.append(item_of(s, len(spec) + prev if prev >= 0 else -1))
         logits = self.runner.forward(items, device_tokens=device_tokens, device_shifts=device_shifts)
-        if self.follows and any(r.speculative for r in requests):
+        if self.follows:  # every request's rows, as Speculator.observe_forward
             self.proposer.observe_forward(batch, items, *self.runner.aux_hidden_states(items))
         self.scheduler.advance(batch)
         if self.pool.enable_prefix_caching:

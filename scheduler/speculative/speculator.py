@@ -97,8 +97,9 @@ class Speculator:
 
     def observe_forward(self, batch: list[ScheduledRequest], items: list, runner) -> None:
         """After every target pass: the streams a proposer reads the target with (aux_layers), if any."""
-        if self.proposer.aux_layers is not None and any(s.request.speculative for s in batch):
-            # Only then are the kept streams gathered (a copy when the pass reordered its rows).
+        if self.proposer.aux_layers is not None:
+            # Requests that do not speculate too: their blocks may reach the prefix cache, whose blocks must
+            # hold what the proposer reads (a head's rows) for the requests that speculate from them.
             self.proposer.observe_forward(batch, items, *runner.aux_hidden_states(items))
 
     def observe_step(self, num_decodes: int, prefill: bool, seconds: float, overlapped: bool = False) -> None:

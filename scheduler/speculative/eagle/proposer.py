@@ -92,16 +92,15 @@ class EagleProposer:
 
     def observe_forward(self, batch: list[ScheduledRequest], items: list[ForwardItem] | StepInputs,
                         aux: torch.Tensor, slots: torch.Tensor) -> None:
-        """After a target pass over items (batch's, in order) with a request that speculates (the speculator
-        asks): store the features of every row, then write the rows that have waited long enough."""
+        """After a target pass over items (batch's, in order): store the features of every row, then write
+        the rows that have waited long enough, of every request: those that do not speculate too, since their
+        blocks may reach the prefix cache and a request that speculates trusts the head's rows there."""
         inputs = as_inputs(items)
         self.runner.store(slots, aux)
         ready = []
         ends = (inputs.starts + inputs.query_lens).tolist()
         for i, s in enumerate(batch):
             request = s.request
-            if not request.speculative:
-                continue
             held = self._held_rows(request, int(inputs.starts[i]))
             count = min(ends[i], request.num_tokens - 1) - held
             if count >= self.fill_at:
