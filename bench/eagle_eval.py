@@ -13,10 +13,10 @@ for the model; runs on CPU and GPU (--device).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
+from bench.offline_common import write_results
 from scheduler import Engine, SamplingParams
 from scheduler.distill.command import free_memory
 from scheduler.distill.evaluate import acceptance
@@ -46,11 +46,17 @@ def held_out_prompts(args) -> dict[str, list[list[int]]]:
     return prompts
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def head_arguments(doc: str, dtype: str) -> argparse.ArgumentParser:
+    """A parser with the target, its head and the dtype they run in."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--eagle-head", default=None, help="default: the head shipped for --model")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default=dtype)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = head_arguments(__doc__, "auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--k", type=int, default=4, help="tokens drafted per step (fixed)")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -83,8 +89,7 @@ def main(argv=None) -> None:
             print(f"{name:6s} {kind:5s} accepted {acc['per_drafted_token']:.3f} of drafted tokens, "
                   f"{acc['accepted_per_step']:.2f} per step; by position {acc['per_position']}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_results(result, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ change, without running the engine again.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from bench.eagle_eval import head_arguments
+from bench.offline_common import write_results
 from scheduler import Engine, SamplingParams
 from scheduler.distill.train import hf_model
 from scheduler.speculative.eagle import files
@@ -164,10 +164,7 @@ def prompt_sets(args, engine: Engine) -> dict[str, tuple[list[list[int]], bool]]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--eagle-head", default=None, help="default: the head shipped for --model")
-    parser.add_argument("--dtype", default="float32")
+    parser = head_arguments(__doc__, "float32")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--held-out", default=None, help="a training run's data/held_out.jsonl: its prompts")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts of each kind")
@@ -206,8 +203,7 @@ def main(argv=None) -> None:
             print(f"  simulated, {path}: {f['per_drafted_token']:.3f} of drafted ({f['accepted_per_step']:.2f} per "
                   f"step), by position {f['per_position']}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_results(result, Path(args.out))
 
 
 if __name__ == "__main__":

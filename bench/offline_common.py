@@ -143,8 +143,12 @@ def speedups(rows: list[dict]) -> dict[str, float]:
     return {r["system"]: ours["output_tok_s"] / r["output_tok_s"] for r in rows if r is not ours and "error" not in r}
 
 
-def write_results(result: dict, out: Path, to_markdown: Callable[[dict], str]) -> None:
+def write_results(result: dict, out: Path, to_markdown: Callable[[dict], str] | None = None) -> None:
+    """result as JSON at out, and as markdown beside it where to_markdown is given."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if to_markdown is None:
+        print(f"wrote {out}")
+        return
     out.with_suffix(".md").write_text(to_markdown(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")
