@@ -46,6 +46,12 @@ def held_out_prompts(args) -> dict[str, list[list[int]]]:
     return prompts
 
 
+def acceptance_line(figures: dict) -> str:
+    """An acceptance report (scheduler.distill.evaluate.acceptance's figures) in one line."""
+    return (f"{figures['per_drafted_token']:.3f} of drafted tokens, {figures['accepted_per_step']:.2f} per step; "
+            f"by position {figures['per_position']}")
+
+
 def head_arguments(doc: str, dtype: str) -> argparse.ArgumentParser:
     """A parser with the target, its head and the dtype they run in."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,8 +92,7 @@ def main(argv=None) -> None:
         del engine
         free_memory()
         for kind, acc in result["acceptance"][name].items():
-            print(f"{name:6s} {kind:5s} accepted {acc['per_drafted_token']:.3f} of drafted tokens, "
-                  f"{acc['accepted_per_step']:.2f} per step; by position {acc['per_position']}", flush=True)
+            print(f"{name:6s} {kind:5s} accepted {acceptance_line(acc)}", flush=True)
     if args.out:
         write_results(result, Path(args.out))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.eagle_eval import head_arguments
+from bench.eagle_eval import acceptance_line, head_arguments
 from bench.offline_common import write_results
 from scheduler import Engine, SamplingParams
 from scheduler.distill.train import hf_model
@@ -196,12 +196,9 @@ def main(argv=None) -> None:
               f"draft vocabulary, the target's greedy token at p {r['target_greedy_prob']:.3f}), drafts equal "
               f"{r['drafts_equal'][0]}/{r['drafts_equal'][1]}", flush=True)
         for what in ("simulated_every_position", "simulated_at_engine_steps", "engine"):
-            f = r[what]
-            print(f"  {what:26s} {f['per_drafted_token']:.3f} of drafted ({f['accepted_per_step']:.2f} per step, "
-                  f"{f['chains']} chains), by position {f['per_position']}", flush=True)
+            print(f"  {what:26s} {acceptance_line(r[what])} ({r[what]['chains']} chains)", flush=True)
         for path, f in r["other_heads"].items():
-            print(f"  simulated, {path}: {f['per_drafted_token']:.3f} of drafted ({f['accepted_per_step']:.2f} per "
-                  f"step), by position {f['per_position']}", flush=True)
+            print(f"  simulated, {path}: {acceptance_line(f)}", flush=True)
     if args.out:
         write_results(result, Path(args.out))
 
