@@ -50,6 +50,18 @@ class RequestFailedError(Exception):
     """One request's own processing failed in the engine; the engine and the other requests go on."""
 
 
+def delivered(outputs: list[RequestOutput], text, engine_dead: bool) -> list[RequestOutput]:
+    """A call's joined outputs as it yields them: their text made where the reader makes it (text: a StreamText,
+    or None); an output carrying an error raises, EngineDeadError where the engine is dead (its fault is set before
+    it fails its requests), else RequestFailedError."""
+    for output in outputs:
+        if output.error is not None:
+            raise (EngineDeadError if engine_dead else RequestFailedError)(output.error)
+        if text is not None:
+            text.fill(output)
+    return outputs
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, metrics=None, max_queue_size: int = 1024, stream_interval: int = 1):
         self.engine = engine
@@ -133,11 +145,7 @@ class AsyncEngine:
                 if stream.paused:  # the consumer has taken everything it had
                     stream.paused = False
                     self._wake.set()
-                for output in outputs:
-                    if output.error is not None:  # the engine's fault is set before it fails its requests
-                        raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
-                    if text is not None:
-                        text.fill(output)
+                for output in delivered(outputs, text, self.error is not None):
                     unfinished -= output.finished
                     finished = unfinished == 0
                     yield output

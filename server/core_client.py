@@ -32,8 +32,8 @@ from server.async_engine import (
     THROUGHPUT_WINDOW_S,
     EngineDeadError,
     QueueFullError,
-    RequestFailedError,
     _TokenTimer,
+    delivered,
 )
 from server.core_process import run_core
 from server.core_view import CoreView
@@ -166,11 +166,7 @@ class ProcessEngine:
                 if route.paused:  # the consumer has taken everything it had
                     route.paused = False
                     self._send(("resume", request_id))
-                for output in outputs:
-                    if output.error is not None:
-                        raise (EngineDeadError if self.error is not None else RequestFailedError)(output.error)
-                    if text is not None:
-                        text.fill(output)
+                for output in delivered(outputs, text, self.error is not None):
                     unfinished -= output.finished
                     finished = unfinished == 0
                     yield output
